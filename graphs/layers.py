@@ -1,0 +1,90 @@
+"""Shared layers: RMSNorm, RoPE, paged grouped-query attention, SwiGLU MLP.
+
+Plain-XLA reference implementations; every op is a pure function.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def rms_norm(x: jax.Array, w: jax.Array, eps: float) -> jax.Array:
+    # Normalize in fp32, scale in the input dtype (as HF's Llama does).
+    xf = x.astype(jnp.float32)
+    xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    return w * xf.astype(x.dtype)
+
+
+def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None) -> np.ndarray:
+    """Inverse frequencies [head_dim // 2], with Llama 3's long-context scaling."""
+    inv = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / head_dim))
+    inv = inv.astype(np.float32)
+    if scaling is None:
+        return inv
+    factor = scaling["factor"]
+    lo, hi = scaling["low_freq_factor"], scaling["high_freq_factor"]
+    old_ctx = scaling["original_max_position_embeddings"]
+    lo_wavelen, hi_wavelen = old_ctx / lo, old_ctx / hi
+    wavelen = 2 * math.pi / inv
+    # Long wavelengths are slowed by `factor`, short ones kept, the band between blended.
+    scaled = np.where(wavelen > lo_wavelen, inv / factor, inv)
+    smooth = (old_ctx / wavelen - lo) / (hi - lo)
+    blended = (1 - smooth) * scaled / factor + smooth * scaled
+    mid = ~(wavelen < hi_wavelen) & ~(wavelen > lo_wavelen)
+    return np.where(mid, blended, scaled).astype(np.float32)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.Array:
+    """Rotate halves (HF layout). x [B, T, H, D], positions [B, T]."""
+    angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)  # [B, T, D/2]
+    cos = jnp.concatenate([jnp.cos(angles)] * 2, axis=-1)[:, :, None, :]
+    sin = jnp.concatenate([jnp.sin(angles)] * 2, axis=-1)[:, :, None, :]
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    return (x * cos.astype(x.dtype) + rotated * sin.astype(x.dtype)).astype(x.dtype)
+
+
+def write_kv(pages: jax.Array, new: jax.Array, slots: jax.Array) -> jax.Array:
+    """Scatter new keys or values into the (donated) page pool, in place.
+
+    pages [N, S, KV, D]; new [B, T, KV, D]; slots [B, T] flat slot ids
+    (page * S + offset). Padding tokens point at page 0, which no sequence owns.
+    """
+    n, s, kv, d = pages.shape
+    flat = pages.reshape(n * s, kv, d)
+    flat = flat.at[slots.reshape(-1)].set(new.reshape(-1, kv, d).astype(pages.dtype), mode="promise_in_bounds")
+    return flat.reshape(n, s, kv, d)
+
+
+def paged_attention(
+    q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, page_table: jax.Array, q_pos: jax.Array
+) -> jax.Array:
+    """Causal grouped-query attention over a paged KV pool.
+
+    q [B, T, H, D]; k_pages/v_pages [N, S, KV, D]; page_table [B, P];
+    q_pos [B, T] absolute positions. Key l of a row sits at position l, so the
+    causal mask `l <= q_pos` also hides everything not written yet.
+    """
+    b, t, h, d = q.shape
+    _, s, kv, _ = k_pages.shape
+    p = page_table.shape[1]
+    k = k_pages[page_table].reshape(b, p * s, kv, d)  # [B, L, KV, D]
+    v = v_pages[page_table].reshape(b, p * s, kv, d)
+    q = q.reshape(b, t, kv, h // kv, d)  # [B, T, KV, G, D]
+    scores = jnp.einsum("btkgd,blkd->bkgtl", q, k, preferred_element_type=jnp.float32) / math.sqrt(d)
+    mask = jnp.arange(p * s)[None, None, :] <= q_pos[:, :, None]  # [B, T, L]
+    scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgtl,blkd->btkgd", probs, v)
+    return out.reshape(b, t, h, d)
+
+
+def swiglu(x: jax.Array, gate: jax.Array, up: jax.Array, down: jax.Array) -> jax.Array:
+    """x [B, T, E]; gate/up [E, F]; down [F, E]."""
+    g = jnp.einsum("bte,ef->btf", x, gate)
+    u = jnp.einsum("bte,ef->btf", x, up)
+    return jnp.einsum("btf,fe->bte", jax.nn.silu(g) * u, down)

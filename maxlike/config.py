@@ -1,0 +1,213 @@
+"""PipelineConfig and its sub-configs: frozen, typed, validated on construction.
+
+MAX spreads one pipeline's settings over sub-configs (`.model`, `.kv_cache`,
+`.sampling`, `.lora`) but lets users pass them flat:
+`PipelineConfig(model_path=..., max_length=..., kv_cache_page_size=...)`.
+Each flat keyword goes to the one sub-config that owns that field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+_DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the field and the fix."""
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ConfigError(msg)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """What to load. `model_path` is an HF directory or a `.gguf` file."""
+
+    model_path: str = ""
+    max_length: int | None = None
+    dtype: str = "auto"
+    quantization_encoding: str | None = None
+    weight_path: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.quantization_encoding is not None:
+            _check(
+                self.quantization_encoding in _DTYPES[1:],
+                f"quantization_encoding={self.quantization_encoding!r} is not supported: "
+                f"use one of {_DTYPES[1:]} (GGUF quantized weights are dequantized on load).",
+            )
+            if self.dtype == "auto":
+                object.__setattr__(self, "dtype", self.quantization_encoding)
+        _check(self.dtype in _DTYPES, f"dtype={self.dtype!r} is not supported: use one of {_DTYPES}.")
+        if self.max_length is not None:
+            _check(
+                isinstance(self.max_length, int) and self.max_length >= 1,
+                f"max_length must be a positive integer, got {self.max_length!r}.",
+            )
+        if isinstance(self.weight_path, (str, os.PathLike)):
+            object.__setattr__(self, "weight_path", (os.fspath(self.weight_path),))
+        object.__setattr__(self, "model_path", os.fspath(self.model_path) if self.model_path else "")
+        if self.model_path:
+            check_model_path(self.model_path)
+
+
+def check_model_path(path: str) -> None:
+    """Fail early, naming the fix, when `path` cannot be a model."""
+    if not os.path.exists(path):
+        raise ConfigError(
+            f"model_path {path!r} does not exist: pass a Hugging Face model directory "
+            "(config.json + *.safetensors) or a .gguf file."
+        )
+    if os.path.isdir(path):
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            ggufs = [f for f in os.listdir(path) if f.endswith(".gguf")]
+            hint = f" It holds {ggufs[0]!r}: pass that file's path." if ggufs else ""
+            raise ConfigError(
+                f"model_path {path!r} is not a model: the directory has no config.json. "
+                f"Pass a Hugging Face model directory or a .gguf file.{hint}"
+            )
+    elif not path.endswith(".gguf"):
+        raise ConfigError(
+            f"model_path {path!r} is not a model: a file must be a .gguf; "
+            "for safetensors pass the directory that holds config.json."
+        )
+
+
+@dataclass(frozen=True)
+class KVCacheConfig:
+    """The paged KV cache. Pages hold `kv_cache_page_size` tokens of every layer."""
+
+    kv_cache_page_size: int = 16
+    device_memory_utilization: float = 0.9
+    enable_prefix_caching: bool = False
+    cache_dtype: str = "auto"
+    host_kv_cache_memory_gib: float = 2.0
+
+    def __post_init__(self) -> None:
+        p = self.kv_cache_page_size
+        _check(
+            isinstance(p, int) and p >= 1 and p & (p - 1) == 0,
+            f"kv_cache_page_size must be a power of two >= 1, got {p!r}.",
+        )
+        _check(
+            0.0 < self.device_memory_utilization <= 1.0,
+            f"device_memory_utilization must be in (0, 1], got {self.device_memory_utilization!r}.",
+        )
+        _check(self.cache_dtype in _DTYPES, f"cache_dtype={self.cache_dtype!r}: use one of {_DTYPES}.")
+        _check(self.host_kv_cache_memory_gib > 0, "host_kv_cache_memory_gib must be > 0.")
+        if self.enable_prefix_caching:
+            raise NotImplementedError(
+                "enable_prefix_caching: the prefix cache is not built yet (serving-core issue); "
+                "leave it False."
+            )
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """Pipeline-wide sampling switches (per-request knobs live in SamplingParams)."""
+
+    enable_echo: bool = False  # keep logits for every prompt token (logprobs with echo)
+    logits_dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        _check(self.logits_dtype in ("float32", "bfloat16"), "logits_dtype must be float32 or bfloat16.")
+
+
+@dataclass(frozen=True)
+class LoRAConfig:
+    enable_lora: bool = False
+    lora_paths: tuple[str, ...] = ()
+    max_lora_rank: int = 16
+    max_num_loras: int = 1
+
+    def __post_init__(self) -> None:
+        if self.enable_lora or self.lora_paths:
+            raise NotImplementedError("LoRA adapters are not built yet in maxlike; leave enable_lora False.")
+
+
+_SUBCONFIGS = {"model": ModelConfig, "kv_cache": KVCacheConfig, "sampling": SamplingConfig, "lora": LoRAConfig}
+
+
+@dataclass(frozen=True, init=False)
+class PipelineConfig:
+    """One pipeline's configuration; flat keyword arguments go to their sub-config."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    kv_cache: KVCacheConfig = field(default_factory=KVCacheConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    max_batch_size: int | None = None
+    max_num_steps: int = 1
+    seed: int = 0
+
+    def __init__(self, **kwargs: Any) -> None:
+        own = {f.name for f in fields(PipelineConfig)} - set(_SUBCONFIGS)
+        routed: dict[str, dict[str, Any]] = {name: {} for name in _SUBCONFIGS}
+        values: dict[str, Any] = {}
+        for key, value in kwargs.items():
+            if key in _SUBCONFIGS:
+                if not isinstance(value, _SUBCONFIGS[key]):
+                    raise ConfigError(f"{key}= must be a {_SUBCONFIGS[key].__name__}, got {type(value).__name__}.")
+                values[key] = value
+            elif key in own:
+                values[key] = value
+            else:
+                owner = next((n for n, c in _SUBCONFIGS.items() if key in {f.name for f in fields(c)}), None)
+                if owner is None:
+                    raise ConfigError(_unknown_key_message(key))
+                routed[owner][key] = value
+        for name, cls in _SUBCONFIGS.items():
+            base = values.get(name, cls())
+            if routed[name]:
+                base = dataclasses.replace(base, **routed[name])
+            values[name] = base
+        for f in fields(PipelineConfig):
+            if f.name not in values:
+                values[f.name] = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            object.__setattr__(self, f.name, values[f.name])
+        self._validate()
+
+    def _validate(self) -> None:
+        _check(bool(self.model.model_path), "model_path is required: pass a Hugging Face directory or a .gguf file.")
+        if self.max_batch_size is not None:
+            _check(
+                isinstance(self.max_batch_size, int) and self.max_batch_size >= 1,
+                f"max_batch_size must be a positive integer, got {self.max_batch_size!r}.",
+            )
+        _check(
+            isinstance(self.max_num_steps, int) and self.max_num_steps >= 1,
+            f"max_num_steps must be a positive integer, got {self.max_num_steps!r}.",
+        )
+
+    def replace(self, **kwargs: Any) -> "PipelineConfig":
+        """A copy with some fields changed (flat names allowed)."""
+        flat = {f.name: getattr(self, f.name) for f in fields(PipelineConfig)}
+        for name in _SUBCONFIGS:
+            sub_fields = {f.name for f in fields(_SUBCONFIGS[name])}
+            mine = {k: kwargs.pop(k) for k in list(kwargs) if k in sub_fields}
+            if mine:
+                flat[name] = dataclasses.replace(flat[name], **mine)
+        flat.update(kwargs)
+        return PipelineConfig(**flat)
+
+    @staticmethod
+    def flag_fields() -> dict[str, dataclasses.Field]:
+        """Every flat field name (CLI flags are these in kebab case) -> its dataclass field."""
+        out = {f.name: f for f in fields(PipelineConfig) if f.name not in _SUBCONFIGS}
+        for cls in _SUBCONFIGS.values():
+            out.update({f.name: f for f in fields(cls)})
+        return out
+
+
+def _unknown_key_message(key: str) -> str:
+    names = sorted(PipelineConfig.flag_fields())
+    close = difflib.get_close_matches(key, names, n=3)
+    hint = f" Did you mean {', '.join(close)}?" if close else f" Known fields: {', '.join(names)}."
+    return f"PipelineConfig got an unknown field {key!r}.{hint}"

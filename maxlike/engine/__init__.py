@@ -1,0 +1,3 @@
+from maxlike.engine.session import CompileStats, InferenceSession
+
+__all__ = ["InferenceSession", "CompileStats"]

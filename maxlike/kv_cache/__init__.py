@@ -1,0 +1,3 @@
+from maxlike.kv_cache.paged import BlockAllocator, KVCacheInputs, KVCacheParams, PagedKVCacheManager, OutOfPagesError
+
+__all__ = ["KVCacheParams", "PagedKVCacheManager", "BlockAllocator", "KVCacheInputs", "OutOfPagesError"]

@@ -1,0 +1,149 @@
+"""The paged KV pool, its block allocator and per-sequence page tables.
+
+Layout: for every layer a (keys, values) pair of [pages, page_size, kv_heads,
+head_dim] arrays, kept as separate arrays per layer so the decode step never
+slices a stacked buffer. Page 0 is reserved: padding tokens write there and
+unused page-table entries point there, so no real sequence ever sees them.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+from jax.sharding import Mesh
+
+from maxlike.sharding import named_sharding
+
+NULL_PAGE = 0
+
+
+class OutOfPagesError(RuntimeError):
+    """The pool has too few free pages for a request right now."""
+
+
+@dataclass(frozen=True)
+class KVCacheParams:
+    num_layers: int
+    kv_heads: int
+    head_dim: int
+    page_size: int
+    dtype: str
+
+    @property
+    def page_bytes(self) -> int:
+        """Bytes of one page across all layers, keys and values."""
+        return 2 * self.num_layers * self.page_size * self.kv_heads * self.head_dim * jnp.dtype(self.dtype).itemsize
+
+    def pages_for(self, tokens: int) -> int:
+        return math.ceil(tokens / self.page_size)
+
+
+@struct.dataclass
+class KVCacheInputs:
+    """What a step needs to find a batch's cache: page tables and context lengths."""
+
+    page_table: jax.Array  # [B, P] page ids, NULL_PAGE where unused
+    cache_lengths: jax.Array  # [B] tokens already in the cache before this step
+
+
+class BlockAllocator:
+    """Free list of page ids; page 0 is never handed out."""
+
+    def __init__(self, num_pages: int):
+        self.num_pages = num_pages
+        self._free = list(range(num_pages - 1, NULL_PAGE, -1))
+
+    @property
+    def free(self) -> int:
+        return len(self._free)
+
+    def allocate(self, n: int) -> list[int]:
+        if n > len(self._free):
+            raise OutOfPagesError(f"needs {n} KV pages, {len(self._free)} free")
+        out = self._free[-n:][::-1] if n else []
+        del self._free[len(self._free) - n :]
+        return out
+
+    def release(self, pages: list[int]) -> None:
+        self._free.extend(reversed(pages))
+
+
+class PagedKVCacheManager:
+    """Owns the pool arrays and which pages each request holds.
+
+    claim(request_id) -> reserve(request_id, total_tokens) -> (steps) -> release(request_id).
+    How many tokens are written is the caller's (the context's `cache_length`).
+    The pool is donated to every compiled step; `pool` is replaced by the step's output.
+    """
+
+    def __init__(self, params: KVCacheParams, num_pages: int, mesh: Mesh, allocate: bool = True):
+        if num_pages < 2:
+            raise ValueError("the KV pool needs at least 2 pages (page 0 is reserved).")
+        self.params = params
+        self.num_pages = num_pages
+        self.mesh = mesh
+        self.allocator = BlockAllocator(num_pages)
+        self._pages: dict[str, list[int]] = {}
+        self.pool: list[tuple[jax.Array, jax.Array]] | None = self._allocate_pool() if allocate else None
+
+    @property
+    def pool_sharding(self):
+        return named_sharding(self.mesh, ("pages", "page_slots", "kv_heads", "head_dim"))
+
+    @property
+    def pool_shape(self) -> tuple[int, int, int, int]:
+        p = self.params
+        return (self.num_pages, p.page_size, p.kv_heads, p.head_dim)
+
+    def abstract_pool(self):
+        leaf = jax.ShapeDtypeStruct(self.pool_shape, jnp.dtype(self.params.dtype), sharding=self.pool_sharding)
+        return [(leaf, leaf) for _ in range(self.params.num_layers)]
+
+    def _allocate_pool(self):
+        zeros = jax.jit(
+            lambda: jnp.zeros(self.pool_shape, self.params.dtype), out_shardings=self.pool_sharding
+        )
+        return [(zeros(), zeros()) for _ in range(self.params.num_layers)]
+
+    # -- bookkeeping -------------------------------------------------------
+    def claim(self, request_id: str) -> None:
+        if request_id in self._pages:
+            raise ValueError(f"request {request_id!r} already holds KV pages.")
+        self._pages[request_id] = []
+
+    def contains(self, request_id: str) -> bool:
+        return request_id in self._pages
+
+    def reserve(self, request_id: str, total_tokens: int) -> None:
+        """Make sure `request_id` owns pages for `total_tokens` tokens."""
+        pages = self._pages[request_id]
+        need = self.params.pages_for(total_tokens) - len(pages)
+        if need > 0:
+            pages.extend(self.allocator.allocate(need))
+
+    def can_reserve(self, total_tokens_per_request: list[int]) -> bool:
+        return sum(self.params.pages_for(t) for t in total_tokens_per_request) <= self.allocator.free
+
+    def release(self, request_id: str) -> None:
+        self.allocator.release(self._pages.pop(request_id))
+
+    def page_table(self, request_ids: list[str | None], width: int) -> np.ndarray:
+        """[len(request_ids), width] page ids; None rows (padding) point at the null page."""
+        table = np.full((len(request_ids), width), NULL_PAGE, np.int32)
+        for row, rid in enumerate(request_ids):
+            if rid is not None:
+                pages = self._pages[rid][:width]
+                table[row, : len(pages)] = pages
+        return table
+
+    def num_pages_of(self, request_id: str) -> int:
+        return len(self._pages[request_id])
+
+    @property
+    def free_pages(self) -> int:
+        return self.allocator.free

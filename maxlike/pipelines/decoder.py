@@ -1,0 +1,312 @@
+"""The generic decoder PipelineModel: serves every architecture in `graphs/`.
+
+Weights are placed with their logical shardings; each step is one compiled
+executable per bucket of (batch, tokens, page-table width, logits), with the
+KV pool donated and returned updated.
+"""
+
+from __future__ import annotations
+
+import logging
+from functools import partial
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+from maxlike.config import ConfigError, PipelineConfig
+from maxlike.interfaces import LogProbabilities
+from maxlike.kv_cache import KVCacheInputs, KVCacheParams, PagedKVCacheManager
+from maxlike.pipelines import memory
+from maxlike.pipelines.context import TextContext
+from maxlike.pipelines.model import (
+    ModelInputs,
+    ModelOutputs,
+    PipelineModel,
+    ReturnHiddenStates,
+    ReturnLogits,
+    upper_bounded_default,
+)
+from maxlike.sharding import named_sharding, replicated
+from maxlike.weights import read_weights
+
+log = logging.getLogger("maxlike")
+
+MIN_PREFILL_BUCKET = 16
+DEFAULT_MAX_BATCH = 8
+
+
+def _architecture(pipeline_config: PipelineConfig, huggingface_config: Any):
+    from maxlike.pipelines.registry import PIPELINE_REGISTRY
+
+    return PIPELINE_REGISTRY.retrieve_architecture(huggingface_config).graph
+
+
+class DecoderPipelineModel(PipelineModel[TextContext]):
+    """One decoder for every `graphs/` architecture (found through the registry)."""
+
+    def __init__(self, pipeline_config, session, devices, kv_cache_config, weights, adapter, return_logits,
+                 return_hidden_states=ReturnHiddenStates.NONE, *, progress: bool = True) -> None:
+        super().__init__(pipeline_config, session, devices, kv_cache_config, weights, adapter, return_logits,
+                         return_hidden_states)
+        hf = self.huggingface_config
+        self.arch = adapter if adapter is not None else _architecture(pipeline_config, hf)
+        self.config = self.arch.config_from_hf(hf)
+        self.max_length = self.calculate_max_seq_len(pipeline_config, hf)
+        window = getattr(self.config, "sliding_window", None)
+        if window is not None and window < self.max_length:
+            raise ConfigError(
+                f"this model uses sliding-window attention (window {window}), which maxlike does not build yet; "
+                f"pass max_length <= {window} to run it with full attention."
+            )
+        specs = self.arch.weight_specs(self.config)
+        self._specs = specs
+        mesh = session.mesh
+        host = weights if weights is not None else read_weights(
+            pipeline_config.model.model_path, specs, self.dtype, progress=progress)
+        # Every file was checked and read before the first device allocation.
+        self.params = {
+            name: jax.device_put(np.asarray(host[name], self.dtype), named_sharding(mesh, specs[name].axes))
+            for name in tqdm(specs, desc="placing weights", unit="tensor", disable=not progress)
+        }
+        self.weights = self.params
+        del host
+        layers, kv_heads, head_dim = self.arch.kv_shape(self.config)
+        cache_dtype = kv_cache_config.cache_dtype
+        self.kv_params = KVCacheParams(
+            layers, kv_heads, head_dim, kv_cache_config.kv_cache_page_size,
+            str(memory.resolve_dtype(cache_dtype, session.platform) if cache_dtype != "auto" else self.dtype),
+        )
+        pages_per_seq = self.kv_params.pages_for(self.max_length)
+        budget_pages = self._kv_budget_pages()
+        if budget_pages < pages_per_seq + 1:
+            fit = (budget_pages - 1) * self.kv_params.page_size
+            raise ConfigError(
+                f"the KV cache budget holds {budget_pages} pages of {self.kv_params.page_size} tokens, not enough "
+                f"for one sequence of max_length={self.max_length}: pass max_length <= {fit} or raise the budget "
+                "(host_kv_cache_memory_gib on CPU, device_memory_utilization on accelerators)."
+            )
+        self.max_batch_size = pipeline_config.max_batch_size or min(DEFAULT_MAX_BATCH, (budget_pages - 1) // pages_per_seq)
+        num_pages = min(budget_pages, self.max_batch_size * pages_per_seq + 1)
+        self.kv_manager = PagedKVCacheManager(self.kv_params, num_pages, mesh)
+        self._replicated = replicated(mesh)
+
+    # -- sizing ----------------------------------------------------------
+    @classmethod
+    def calculate_max_seq_len(cls, pipeline_config, huggingface_config) -> int:
+        limit = huggingface_config.max_position_embeddings
+        try:
+            return upper_bounded_default(upper_bound=limit, default=pipeline_config.model.max_length)
+        except ValueError as e:
+            raise ConfigError(
+                f"max_length ({pipeline_config.model.max_length}) exceeds the model's limit "
+                f"(max_position_embeddings={limit}): pass max_length <= {limit}."
+            ) from e
+
+    @classmethod
+    def _sizes(cls, pipeline_config, huggingface_config):
+        arch = _architecture(pipeline_config, huggingface_config)
+        cfg = arch.config_from_hf(huggingface_config)
+        return arch, cfg
+
+    @classmethod
+    def estimate_weights_size(cls, pipeline_config) -> int:
+        from maxlike.weights import load_hf_config
+
+        hf = load_hf_config(pipeline_config.model.model_path)
+        arch, cfg = cls._sizes(pipeline_config, hf)
+        dtype = memory.resolve_dtype(pipeline_config.model.dtype, jax.default_backend())
+        return memory.weights_bytes(arch.weight_specs(cfg), dtype)
+
+    @classmethod
+    def estimate_activation_memory(cls, pipeline_config, huggingface_config) -> int:
+        """Peak temporaries of the largest prefill bucket (one row of max_length) or a full decode batch."""
+        arch, cfg = cls._sizes(pipeline_config, huggingface_config)
+        max_len = cls.calculate_max_seq_len(pipeline_config, huggingface_config)
+        itemsize = memory.resolve_dtype(pipeline_config.model.dtype, jax.default_backend()).itemsize
+        batch = pipeline_config.max_batch_size or DEFAULT_MAX_BATCH
+        common = dict(hidden=cfg.hidden_size, q_heads=cfg.q_heads, intermediate=cfg.intermediate_size,
+                      vocab=cfg.vocab_size, itemsize=itemsize)
+        prefill = memory.activation_bytes(batch=1, tokens=memory.next_pow2(max_len), context=max_len,
+                                          logits_rows=1, **common)
+        decode = memory.activation_bytes(batch=batch, tokens=1, context=max_len, logits_rows=1, **common)
+        return max(prefill, decode)
+
+    def _kv_budget_pages(self) -> int:
+        cfg = self.kv_cache_config
+        if self.session.platform == "cpu":
+            budget = cfg.host_kv_cache_memory_gib * 2**30
+        else:
+            stats = self.devices[0].memory_stats() or {}
+            total = stats.get("bytes_limit", 0)
+            used = stats.get("bytes_in_use", 0)
+            act = self.estimate_activation_memory(self.pipeline_config, self.huggingface_config)
+            budget = total * cfg.device_memory_utilization - used - act
+        return max(0, int(budget // self.kv_params.page_bytes))
+
+    # -- input preparation ------------------------------------------------
+    def _bucket_batch(self, n: int) -> int:
+        return memory.bucket(n, 1, self.max_batch_size)
+
+    def prepare_initial_token_inputs(self, replica_batches: Sequence[Sequence[TextContext]],
+                                     kv_cache_inputs: KVCacheInputs | None = None,
+                                     return_n_logits: int = 1) -> ModelInputs:
+        if len(replica_batches) != 1:
+            raise ValueError(f"this model runs one replica; got {len(replica_batches)} replica batches.")
+        batch = list(replica_batches[0])
+        if not batch or len(batch) > self.max_batch_size:
+            raise ValueError(f"a batch needs 1..{self.max_batch_size} contexts, got {len(batch)}.")
+        kv = self.kv_manager
+        page = self.kv_params.page_size
+        for ctx in batch:
+            if not kv.contains(ctx.request_id):
+                kv.claim(ctx.request_id)
+            kv.reserve(ctx.request_id, ctx.max_length)
+        lengths = [len(ctx.next_tokens) for ctx in batch]
+        rows = self._bucket_batch(len(batch))
+        t = 1 if max(lengths) == 1 else memory.bucket(max(lengths), MIN_PREFILL_BUCKET, self.max_length)
+        width = memory.bucket(max(kv.num_pages_of(c.request_id) for c in batch), 1, kv.params.pages_for(self.max_length))
+        if self.return_logits == ReturnLogits.ALL:
+            n_logits = t
+        elif self.return_logits == ReturnLogits.VARIABLE:
+            n_logits = min(return_n_logits, t)
+        else:
+            n_logits = 1
+        ids = [c.request_id for c in batch]
+        table = kv.page_table(ids + [None] * (rows - len(batch)), width) if kv_cache_inputs is None \
+            else np.asarray(kv_cache_inputs.page_table)
+        tokens = np.zeros((rows, t), np.int32)
+        positions = np.zeros((rows, t), np.int32)
+        slots = np.zeros((rows, t), np.int32)
+        logit_idx = np.zeros((rows, n_logits), np.int32)
+        starts = np.zeros((rows,), np.int32)
+        counts = []
+        for r, ctx in enumerate(batch):
+            n, start = lengths[r], ctx.cache_length
+            pos = start + np.arange(n)
+            tokens[r, :n] = ctx.next_tokens
+            positions[r, :n] = pos
+            slots[r, :n] = table[r, pos // page] * page + pos % page
+            k = min(n_logits, n)
+            logit_idx[r, n_logits - k:] = np.arange(n - k, n)
+            logit_idx[r, : n_logits - k] = n - k
+            starts[r] = start
+            counts.append(k)
+        put = partial(jax.device_put, device=self._replicated)
+        return ModelInputs(
+            tokens=put(tokens), positions=put(positions), slots=put(slots), logit_indices=put(logit_idx),
+            input_lengths=put(np.asarray(lengths + [0] * (rows - len(batch)), np.int32)),
+            kv_cache_inputs=KVCacheInputs(page_table=put(table), cache_lengths=put(starts)),
+            request_ids=tuple(ids), logit_counts=tuple(counts),
+        )
+
+    def prepare_next_token_inputs(self, next_tokens: jax.Array, prev_model_inputs: ModelInputs) -> ModelInputs:
+        prev = prev_model_inputs
+        exe = self.session.compile("prepare_next", partial(_next_inputs, self.kv_params.page_size),
+                                   (next_tokens, prev.arrays()))
+        arrays = exe(next_tokens, prev.arrays())
+        return ModelInputs(
+            tokens=arrays["tokens"], positions=arrays["positions"], slots=arrays["slots"],
+            logit_indices=arrays["logit_indices"], input_lengths=arrays["input_lengths"],
+            kv_cache_inputs=KVCacheInputs(arrays["page_table"], arrays["cache_lengths"]),
+            request_ids=prev.request_ids, logit_counts=(1,) * len(prev.request_ids),
+        )
+
+    # -- execution ---------------------------------------------------------
+    def _step(self, params, kv, arrays):
+        cfg = self.config
+        hidden, kv = self.arch.forward(cfg, params, kv, arrays["tokens"], arrays["positions"], arrays["slots"],
+                                       arrays["page_table"])
+        picked = jnp.take_along_axis(hidden, arrays["logit_indices"][..., None], axis=1)  # [B, N, D]
+        logits = self.arch.lm_head(cfg, params, picked).astype(jnp.float32)  # [B, N, V]
+        out = {"next_token_logits": logits[:, -1]}
+        if self.return_logits != ReturnLogits.LAST_TOKEN:
+            out["logits"] = logits
+        if self.return_hidden_states == ReturnHiddenStates.LAST:
+            out["hidden_states"] = picked[:, -1]
+        elif self.return_hidden_states == ReturnHiddenStates.ALL:
+            out["hidden_states"] = hidden
+        return out, kv
+
+    def step_executable(self, model_inputs: ModelInputs):
+        """The compiled step for these inputs' bucket (compiled on first use)."""
+        args = (self.params, self.kv_manager.pool, model_inputs.arrays())
+        return self.session.compile("step", self._step, args, donate_argnums=(1,))
+
+    def execute(self, model_inputs: ModelInputs) -> ModelOutputs:
+        exe = self.step_executable(model_inputs)
+        out, self.kv_manager.pool = exe(self.params, self.kv_manager.pool, model_inputs.arrays())
+        counts = np.asarray(model_inputs.logit_counts, np.int64)
+        offsets = np.concatenate([[0], np.cumsum(counts)])
+        return ModelOutputs(
+            logits=out.get("logits", out["next_token_logits"]),
+            next_token_logits=out["next_token_logits"],
+            logit_offsets=offsets,
+            hidden_states=out.get("hidden_states"),
+        )
+
+    # -- log probabilities ---------------------------------------------------
+    def compute_log_probabilities(self, session, model_inputs, model_outputs, next_tokens, batch_top_n, batch_echo):
+        """MAX's semantics: top-n dicts always hold the sampled token; with echo,
+        one entry per input token (the log-prob of the token after it, the last
+        being the sampled one)."""
+        if not any(batch_top_n):
+            return [None] * len(batch_top_n)
+        if any(batch_echo) and self.return_logits != ReturnLogits.ALL:
+            raise ValueError("logprobs with echo need every prompt logit: build the model with ReturnLogits.ALL "
+                             "(PipelineConfig(enable_echo=True)).")
+        top_n = max(batch_top_n)
+        echo = any(batch_echo)
+        logits = model_outputs.logits if echo else model_outputs.next_token_logits[:, None, :]
+        targets = _echo_targets(model_inputs, next_tokens) if echo else next_tokens[:, None]
+        exe = session.compile(f"logprobs_top{top_n}", partial(_log_probs, top_n), (logits, targets))
+        chosen, top_vals, top_ids = jax.device_get(exe(logits, targets))
+        results: list[LogProbabilities | None] = []
+        for r, (n, want_echo) in enumerate(zip(batch_top_n, batch_echo)):
+            if n == 0:
+                results.append(None)
+                continue
+            count = model_inputs.logit_counts[r] if want_echo else 1
+            cols = range(chosen.shape[1] - count, chosen.shape[1])
+            tokens = np.asarray(targets[r]) if echo else np.asarray(next_tokens)[r : r + 1]
+            token_lp, top_lp = [], []
+            for c in cols:
+                token_lp.append(float(chosen[r, c]))
+                d = {int(top_ids[r, c, j]): float(top_vals[r, c, j]) for j in range(n)}
+                d[int(tokens[c])] = float(chosen[r, c])
+                top_lp.append(d)
+            results.append(LogProbabilities(token_lp, top_lp))
+        return results
+
+
+def _echo_targets(inputs: ModelInputs, next_tokens: jax.Array) -> jax.Array:
+    """[B, N]: the token following each returned position (the sampled one last)."""
+    idx = inputs.logit_indices  # right-aligned input positions
+    following = jnp.take_along_axis(inputs.tokens, jnp.minimum(idx + 1, inputs.tokens.shape[1] - 1), axis=1)
+    return following.at[:, -1].set(next_tokens)
+
+
+def _log_probs(top_n: int, logits: jax.Array, targets: jax.Array):
+    lp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)  # [B, N, V]
+    chosen = jnp.take_along_axis(lp, targets[..., None], axis=-1)[..., 0]
+    top_vals, top_ids = jax.lax.top_k(lp, top_n)
+    return chosen, top_vals, top_ids
+
+
+def _next_inputs(page_size: int, next_tokens: jax.Array, prev: dict) -> dict:
+    """Device-side: the decode inputs that follow `prev`, one token per row."""
+    lengths = prev["cache_lengths"] + prev["input_lengths"]  # [B] tokens now in the cache
+    live = prev["input_lengths"] > 0  # padding rows stay on the null page
+    pos = jnp.where(live, lengths, 0)[:, None]  # [B, 1]
+    page = jnp.take_along_axis(prev["page_table"], pos // page_size, axis=1, mode="clip")
+    return {
+        "tokens": next_tokens.astype(jnp.int32)[:, None],
+        "positions": pos,
+        "slots": page * page_size + pos % page_size,
+        "logit_indices": jnp.zeros_like(pos),
+        "input_lengths": live.astype(jnp.int32),
+        "page_table": prev["page_table"],
+        "cache_lengths": lengths,
+    }

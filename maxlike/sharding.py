@@ -1,0 +1,43 @@
+"""Logical axis names -> mesh axes, in one place.
+
+Graphs name the axes of every weight and activation logically ("vocab",
+"q_heads", ...); this table decides which mesh axis, if any, shards each one.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "tensor")
+
+LOGICAL_TO_MESH: dict[str, str | None] = {
+    "batch": "data",
+    "vocab": "tensor",
+    "embed": None,
+    "q_heads": "tensor",
+    "kv_heads": "tensor",
+    "head_dim": None,
+    "mlp": "tensor",
+    "pages": None,
+    "page_slots": None,
+    "seq": None,
+}
+
+
+def partition_spec(axes: Sequence[str | None]) -> PartitionSpec:
+    return PartitionSpec(*(LOGICAL_TO_MESH[a] if a is not None else None for a in axes))
+
+
+def named_sharding(mesh: Mesh, axes: Sequence[str | None]) -> NamedSharding:
+    return NamedSharding(mesh, partition_spec(axes))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def abstract(shape: Sequence[int], dtype, sharding: jax.sharding.Sharding) -> jax.ShapeDtypeStruct:
+    return jax.ShapeDtypeStruct(tuple(shape), dtype, sharding=sharding)

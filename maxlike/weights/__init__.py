@@ -1,0 +1,15 @@
+"""Read checkpoints (HF safetensors directories, GGUF files) into host arrays.
+
+Every file is checked (headers, sizes, tensor types) before any tensor is
+read, so a bad file fails before anything is allocated on a device.
+"""
+
+from maxlike.weights.loader import (
+    WeightsError,
+    load_hf_config,
+    load_tokenizer,
+    read_weights,
+    weights_format,
+)
+
+__all__ = ["WeightsError", "load_hf_config", "load_tokenizer", "read_weights", "weights_format"]

@@ -1,0 +1,60 @@
+"""GGUF files: checked, then dequantized tensor by tensor through the `gguf` package."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+SUPPORTED = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K")
+
+
+def _error(msg: str) -> Exception:
+    from maxlike.weights.loader import WeightsError
+
+    return WeightsError(msg)
+
+
+def _reader(path: str):
+    import gguf
+
+    try:
+        return gguf.GGUFReader(path)
+    except Exception as e:  # the gguf package raises ValueError, IndexError, struct errors...
+        raise _error(f"GGUF file {path!r} is truncated or corrupt ({type(e).__name__}: {e}). Re-download it.") from None
+
+
+def check_file(path: str):
+    """Open a GGUF file and check every tensor fits in the file and has a type we read."""
+    reader = _reader(path)
+    size = os.path.getsize(path)
+    for t in reader.tensors:
+        name = t.tensor_type.name
+        if name not in SUPPORTED:
+            raise _error(
+                f"GGUF tensor {t.name!r} in {path!r} is quantized as {name}, which maxlike does not read. "
+                f"Supported types: {', '.join(SUPPORTED)}. Use a GGUF quantized to one of those."
+            )
+        if t.data_offset + t.n_bytes > size:
+            raise _error(f"GGUF file {path!r} is truncated: tensor {t.name!r} ends past the end of the file. "
+                         "Re-download it.")
+    return reader
+
+
+class GGUFTensors:
+    def __init__(self, reader):
+        self._tensors = {t.name: t for t in reader.tensors}
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._tensors
+
+    def read(self, name: str) -> np.ndarray:
+        from gguf.quants import dequantize
+
+        t = self._tensors[name]
+        shape = tuple(int(d) for d in reversed(t.shape))  # ggml lists dims fastest-first
+        return dequantize(t.data, t.tensor_type).reshape(shape)
+
+
+def open_checked(path: str) -> GGUFTensors:
+    return GGUFTensors(check_file(path))

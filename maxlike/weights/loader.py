@@ -1,0 +1,92 @@
+"""Format detection, HF config / tokenizer loading, and the common read path."""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import Any, Mapping
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from maxlike.weights import gguf_file, safetensors_dir
+
+
+class WeightsError(ValueError):
+    """A checkpoint is missing, truncated, corrupt or of a kind we do not read."""
+
+
+def weights_format(model_path: str) -> str:
+    return "gguf" if model_path.endswith(".gguf") else "safetensors"
+
+
+def _hf_kwargs(model_path: str) -> tuple[str, dict]:
+    if weights_format(model_path) == "gguf":
+        return os.path.dirname(os.path.abspath(model_path)), {"gguf_file": os.path.basename(model_path)}
+    return model_path, {}
+
+
+def load_hf_config(model_path: str) -> Any:
+    """The HF config (for GGUF, transformers builds it from the file's metadata).
+
+    Cached per file identity: GGUF metadata takes seconds to parse.
+    """
+    st = os.stat(model_path)
+    return _load_hf_config(os.path.abspath(model_path), st.st_mtime_ns, st.st_size)
+
+
+@functools.lru_cache(maxsize=8)
+def _load_hf_config(model_path: str, mtime_ns: int, size: int) -> Any:
+    from transformers import AutoConfig
+
+    if weights_format(model_path) == "gguf":
+        gguf_file.check_file(model_path)  # a clear error beats transformers' on a bad file
+    where, kw = _hf_kwargs(model_path)
+    try:
+        return AutoConfig.from_pretrained(where, **kw)
+    except Exception as e:  # transformers raises many kinds; all mean "not a usable config"
+        raise WeightsError(f"could not read the model config from {model_path!r}: {e}") from e
+
+
+def load_tokenizer(model_path: str) -> Any:
+    from transformers import AutoTokenizer
+
+    where, kw = _hf_kwargs(model_path)
+    try:
+        return AutoTokenizer.from_pretrained(where, **kw)
+    except Exception as e:
+        raise WeightsError(
+            f"could not load a tokenizer from {model_path!r} ({e}). An HF directory needs tokenizer files "
+            "(tokenizer.json or tokenizer.model); a GGUF file needs tokenizer.ggml.* metadata."
+        ) from e
+
+
+def read_weights(
+    model_path: str, specs: Mapping[str, Any], dtype: Any, *, progress: bool = True
+) -> dict[str, np.ndarray]:
+    """Read, convert and cast every weight in `specs` to host arrays of `dtype`.
+
+    The whole checkpoint is validated first (headers, sizes, types, names).
+    """
+    fmt = weights_format(model_path)
+    reader = gguf_file.open_checked(model_path) if fmt == "gguf" else safetensors_dir.open_checked(model_path)
+    source_names = {name: (s.gguf_name if fmt == "gguf" else s.hf_name) for name, s in specs.items()}
+    missing = [src for src in source_names.values() if src not in reader]
+    if missing:
+        raise WeightsError(
+            f"{model_path!r} lacks {len(missing)} tensor(s) the model needs, e.g. {missing[:3]}: "
+            "the checkpoint does not match its config (wrong architecture or an incomplete download)."
+        )
+    out: dict[str, np.ndarray] = {}
+    for name, spec in tqdm(specs.items(), desc="loading weights", unit="tensor", disable=not progress):
+        arr = reader.read(source_names[name])
+        if fmt == "gguf" and spec.gguf_convert is not None:
+            arr = spec.gguf_convert(arr)
+        arr = spec.convert(arr)
+        if tuple(arr.shape) != tuple(spec.shape):
+            raise WeightsError(
+                f"tensor {source_names[name]!r} in {model_path!r} has shape {arr.shape} after conversion, "
+                f"expected {spec.shape} from the config: the checkpoint does not match its config."
+            )
+        out[name] = np.ascontiguousarray(arr, dtype=dtype)
+    return out
