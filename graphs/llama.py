@@ -94,7 +94,7 @@ def _unpermute_gguf(heads: int):
 
     def undo(w: np.ndarray) -> np.ndarray:
         rows = w.shape[0]
-        return w.reshape(heads, 2, rows // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+        return w.reshape(heads, rows // heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
     return undo
 

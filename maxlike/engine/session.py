@@ -14,7 +14,7 @@ from typing import Any, Callable, Sequence
 
 import jax
 import numpy as np
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding
 
 from maxlike.sharding import MESH_AXES
 
@@ -35,9 +35,20 @@ class CompileStats:
         return {"compiled": self.compiled, "compile_seconds": round(self.compile_seconds, 3), "by_name": dict(self.by_name)}
 
 
+def _sharding_key(sharding: Any, ndim: int) -> Any:
+    """Equal for equivalent shardings (a step's outputs may spell a spec differently)."""
+    if sharding is None:
+        return None
+    if isinstance(sharding, NamedSharding):
+        spec = list(sharding.spec) + [None] * (ndim - len(sharding.spec))
+        return (tuple(sharding.mesh.shape.items()), tuple(d.id for d in sharding.mesh.devices.flat), tuple(spec))
+    return (type(sharding).__name__, tuple(sorted(d.id for d in sharding.device_set)))
+
+
 def _signature(tree: Any) -> tuple:
     leaves, treedef = jax.tree.flatten(tree)
-    return (treedef, tuple((tuple(x.shape), str(x.dtype), getattr(x, "sharding", None)) for x in leaves))
+    return (treedef, tuple(
+        (tuple(x.shape), str(x.dtype), _sharding_key(getattr(x, "sharding", None), len(x.shape))) for x in leaves))
 
 
 class InferenceSession:

@@ -1,0 +1,152 @@
+"""The `maxlike` command: generate, list, benchmark (serve and warm-cache come later).
+
+Every PipelineConfig field is a flag in kebab case (`--max-length`,
+`--kv-cache-page-size`, ...), so one config reads the same as flags or kwargs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from typing import Any
+
+from maxlike.config import ConfigError, PipelineConfig
+
+
+def _flag_type(field) -> dict[str, Any]:
+    ann = str(field.type)
+    if ann.startswith("bool"):
+        return {"action": argparse.BooleanOptionalAction}
+    if ann.startswith("tuple"):
+        return {"nargs": "+"}
+    if "int" in ann:
+        return {"type": int}
+    if "float" in ann:
+        return {"type": float}
+    return {"type": str}
+
+
+def add_config_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("pipeline config (PipelineConfig fields)")
+    for name, field in PipelineConfig.flag_fields().items():
+        group.add_argument("--" + name.replace("_", "-"), dest=name, default=None, **_flag_type(field))
+
+
+def config_from_args(args: argparse.Namespace, *, default_model: bool = False) -> PipelineConfig:
+    values = {k: v for k, v in vars(args).items() if k in PipelineConfig.flag_fields() and v is not None}
+    if "weight_path" in values:
+        values["weight_path"] = tuple(values["weight_path"])
+    if not values.get("model_path") and default_model:
+        from maxlike.entrypoints.llm import default_model_path
+
+        values["model_path"] = default_model_path()
+    return PipelineConfig(**values)
+
+
+def _sampling(args):
+    from maxlike.interfaces import GREEDY, SamplingParams
+
+    if args.temperature is None and args.top_k is None and args.top_p is None:
+        return GREEDY.replace(seed=args.sampling_seed)
+    return SamplingParams(temperature=1.0 if args.temperature is None else args.temperature,
+                          top_k=-1 if args.top_k is None else args.top_k,
+                          top_p=1.0 if args.top_p is None else args.top_p, seed=args.sampling_seed)
+
+
+def cmd_generate(args) -> int:
+    from maxlike.entrypoints.llm import LLM
+    from maxlike.interfaces import TextGenerationRequest
+
+    config = config_from_args(args, default_model=True)
+    t0 = time.perf_counter()
+    llm = LLM(config, progress=not args.quiet)
+    params = _sampling(args).replace(max_new_tokens=args.max_new_tokens)
+    rid = llm.pipeline.next_request_id()
+    req = (TextGenerationRequest(rid, messages=[{"role": "user", "content": args.prompt}], sampling_params=params)
+           if args.chat else TextGenerationRequest(rid, prompt=args.prompt, sampling_params=params))
+    t1 = time.perf_counter()
+    n = 0
+    for piece in llm.pipeline.stream(req):
+        print(piece, end="", flush=True)
+        n += 1
+    print()
+    if args.verbose:
+        stats = llm.pipeline.model.session.stats.as_dict()
+        print(f"[maxlike] load {t1 - t0:.1f}s, generate {time.perf_counter() - t1:.1f}s, "
+              f"compiled {stats['compiled']} executables in {stats['compile_seconds']:.1f}s", file=sys.stderr)
+    return 0
+
+
+def cmd_list(args) -> int:
+    from maxlike.pipelines.registry import PIPELINE_REGISTRY
+
+    for name, arch in sorted(PIPELINE_REGISTRY.architectures.items()):
+        print(f"{name:24s} model_type={','.join(arch.graph.model_types)}")
+    return 0
+
+
+def cmd_benchmark(args) -> int:
+    from maxlike.entrypoints.bench import run_decode_benchmark
+
+    config = config_from_args(args, default_model=True)
+    run_decode_benchmark(config, batch_sizes=args.batch_sizes, new_tokens=args.max_new_tokens,
+                         prompt_tokens=args.prompt_tokens)
+    return 0
+
+
+def cmd_not_built(name: str, issue: str):
+    def run(args) -> int:
+        print(f"maxlike {name}: not built yet ({issue}).", file=sys.stderr)
+        return 2
+
+    return run
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="maxlike", description="LLM inference on JAX/XLA with MAX's pipeline API.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="generate text for one prompt (streams to stdout)")
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--max-new-tokens", type=int, default=64)
+    gen.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    gen.add_argument("--temperature", type=float)
+    gen.add_argument("--top-k", type=int)
+    gen.add_argument("--top-p", type=float)
+    gen.add_argument("--sampling-seed", type=int)
+    gen.add_argument("--verbose", action="store_true", help="print load/compile statistics to stderr")
+    gen.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_config_flags(gen)
+    gen.set_defaults(run=cmd_generate)
+
+    lst = sub.add_parser("list", help="list supported architectures")
+    lst.set_defaults(run=cmd_list)
+
+    bench = sub.add_parser("benchmark", help="decode and prefill tokens/s of one model")
+    bench.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
+    bench.add_argument("--max-new-tokens", type=int, default=64)
+    bench.add_argument("--prompt-tokens", type=int, default=64)
+    add_config_flags(bench)
+    bench.set_defaults(run=cmd_benchmark)
+
+    for name, issue in (("serve", "the OpenAI-compatible server is a later issue"),
+                        ("warm-cache", "the executable cache is a later issue")):
+        p = sub.add_parser(name, help=f"(not built yet: {issue})")
+        p.set_defaults(run=cmd_not_built(name, issue))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except (ConfigError, ValueError, RuntimeError) as e:
+        print(f"maxlike: error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
