@@ -88,9 +88,14 @@ class InferenceSession:
         *,
         donate_argnums: tuple[int, ...] = (),
         out_shardings: Any = None,
+        key: Any = None,
     ) -> Callable:
-        """Compile `fn` for the abstract (or concrete) `args`, once per signature."""
-        key = (name, _signature(args))
+        """Compile `fn` for the abstract (or concrete) `args`, once per signature.
+
+        `key`, when given, stands for the signature: the caller promises that
+        equal keys mean equal signatures (saves flattening big trees per call).
+        """
+        key = (name, _signature(args) if key is None else key)
         exe = self._executables.get(key)
         if exe is not None:
             return exe

@@ -204,9 +204,10 @@ class DecoderPipelineModel(PipelineModel[TextContext]):
 
     def prepare_next_token_inputs(self, next_tokens: jax.Array, prev_model_inputs: ModelInputs) -> ModelInputs:
         prev = prev_model_inputs
-        exe = self.session.compile("prepare_next", partial(_next_inputs, self.kv_params.page_size),
-                                   (next_tokens, prev.arrays()))
-        arrays = exe(next_tokens, prev.arrays())
+        args = (next_tokens, prev.arrays())
+        key = (next_tokens.shape, tuple((k, v.shape) for k, v in args[1].items()))
+        exe = self.session.compile("prepare_next", partial(_next_inputs, self.kv_params.page_size), args, key=key)
+        arrays = exe(*args)
         return ModelInputs(
             tokens=arrays["tokens"], positions=arrays["positions"], slots=arrays["slots"],
             logit_indices=arrays["logit_indices"], input_lengths=arrays["input_lengths"],
@@ -232,8 +233,11 @@ class DecoderPipelineModel(PipelineModel[TextContext]):
 
     def step_executable(self, model_inputs: ModelInputs):
         """The compiled step for these inputs' bucket (compiled on first use)."""
-        args = (self.params, self.kv_manager.pool, model_inputs.arrays())
-        return self.session.compile("step", self._step, args, donate_argnums=(1,))
+        arrays = model_inputs.arrays()
+        # Weights and pool keep one signature for the model's life: key on the step inputs only.
+        key = tuple((k, v.shape, str(v.dtype)) for k, v in arrays.items())
+        return self.session.compile("step", self._step, (self.params, self.kv_manager.pool, arrays),
+                                    donate_argnums=(1,), key=key)
 
     def execute(self, model_inputs: ModelInputs) -> ModelOutputs:
         exe = self.step_executable(model_inputs)
