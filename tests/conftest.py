@@ -1,0 +1,126 @@
+"""Shared fixtures: tiny random HF models saved as real checkpoints, and SmolLM2."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<s>assistant:{% endif %}"
+)
+
+
+def byte_tokenizer():
+    """A byte-level BPE tokenizer (no merges): ids 0-2 special, 3-258 bytes."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2}
+    vocab.update({ch: i + 3 for i, ch in enumerate(sorted(alphabet))})
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 32}
+
+
+def tiny_hf_model(kind: str, *, tie: bool = False, seed: int = 0, llama3_rope: bool = True):
+    """A tiny random HF model in fp32 (eval mode)."""
+    import torch
+    import transformers as tf
+
+    common = dict(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                  tie_word_embeddings=tie, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    if kind == "llama":
+        cfg = tf.LlamaConfig(rope_scaling=LLAMA3_ROPE if llama3_rope else None, rope_theta=10000.0, **common)
+        cls = tf.LlamaForCausalLM
+    elif kind == "mistral":
+        cfg = tf.MistralConfig(sliding_window=None, rope_theta=10000.0, **common)
+        cls = tf.MistralForCausalLM
+    elif kind == "qwen2":
+        cfg = tf.Qwen2Config(rope_theta=10000.0, **common)
+        cls = tf.Qwen2ForCausalLM
+    else:
+        raise ValueError(kind)
+    torch.manual_seed(seed)
+    model = cls(cfg).eval()
+    with torch.no_grad():  # random biases so qkv bias is exercised (HF inits them to 0)
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0, 0.5)
+    return model
+
+
+def save_tiny(model, path) -> str:
+    model.save_pretrained(path)
+    byte_tokenizer().save_pretrained(path)
+    return str(path)
+
+
+TINY_KINDS = {
+    "llama": dict(kind="llama"),
+    "llama_tied": dict(kind="llama", tie=True),
+    "mistral": dict(kind="mistral"),
+    "qwen2": dict(kind="qwen2", tie=True),
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory):
+    """name -> (path, HF torch model) for every tiny kind."""
+    out = {}
+    for name, kw in TINY_KINDS.items():
+        model = tiny_hf_model(**kw)
+        out[name] = (save_tiny(model, tmp_path_factory.mktemp(name)), model)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tiny_models):
+    return tiny_models["llama"]
+
+
+def build_model(path: str, *, return_logits="last_token", max_length: int = 128, max_batch_size: int = 4, **kw):
+    """A DecoderPipelineModel straight from a checkpoint (no tokenizer needed)."""
+    from maxlike.engine import InferenceSession
+    from maxlike.pipelines import PipelineConfig, ReturnLogits
+    from maxlike.pipelines.decoder import DecoderPipelineModel
+
+    config = PipelineConfig(model_path=path, max_length=max_length, max_batch_size=max_batch_size, **kw)
+    session = InferenceSession()
+    return DecoderPipelineModel(config, session, session.devices, config.kv_cache, None, None,
+                                ReturnLogits(return_logits), progress=False)
+
+
+@pytest.fixture(scope="session")
+def smollm2_path():
+    from maxlike.entrypoints.llm import default_model_path
+
+    try:
+        return default_model_path()
+    except RuntimeError as e:
+        pytest.fail(str(e))
+
+
+@pytest.fixture(scope="session")
+def tiny_llm(tiny_llama):
+    from maxlike.entrypoints import LLM
+    from maxlike.pipelines import PipelineConfig
+
+    return LLM(PipelineConfig(model_path=tiny_llama[0], max_length=128, max_batch_size=4), progress=False)
+
+
+def random_prompt(n: int, seed: int, vocab: int = 320) -> np.ndarray:
+    return np.random.RandomState(seed).randint(3, vocab, size=n).astype(np.int32)

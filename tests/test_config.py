@@ -1,0 +1,100 @@
+"""PipelineConfig: flat keyword routing, validation messages, the seed's Mistral example."""
+
+from __future__ import annotations
+
+import types
+
+import pytest
+
+from maxlike.config import ConfigError
+from maxlike.pipelines import (
+    KVCacheConfig,
+    PipelineConfig,
+    PipelineModel,
+    upper_bounded_default,
+)
+
+
+def test_flat_keywords_route_to_their_subconfig(tiny_llama):
+    c = PipelineConfig(model_path=tiny_llama[0], max_length=64, kv_cache_page_size=32, max_batch_size=2,
+                       enable_echo=True, dtype="float32")
+    assert c.model.model_path == tiny_llama[0] and c.model.max_length == 64 and c.model.dtype == "float32"
+    assert c.kv_cache.kv_cache_page_size == 32
+    assert c.sampling.enable_echo is True
+    assert c.max_batch_size == 2
+    c2 = PipelineConfig(model_path=tiny_llama[0], kv_cache=KVCacheConfig(kv_cache_page_size=8))
+    assert c2.kv_cache.kv_cache_page_size == 8
+    assert c.replace(max_length=32).model.max_length == 32
+    with pytest.raises(AttributeError):
+        c.max_batch_size = 3  # frozen
+
+
+def test_quantization_encoding_sets_dtype(tiny_llama):
+    assert PipelineConfig(model_path=tiny_llama[0], quantization_encoding="bfloat16").model.dtype == "bfloat16"
+    with pytest.raises(ConfigError, match="quantization_encoding='q4_k' is not supported"):
+        PipelineConfig(model_path=tiny_llama[0], quantization_encoding="q4_k")
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"max_lenght": 5}, "unknown field 'max_lenght'. Did you mean max_length"),
+    ({"max_length": 0}, "max_length must be a positive integer"),
+    ({"max_batch_size": 0}, "max_batch_size must be a positive integer"),
+    ({"max_num_steps": 0}, "max_num_steps must be a positive integer"),
+    ({"kv_cache_page_size": 12}, "kv_cache_page_size must be a power of two"),
+    ({"device_memory_utilization": 1.5}, r"device_memory_utilization must be in \(0, 1\]"),
+    ({"dtype": "int4"}, "dtype='int4' is not supported"),
+])
+def test_invalid_values_are_named(tiny_llama, kwargs, message):
+    with pytest.raises(ConfigError, match=message):
+        PipelineConfig(model_path=tiny_llama[0], **kwargs)
+
+
+def test_model_path_missing_or_not_a_model(tmp_path):
+    with pytest.raises(ConfigError, match="model_path is required"):
+        PipelineConfig(max_length=5)
+    with pytest.raises(ConfigError, match="does not exist: pass a Hugging Face model directory"):
+        PipelineConfig(model_path=str(tmp_path / "nope"))
+    with pytest.raises(ConfigError, match="is not a model: the directory has no config.json"):
+        PipelineConfig(model_path=str(tmp_path))
+    (tmp_path / "weights.bin").write_bytes(b"x")
+    with pytest.raises(ConfigError, match="a file must be a .gguf"):
+        PipelineConfig(model_path=str(tmp_path / "weights.bin"))
+
+
+def test_unbuilt_features_fail_clearly(tiny_llama):
+    with pytest.raises(NotImplementedError, match="LoRA adapters are not built yet"):
+        PipelineConfig(model_path=tiny_llama[0], enable_lora=True)
+    with pytest.raises(NotImplementedError, match="prefix cache is not built yet"):
+        PipelineConfig(model_path=tiny_llama[0], enable_prefix_caching=True)
+
+
+def test_upper_bounded_default_has_max_semantics():
+    assert upper_bounded_default(upper_bound=100, default=None) == 100
+    assert upper_bounded_default(upper_bound=100, default=40) == 40
+    with pytest.raises(ValueError, match="exceeds the upper bound"):
+        upper_bounded_default(upper_bound=100, default=101)
+
+
+class MistralModel(PipelineModel):  # the seed's example, as written
+    @classmethod
+    def calculate_max_seq_len(cls, pipeline_config, huggingface_config) -> int:
+        try:
+            return upper_bounded_default(
+                upper_bound=huggingface_config.max_seq_len,
+                default=pipeline_config.model.max_length,
+            )
+        except ValueError as e:
+            raise ValueError(
+                "Unable to infer max_length for Mistral, the provided "
+                f"max_length ({pipeline_config.model.max_length}) exceeds the "
+                f"model's max_seq_len ({huggingface_config.max_seq_len})."
+            ) from e
+
+
+def test_seed_mistral_example_runs_as_written(tiny_models):
+    path = tiny_models["mistral"][0]
+    hf = types.SimpleNamespace(max_seq_len=256)
+    assert MistralModel.calculate_max_seq_len(PipelineConfig(model_path=path, max_length=100), hf) == 100
+    assert MistralModel.calculate_max_seq_len(PipelineConfig(model_path=path), hf) == 256
+    with pytest.raises(ValueError, match=r"provided max_length \(300\) exceeds the model's max_seq_len \(256\)"):
+        MistralModel.calculate_max_seq_len(PipelineConfig(model_path=path, max_length=300), hf)

@@ -1,0 +1,58 @@
+"""The real model: SmolLM2-135M-Instruct (Q4_1 GGUF) against HF transformers on the same file."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+PROMPTS = [  # (text, chat-templated?)
+    ("What is the capital of France?", True),
+    ("Write a haiku about the sea.", True),
+    ("Explain gravity to a child in two sentences.", True),
+    ("The quick brown fox", False),
+    ("def fibonacci(n):", False),
+    ("Once upon a time, in a land far away,", False),
+]
+NEW_TOKENS = 48
+
+
+@pytest.fixture(scope="module")
+def hf_smollm2(smollm2_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    where, name = os.path.dirname(smollm2_path), os.path.basename(smollm2_path)
+    tok = AutoTokenizer.from_pretrained(where, gguf_file=name)
+    model = AutoModelForCausalLM.from_pretrained(where, gguf_file=name, dtype=torch.float32).eval()
+    return tok, model
+
+
+@pytest.fixture(scope="module")
+def smollm2_llm(smollm2_path):
+    from maxlike.entrypoints import LLM
+    from maxlike.pipelines import PipelineConfig
+
+    return LLM(PipelineConfig(model_path=smollm2_path, max_length=512, max_batch_size=8), progress=False)
+
+
+def test_greedy_generation_equals_hf_token_for_token(smollm2_llm, hf_smollm2):
+    tok, hf = hf_smollm2
+    outs = []
+    for chat in (True, False):
+        prompts = [p for p, c in PROMPTS if c == chat]
+        outs += smollm2_llm.generate_outputs(prompts, max_new_tokens=NEW_TOKENS, use_tqdm=False, chat=chat)
+    ordered = [p for p, c in PROMPTS if c] + [p for p, c in PROMPTS if not c]
+    chat_flags = [True] * 3 + [False] * 3
+    for out, prompt, chat in zip(outs, ordered, chat_flags):
+        if chat:
+            ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                          tokenize=True, return_dict=True)["input_ids"]
+        else:
+            ids = tok.encode(prompt)
+        assert out.prompt_token_ids == list(ids)
+        with torch.no_grad():
+            ref = hf.generate(torch.tensor([ids]), max_new_tokens=NEW_TOKENS, do_sample=False)[0, len(ids):].tolist()
+        assert out.token_ids == ref, (prompt, out.text, tok.decode(ref))
+        print(f"{prompt!r} -> {out.text!r}")
+    assert outs[0].text.strip(), "the chat answer is empty"

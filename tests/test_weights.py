@@ -1,0 +1,146 @@
+"""Checkpoint reading: safetensors (single, sharded), GGUF (every supported type), bad files."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import gguf
+import jax
+import numpy as np
+import pytest
+import torch
+
+from conftest import build_model, random_prompt, tiny_hf_model
+from gguf_util import write_llama_gguf
+from maxlike.weights import WeightsError, read_weights
+from maxlike.weights.gguf_file import SUPPORTED
+from maxlike.pipelines.context import TextContext
+
+
+def _plain_llama():
+    return tiny_hf_model("llama", seed=5, llama3_rope=False)  # our GGUF writer carries plain RoPE
+
+
+def _logits(model, prompt):
+    ctx = TextContext("w", prompt, len(prompt) + 1)
+    out = model.execute(model.prepare_initial_token_inputs([[ctx]]))
+    model.kv_manager.release("w")
+    return np.asarray(out.next_token_logits)[0]
+
+
+def _specs(path):
+    m = build_model(path)
+    return m, m._specs
+
+
+def test_sharded_safetensors_with_index_equal_single_file(tiny_models, tmp_path):
+    path, hf = tiny_models["llama"]
+    hf.save_pretrained(tmp_path, max_shard_size="40KB")
+    for f in os.listdir(path):
+        if f.startswith("tokenizer") or f == "special_tokens_map.json":
+            shutil.copy(os.path.join(path, f), tmp_path)
+    assert os.path.exists(tmp_path / "model.safetensors.index.json")
+    assert len([f for f in os.listdir(tmp_path) if f.endswith(".safetensors")]) > 1
+    prompt = random_prompt(6, seed=2)
+    np.testing.assert_array_equal(_logits(build_model(path), prompt), _logits(build_model(str(tmp_path)), prompt))
+
+
+def test_truncated_safetensors_fails_before_allocating(tiny_models, tmp_path):
+    path, _ = tiny_models["llama"]
+    shutil.copytree(path, tmp_path / "m")
+    f = tmp_path / "m" / "model.safetensors"
+    data = f.read_bytes()
+    f.write_bytes(data[: len(data) - 1000])
+    before = len(jax.live_arrays())
+    with pytest.raises(WeightsError, match="is truncated: tensor .* ends at byte .* Re-download it"):
+        build_model(str(tmp_path / "m"))
+    assert len(jax.live_arrays()) == before, "nothing was placed on the device"
+    f.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all")
+    with pytest.raises(WeightsError, match="is corrupt: unreadable header"):
+        build_model(str(tmp_path / "m"))
+
+
+def test_gguf_f32_model_matches_hf(tmp_path):
+    hf = _plain_llama()
+    path = tmp_path / "tiny.gguf"
+    write_llama_gguf(path, hf.config, {k: v.numpy() for k, v in hf.state_dict().items()})
+    model = build_model(str(path))
+    prompt = random_prompt(9, seed=4)
+    with torch.no_grad():
+        ref = hf(torch.tensor(prompt[None], dtype=torch.long)).logits[0, -1].numpy()
+    err = np.abs(_logits(model, prompt) - ref).max()
+    print(f"tiny GGUF F32 vs HF: max abs error {err:.2e}")
+    assert err < 1e-4
+
+
+@pytest.mark.parametrize("qtype, tol", [("F16", 1e-3), ("BF16", 1e-2), ("Q8_0", 0.02), ("Q4_0", 0.3), ("Q4_1", 0.3)])
+def test_gguf_quantized_weights_dequantize(tmp_path, qtype, tol):
+    hf = _plain_llama()
+    path = tmp_path / f"tiny-{qtype}.gguf"
+    state = {k: v.numpy() for k, v in hf.state_dict().items()}
+    write_llama_gguf(path, hf.config, state, qtype=qtype)
+    model, specs = _specs(str(path))
+    weights = read_weights(str(path), specs, np.float32, progress=False)
+    for name, spec in specs.items():
+        expected = spec.convert(state[spec.hf_name])
+        scale = np.abs(expected).max()
+        assert np.abs(weights[name] - expected).max() <= tol * scale + 1e-6, name
+
+
+@pytest.mark.parametrize("qtype, fp16_offsets", [("Q4_K", (0, 2)), ("Q5_K", (0, 2)), ("Q6_K", (208,))])
+def test_gguf_k_quants_read_with_the_right_shape(tmp_path, qtype, fp16_offsets):
+    """K-quant blocks (256 values) built by hand: our reader equals gguf's dequantize, shaped [rows, cols]."""
+    kind = gguf.GGMLQuantizationType[qtype]
+    block, nbytes = gguf.GGML_QUANT_SIZES[kind]
+    rows, cols = 4, 512
+    raw = np.random.RandomState(0).randint(0, 256, size=(rows, cols // block, nbytes)).astype(np.uint8)
+    for off in fp16_offsets:  # sane fp16 scales (random bits may be inf/NaN)
+        raw[..., off : off + 2] = np.frombuffer(np.float16(0.01).tobytes(), np.uint8)
+    raw = raw.reshape(rows, -1)
+    hf = _plain_llama()
+    path = tmp_path / f"k-{qtype}.gguf"
+    write_llama_gguf(path, hf.config, {k: v.numpy() for k, v in hf.state_dict().items()},
+                     extra_tensors={"extra.weight": (raw, kind)})
+    from maxlike.weights.gguf_file import open_checked
+
+    got = open_checked(str(path)).read("extra.weight")
+    assert got.shape == (rows, cols)
+    np.testing.assert_array_equal(got, gguf.quants.dequantize(raw, kind))
+    assert np.isfinite(got).all()
+
+
+def test_gguf_unsupported_quant_type_is_named(tmp_path):
+    hf = _plain_llama()
+    kind = gguf.GGMLQuantizationType.Q2_K
+    raw = np.zeros((2, gguf.GGML_QUANT_SIZES[kind][1]), np.uint8)
+    path = tmp_path / "q2k.gguf"
+    write_llama_gguf(path, hf.config, {k: v.numpy() for k, v in hf.state_dict().items()},
+                     extra_tensors={"extra.weight": (raw, kind)})
+    with pytest.raises(WeightsError, match=r"quantized as Q2_K, which maxlike does not read\. Supported types: "
+                                           + ", ".join(SUPPORTED)):
+        build_model(str(path))
+
+
+def test_truncated_gguf_fails_before_allocating(tmp_path, smollm2_path):
+    path = tmp_path / "cut.gguf"
+    with open(smollm2_path, "rb") as src, open(path, "wb") as dst:
+        dst.write(src.read(os.path.getsize(smollm2_path) // 2))
+    before = len(jax.live_arrays())
+    with pytest.raises(WeightsError, match="GGUF file .* is truncated"):
+        build_model(str(path))
+    assert len(jax.live_arrays()) == before
+    path.write_bytes(b"GGUF" + b"\xff" * 64)
+    with pytest.raises(WeightsError, match="GGUF file .* is truncated or corrupt"):
+        build_model(str(path))
+
+
+def test_checkpoint_missing_tensors_is_named(tiny_models, tmp_path):
+    path, hf = tiny_models["llama"]
+    shutil.copytree(path, tmp_path / "m")
+    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    cfg["num_hidden_layers"] = 3  # the file holds 2
+    (tmp_path / "m" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(WeightsError, match=r"lacks 9 tensor\(s\) the model needs"):
+        build_model(str(tmp_path / "m"))
