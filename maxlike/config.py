@@ -34,7 +34,7 @@ class ModelConfig:
     max_length: int | None = None
     dtype: str = "auto"
     quantization_encoding: str | None = None
-    weight_path: tuple[str, ...] = ()
+    weight_path: tuple[str, ...] = ()  # explicit checkpoint files (relative to model_path's folder)
 
     def __post_init__(self) -> None:
         if self.quantization_encoding is not None:
@@ -114,10 +114,6 @@ class SamplingConfig:
     """Pipeline-wide sampling switches (per-request knobs live in SamplingParams)."""
 
     enable_echo: bool = False  # keep logits for every prompt token (logprobs with echo)
-    logits_dtype: str = "float32"
-
-    def __post_init__(self) -> None:
-        _check(self.logits_dtype in ("float32", "bfloat16"), "logits_dtype must be float32 or bfloat16.")
 
 
 @dataclass(frozen=True)

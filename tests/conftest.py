@@ -92,16 +92,17 @@ def tiny_llama(tiny_models):
     return tiny_models["llama"]
 
 
-def build_model(path: str, *, return_logits="last_token", max_length: int = 128, max_batch_size: int = 4, **kw):
+def build_model(path: str, *, return_logits="last_token", return_hidden_states="none", max_length: int = 128,
+                max_batch_size: int = 4, **kw):
     """A DecoderPipelineModel straight from a checkpoint (no tokenizer needed)."""
     from maxlike.engine import InferenceSession
-    from maxlike.pipelines import PipelineConfig, ReturnLogits
+    from maxlike.pipelines import PipelineConfig, ReturnHiddenStates, ReturnLogits
     from maxlike.pipelines.decoder import DecoderPipelineModel
 
     config = PipelineConfig(model_path=path, max_length=max_length, max_batch_size=max_batch_size, **kw)
     session = InferenceSession()
     return DecoderPipelineModel(config, session, session.devices, config.kv_cache, None, None,
-                                ReturnLogits(return_logits), progress=False)
+                                ReturnLogits(return_logits), ReturnHiddenStates(return_hidden_states), progress=False)
 
 
 @pytest.fixture(scope="session")

@@ -144,3 +144,14 @@ def test_checkpoint_missing_tensors_is_named(tiny_models, tmp_path):
     (tmp_path / "m" / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(WeightsError, match=r"lacks 9 tensor\(s\) the model needs"):
         build_model(str(tmp_path / "m"))
+
+
+def test_weight_path_names_the_files(tiny_models, tmp_path):
+    path, hf = tiny_models["llama"]
+    shutil.copytree(path, tmp_path / "m")
+    os.rename(tmp_path / "m" / "model.safetensors", tmp_path / "m" / "renamed.weights")
+    prompt = random_prompt(5, seed=9)
+    model = build_model(str(tmp_path / "m"), weight_path=("renamed.weights",))
+    np.testing.assert_array_equal(_logits(model, prompt), _logits(build_model(path), prompt))
+    with pytest.raises(WeightsError, match="weight file '.*/nope.safetensors' .* is missing"):
+        build_model(str(tmp_path / "m"), weight_path=("nope.safetensors",))

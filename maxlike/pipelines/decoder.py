@@ -65,7 +65,8 @@ class DecoderPipelineModel(PipelineModel[TextContext]):
         self._specs = specs
         mesh = session.mesh
         host = weights if weights is not None else read_weights(
-            pipeline_config.model.model_path, specs, self.dtype, progress=progress)
+            pipeline_config.model.model_path, specs, self.dtype, progress=progress,
+            weight_path=pipeline_config.model.weight_path)
         # Every file was checked and read before the first device allocation.
         self.params = {
             name: jax.device_put(np.asarray(host[name], self.dtype), named_sharding(mesh, specs[name].axes))

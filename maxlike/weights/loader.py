@@ -62,14 +62,25 @@ def load_tokenizer(model_path: str) -> Any:
 
 
 def read_weights(
-    model_path: str, specs: Mapping[str, Any], dtype: Any, *, progress: bool = True
+    model_path: str, specs: Mapping[str, Any], dtype: Any, *, progress: bool = True,
+    weight_path: tuple[str, ...] = (),
 ) -> dict[str, np.ndarray]:
     """Read, convert and cast every weight in `specs` to host arrays of `dtype`.
 
-    The whole checkpoint is validated first (headers, sizes, types, names).
+    `weight_path` names the checkpoint files explicitly (safetensors files, or
+    one .gguf), relative to `model_path`'s folder; by default they are found
+    in `model_path`. The whole checkpoint is validated first (headers, sizes,
+    types, names).
     """
     fmt = weights_format(model_path)
-    reader = gguf_file.open_checked(model_path) if fmt == "gguf" else safetensors_dir.open_checked(model_path)
+    folder = os.path.dirname(os.path.abspath(model_path)) if fmt == "gguf" else model_path
+    files = [p if os.path.isabs(p) else os.path.join(folder, p) for p in weight_path]
+    if fmt == "gguf":
+        if len(files) > 1:
+            raise WeightsError(f"a GGUF model reads one file; weight_path names {len(files)}.")
+        reader = gguf_file.open_checked(files[0] if files else model_path)
+    else:
+        reader = safetensors_dir.open_checked(model_path, files)
     source_names = {name: (s.gguf_name if fmt == "gguf" else s.hf_name) for name, s in specs.items()}
     missing = [src for src in source_names.values() if src not in reader]
     if missing:

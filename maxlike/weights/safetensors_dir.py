@@ -57,9 +57,11 @@ class SafetensorsReader:
         return self._handles[path].get_tensor(name)
 
 
-def open_checked(model_dir: str) -> SafetensorsReader:
+def open_checked(model_dir: str, files: list[str] | None = None) -> SafetensorsReader:
     index = os.path.join(model_dir, "model.safetensors.index.json")
-    if os.path.isfile(index):
+    if files:
+        paths = list(files)
+    elif os.path.isfile(index):
         with open(index) as f:
             weight_map = json.load(f)["weight_map"]
         paths = sorted(set(weight_map.values()))
@@ -72,7 +74,7 @@ def open_checked(model_dir: str) -> SafetensorsReader:
     for p in paths:
         full = os.path.join(model_dir, p)
         if not os.path.isfile(full):
-            raise _error(f"shard {p!r} listed in the index of {model_dir!r} is missing: re-download the model.")
+            raise _error(f"weight file {p!r} of {model_dir!r} is missing: re-download the model or fix weight_path.")
         for name in _check_header(full):
             files[name] = full
     return SafetensorsReader(files)

@@ -1,0 +1,92 @@
+"""The PipelineModel contract: compiled steps, donated KV pool, outputs, sizes."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
+
+from conftest import build_model, random_prompt
+from maxlike.pipelines import DecoderPipelineModel, ModelInputs, PipelineConfig, ReturnHiddenStates
+from maxlike.pipelines.context import TextContext
+
+
+def _prefill(model, n=7, rid="e", extra=4):
+    ctx = TextContext(rid, random_prompt(n, seed=n), n + extra)
+    return ctx, model.prepare_initial_token_inputs([[ctx]])
+
+
+def test_kv_pool_is_donated_and_updated_in_place(tiny_llama):
+    model = build_model(tiny_llama[0])
+    _, inputs = _prefill(model)
+    old = model.kv_manager.pool[0][0]
+    pointer = old.unsafe_buffer_pointer()
+    model.execute(inputs)
+    new = model.kv_manager.pool[0][0]
+    assert old.is_deleted(), "the pool passed in was donated"
+    assert new.unsafe_buffer_pointer() == pointer, "and written in place"
+    assert float(jnp.abs(new).sum()) > 0
+
+
+def test_same_bucket_never_recompiles(tiny_llm):
+    stats = tiny_llm.pipeline.model.session.stats
+    tiny_llm.generate(["hello there"], max_new_tokens=6, use_tqdm=False)
+    before = stats.compiled
+    tiny_llm.generate(["hello world"], max_new_tokens=6, use_tqdm=False)
+    tiny_llm.generate(["abcdefghijk"], max_new_tokens=6, use_tqdm=False)  # same buckets
+    assert stats.compiled == before
+    assert stats.by_name["step"] >= 2 and stats.compile_seconds > 0
+
+
+def test_model_inputs_is_a_pytree_of_arrays_only(tiny_llama):
+    model = build_model(tiny_llama[0])
+    _, inputs = _prefill(model)
+    leaves = jax.tree.leaves(inputs)
+    assert len(leaves) == 7 and all(isinstance(x, jax.Array) for x in leaves)
+    rebuilt = jax.tree.map(lambda x: x, inputs)
+    assert isinstance(rebuilt, ModelInputs) and rebuilt.request_ids == ("e",)
+
+
+def test_hidden_states_and_variable_logits(tiny_models):
+    path, hf = tiny_models["llama"]
+    model = build_model(path, return_logits="variable", return_hidden_states="all")
+    ctx, inputs = _prefill(model, n=9)
+    inputs = model.prepare_initial_token_inputs([[TextContext("v", ctx.tokens, 13)]], return_n_logits=3)
+    out = model.execute(inputs)
+    with torch.no_grad():
+        ref = hf(torch.tensor(ctx.tokens[None], dtype=torch.long), output_hidden_states=True)
+    assert np.abs(np.asarray(out.hidden_states)[0, :9] - ref.hidden_states[-1][0].numpy()).max() < 1e-4
+    assert out.logits.shape[1] == 3 and list(out.logit_offsets) == [0, 3]
+    assert np.abs(np.asarray(out.logits)[0] - ref.logits[0, -3:].numpy()).max() < 1e-4
+    last = build_model(path, return_hidden_states=ReturnHiddenStates.LAST)
+    out = last.execute(last.prepare_initial_token_inputs([[TextContext("l", ctx.tokens, 10)]]))
+    assert out.hidden_states.shape == (1, 64)
+    assert np.abs(np.asarray(out.hidden_states)[0] - ref.hidden_states[-1][0, -1].numpy()).max() < 1e-4
+
+
+def test_properties(tiny_llama):
+    model = build_model(tiny_llama[0])
+    assert model.signal_buffers == []  # one device
+    assert model.lora_manager is None
+    assert model.dtype == jnp.float32
+    assert model.huggingface_config.num_hidden_layers == 2
+
+
+def test_size_estimates_are_real(tiny_llama):
+    model = build_model(tiny_llama[0])
+    actual = sum(x.nbytes for x in jax.tree.leaves(model.params))
+    assert DecoderPipelineModel.estimate_weights_size(model.pipeline_config) == actual
+    cfg = model.pipeline_config
+    small = DecoderPipelineModel.estimate_activation_memory(cfg.replace(max_length=64), model.huggingface_config)
+    big = DecoderPipelineModel.estimate_activation_memory(cfg.replace(max_length=256), model.huggingface_config)
+    assert 0 < small < big
+
+
+def test_kv_budget_too_small_says_what_fits(tiny_llama):
+    import pytest
+
+    from maxlike.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"not enough for one sequence of max_length=256: pass max_length <= \d+"):
+        build_model(tiny_llama[0], max_length=256, host_kv_cache_memory_gib=1e-5)
