@@ -1,0 +1,74 @@
+"""Decode and prefill tokens/s on SmolLM2-135M (CPU): maxlike vs HF transformers, same run.
+
+    .venv/bin/python benchmarks/bench_decode.py [--batch-sizes 1 8] [--new-tokens 64] [--prompt-tokens 64]
+
+Both run the same GGUF file in fp32 on the same prompts (random token ids),
+greedy, with EOS ignored so every run produces exactly N tokens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+from maxlike.entrypoints.bench import maxlike_generate, measure  # noqa: E402
+from maxlike.entrypoints.llm import default_model_path  # noqa: E402
+from maxlike.pipelines import PipelineConfig  # noqa: E402
+
+
+def hf_generate(path: str):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
+                                                 dtype=torch.float32).eval()
+
+    def generate(prompts, n):
+        ids = torch.tensor(prompts)
+        with torch.no_grad():
+            model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                           do_sample=False, pad_token_id=0)
+
+    return generate
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--prompt-tokens", type=int, default=64)
+    ap.add_argument("--max-num-steps", type=int, default=1)
+    ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument("--json", help="write the results here")
+    args = ap.parse_args()
+    path = default_model_path()
+    config = PipelineConfig(model_path=path, max_length=512, max_batch_size=max(args.batch_sizes),
+                            max_num_steps=args.max_num_steps)
+    llm, ours = maxlike_generate(config)
+    vocab = llm.pipeline.model.config.vocab_size
+    theirs = None if args.skip_hf else hf_generate(path)
+    results = []
+    for b in args.batch_sizes:
+        row = {"maxlike": measure(ours, b, args.prompt_tokens, args.new_tokens, vocab)}
+        if theirs:
+            row["hf"] = measure(theirs, b, args.prompt_tokens, args.new_tokens, vocab)
+        results.append(row)
+        m = row["maxlike"]
+        line = f"batch {b}: maxlike decode {m['decode_tok_s']:.1f} tok/s, prefill {m['prefill_tok_s']:.0f} tok/s"
+        if theirs:
+            h = row["hf"]
+            line += (f" | HF decode {h['decode_tok_s']:.1f} tok/s, prefill {h['prefill_tok_s']:.0f} tok/s"
+                     f" | decode ratio {m['decode_tok_s'] / h['decode_tok_s']:.2f}x,"
+                     f" prefill ratio {m['prefill_tok_s'] / h['prefill_tok_s']:.2f}x")
+        print(line, flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,66 @@
+"""Decode and prefill throughput of one model (used by `maxlike benchmark` and benchmarks/).
+
+decode tokens/s = batch * (N - 1) / (t(N new tokens) - t(1 new token));
+prefill tokens/s = batch * prompt_tokens / t(1 new token). Every shape is
+run once first so compiles are not timed.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+import numpy as np
+
+from maxlike.config import PipelineConfig
+
+
+def prompts_for(batch: int, prompt_tokens: int, vocab: int, seed: int = 0) -> list[list[int]]:
+    rng = np.random.default_rng(seed)
+    return [rng.integers(100, min(vocab, 30000), size=prompt_tokens).tolist() for _ in range(batch)]
+
+
+def measure(generate: Callable[[list[list[int]], int], None], batch: int, prompt_tokens: int, new_tokens: int,
+            vocab: int, repeats: int = 2) -> dict[str, float]:
+    """Best-of-`repeats` timings of `generate(prompts, n)` for n = 1 and n = new_tokens."""
+    prompts = prompts_for(batch, prompt_tokens, vocab)
+    generate(prompts, 1)
+    generate(prompts, new_tokens)  # warm-up: compiles and first-run costs
+    t1 = min(_timed(generate, prompts, 1) for _ in range(repeats))
+    tn = min(_timed(generate, prompts, new_tokens) for _ in range(repeats))
+    return {
+        "batch": batch,
+        "prefill_tok_s": batch * prompt_tokens / t1,
+        "decode_tok_s": batch * (new_tokens - 1) / max(tn - t1, 1e-9),
+    }
+
+
+def _timed(fn, *args) -> float:
+    t = time.perf_counter()
+    fn(*args)
+    return time.perf_counter() - t
+
+
+def maxlike_generate(config: PipelineConfig):
+    from maxlike.entrypoints import LLM
+    from maxlike.interfaces import SamplingParams
+
+    llm = LLM(config, progress=False)
+
+    def generate(prompts, n):
+        llm.generate(prompts, sampling_params=SamplingParams(top_k=1, max_new_tokens=n, ignore_eos=True),
+                     use_tqdm=False)
+
+    return llm, generate
+
+
+def run_decode_benchmark(config: PipelineConfig, *, batch_sizes=(1, 8), new_tokens=64, prompt_tokens=64) -> list[dict]:
+    llm, generate = maxlike_generate(config)
+    vocab = llm.pipeline.model.config.vocab_size
+    rows = []
+    for b in batch_sizes:
+        r = measure(generate, b, prompt_tokens, new_tokens, vocab)
+        rows.append(r)
+        print(f"maxlike batch {b}: decode {r['decode_tok_s']:.1f} tok/s, prefill {r['prefill_tok_s']:.1f} tok/s",
+              flush=True)
+    return rows

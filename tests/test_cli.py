@@ -1,0 +1,30 @@
+"""The `maxlike` command line."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+
+def maxlike(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "maxlike.entrypoints.cli", *args], capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_generate_streams_the_same_text_as_llm(tiny_llm, tiny_llama):
+    r = maxlike("generate", "--model-path", tiny_llama[0], "--prompt", "hello", "--max-new-tokens", "6",
+                "--max-length", "128", "--max-batch-size", "4", "--quiet", "--verbose")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == tiny_llm.generate(["hello"], max_new_tokens=6, use_tqdm=False)[0] + "\n"
+    assert "compiled" in r.stderr
+
+
+def test_list_and_errors(tmp_path):
+    r = maxlike("list")
+    assert r.returncode == 0 and "LlamaForCausalLM" in r.stdout and "Qwen2ForCausalLM" in r.stdout
+    r = maxlike("generate", "--model-path", str(tmp_path / "missing"), "--prompt", "x")
+    assert r.returncode == 1 and "does not exist: pass a Hugging Face model directory" in r.stderr
+    r = maxlike("generate", "--model-path", str(tmp_path), "--prompt", "x", "--max-lenght", "5")
+    assert r.returncode == 2 and "--max-length" in r.stderr  # argparse suggests the right flag
+    r = maxlike("serve")
+    assert r.returncode == 2 and "not built yet" in r.stderr
