@@ -28,3 +28,16 @@ def test_list_and_errors(tmp_path):
     assert r.returncode == 2 and "--max-length" in r.stderr  # argparse suggests the right flag
     r = maxlike("serve")
     assert r.returncode == 2 and "not built yet" in r.stderr
+
+
+def test_examples_run(tiny_llama):
+    import os
+
+    root = os.path.join(os.path.dirname(__file__), "..", "examples")
+    for name in ("pipeline_model.py", "generate.py"):
+        r = subprocess.run([sys.executable, os.path.join(root, name), "--model-path", tiny_llama[0]],
+                           capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr
+    assert "compiles:" in subprocess.run(
+        [sys.executable, os.path.join(root, "pipeline_model.py"), "--model-path", tiny_llama[0]],
+        capture_output=True, text=True, timeout=300).stdout
