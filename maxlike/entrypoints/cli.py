@@ -59,6 +59,8 @@ def cmd_generate(args) -> int:
     from maxlike.entrypoints.llm import LLM
     from maxlike.interfaces import TextGenerationRequest
 
+    if args.max_batch_size is None:
+        args.max_batch_size = 1  # one prompt: size the KV pool for one sequence
     config = config_from_args(args, default_model=True)
     t0 = time.perf_counter()
     llm = LLM(config, progress=not args.quiet)
