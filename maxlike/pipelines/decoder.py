@@ -38,7 +38,7 @@ MIN_PREFILL_BUCKET = 16
 DEFAULT_MAX_BATCH = 8
 
 
-def _architecture(pipeline_config: PipelineConfig, huggingface_config: Any):
+def _architecture(huggingface_config: Any):
     from maxlike.pipelines.registry import PIPELINE_REGISTRY
 
     return PIPELINE_REGISTRY.retrieve_architecture(huggingface_config).graph
@@ -52,7 +52,7 @@ class DecoderPipelineModel(PipelineModel[TextContext]):
         super().__init__(pipeline_config, session, devices, kv_cache_config, weights, adapter, return_logits,
                          return_hidden_states)
         hf = self.huggingface_config
-        self.arch = adapter if adapter is not None else _architecture(pipeline_config, hf)
+        self.arch = adapter if adapter is not None else _architecture(hf)
         self.config = self.arch.config_from_hf(hf)
         self.max_length = self.calculate_max_seq_len(pipeline_config, hf)
         window = getattr(self.config, "sliding_window", None)
@@ -63,34 +63,17 @@ class DecoderPipelineModel(PipelineModel[TextContext]):
             )
         specs = self.arch.weight_specs(self.config)
         self._specs = specs
+        self.kv_params, self.max_batch_size, num_pages = self._plan_kv_cache(specs)
         mesh = session.mesh
         host = weights if weights is not None else read_weights(
             pipeline_config.model.model_path, specs, self.dtype, progress=progress,
             weight_path=pipeline_config.model.weight_path)
-        # Every file was checked and read before the first device allocation.
+        # Every file was checked and read, and the KV cache planned, before the first device allocation.
         self.params = {
             name: jax.device_put(np.asarray(host[name], self.dtype), named_sharding(mesh, specs[name].axes))
             for name in tqdm(specs, desc="placing weights", unit="tensor", disable=not progress)
         }
-        self.weights = self.params
         del host
-        layers, kv_heads, head_dim = self.arch.kv_shape(self.config)
-        cache_dtype = kv_cache_config.cache_dtype
-        self.kv_params = KVCacheParams(
-            layers, kv_heads, head_dim, kv_cache_config.kv_cache_page_size,
-            str(memory.resolve_dtype(cache_dtype, session.platform) if cache_dtype != "auto" else self.dtype),
-        )
-        pages_per_seq = self.kv_params.pages_for(self.max_length)
-        budget_pages = self._kv_budget_pages()
-        if budget_pages < pages_per_seq + 1:
-            fit = (budget_pages - 1) * self.kv_params.page_size
-            raise ConfigError(
-                f"the KV cache budget holds {budget_pages} pages of {self.kv_params.page_size} tokens, not enough "
-                f"for one sequence of max_length={self.max_length}: pass max_length <= {fit} or raise the budget "
-                "(host_kv_cache_memory_gib on CPU, device_memory_utilization on accelerators)."
-            )
-        self.max_batch_size = pipeline_config.max_batch_size or min(DEFAULT_MAX_BATCH, (budget_pages - 1) // pages_per_seq)
-        num_pages = min(budget_pages, self.max_batch_size * pages_per_seq + 1)
         self.kv_manager = PagedKVCacheManager(self.kv_params, num_pages, mesh)
         self._replicated = replicated(mesh)
 
@@ -106,25 +89,24 @@ class DecoderPipelineModel(PipelineModel[TextContext]):
                 f"(max_position_embeddings={limit}): pass max_length <= {limit}."
             ) from e
 
-    @classmethod
-    def _sizes(cls, pipeline_config, huggingface_config):
-        arch = _architecture(pipeline_config, huggingface_config)
-        cfg = arch.config_from_hf(huggingface_config)
-        return arch, cfg
+    @staticmethod
+    def _graph_and_config(huggingface_config):
+        arch = _architecture(huggingface_config)
+        return arch, arch.config_from_hf(huggingface_config)
 
     @classmethod
     def estimate_weights_size(cls, pipeline_config) -> int:
         from maxlike.weights import load_hf_config
 
         hf = load_hf_config(pipeline_config.model.model_path)
-        arch, cfg = cls._sizes(pipeline_config, hf)
+        arch, cfg = cls._graph_and_config(hf)
         dtype = memory.resolve_dtype(pipeline_config.model.dtype, jax.default_backend())
         return memory.weights_bytes(arch.weight_specs(cfg), dtype)
 
     @classmethod
     def estimate_activation_memory(cls, pipeline_config, huggingface_config) -> int:
         """Peak temporaries of the largest prefill bucket (one row of max_length) or a full decode batch."""
-        arch, cfg = cls._sizes(pipeline_config, huggingface_config)
+        arch, cfg = cls._graph_and_config(huggingface_config)
         max_len = cls.calculate_max_seq_len(pipeline_config, huggingface_config)
         itemsize = memory.resolve_dtype(pipeline_config.model.dtype, jax.default_backend()).itemsize
         batch = pipeline_config.max_batch_size or DEFAULT_MAX_BATCH
@@ -135,17 +117,34 @@ class DecoderPipelineModel(PipelineModel[TextContext]):
         decode = memory.activation_bytes(batch=batch, tokens=1, context=max_len, logits_rows=1, **common)
         return max(prefill, decode)
 
-    def _kv_budget_pages(self) -> int:
+    def _plan_kv_cache(self, specs) -> tuple[KVCacheParams, int, int]:
+        """(page layout, max batch size, pages in the pool), or a ConfigError saying what fits.
+
+        CPU: a configured host budget. Accelerators: free device memory x
+        device_memory_utilization, less the weights and a step's activations.
+        """
         cfg = self.kv_cache_config
+        layers, kv_heads, head_dim = self.arch.kv_shape(self.config)
+        dtype = self.dtype if cfg.cache_dtype == "auto" else memory.resolve_dtype(cfg.cache_dtype, self.session.platform)
+        params = KVCacheParams(layers, kv_heads, head_dim, cfg.kv_cache_page_size, str(dtype))
         if self.session.platform == "cpu":
             budget = cfg.host_kv_cache_memory_gib * 2**30
         else:
             stats = self.devices[0].memory_stats() or {}
-            total = stats.get("bytes_limit", 0)
-            used = stats.get("bytes_in_use", 0)
-            act = self.estimate_activation_memory(self.pipeline_config, self.huggingface_config)
-            budget = total * cfg.device_memory_utilization - used - act
-        return max(0, int(budget // self.kv_params.page_bytes))
+            free = stats.get("bytes_limit", 0) * cfg.device_memory_utilization - stats.get("bytes_in_use", 0)
+            budget = (free - memory.weights_bytes(specs, self.dtype)
+                      - self.estimate_activation_memory(self.pipeline_config, self.huggingface_config))
+        budget_pages = max(0, int(budget // params.page_bytes))
+        pages_per_seq = params.pages_for(self.max_length)
+        if budget_pages < pages_per_seq + 1:  # + the reserved null page
+            fit = max(0, budget_pages - 1) * params.page_size
+            raise ConfigError(
+                f"the KV cache budget holds {budget_pages} pages of {params.page_size} tokens, not enough "
+                f"for one sequence of max_length={self.max_length}: pass max_length <= {fit} or raise the budget "
+                "(host_kv_cache_memory_gib on CPU, device_memory_utilization on accelerators)."
+            )
+        batch = self.pipeline_config.max_batch_size or min(DEFAULT_MAX_BATCH, (budget_pages - 1) // pages_per_seq)
+        return params, batch, min(budget_pages, batch * pages_per_seq + 1)
 
     # -- input preparation ------------------------------------------------
     def _bucket_batch(self, n: int) -> int:

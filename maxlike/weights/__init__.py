@@ -5,6 +5,7 @@ read, so a bad file fails before anything is allocated on a device.
 """
 
 from maxlike.weights.loader import (
+    cache_root,
     WeightsError,
     load_hf_config,
     load_tokenizer,
@@ -12,4 +13,4 @@ from maxlike.weights.loader import (
     weights_format,
 )
 
-__all__ = ["WeightsError", "load_hf_config", "load_tokenizer", "read_weights", "weights_format"]
+__all__ = ["cache_root", "WeightsError", "load_hf_config", "load_tokenizer", "read_weights", "weights_format"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import os
+import shutil
 from typing import Any, Mapping
 
 import numpy as np
@@ -20,45 +21,86 @@ def weights_format(model_path: str) -> str:
     return "gguf" if model_path.endswith(".gguf") else "safetensors"
 
 
-def _hf_kwargs(model_path: str) -> tuple[str, dict]:
-    if weights_format(model_path) == "gguf":
-        return os.path.dirname(os.path.abspath(model_path)), {"gguf_file": os.path.basename(model_path)}
-    return model_path, {}
+def cache_root() -> str:
+    """maxlike's cache folder: $MAXLIKE_CACHE_DIR, else ~/.cache/maxlike."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.environ.get("MAXLIKE_CACHE_DIR") or os.path.join(base, "maxlike")
+
+
+def _identity(path: str) -> tuple[str, int, int]:
+    st = os.stat(path)
+    return os.path.abspath(path), st.st_mtime_ns, st.st_size
 
 
 def load_hf_config(model_path: str) -> Any:
-    """The HF config (for GGUF, transformers builds it from the file's metadata).
-
-    Cached per file identity: GGUF metadata takes seconds to parse.
-    """
-    st = os.stat(model_path)
-    return _load_hf_config(os.path.abspath(model_path), st.st_mtime_ns, st.st_size)
-
-
-@functools.lru_cache(maxsize=8)
-def _load_hf_config(model_path: str, mtime_ns: int, size: int) -> Any:
-    from transformers import AutoConfig
-
-    if weights_format(model_path) == "gguf":
-        gguf_file.check_file(model_path)  # a clear error beats transformers' on a bad file
-    where, kw = _hf_kwargs(model_path)
-    try:
-        return AutoConfig.from_pretrained(where, **kw)
-    except Exception as e:  # transformers raises many kinds; all mean "not a usable config"
-        raise WeightsError(f"could not read the model config from {model_path!r}: {e}") from e
+    """The HF config; for GGUF, transformers builds it from the file's metadata."""
+    return _hf_files(*_identity(model_path))[0]
 
 
 def load_tokenizer(model_path: str) -> Any:
-    from transformers import AutoTokenizer
+    """The tokenizer (with its chat template); for GGUF, from the file's metadata."""
+    return _hf_files(*_identity(model_path))[1]()
 
-    where, kw = _hf_kwargs(model_path)
+
+@functools.lru_cache(maxsize=8)
+def _hf_files(model_path: str, mtime_ns: int, size: int) -> tuple[Any, Any]:
+    """(config, tokenizer loader) for one file identity.
+
+    GGUF metadata takes transformers seconds to parse (about 16 s for
+    SmolLM2's config and tokenizer), so the first load of a GGUF writes both
+    in HF format under the cache folder and later loads read that copy.
+    """
+    from transformers import AutoConfig, AutoTokenizer
+
+    where, kw = model_path, {}
+    if weights_format(model_path) == "gguf":
+        where = _gguf_as_hf_dir(model_path, mtime_ns, size)
+        if where is None:  # no writable cache: read the GGUF itself
+            where, kw = os.path.dirname(model_path), {"gguf_file": os.path.basename(model_path)}
     try:
-        return AutoTokenizer.from_pretrained(where, **kw)
+        config = AutoConfig.from_pretrained(where, **kw)
+    except Exception as e:  # transformers raises many kinds; all mean "not a usable config"
+        raise WeightsError(f"could not read the model config from {model_path!r}: {e}") from e
+
+    def tokenizer() -> Any:
+        try:
+            return AutoTokenizer.from_pretrained(where, **kw)
+        except Exception as e:
+            raise WeightsError(
+                f"could not load a tokenizer from {model_path!r} ({e}). An HF directory needs tokenizer files "
+                "(tokenizer.json or tokenizer.model); a GGUF file needs tokenizer.ggml.* metadata."
+            ) from e
+
+    return config, tokenizer
+
+
+def _gguf_as_hf_dir(model_path: str, mtime_ns: int, size: int) -> str | None:
+    import hashlib
+
+    import transformers
+    from transformers import AutoConfig, AutoTokenizer
+
+    key = hashlib.sha256(f"{model_path}|{mtime_ns}|{size}|{transformers.__version__}".encode()).hexdigest()[:24]
+    folder = os.path.join(cache_root(), "gguf-hf", key)
+    if os.path.isfile(os.path.join(folder, "config.json")):
+        return folder
+    gguf_file.check_file(model_path)  # a clear error beats transformers' on a bad file
+    where, name = os.path.dirname(model_path), os.path.basename(model_path)
+    try:
+        config = AutoConfig.from_pretrained(where, gguf_file=name)
+        tokenizer = AutoTokenizer.from_pretrained(where, gguf_file=name)
     except Exception as e:
-        raise WeightsError(
-            f"could not load a tokenizer from {model_path!r} ({e}). An HF directory needs tokenizer files "
-            "(tokenizer.json or tokenizer.model); a GGUF file needs tokenizer.ggml.* metadata."
-        ) from e
+        raise WeightsError(f"could not read the config and tokenizer metadata of {model_path!r}: {e}") from e
+    tmp = f"{folder}.tmp{os.getpid()}"
+    try:
+        tokenizer.save_pretrained(tmp)
+        config.save_pretrained(tmp)  # config.json last: its presence marks a complete copy
+        os.rename(tmp, folder)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not os.path.isfile(os.path.join(folder, "config.json")):  # another process may have won the race
+            return None
+    return folder
 
 
 def read_weights(
