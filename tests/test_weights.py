@@ -155,3 +155,28 @@ def test_weight_path_names_the_files(tiny_models, tmp_path):
     np.testing.assert_array_equal(_logits(model, prompt), _logits(build_model(path), prompt))
     with pytest.raises(WeightsError, match="weight file '.*/nope.safetensors' .* is missing"):
         build_model(str(tmp_path / "m"), weight_path=("nope.safetensors",))
+
+
+def test_gguf_config_and_tokenizer_are_cached_in_hf_format(tmp_path, smollm2_path):
+    from maxlike.weights import cache_root, load_hf_config, load_tokenizer
+    from maxlike.weights.loader import _hf_files
+
+    copy = tmp_path / "model.gguf"
+    shutil.copy(smollm2_path, copy)
+    first = load_tokenizer(str(copy)).encode("Hello there")
+    folders = os.listdir(os.path.join(cache_root(), "gguf-hf"))
+    _hf_files.cache_clear()  # a new process would find the cached copy on disk
+    assert load_tokenizer(str(copy)).encode("Hello there") == first
+    assert load_hf_config(str(copy)).num_hidden_layers == 30
+    assert os.listdir(os.path.join(cache_root(), "gguf-hf")) == folders, "the copy was reused"
+
+
+def test_gguf_without_tokenizer_runs_but_has_no_tokenizer(tmp_path):
+    from maxlike.weights import load_tokenizer
+
+    hf = _plain_llama()
+    path = tmp_path / "notok.gguf"
+    write_llama_gguf(path, hf.config, {k: v.numpy() for k, v in hf.state_dict().items()})
+    build_model(str(path))
+    with pytest.raises(WeightsError, match="(?s)could not load a tokenizer .* a GGUF file needs tokenizer.ggml"):
+        load_tokenizer(str(path))

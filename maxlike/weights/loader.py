@@ -88,12 +88,16 @@ def _gguf_as_hf_dir(model_path: str, mtime_ns: int, size: int) -> str | None:
     where, name = os.path.dirname(model_path), os.path.basename(model_path)
     try:
         config = AutoConfig.from_pretrained(where, gguf_file=name)
-        tokenizer = AutoTokenizer.from_pretrained(where, gguf_file=name)
     except Exception as e:
-        raise WeightsError(f"could not read the config and tokenizer metadata of {model_path!r}: {e}") from e
+        raise WeightsError(f"could not read the model config from {model_path!r}: {e}") from e
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(where, gguf_file=name)
+    except Exception:  # a GGUF without tokenizer metadata still runs at the PipelineModel level
+        tokenizer = None
     tmp = f"{folder}.tmp{os.getpid()}"
     try:
-        tokenizer.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
         config.save_pretrained(tmp)  # config.json last: its presence marks a complete copy
         os.rename(tmp, folder)
     except OSError:
