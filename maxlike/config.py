@@ -141,6 +141,7 @@ class PipelineConfig:
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     max_batch_size: int | None = None
     max_num_steps: int = 1
+    prefill_chunk_size: int = 8192  # prompt tokens per prefill step (MAX's default)
     seed: int = 0
 
     def __init__(self, **kwargs: Any) -> None:
@@ -180,6 +181,10 @@ class PipelineConfig:
         _check(
             isinstance(self.max_num_steps, int) and self.max_num_steps >= 1,
             f"max_num_steps must be a positive integer, got {self.max_num_steps!r}.",
+        )
+        _check(
+            isinstance(self.prefill_chunk_size, int) and self.prefill_chunk_size >= 1,
+            f"prefill_chunk_size must be a positive integer, got {self.prefill_chunk_size!r}.",
         )
 
     def replace(self, **kwargs: Any) -> "PipelineConfig":

@@ -79,5 +79,5 @@ def test_stream_yields_the_whole_text(tiny_llm):
     from maxlike.interfaces import TextGenerationRequest
 
     params = SamplingParams(top_k=1, max_new_tokens=10)
-    pieces = list(tiny_llm.pipeline.stream(TextGenerationRequest("s", prompt="streaming", sampling_params=params)))
+    pieces = list(tiny_llm.stream(TextGenerationRequest("s", prompt="streaming", sampling_params=params)))
     assert "".join(pieces) == tiny_llm.generate(["streaming"], max_new_tokens=10, use_tqdm=False)[0]

@@ -70,7 +70,7 @@ def cmd_generate(args) -> int:
            if args.chat else TextGenerationRequest(rid, prompt=args.prompt, sampling_params=params))
     t1 = time.perf_counter()
     n = 0
-    for piece in llm.pipeline.stream(req):
+    for piece in llm.stream(req):
         print(piece, end="", flush=True)
         n += 1
     print()

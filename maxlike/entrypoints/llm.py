@@ -27,8 +27,11 @@ class LLM:
     def __init__(self, pipeline_config: PipelineConfig, *, progress: bool = True) -> None:
         from maxlike.pipelines.registry import PIPELINE_REGISTRY
 
+        from maxlike.scheduler import Scheduler
+
         self.pipeline_config = pipeline_config
         self.tokenizer, self.pipeline = PIPELINE_REGISTRY.retrieve(pipeline_config, progress=progress)
+        self.scheduler = Scheduler(self.pipeline)
 
     def _requests(self, prompts, max_new_tokens, sampling_params, chat: bool) -> list[TextGenerationRequest]:
         if isinstance(prompts, str):
@@ -59,7 +62,11 @@ class LLM:
     ) -> list[TextGenerationOutput]:
         """Like `generate`, with token ids, finish reasons and log-probabilities."""
         reqs = self._requests(prompts, max_new_tokens, sampling_params, chat)
-        return self.pipeline.generate(reqs, use_tqdm=use_tqdm)
+        return self.scheduler.run(reqs, use_tqdm=use_tqdm)
+
+    def stream(self, request: TextGenerationRequest):
+        """Yield one request's text as it is generated."""
+        return self.scheduler.stream(request)
 
     def generate(
         self, prompts: str | Sequence[str], max_new_tokens: int | None = None,

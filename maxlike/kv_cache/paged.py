@@ -126,8 +126,10 @@ class PagedKVCacheManager:
         if need > 0:
             pages.extend(self.allocator.allocate(need))
 
-    def can_reserve(self, total_tokens_per_request: list[int]) -> bool:
-        return sum(self.params.pages_for(t) for t in total_tokens_per_request) <= self.allocator.free
+    def pages_short(self, request_id: str, total_tokens: int) -> int:
+        """How many more pages `request_id` needs for `total_tokens` than the pool has free (0: it fits)."""
+        need = self.params.pages_for(total_tokens) - len(self._pages[request_id])
+        return max(0, need - self.allocator.free)
 
     def release(self, request_id: str) -> None:
         self.allocator.release(self._pages.pop(request_id))

@@ -24,6 +24,7 @@ class TextContext:
     seed: int = 0
     cache_length: int = 0  # tokens already written to the KV cache
     prompt_length: int = 0
+    chunk: int | None = None  # process at most this many pending tokens next step (chunked prefill)
 
     def __post_init__(self) -> None:
         self.tokens = np.asarray(self.tokens, np.int32)
@@ -31,9 +32,15 @@ class TextContext:
             self.prompt_length = len(self.tokens)
 
     @property
+    def pending(self) -> int:
+        """Tokens not yet in the cache (1 while decoding; more before or during prefill)."""
+        return len(self.tokens) - self.cache_length
+
+    @property
     def next_tokens(self) -> np.ndarray:
-        """Tokens not yet in the cache: what the next step must process."""
-        return self.tokens[self.cache_length :]
+        """What the next step processes: the pending tokens, or the next chunk of them."""
+        end = len(self.tokens) if self.chunk is None else self.cache_length + self.chunk
+        return self.tokens[self.cache_length : end]
 
     @property
     def generated(self) -> np.ndarray:

@@ -161,9 +161,10 @@ class DecoderPipelineModel(PipelineModel[TextContext]):
         kv = self.kv_manager
         page = self.kv_params.page_size
         for ctx in batch:
-            if not kv.contains(ctx.request_id):
+            if not kv.contains(ctx.request_id):  # unmanaged use: hold pages for the whole sequence
                 kv.claim(ctx.request_id)
-            kv.reserve(ctx.request_id, ctx.max_length)
+                kv.reserve(ctx.request_id, ctx.max_length)
+            kv.reserve(ctx.request_id, ctx.cache_length + len(ctx.next_tokens))
         lengths = [len(ctx.next_tokens) for ctx in batch]
         rows = self._bucket_batch(len(batch))
         t = 1 if max(lengths) == 1 else memory.bucket(max(lengths), MIN_PREFILL_BUCKET, self.max_length)

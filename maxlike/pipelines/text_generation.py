@@ -1,19 +1,18 @@
-"""TextGenerationPipeline: MAX's loop over a batch of requests.
+"""TextGenerationPipeline: runs one scheduled batch the MAX way.
 
 prepare_initial_token_inputs -> execute -> sample (on device) ->
-prepare_next_token_inputs, `max_num_steps` steps per host transfer, until
-every row hit EOS, a stop token or its `max_new_tokens`.
+prepare_next_token_inputs, up to `max_num_steps` decode steps per host
+transfer. Which requests form a batch is the scheduler's business.
 """
 
 from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import jax
 import numpy as np
-from tqdm.auto import tqdm
 
 from maxlike.config import PipelineConfig
 from maxlike.interfaces import (
@@ -29,7 +28,9 @@ from maxlike.pipelines.model import PipelineModel
 
 
 @dataclass
-class _Row:
+class GenerationRow:
+    """One request in flight: its context, budget, stop tokens and results so far."""
+
     ctx: TextContext
     max_new: int
     stops: frozenset[int]
@@ -91,101 +92,67 @@ class TextGenerationPipeline:
         seed = params.seed if params.seed is not None else int(self._seeds.integers(0, 2**31))
         return TextContext(request.request_id, np.asarray(ids, np.int32), n + max_new, params, seed)
 
-    def _row(self, ctx: TextContext) -> _Row:
+    def row(self, request: TextGenerationRequest) -> "GenerationRow":
+        """Validate and encode a request into the state the scheduler and `execute` share."""
+        ctx = self.make_context(request)
         p = ctx.sampling_params
         stops = frozenset(p.stop_token_ids) | (frozenset() if p.ignore_eos else self.eos_token_ids)
-        return _Row(ctx, ctx.max_length - ctx.prompt_length, stops)
+        return GenerationRow(ctx, ctx.max_length - ctx.prompt_length, stops)
 
-    # -- generation --------------------------------------------------------------
-    def generate(self, requests: Sequence[TextGenerationRequest], *, use_tqdm: bool = False) -> list[TextGenerationOutput]:
-        """Run every request to completion. Each request is validated before anything runs."""
-        rows = [self._row(self.make_context(r)) for r in requests]
-        bar = tqdm(total=len(rows), desc="generating", unit="req", disable=not use_tqdm)
-        for batch in self._batches(rows):
-            for _ in self._run(batch):
-                pass
-            bar.update(len(batch))
-        bar.close()
-        return [self._output(r) for r in rows]
+    # -- one scheduled batch ---------------------------------------------------------
+    def execute(self, rows: list["GenerationRow"], num_steps: int = 1) -> None:
+        """Run one scheduled batch: a prefill step (chunks of pending prompts), or
+        `num_steps` decode steps on device followed by one host transfer.
 
-    def stream(self, request: TextGenerationRequest) -> Iterator[str]:
-        """Yield the text of one request as it is generated."""
-        row = self._row(self.make_context(request))
-        self._check_fits([row])
-        shown = ""
-        for _ in self._run([row]):
-            text = self._decode(row.ctx.generated, row)
-            if len(text) > len(shown) and not text.endswith("\ufffd"):
-                yield text[len(shown):]
-                shown = text
+        KV pages for every token written must already be reserved (the
+        scheduler does it). Rows that complete their pending tokens sample one
+        new token per step; the others only advance their cache.
+        """
+        model, session = self.model, self.model.session
+        inputs = model.prepare_initial_token_inputs([[r.ctx for r in rows]])
+        chunks = [len(r.ctx.next_tokens) for r in rows]
+        sampling_rows = [r.ctx.cache_length + n == len(r.ctx.tokens) for r, n in zip(rows, chunks)]
+        decoding = all(n == 1 for n in chunks) and all(sampling_rows)
+        steps = max(1, min(num_steps, min(r.max_new - len(r.ctx.generated) for r in rows))) if decoding else 1
+        width = inputs.tokens.shape[0]
+        params = sampling.SamplingInputs.build([r.ctx.sampling_params for r in rows], [r.ctx.seed for r in rows], width)
+        all_greedy = all(r.ctx.sampling_params.greedy for r in rows)
+        top_n = [r.ctx.sampling_params.logprobs if s else 0 for r, s in zip(rows, sampling_rows)]
+        echo = [r.ctx.sampling_params.echo and r.ctx.cache_length == 0 for r in rows]
+        pending = []
+        for _ in range(steps):
+            out = model.execute(inputs)
+            if all_greedy:
+                tokens = session.compile("sample_greedy", sampling.greedy, (out.next_token_logits,))(
+                    out.next_token_logits)
+            else:
+                positions = inputs.kv_cache_inputs.cache_lengths + inputs.input_lengths
+                args = (out.next_token_logits, params, positions)
+                tokens = session.compile("sample", sampling.sample, args)(*args)
+            if any(top_n):
+                for r, lp in zip(rows, model.compute_log_probabilities(session, inputs, out, tokens, top_n, echo)):
+                    if lp is not None:
+                        r.logprobs.append(lp)
+                echo = [False] * len(rows)
+            pending.append(tokens)
+            if steps > 1:
+                inputs = model.prepare_next_token_inputs(tokens, inputs)
+        for r, n, samples in zip(rows, chunks, sampling_rows):
+            r.ctx.chunk = None
+            if not samples:
+                r.ctx.cache_length += n
+        for step_tokens in jax.device_get(pending):
+            self._commit([r for r, s in zip(rows, sampling_rows) if s],
+                         [t for t, s in zip(step_tokens, sampling_rows) if s])
+
+    def stream_text(self, row: "GenerationRow", shown: str) -> str:
+        """The new text of `row` since `shown` (held back while a character is incomplete)."""
         text = self._decode(row.ctx.generated, row)
-        if len(text) > len(shown):
-            yield text[len(shown):]
+        if len(text) > len(shown) and (row.done or not text.endswith("\ufffd")):
+            return text[len(shown):]
+        return ""
 
-    def _check_fits(self, rows: list[_Row]) -> None:
-        kv = self.model.kv_manager
-        for r in rows:
-            if kv.params.pages_for(r.ctx.max_length) > kv.num_pages - 1:
-                raise RequestError(f"request {r.ctx.request_id} needs {kv.params.pages_for(r.ctx.max_length)} KV pages "
-                                   f"but the pool has {kv.num_pages - 1}: lower max_new_tokens or max_length.")
-
-    def _batches(self, rows: list[_Row]) -> Iterator[list[_Row]]:
-        """Consecutive groups that fit max_batch_size and the free KV pages."""
-        self._check_fits(rows)
-        kv = self.model.kv_manager
-        batch: list[_Row] = []
-        for r in rows:
-            if batch and (len(batch) == self.model.max_batch_size
-                          or not kv.can_reserve([b.ctx.max_length for b in batch + [r]])):
-                yield batch
-                batch = []
-            batch.append(r)
-        if batch:
-            yield batch
-
-    def _run(self, rows: list[_Row]) -> Iterator[None]:
-        """Generate for one batch; yields after every host transfer of new tokens."""
-        model, kv = self.model, self.model.kv_manager
-        session = model.session
-        try:
-            inputs = model.prepare_initial_token_inputs([[r.ctx for r in rows]])
-            width = inputs.tokens.shape[0]
-            params = sampling.SamplingInputs.build([r.ctx.sampling_params for r in rows], [r.ctx.seed for r in rows], width)
-            all_greedy = all(r.ctx.sampling_params.greedy for r in rows)
-            top_n = [r.ctx.sampling_params.logprobs for r in rows]
-            echo = [r.ctx.sampling_params.echo for r in rows]
-            steps = self.pipeline_config.max_num_steps
-            while True:
-                pending = []
-                for _ in range(steps):
-                    out = model.execute(inputs)
-                    if all_greedy:
-                        tokens = session.compile("sample_greedy", sampling.greedy, (out.next_token_logits,))(
-                            out.next_token_logits)
-                    else:
-                        positions = inputs.kv_cache_inputs.cache_lengths + inputs.input_lengths
-                        args = (out.next_token_logits, params, positions)
-                        tokens = session.compile("sample", sampling.sample, args)(*args)
-                    if any(top_n):
-                        for r, lp in zip(rows, model.compute_log_probabilities(session, inputs, out, tokens, top_n, echo)):
-                            if lp is not None:
-                                r.logprobs.append(lp)
-                        echo = [False] * len(rows)  # only the prompt step echoes
-                    pending.append(tokens)
-                    inputs = model.prepare_next_token_inputs(tokens, inputs)
-                    if len(pending) >= min(r.max_new - len(r.ctx.generated) for r in rows if not r.done):
-                        break
-                for step_tokens in jax.device_get(pending):
-                    self._commit(rows, step_tokens)
-                yield
-                if all(r.done for r in rows):
-                    return
-        finally:
-            for r in rows:
-                if kv.contains(r.ctx.request_id):
-                    kv.release(r.ctx.request_id)
-
-    def _commit(self, rows: list[_Row], tokens: np.ndarray) -> None:
+    def _commit(self, rows: list["GenerationRow"], tokens) -> None:
         for r, tok in zip(rows, tokens):
             if r.done:
                 continue
@@ -197,13 +164,13 @@ class TextGenerationPipeline:
             elif len(ctx.generated) >= r.max_new:
                 r.done, r.finish_reason = True, "length"
 
-    def _decode(self, ids: np.ndarray, row: _Row) -> str:
+    def _decode(self, ids: np.ndarray, row: "GenerationRow") -> str:
         ids = [int(t) for t in ids]
         if row.finish_reason == "stop" and ids and ids[-1] in row.stops:
             ids = ids[:-1]
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
-    def _output(self, row: _Row) -> TextGenerationOutput:
+    def output(self, row: "GenerationRow") -> TextGenerationOutput:
         ctx = row.ctx
         return TextGenerationOutput(
             request_id=ctx.request_id, text=self._decode(ctx.generated, row),

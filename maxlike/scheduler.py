@@ -1,0 +1,192 @@
+"""Continuous batching: admission, chunked prefill, incremental KV pages, preemption.
+
+Requests join and leave at any step. Each step is either a prefill step
+(chunks of pending prompts under a token budget) or a decode step over every
+running request (`max_num_steps` tokens per host call). KV pages are claimed as
+sequences grow; when the pool runs dry the newest request is preempted (its
+pages freed) and later recomputed from its tokens so far, which gives the same
+output: sampling keys depend only on (seed, position).
+"""
+
+from __future__ import annotations
+
+import collections
+from dataclasses import dataclass
+from typing import Iterable, Iterator
+
+from tqdm.auto import tqdm
+
+from maxlike.interfaces import RequestError, TextGenerationOutput, TextGenerationRequest
+from maxlike.pipelines.text_generation import GenerationRow, TextGenerationPipeline
+
+
+@dataclass
+class SchedulerStats:
+    steps: int = 0
+    prefill_steps: int = 0
+    decode_steps: int = 0
+    prefill_tokens: int = 0  # prompt tokens computed (recomputation after preemption included)
+    decode_tokens: int = 0
+    preemptions: int = 0
+
+
+class Scheduler:
+    def __init__(self, pipeline: TextGenerationPipeline, *, prefill_chunk_size: int | None = None,
+                 max_num_steps: int | None = None) -> None:
+        config = pipeline.pipeline_config
+        self.pipeline = pipeline
+        self.kv = pipeline.model.kv_manager
+        self.max_batch_size = pipeline.model.max_batch_size
+        self.prefill_chunk_size = prefill_chunk_size or config.prefill_chunk_size
+        self.max_num_steps = max_num_steps or config.max_num_steps
+        self.waiting: collections.deque[GenerationRow] = collections.deque()
+        self.running: list[GenerationRow] = []
+        self.stats = SchedulerStats()
+        self._arrival: dict[str, int] = {}
+        self._next_arrival = 0
+
+    # -- requests ------------------------------------------------------------------
+    def add(self, request: TextGenerationRequest) -> GenerationRow:
+        """Validate and queue a request; one that can never run is rejected here, alone."""
+        return self._enqueue(self.check(request))
+
+    def check(self, request: TextGenerationRequest) -> GenerationRow:
+        """Encode and validate a request (RequestError naming the fix if it can never run)."""
+        row = self.pipeline.row(request)
+        ctx = row.ctx
+        if ctx.request_id in self._arrival:
+            raise RequestError(f"request id {ctx.request_id!r} is already in flight.")
+        # prompt + max_new_tokens <= max_length was checked, and the pool holds one max_length
+        # sequence (the model refuses to build otherwise): every valid request fits alone.
+        if ctx.sampling_params.echo and ctx.prompt_length > self.prefill_chunk_size:
+            raise RequestError(f"request {ctx.request_id}: echo needs the whole prompt ({ctx.prompt_length} tokens) in "
+                               f"one prefill chunk (prefill_chunk_size={self.prefill_chunk_size}).")
+        return row
+
+    def _enqueue(self, row: GenerationRow) -> GenerationRow:
+        self._arrival[row.ctx.request_id] = self._next_arrival
+        self._next_arrival += 1
+        self.waiting.append(row)
+        return row
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    # -- one step ------------------------------------------------------------------
+    def step(self) -> list[GenerationRow]:
+        """Admit, pick a batch, run it. Returns the rows that ran (some may have finished)."""
+        self._admit()
+        prefill = [r for r in self.running if r.ctx.pending > 1]
+        batch = self._prefill_batch(prefill) if prefill else self._decode_batch()
+        if not batch:
+            return []
+        decoding = not prefill
+        if decoding:
+            steps = min(self.max_num_steps, min(r.max_new - len(r.ctx.generated) for r in batch))
+        else:
+            steps = 1
+            self.stats.prefill_tokens += sum(r.ctx.chunk or r.ctx.pending for r in batch)
+        before = [len(r.ctx.generated) for r in batch]
+        self.pipeline.execute(batch, steps)
+        self.stats.steps += 1
+        self.stats.prefill_steps += not decoding
+        self.stats.decode_steps += steps if decoding else 0
+        self.stats.decode_tokens += sum(len(r.ctx.generated) - b for r, b in zip(batch, before)) if decoding else 0
+        for r in batch:
+            if r.done:
+                self._finish(r)
+        return batch
+
+    def _admit(self) -> None:
+        """Waiting -> running, oldest first, while there are rows and pages for its pending tokens."""
+        while self.waiting and len(self.running) < self.max_batch_size:
+            row = self.waiting[0]
+            if self.kv.params.pages_for(row.ctx.pending) > self.kv.free_pages:
+                break
+            self.waiting.popleft()
+            self.kv.claim(row.ctx.request_id)
+            self.running.append(row)
+
+    def _prefill_batch(self, rows: list[GenerationRow]) -> list[GenerationRow]:
+        batch, budget = [], self.prefill_chunk_size
+        for row in rows:
+            if budget == 0 or len(batch) == self.max_batch_size:
+                break
+            if row not in self.running:  # preempted by an earlier row's reservation
+                continue
+            n = min(row.ctx.pending, budget)
+            if not self._reserve(row, row.ctx.cache_length + n):
+                continue
+            row.ctx.chunk = n
+            batch.append(row)
+            budget -= n
+        return [r for r in batch if r in self.running]  # a later reservation may have preempted an earlier row
+
+    def _decode_batch(self) -> list[GenerationRow]:
+        steps = self.max_num_steps
+        for row in list(self.running):
+            if row in self.running:
+                ahead = min(steps, row.max_new - len(row.ctx.generated))
+                self._reserve(row, row.ctx.cache_length + ahead)
+        return list(self.running)
+
+    def _reserve(self, row: GenerationRow, total_tokens: int) -> bool:
+        """Pages for `total_tokens` of `row`, preempting the newest requests if needed."""
+        rid = row.ctx.request_id
+        while self.kv.pages_short(rid, total_tokens):
+            victim = max(self.running, key=lambda r: self._arrival[r.ctx.request_id])
+            self._preempt(victim)
+            if victim is row:
+                return False
+        self.kv.reserve(rid, total_tokens)
+        return True
+
+    def _preempt(self, row: GenerationRow) -> None:
+        self.running.remove(row)
+        self.kv.release(row.ctx.request_id)
+        row.ctx.cache_length, row.ctx.chunk = 0, None  # recompute from its tokens so far
+        self.waiting.appendleft(row)
+        self.stats.preemptions += 1
+
+    def _finish(self, row: GenerationRow) -> None:
+        self.running.remove(row)
+        self.kv.release(row.ctx.request_id)
+        del self._arrival[row.ctx.request_id]
+
+    # -- drivers -------------------------------------------------------------------
+    def run(self, requests: Iterable[TextGenerationRequest], *, use_tqdm: bool = False) -> list[TextGenerationOutput]:
+        """Every request to completion; each is validated before anything runs."""
+        rows = [self.check(r) for r in requests]  # all valid before any is queued
+        rows = [self._enqueue(r) for r in rows]
+        bar = tqdm(total=len(rows), desc="generating", unit="req", disable=not use_tqdm)
+        try:
+            while self.has_work:
+                for r in self.step():
+                    if r.done:
+                        bar.update(1)
+        finally:
+            bar.close()
+            self._drop_all()
+        return [self.pipeline.output(r) for r in rows]
+
+    def stream(self, request: TextGenerationRequest) -> Iterator[str]:
+        """Yield one request's text as it is generated."""
+        row = self.add(request)
+        shown = ""
+        try:
+            while not row.done:
+                self.step()
+                piece = self.pipeline.stream_text(row, shown)
+                if piece:
+                    shown += piece
+                    yield piece
+        finally:
+            self._drop_all()
+
+    def _drop_all(self) -> None:
+        """After an error or an abandoned stream: free every page so the next call starts clean."""
+        for row in list(self.running):
+            self._finish(row)
+        self.waiting.clear()
+        self._arrival.clear()

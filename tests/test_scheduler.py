@@ -1,0 +1,69 @@
+"""Continuous batching: preemption under a small KV pool, chunked prefill, admission errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from conftest import random_prompt
+from maxlike.entrypoints import LLM
+from maxlike.interfaces import RequestError, SamplingParams, TextGenerationRequest
+from maxlike.pipelines import PipelineConfig
+
+PAGE_BYTES_TINY = 2 * 2 * 16 * 2 * 16 * 4  # K+V x layers x page tokens x kv heads x head dim x fp32
+
+
+def small_pool_llm(path, pages: int, **kw) -> LLM:
+    gib = (pages + 1.5) * PAGE_BYTES_TINY / 2**30  # usable pages + the null page
+    return LLM(PipelineConfig(model_path=path, max_length=128, max_batch_size=8, host_kv_cache_memory_gib=gib, **kw),
+               progress=False)
+
+
+def test_many_requests_through_a_small_pool_equal_each_alone(tiny_llama, tiny_llm):
+    rng = np.random.default_rng(0)
+    prompts = [random_prompt(int(rng.integers(1, 60)), seed=i).tolist() for i in range(64)]
+    params = [SamplingParams(top_k=1, ignore_eos=True, max_new_tokens=int(rng.integers(1, 40))) for _ in prompts]
+    llm = small_pool_llm(tiny_llama[0], pages=24, max_num_steps=4)  # room for ~3 of 8 rows at full length
+    assert llm.pipeline.model.kv_manager.num_pages == 25
+    outs = llm.generate_outputs(prompts, sampling_params=params, use_tqdm=False)
+    stats = llm.scheduler.stats
+    assert stats.preemptions > 0, "the pool was too small for the load"
+    for prompt, p, out in zip(prompts, params, outs):
+        alone = tiny_llm.generate_outputs([prompt], sampling_params=[p], use_tqdm=False)[0]
+        assert out.token_ids == alone.token_ids
+        assert len(out.token_ids) == p.max_new_tokens
+    kv = llm.pipeline.model.kv_manager
+    assert kv.free_pages == kv.num_pages - 1, "every page came back"
+
+
+def test_chunked_prefill_gives_the_same_logits(tiny_llama):
+    from maxlike.interfaces import LogProbabilities  # noqa: F401  (the logprobs type checked below)
+
+    prompt = random_prompt(100, seed=7).tolist()
+    params = SamplingParams(top_k=1, max_new_tokens=6, logprobs=5, ignore_eos=True)
+    results = []
+    for chunk in (8192, 16):
+        llm = LLM(PipelineConfig(model_path=tiny_llama[0], max_length=128, max_batch_size=4, prefill_chunk_size=chunk),
+                  progress=False)
+        results.append(llm.generate_outputs([prompt], sampling_params=params, use_tqdm=False)[0])
+        assert llm.scheduler.stats.prefill_steps == (1 if chunk > 100 else 7)
+    whole, chunked = results
+    assert whole.token_ids == chunked.token_ids
+    for a, b in zip(whole.log_probabilities, chunked.log_probabilities):
+        assert abs(a.token_log_probabilities[0] - b.token_log_probabilities[0]) < 1e-5
+        for t, v in a.top_log_probabilities[0].items():
+            assert abs(b.top_log_probabilities[0][t] - v) < 1e-5
+
+
+def test_a_request_that_can_never_fit_is_rejected_alone(tiny_llama):
+    llm = small_pool_llm(tiny_llama[0], pages=8)  # one max_length sequence
+    sched = llm.scheduler
+    ok = [sched.add(TextGenerationRequest(f"ok{i}", prompt="hello", sampling_params=SamplingParams(
+        top_k=1, max_new_tokens=8))) for i in range(3)]
+    with pytest.raises(RequestError, match=r"exceeds max_length \(128\)"):
+        sched.add(TextGenerationRequest("long", prompt="x" * 100, sampling_params=SamplingParams(max_new_tokens=50)))
+    with pytest.raises(RequestError, match="already in flight"):
+        sched.add(TextGenerationRequest("ok1", prompt="again"))
+    while sched.has_work:
+        sched.step()
+    assert all(r.done and len(r.ctx.generated) >= 1 for r in ok)
