@@ -102,11 +102,6 @@ class KVCacheConfig:
         )
         _check(self.cache_dtype in _DTYPES, f"cache_dtype={self.cache_dtype!r}: use one of {_DTYPES}.")
         _check(self.host_kv_cache_memory_gib > 0, "host_kv_cache_memory_gib must be > 0.")
-        if self.enable_prefix_caching:
-            raise NotImplementedError(
-                "enable_prefix_caching: the prefix cache is not built yet (serving-core issue); "
-                "leave it False."
-            )
 
 
 @dataclass(frozen=True)

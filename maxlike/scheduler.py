@@ -89,6 +89,8 @@ class Scheduler:
             self.stats.prefill_tokens += sum(r.ctx.chunk or r.ctx.pending for r in batch)
         before = [len(r.ctx.generated) for r in batch]
         self.pipeline.execute(batch, steps)
+        for r in batch:
+            self.kv.commit(r.ctx.request_id, r.ctx.tokens, r.ctx.cache_length)
         self.stats.steps += 1
         self.stats.prefill_steps += not decoding
         self.stats.decode_steps += steps if decoding else 0
@@ -102,10 +104,13 @@ class Scheduler:
         """Waiting -> running, oldest first, while there are rows and pages for its pending tokens."""
         while self.waiting and len(self.running) < self.max_batch_size:
             row = self.waiting[0]
-            if self.kv.params.pages_for(row.ctx.pending) > self.kv.free_pages:
+            ctx = row.ctx
+            ctx.cache_length = self.kv.claim(ctx.request_id, ctx.tokens)  # > 0 on a prefix-cache hit
+            if self.kv.pages_short(ctx.request_id, len(ctx.tokens)):
+                self.kv.release(ctx.request_id)
+                ctx.cache_length = 0
                 break
             self.waiting.popleft()
-            self.kv.claim(row.ctx.request_id)
             self.running.append(row)
 
     def _prefill_batch(self, rows: list[GenerationRow]) -> list[GenerationRow]:

@@ -64,8 +64,6 @@ def test_model_path_missing_or_not_a_model(tmp_path):
 def test_unbuilt_features_fail_clearly(tiny_llama):
     with pytest.raises(NotImplementedError, match="LoRA adapters are not built yet"):
         PipelineConfig(model_path=tiny_llama[0], enable_lora=True)
-    with pytest.raises(NotImplementedError, match="prefix cache is not built yet"):
-        PipelineConfig(model_path=tiny_llama[0], enable_prefix_caching=True)
 
 
 def test_upper_bounded_default_has_max_semantics():

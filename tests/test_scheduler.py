@@ -19,11 +19,15 @@ def small_pool_llm(path, pages: int, **kw) -> LLM:
                progress=False)
 
 
-def test_many_requests_through_a_small_pool_equal_each_alone(tiny_llama, tiny_llm):
+@pytest.mark.parametrize("caching", [False, True])
+def test_many_requests_through_a_small_pool_equal_each_alone(tiny_llama, tiny_llm, caching):
     rng = np.random.default_rng(0)
-    prompts = [random_prompt(int(rng.integers(1, 60)), seed=i).tolist() for i in range(64)]
-    params = [SamplingParams(top_k=1, ignore_eos=True, max_new_tokens=int(rng.integers(1, 40))) for _ in prompts]
-    llm = small_pool_llm(tiny_llama[0], pages=24, max_num_steps=4)  # room for ~3 of 8 rows at full length
+    shared = random_prompt(40, seed=99).tolist()  # some prompts share a prefix: hits, then eviction
+    prompts = [(shared if i % 3 == 0 else []) + random_prompt(int(rng.integers(1, 60)), seed=i).tolist()
+               for i in range(64)]
+    params = [SamplingParams(top_k=1, ignore_eos=True, max_new_tokens=int(rng.integers(1, 30))) for _ in prompts]
+    llm = small_pool_llm(tiny_llama[0], pages=24, max_num_steps=4,  # room for ~3 of 8 rows at full length
+                         enable_prefix_caching=caching)
     assert llm.pipeline.model.kv_manager.num_pages == 25
     outs = llm.generate_outputs(prompts, sampling_params=params, use_tqdm=False)
     stats = llm.scheduler.stats
@@ -34,6 +38,8 @@ def test_many_requests_through_a_small_pool_equal_each_alone(tiny_llama, tiny_ll
         assert len(out.token_ids) == p.max_new_tokens
     kv = llm.pipeline.model.kv_manager
     assert kv.free_pages == kv.num_pages - 1, "every page came back"
+    if caching:
+        assert kv.prefix_cache.stats.hit_rate > 0
 
 
 def test_chunked_prefill_gives_the_same_logits(tiny_llama):
@@ -67,3 +73,21 @@ def test_a_request_that_can_never_fit_is_rejected_alone(tiny_llama):
     while sched.has_work:
         sched.step()
     assert all(r.done and len(r.ctx.generated) >= 1 for r in ok)
+
+
+def test_prefix_caching_shares_a_system_prompt(tiny_llama):
+    system = random_prompt(70, seed=11).tolist()  # 4 full pages of 16 tokens shared
+    prompts = [system + random_prompt(int(n), seed=100 + i).tolist() for i, n in enumerate([3, 9, 20, 5, 12, 7])]
+    params = SamplingParams(top_k=1, max_new_tokens=12, ignore_eos=True)
+    runs = {}
+    for caching in (False, True):
+        llm = LLM(PipelineConfig(model_path=tiny_llama[0], max_length=128, max_batch_size=2,
+                                 enable_prefix_caching=caching), progress=False)
+        outs = llm.generate_outputs(prompts, sampling_params=params, use_tqdm=False)
+        runs[caching] = ([o.token_ids for o in outs], llm.scheduler.stats.prefill_tokens, llm.pipeline.model.kv_manager)
+    assert runs[True][0] == runs[False][0], "same outputs with and without prefix caching"
+    assert runs[True][1] < runs[False][1], "fewer prefill tokens computed"
+    kv = runs[True][2]
+    assert kv.prefix_cache.stats.hit_rate > 0
+    assert kv.pages_in_use == 0 and kv.free_pages == kv.num_pages - 1
+    print(f"prefill tokens {runs[False][1]} -> {runs[True][1]}, hit rate {kv.prefix_cache.stats.hit_rate:.2f}")

@@ -17,6 +17,7 @@ import numpy as np
 from flax import struct
 from jax.sharding import Mesh
 
+from maxlike.kv_cache.prefix_cache import PrefixCache
 from maxlike.sharding import named_sharding
 
 NULL_PAGE = 0
@@ -76,19 +77,24 @@ class BlockAllocator:
 class PagedKVCacheManager:
     """Owns the pool arrays and which pages each request holds.
 
-    claim(request_id) -> reserve(request_id, total_tokens) -> (steps) -> release(request_id).
+    claim(request_id, tokens) -> reserve(request_id, total_tokens) -> (steps,
+    commit(request_id, tokens, cache_length)) -> release(request_id).
     How many tokens are written is the caller's (the context's `cache_length`).
     The pool is donated to every compiled step; `pool` is replaced by the step's output.
+    With prefix caching, `claim` returns how many leading tokens are already cached.
     """
 
-    def __init__(self, params: KVCacheParams, num_pages: int, mesh: Mesh, allocate: bool = True):
+    def __init__(self, params: KVCacheParams, num_pages: int, mesh: Mesh, allocate: bool = True,
+                 enable_prefix_caching: bool = False):
         if num_pages < 2:
             raise ValueError("the KV pool needs at least 2 pages (page 0 is reserved).")
         self.params = params
         self.num_pages = num_pages
         self.mesh = mesh
         self.allocator = BlockAllocator(num_pages)
+        self.prefix_cache = PrefixCache() if enable_prefix_caching else None
         self._pages: dict[str, list[int]] = {}
+        self._chain: dict[str, tuple[int, int]] = {}  # request -> (pages registered, key id of the last)
         self.pool: list[tuple[jax.Array, jax.Array]] | None = self._allocate_pool() if allocate else None
 
     @property
@@ -111,10 +117,16 @@ class PagedKVCacheManager:
         return [(zeros(), zeros()) for _ in range(self.params.num_layers)]
 
     # -- bookkeeping -------------------------------------------------------
-    def claim(self, request_id: str) -> None:
+    def claim(self, request_id: str, tokens=None) -> int:
+        """Start holding pages for `request_id`; returns the number of leading
+        `tokens` whose keys and values are already cached (0 without prefix caching)."""
         if request_id in self._pages:
             raise ValueError(f"request {request_id!r} already holds KV pages.")
-        self._pages[request_id] = []
+        pages, last = ([], 0) if self.prefix_cache is None or tokens is None else \
+            self.prefix_cache.match(tokens, self.params.page_size)
+        self._pages[request_id] = pages
+        self._chain[request_id] = (len(pages), last)
+        return len(pages) * self.params.page_size
 
     def contains(self, request_id: str) -> bool:
         return request_id in self._pages
@@ -124,15 +136,38 @@ class PagedKVCacheManager:
         pages = self._pages[request_id]
         need = self.params.pages_for(total_tokens) - len(pages)
         if need > 0:
+            short = need - self.allocator.free
+            if short > 0 and self.prefix_cache is not None and short <= self.prefix_cache.evictable:
+                self.allocator.release(self.prefix_cache.evict(short))
             pages.extend(self.allocator.allocate(need))
 
     def pages_short(self, request_id: str, total_tokens: int) -> int:
-        """How many more pages `request_id` needs for `total_tokens` than the pool has free (0: it fits)."""
+        """How many more pages `request_id` needs for `total_tokens` than the pool can give (0: it fits)."""
         need = self.params.pages_for(total_tokens) - len(self._pages[request_id])
-        return max(0, need - self.allocator.free)
+        return max(0, need - self.free_pages)
+
+    def commit(self, request_id: str, tokens, cache_length: int) -> None:
+        """`cache_length` tokens of `request_id` are now written: offer its full pages to the prefix cache."""
+        if self.prefix_cache is None:
+            return
+        done, key = self._chain[request_id]
+        page_size, pages = self.params.page_size, self._pages[request_id]
+        for i in range(done, cache_length // page_size):
+            key = self.prefix_cache.register(key, tuple(int(t) for t in tokens[i * page_size : (i + 1) * page_size]),
+                                             pages[i])
+            done = i + 1
+        self._chain[request_id] = (done, key)
 
     def release(self, request_id: str) -> None:
-        self.allocator.release(self._pages.pop(request_id))
+        pages = self._pages.pop(request_id)
+        del self._chain[request_id]
+        cache = self.prefix_cache
+        private = [p for p in pages if cache is None or not cache.owns(p)]
+        if cache is not None:
+            for p in pages:
+                if cache.owns(p):
+                    cache.drop_ref(p)
+        self.allocator.release(private)
 
     def page_table(self, request_ids: list[str | None], width: int) -> np.ndarray:
         """[len(request_ids), width] page ids; None rows (padding) point at the null page."""
@@ -148,4 +183,9 @@ class PagedKVCacheManager:
 
     @property
     def free_pages(self) -> int:
-        return self.allocator.free
+        """Pages a request could get now: free ones plus cached pages nobody holds."""
+        return self.allocator.free + (self.prefix_cache.evictable if self.prefix_cache else 0)
+
+    @property
+    def pages_in_use(self) -> int:
+        return self.num_pages - 1 - self.free_pages

@@ -74,7 +74,8 @@ class DecoderPipelineModel(PipelineModel[TextContext]):
             for name in tqdm(specs, desc="placing weights", unit="tensor", disable=not progress)
         }
         del host
-        self.kv_manager = PagedKVCacheManager(self.kv_params, num_pages, mesh)
+        self.kv_manager = PagedKVCacheManager(self.kv_params, num_pages, mesh,
+                                              enable_prefix_caching=kv_cache_config.enable_prefix_caching)
         self._replicated = replicated(mesh)
 
     # -- sizing ----------------------------------------------------------
