@@ -137,6 +137,8 @@ class PipelineConfig:
     max_batch_size: int | None = None
     max_num_steps: int = 1
     prefill_chunk_size: int = 8192  # prompt tokens per prefill step (MAX's default)
+    warmup: bool = False  # compile every bucket at load (with a progress bar)
+    forbid_compile: bool = False  # after warm-up, any compile is an error
     seed: int = 0
 
     def __init__(self, **kwargs: Any) -> None:
@@ -181,6 +183,8 @@ class PipelineConfig:
             isinstance(self.prefill_chunk_size, int) and self.prefill_chunk_size >= 1,
             f"prefill_chunk_size must be a positive integer, got {self.prefill_chunk_size!r}.",
         )
+        _check(self.warmup or not self.forbid_compile,
+               "forbid_compile needs warmup=True: without a warm-up the first request must compile.")
 
     def replace(self, **kwargs: Any) -> "PipelineConfig":
         """A copy with some fields changed (flat names allowed)."""

@@ -121,6 +121,8 @@ class Scheduler:
             if row not in self.running:  # preempted by an earlier row's reservation
                 continue
             n = min(row.ctx.pending, budget)
+            if not self.pipeline.model.prefill_fits(len(batch) + 1, max([n] + [r.ctx.chunk for r in batch])):
+                break
             if not self._reserve(row, row.ctx.cache_length + n):
                 continue
             row.ctx.chunk = n

@@ -91,3 +91,26 @@ def test_prefix_caching_shares_a_system_prompt(tiny_llama):
     assert kv.prefix_cache.stats.hit_rate > 0
     assert kv.pages_in_use == 0 and kv.free_pages == kv.num_pages - 1
     print(f"prefill tokens {runs[False][1]} -> {runs[True][1]}, hit rate {kv.prefix_cache.stats.hit_rate:.2f}")
+
+
+def test_forbid_compile_after_warmup_with_a_mixed_workload(tiny_llama):
+    from maxlike.engine.session import CompileForbiddenError
+
+    llm = LLM(PipelineConfig(model_path=tiny_llama[0], max_length=128, max_batch_size=4, prefill_chunk_size=64,
+                             max_num_steps=3, warmup=True, forbid_compile=True), progress=False)
+    session = llm.pipeline.model.session
+    warm = session.stats.compiled
+    assert warm == len(llm.pipeline.model.step_buckets()) + 2 * 3 + 4 * 3  # steps, samplers, prepare_next
+    rng = np.random.default_rng(1)
+    prompts, params = [], []
+    for i in range(200):
+        prompts.append(random_prompt(int(rng.integers(1, 110)), seed=i).tolist())
+        greedy = i % 2 == 0
+        params.append(SamplingParams(top_k=1 if greedy else int(rng.integers(0, 50)), temperature=0.9,
+                                     top_p=float(rng.uniform(0.5, 1.0)), seed=i,
+                                     max_new_tokens=int(rng.integers(1, 128 - len(prompts[-1]) + 1))))
+    outs = llm.generate_outputs(prompts, sampling_params=params, use_tqdm=False)
+    assert session.stats.compiled == warm, "nothing compiled after warm-up"
+    assert all(1 <= len(o.token_ids) <= p.max_new_tokens for o, p in zip(outs, params))
+    with pytest.raises(CompileForbiddenError, match="after warm-up"):
+        session.compile("other", lambda x: x + 1, (np.zeros(3),))

@@ -147,9 +147,38 @@ class DecoderPipelineModel(PipelineModel[TextContext]):
         batch = self.pipeline_config.max_batch_size or min(DEFAULT_MAX_BATCH, (budget_pages - 1) // pages_per_seq)
         return params, batch, min(budget_pages, batch * pages_per_seq + 1)
 
-    # -- input preparation ------------------------------------------------
+    # -- buckets ----------------------------------------------------------
+    # Decode steps are bucketed by (rows, page-table width); prefill steps by
+    # (rows, tokens) and always see the full width, so the two sets add up
+    # instead of multiplying. Prefill rows x tokens stay within the chunk budget.
     def _bucket_batch(self, n: int) -> int:
         return memory.bucket(n, 1, self.max_batch_size)
+
+    def _bucket_tokens(self, n: int) -> int:
+        return 1 if n == 1 else memory.bucket(n, MIN_PREFILL_BUCKET, self._max_prefill_tokens)
+
+    @property
+    def _max_prefill_tokens(self) -> int:
+        return memory.next_pow2(max(MIN_PREFILL_BUCKET, min(self.max_length, self.pipeline_config.prefill_chunk_size)))
+
+    @property
+    def _max_width(self) -> int:
+        return memory.next_pow2(self.kv_params.pages_for(self.max_length))
+
+    def prefill_fits(self, rows: int, max_tokens: int) -> bool:
+        """Whether a prefill batch of `rows` rows, the longest `max_tokens`, stays in a bucket."""
+        return self._bucket_batch(rows) * self._bucket_tokens(max_tokens) <= self._max_prefill_tokens
+
+    def step_buckets(self) -> list[tuple[int, int, int]]:
+        """Every (rows, tokens, page-table width) a step can be compiled for: known at setup."""
+        batches = [b for b in (2**i for i in range(self._bucket_batch(self.max_batch_size).bit_length()))]
+        widths = [2**i for i in range(self._max_width.bit_length())]
+        tokens = [t for t in (2**i for i in range(self._max_prefill_tokens.bit_length())) if t >= MIN_PREFILL_BUCKET]
+        decode = [(b, 1, w) for b in batches for w in widths]
+        prefill = [(b, t, self._max_width) for b in batches for t in tokens if b * t <= self._max_prefill_tokens]
+        return decode + prefill
+
+    # -- input preparation ------------------------------------------------
 
     def prepare_initial_token_inputs(self, replica_batches: Sequence[Sequence[TextContext]],
                                      kv_cache_inputs: KVCacheInputs | None = None,
@@ -168,8 +197,12 @@ class DecoderPipelineModel(PipelineModel[TextContext]):
             kv.reserve(ctx.request_id, ctx.cache_length + len(ctx.next_tokens))
         lengths = [len(ctx.next_tokens) for ctx in batch]
         rows = self._bucket_batch(len(batch))
-        t = 1 if max(lengths) == 1 else memory.bucket(max(lengths), MIN_PREFILL_BUCKET, self.max_length)
-        width = memory.bucket(max(kv.num_pages_of(c.request_id) for c in batch), 1, kv.params.pages_for(self.max_length))
+        if max(lengths) > self._max_prefill_tokens:
+            raise ValueError(f"a step processes at most {self._max_prefill_tokens} tokens per row, got {max(lengths)}: "
+                             "chunk the prompt (TextContext.chunk) or raise prefill_chunk_size.")
+        t = self._bucket_tokens(max(lengths))
+        width = self._max_width if t > 1 else memory.bucket(max(kv.num_pages_of(c.request_id) for c in batch), 1,
+                                                             self._max_width)
         if self.return_logits == ReturnLogits.ALL:
             n_logits = t
         elif self.return_logits == ReturnLogits.VARIABLE:
@@ -204,11 +237,21 @@ class DecoderPipelineModel(PipelineModel[TextContext]):
             request_ids=tuple(ids), logit_counts=tuple(counts),
         )
 
+    def zero_inputs(self, rows: int, tokens: int, width: int) -> ModelInputs:
+        """Inputs of one bucket that touch only the null page (for warm-up)."""
+        n_logits = tokens if self.return_logits == ReturnLogits.ALL else 1
+        put = partial(jax.device_put, device=self._replicated)
+        z = lambda *shape: put(np.zeros(shape, np.int32))  # noqa: E731
+        return ModelInputs(tokens=z(rows, tokens), positions=z(rows, tokens), slots=z(rows, tokens),
+                           logit_indices=z(rows, n_logits), input_lengths=z(rows),
+                           kv_cache_inputs=KVCacheInputs(page_table=z(rows, width), cache_lengths=z(rows)))
+
     def prepare_next_token_inputs(self, next_tokens: jax.Array, prev_model_inputs: ModelInputs) -> ModelInputs:
         prev = prev_model_inputs
         args = (next_tokens, prev.arrays())
         key = (next_tokens.shape, tuple((k, v.shape) for k, v in args[1].items()))
-        exe = self.session.compile("prepare_next", partial(_next_inputs, self.kv_params.page_size), args, key=key)
+        exe = self.session.compile("prepare_next", partial(_next_inputs, self.kv_params.page_size), args, key=key,
+                                   out_shardings=self._replicated)  # the same shardings as prepare_initial's
         arrays = exe(*args)
         return ModelInputs(
             tokens=arrays["tokens"], positions=arrays["positions"], slots=arrays["slots"],

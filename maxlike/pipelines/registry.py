@@ -62,7 +62,11 @@ class PipelineRegistry:
             pipeline_config, session, session.devices, pipeline_config.kv_cache, None, arch.graph, return_logits,
             progress=progress,
         )
-        return tokenizer, TextGenerationPipeline(pipeline_config, model, tokenizer)
+        pipeline = TextGenerationPipeline(pipeline_config, model, tokenizer)
+        if pipeline_config.warmup:
+            pipeline.warmup(progress=progress)
+            session.forbid_compile = pipeline_config.forbid_compile
+        return tokenizer, pipeline
 
 
 def _build_registry() -> PipelineRegistry:

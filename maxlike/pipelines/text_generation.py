@@ -12,7 +12,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+from tqdm.auto import tqdm
 
 from maxlike.config import PipelineConfig
 from maxlike.interfaces import (
@@ -122,13 +124,7 @@ class TextGenerationPipeline:
         pending = []
         for _ in range(steps):
             out = model.execute(inputs)
-            if all_greedy:
-                tokens = session.compile("sample_greedy", sampling.greedy, (out.next_token_logits,))(
-                    out.next_token_logits)
-            else:
-                positions = inputs.kv_cache_inputs.cache_lengths + inputs.input_lengths
-                args = (out.next_token_logits, params, positions)
-                tokens = session.compile("sample", sampling.sample, args)(*args)
+            tokens = self._sample(out, inputs, None if all_greedy else params)
             if any(top_n):
                 for r, lp in zip(rows, model.compute_log_probabilities(session, inputs, out, tokens, top_n, echo)):
                     if lp is not None:
@@ -144,6 +140,30 @@ class TextGenerationPipeline:
         for step_tokens in jax.device_get(pending):
             self._commit([r for r, s in zip(rows, sampling_rows) if s],
                          [t for t, s in zip(step_tokens, sampling_rows) if s])
+
+    def _sample(self, out, inputs, params: sampling.SamplingInputs | None) -> jax.Array:
+        """Next tokens on device: argmax when every row is greedy (params None), else the full sampler."""
+        session = self.model.session
+        if params is None:
+            return session.compile("sample_greedy", sampling.greedy, (out.next_token_logits,))(out.next_token_logits)
+        positions = inputs.kv_cache_inputs.cache_lengths + inputs.input_lengths
+        args = (out.next_token_logits, params, positions)
+        return session.compile("sample", sampling.sample, args)(*args)
+
+    def warmup(self, *, progress: bool = True) -> None:
+        """Compile (and run once, on the null page) every executable of the bucket set."""
+        model = self.model
+        sampled: set[int] = set()
+        for rows, tokens, width in tqdm(model.step_buckets(), desc="compiling", unit="bucket", disable=not progress):
+            inputs = model.zero_inputs(rows, tokens, width)
+            out = model.execute(inputs)
+            if rows not in sampled:
+                sampled.add(rows)
+                self._sample(out, inputs, None)
+                self._sample(out, inputs, sampling.SamplingInputs.build([], [], rows))
+            if tokens == 1 and self.pipeline_config.max_num_steps > 1:
+                model.prepare_next_token_inputs(jnp.zeros((rows,), jnp.int32), inputs)
+        jax.block_until_ready(model.kv_manager.pool)
 
     def stream_text(self, row: "GenerationRow", shown: str) -> str:
         """The new text of `row` since `shown` (held back while a character is incomplete)."""
