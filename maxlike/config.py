@@ -135,7 +135,7 @@ class PipelineConfig:
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     max_batch_size: int | None = None
-    max_num_steps: int = 1
+    max_num_steps: int | None = None  # decode steps per host call; None: 1 on CPU, 10 on accelerators
     prefill_chunk_size: int = 8192  # prompt tokens per prefill step (MAX's default)
     warmup: bool = False  # compile every bucket at load (with a progress bar)
     forbid_compile: bool = False  # after warm-up, any compile is an error
@@ -176,7 +176,7 @@ class PipelineConfig:
                 f"max_batch_size must be a positive integer, got {self.max_batch_size!r}.",
             )
         _check(
-            isinstance(self.max_num_steps, int) and self.max_num_steps >= 1,
+            self.max_num_steps is None or (isinstance(self.max_num_steps, int) and self.max_num_steps >= 1),
             f"max_num_steps must be a positive integer, got {self.max_num_steps!r}.",
         )
         _check(

@@ -38,7 +38,7 @@ class Scheduler:
         self.kv = pipeline.model.kv_manager
         self.max_batch_size = pipeline.model.max_batch_size
         self.prefill_chunk_size = prefill_chunk_size or config.prefill_chunk_size
-        self.max_num_steps = max_num_steps or config.max_num_steps
+        self.max_num_steps = max_num_steps or pipeline.max_num_steps
         self.waiting: collections.deque[GenerationRow] = collections.deque()
         self.running: list[GenerationRow] = []
         self.stats = SchedulerStats()

@@ -89,6 +89,7 @@ def test_kv_budget_too_small_says_what_fits(tiny_llama):
     from maxlike.config import ConfigError
 
     before = len(jax.live_arrays())
-    with pytest.raises(ConfigError, match=r"not enough for one sequence of max_length=256: pass max_length <= \d+"):
+    with pytest.raises(ConfigError, match=r"not enough for one sequence of max_length=256\. What fits: max_length <= \d+ with "
+                                         r"max_batch_size 1, or max_length <= \d+ with max_batch_size 8"):
         build_model(tiny_llama[0], max_length=256, host_kv_cache_memory_gib=1e-5)
     assert len(jax.live_arrays()) == before, "planned before anything was allocated"

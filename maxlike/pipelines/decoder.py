@@ -141,7 +141,8 @@ class DecoderPipelineModel(PipelineModel[TextContext]):
             fit = max(0, budget_pages - 1) * params.page_size
             raise ConfigError(
                 f"the KV cache budget holds {budget_pages} pages of {params.page_size} tokens, not enough "
-                f"for one sequence of max_length={self.max_length}: pass max_length <= {fit} or raise the budget "
+                f"for one sequence of max_length={self.max_length}. What fits: max_length <= {fit} with "
+                f"max_batch_size 1, or max_length <= {fit // 8} with max_batch_size 8; or raise the budget "
                 "(host_kv_cache_memory_gib on CPU, device_memory_utilization on accelerators)."
             )
         batch = self.pipeline_config.max_batch_size or min(DEFAULT_MAX_BATCH, (budget_pages - 1) // pages_per_seq)
