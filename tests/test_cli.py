@@ -41,3 +41,11 @@ def test_examples_run(tiny_llama):
     assert "compiles:" in subprocess.run(
         [sys.executable, os.path.join(root, "pipeline_model.py"), "--model-path", tiny_llama[0]],
         capture_output=True, text=True, timeout=300).stdout
+
+
+def test_benchmark_command(tiny_llama):
+    r = maxlike("benchmark", "--model-path", tiny_llama[0], "--batch-sizes", "1", "2", "--max-new-tokens", "4",
+                "--prompt-tokens", "8", "--max-length", "64")
+    assert r.returncode == 0, r.stderr
+    lines = [x for x in r.stdout.splitlines() if x.startswith("maxlike batch")]
+    assert len(lines) == 2 and "decode" in lines[0] and "prefill" in lines[0]
