@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 
 import numpy as np
@@ -25,9 +26,18 @@ def _reader(path: str):
 
 
 def check_file(path: str):
-    """Open a GGUF file and check every tensor fits in the file and has a type we read."""
+    """Open a GGUF file and check every tensor fits in the file and has a type we read.
+
+    Cached per file identity: parsing the metadata (a 49k-token vocabulary for
+    SmolLM2) takes seconds, and a cold load asks twice (config, then weights).
+    """
+    st = os.stat(path)
+    return _checked(os.path.abspath(path), st.st_mtime_ns, st.st_size)
+
+
+@functools.lru_cache(maxsize=2)
+def _checked(path: str, mtime_ns: int, size: int):
     reader = _reader(path)
-    size = os.path.getsize(path)
     for t in reader.tensors:
         name = t.tensor_type.name
         if name not in SUPPORTED:
