@@ -21,7 +21,7 @@ def prompts_for(batch: int, prompt_tokens: int, vocab: int, seed: int = 0) -> li
 
 
 def measure(generate: Callable[[list[list[int]], int], None], batch: int, prompt_tokens: int, new_tokens: int,
-            vocab: int, repeats: int = 2) -> dict[str, float]:
+            vocab: int, repeats: int = 3) -> dict[str, float]:
     """Best-of-`repeats` timings of `generate(prompts, n)` for n = 1 and n = new_tokens."""
     prompts = prompts_for(batch, prompt_tokens, vocab)
     generate(prompts, 1)
