@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from typing import Sequence
 
-import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 MESH_AXES = ("data", "tensor")
@@ -37,7 +36,3 @@ def named_sharding(mesh: Mesh, axes: Sequence[str | None]) -> NamedSharding:
 
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
-
-
-def abstract(shape: Sequence[int], dtype, sharding: jax.sharding.Sharding) -> jax.ShapeDtypeStruct:
-    return jax.ShapeDtypeStruct(tuple(shape), dtype, sharding=sharding)

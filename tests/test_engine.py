@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from conftest import build_model, random_prompt
-from maxlike.pipelines import DecoderPipelineModel, ModelInputs, PipelineConfig, ReturnHiddenStates
+from maxlike.pipelines import DecoderPipelineModel, ModelInputs, ReturnHiddenStates
 from maxlike.pipelines.context import TextContext
 
 

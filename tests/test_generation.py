@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 import numpy as np
-import pytest
 
 from maxlike.entrypoints import LLM
 from maxlike.interfaces import SamplingParams

@@ -43,8 +43,6 @@ def test_many_requests_through_a_small_pool_equal_each_alone(tiny_llama, tiny_ll
 
 
 def test_chunked_prefill_gives_the_same_logits(tiny_llama):
-    from maxlike.interfaces import LogProbabilities  # noqa: F401  (the logprobs type checked below)
-
     prompt = random_prompt(100, seed=7).tolist()
     params = SamplingParams(top_k=1, max_new_tokens=6, logprobs=5, ignore_eos=True)
     results = []

@@ -106,10 +106,6 @@ class PagedKVCacheManager:
         p = self.params
         return (self.num_pages, p.page_size, p.kv_heads, p.head_dim)
 
-    def abstract_pool(self):
-        leaf = jax.ShapeDtypeStruct(self.pool_shape, jnp.dtype(self.params.dtype), sharding=self.pool_sharding)
-        return [(leaf, leaf) for _ in range(self.params.num_layers)]
-
     def _allocate_pool(self):
         zeros = jax.jit(
             lambda: jnp.zeros(self.pool_shape, self.params.dtype), out_shardings=self.pool_sharding

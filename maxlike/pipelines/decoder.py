@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from maxlike.config import ConfigError, PipelineConfig
+from maxlike.config import ConfigError
 from maxlike.interfaces import LogProbabilities
 from maxlike.kv_cache import KVCacheInputs, KVCacheParams, PagedKVCacheManager
 from maxlike.pipelines import memory

@@ -20,7 +20,6 @@ from maxlike.config import PipelineConfig
 from maxlike.interfaces import (
     LogProbabilities,
     RequestError,
-    SamplingParams,
     TextGenerationOutput,
     TextGenerationRequest,
 )
