@@ -23,7 +23,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow" $(ARGS)
 
 test-slow: $(STAMP)
-	$(BIN)/python -m pytest -q -m slow $(ARGS)
+	$(BIN)/python -m pytest -q -m slow $(ARGS) || test $$? -eq 5  # 5: no test is marked slow yet
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_decode.py $(ARGS)

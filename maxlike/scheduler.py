@@ -86,7 +86,7 @@ class Scheduler:
             steps = min(self.max_num_steps, min(r.max_new - len(r.ctx.generated) for r in batch))
         else:
             steps = 1
-            self.stats.prefill_tokens += sum(r.ctx.chunk or r.ctx.pending for r in batch)
+            self.stats.prefill_tokens += sum(r.ctx.chunk for r in batch)
         before = [len(r.ctx.generated) for r in batch]
         self.pipeline.execute(batch, steps)
         for r in batch:

@@ -118,15 +118,14 @@ class TextGenerationPipeline:
         sampling_rows = [r.ctx.cache_length + n == len(r.ctx.tokens) for r, n in zip(rows, chunks)]
         decoding = all(n == 1 for n in chunks) and all(sampling_rows)
         steps = max(1, min(num_steps, min(r.max_new - len(r.ctx.generated) for r in rows))) if decoding else 1
-        width = inputs.tokens.shape[0]
-        params = sampling.SamplingInputs.build([r.ctx.sampling_params for r in rows], [r.ctx.seed for r in rows], width)
-        all_greedy = all(r.ctx.sampling_params.greedy for r in rows)
+        params = None if all(r.ctx.sampling_params.greedy for r in rows) else sampling.SamplingInputs.build(
+            [r.ctx.sampling_params for r in rows], [r.ctx.seed for r in rows], inputs.tokens.shape[0])
         top_n = [r.ctx.sampling_params.logprobs if s else 0 for r, s in zip(rows, sampling_rows)]
         echo = [r.ctx.sampling_params.echo and r.ctx.cache_length == 0 for r in rows]
         pending = []
         for _ in range(steps):
             out = model.execute(inputs)
-            tokens = self._sample(out, inputs, None if all_greedy else params)
+            tokens = self._sample(out, inputs, params)
             if any(top_n):
                 for r, lp in zip(rows, model.compute_log_probabilities(session, inputs, out, tokens, top_n, echo)):
                     if lp is not None:
