@@ -137,6 +137,7 @@ class PipelineConfig:
     max_batch_size: int | None = None
     max_num_steps: int | None = None  # decode steps per host call; None: 1 on CPU, 10 on accelerators
     prefill_chunk_size: int = 8192  # prompt tokens per prefill step (MAX's default)
+    async_scheduling: bool = True  # dispatch the next decode block before reading the last one's tokens
     warmup: bool = False  # compile every bucket at load (with a progress bar)
     forbid_compile: bool = False  # after warm-up, any compile is an error
     seed: int = 0

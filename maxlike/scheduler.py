@@ -17,7 +17,7 @@ from typing import Iterable, Iterator
 from tqdm.auto import tqdm
 
 from maxlike.interfaces import RequestError, TextGenerationOutput, TextGenerationRequest
-from maxlike.pipelines.text_generation import GenerationRow, TextGenerationPipeline
+from maxlike.pipelines.text_generation import GenerationRow, Launch, TextGenerationPipeline
 
 
 @dataclass
@@ -28,6 +28,7 @@ class SchedulerStats:
     prefill_tokens: int = 0  # prompt tokens computed (recomputation after preemption included)
     decode_tokens: int = 0
     preemptions: int = 0
+    overlapped: int = 0  # decode blocks dispatched before the previous block's tokens were read
 
 
 class Scheduler:
@@ -39,6 +40,8 @@ class Scheduler:
         self.max_batch_size = pipeline.model.max_batch_size
         self.prefill_chunk_size = prefill_chunk_size or config.prefill_chunk_size
         self.max_num_steps = max_num_steps or pipeline.max_num_steps
+        self.async_scheduling = config.async_scheduling
+        self._inflight: Launch | None = None  # a decode block dispatched, its tokens not yet read
         self.waiting: collections.deque[GenerationRow] = collections.deque()
         self.running: list[GenerationRow] = []
         self.stats = SchedulerStats()
@@ -71,34 +74,71 @@ class Scheduler:
 
     @property
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.waiting or self.running or self._inflight)
 
     # -- one step ------------------------------------------------------------------
     def step(self) -> list[GenerationRow]:
-        """Admit, pick a batch, run it. Returns the rows that ran (some may have finished)."""
+        """Run one batch and return its rows that were live (some may have finished).
+
+        With async scheduling, a decode block's successor on the same rows is
+        dispatched before the block's tokens are read, so the device never waits
+        for the host's commits, detokenizing and scheduling between the two.
+        """
+        prev, self._inflight = self._inflight, None
+        if prev is None:
+            prev = self._launch()
+            if prev is None:
+                return []
+        if self.async_scheduling:
+            self._inflight = self._launch_after(prev)
+            self.stats.overlapped += self._inflight is not None
+        return self._complete(prev)
+
+    def _launch(self) -> Launch | None:
+        """Admit, pick a batch, dispatch it."""
         self._admit()
         prefill = [r for r in self.running if r.ctx.pending > 1]
         batch = self._prefill_batch(prefill) if prefill else self._decode_batch()
         if not batch:
-            return []
-        decoding = not prefill
-        if decoding:
-            steps = min(self.max_num_steps, min(r.max_new - len(r.ctx.generated) for r in batch))
-        else:
-            steps = 1
+            return None
+        if prefill:
             self.stats.prefill_tokens += sum(r.ctx.chunk for r in batch)
-        before = [len(r.ctx.generated) for r in batch]
-        self.pipeline.execute(batch, steps)
-        for r in batch:
-            self.kv.commit(r.ctx.request_id, r.ctx.tokens, r.ctx.cache_length)
+            return self.pipeline.launch(batch, 1)
+        return self.pipeline.launch(batch, min(self.max_num_steps, min(r.max_new - len(r.ctx.generated)
+                                                                       for r in batch)))
+
+    def _launch_after(self, prev: Launch) -> Launch | None:
+        """The decode block after `prev` on the same rows, while `prev` runs; None when the
+        batch changes next (a row has finished, a request could be admitted) or pages would
+        need a preemption."""
+        if prev.last is None or any(r.done for r in prev.rows) or (self.waiting and
+                                                                   len(self.running) < self.max_batch_size):
+            return None
+        for r in prev.rows:
+            total = len(r.ctx.tokens) - 1 + prev.steps + min(self.max_num_steps,
+                                                              r.max_new - len(r.ctx.generated) - prev.steps)
+            if self.kv.pages_short(r.ctx.request_id, total):
+                return None
+            self.kv.reserve(r.ctx.request_id, total)
+        return self.pipeline.launch_after(prev, self.max_num_steps)
+
+    def _complete(self, launch: Launch) -> list[GenerationRow]:
+        live = [r for r in launch.rows if not r.done]  # rows finished by an earlier block are skipped
+        before = [len(r.ctx.generated) for r in live]
+        ran = self.pipeline.complete(launch)
+        decoding = launch.last is not None or all(n == 1 for n in launch.chunks) and all(launch.sampling_rows)
+        running = {id(r) for r in self.running}
+        for r in live:
+            if id(r) in running:
+                self.kv.commit(r.ctx.request_id, r.ctx.tokens, r.ctx.cache_length)
         self.stats.steps += 1
         self.stats.prefill_steps += not decoding
-        self.stats.decode_steps += steps if decoding else 0
-        self.stats.decode_tokens += sum(len(r.ctx.generated) - b for r, b in zip(batch, before)) if decoding else 0
-        for r in batch:
-            if r.done:
+        self.stats.decode_steps += ran if decoding else 0
+        self.stats.decode_tokens += sum(len(r.ctx.generated) - b for r, b in zip(live, before)) if decoding else 0
+        for r in live:
+            if r.done and id(r) in running:
                 self._finish(r)
-        return batch
+        return live
 
     def _admit(self) -> None:
         """Waiting -> running, oldest first, while there are rows and pages for its pending tokens."""
@@ -193,6 +233,7 @@ class Scheduler:
 
     def _drop_all(self) -> None:
         """After an error or an abandoned stream: free every page so the next call starts clean."""
+        self._inflight = None  # its writes land in pages freed here, ahead of any later step on the device
         for row in list(self.running):
             self._finish(row)
         self.waiting.clear()

@@ -36,7 +36,7 @@ def test_same_bucket_never_recompiles(tiny_llm):
     tiny_llm.generate(["hello world"], max_new_tokens=6, use_tqdm=False)
     tiny_llm.generate(["abcdefghijk"], max_new_tokens=6, use_tqdm=False)  # same buckets
     assert stats.compiled == before
-    assert stats.by_name["step"] >= 2 and stats.compile_seconds > 0
+    assert stats.by_name["step"] >= 1 and stats.by_name["decode_loop"] >= 1 and stats.compile_seconds > 0
 
 
 def test_model_inputs_is_a_pytree_of_arrays_only(tiny_llama):

@@ -55,15 +55,32 @@ def test_stops_at_stop_tokens_and_max_new_tokens(tiny_llm):
 
 
 def test_multi_step_decode_matches_single_step(tiny_llama):
+    """The on-device decode loop (greedy and sampled rows, per-row stop ids) gives
+    the tokens of one step per call, and ends as soon as every row has finished."""
+    def llm(steps):
+        return LLM(PipelineConfig(model_path=tiny_llama[0], max_length=128, max_batch_size=4, max_num_steps=steps),
+                   progress=False)
+
+    single, multi = llm(1), llm(8)
+    free = single.generate_outputs(["one"], max_new_tokens=11, use_tqdm=False,
+                                   sampling_params=SamplingParams(top_k=1, ignore_eos=True))[0].token_ids
+    stop = free[3] if free[3] not in free[:3] else free[0]
     prompts = ["one", "two three four", "five six"]
-    outs = []
-    for steps in (1, 4):
-        llm = LLM(PipelineConfig(model_path=tiny_llama[0], max_length=128, max_batch_size=4, max_num_steps=steps),
-                  progress=False)
-        outs.append(llm.generate_outputs(prompts, max_new_tokens=11, use_tqdm=False,
-                                         sampling_params=SamplingParams(top_k=1, ignore_eos=True)))
+    params = [SamplingParams(top_k=1, stop_token_ids=(stop,), ignore_eos=True),
+              SamplingParams(temperature=0.8, top_k=20, seed=7, ignore_eos=True),
+              SamplingParams(top_k=1, ignore_eos=True)]
+    outs = [m.generate_outputs(prompts, max_new_tokens=11, use_tqdm=False, sampling_params=params)
+            for m in (single, multi)]
     assert [o.token_ids for o in outs[0]] == [o.token_ids for o in outs[1]]
-    assert all(len(o.token_ids) == 11 for o in outs[1])
+    assert outs[1][0].finish_reason == "stop" and outs[1][0].token_ids[-1] == stop
+    assert [len(o.token_ids) for o in outs[1][1:]] == [11, 11]
+    assert multi.pipeline.model.session.stats.by_name.get("decode_loop", 0) >= 1
+
+    # Alone, the stopping row ends the loop early: only the steps up to its stop token run.
+    multi.scheduler.stats.decode_steps = 0
+    out = multi.generate_outputs(["one"], max_new_tokens=11, use_tqdm=False, sampling_params=params[0])[0]
+    assert out.token_ids == free[: free.index(stop) + 1]
+    assert multi.scheduler.stats.decode_steps == free.index(stop)  # the prefill made the first token
 
 
 def test_more_prompts_than_the_batch_and_chat(tiny_llm):

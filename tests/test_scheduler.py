@@ -32,6 +32,7 @@ def test_many_requests_through_a_small_pool_equal_each_alone(tiny_llama, tiny_ll
     outs = llm.generate_outputs(prompts, sampling_params=params, use_tqdm=False)
     stats = llm.scheduler.stats
     assert stats.preemptions > 0, "the pool was too small for the load"
+    assert stats.overlapped > 0, "decode blocks were dispatched ahead of the host's commits"
     for prompt, p, out in zip(prompts, params, outs):
         alone = tiny_llm.generate_outputs([prompt], sampling_params=[p], use_tqdm=False)[0]
         assert out.token_ids == alone.token_ids
@@ -40,6 +41,31 @@ def test_many_requests_through_a_small_pool_equal_each_alone(tiny_llama, tiny_ll
     assert kv.free_pages == kv.num_pages - 1, "every page came back"
     if caching:
         assert kv.prefix_cache.stats.hit_rate > 0
+
+
+def test_async_scheduling_changes_only_the_timing(tiny_llama):
+    """Dispatching each decode block before the last one's tokens are read gives the
+    same tokens and finish reasons, with stops, sampling, preemption and prefix caching."""
+    rng = np.random.default_rng(3)
+    shared = random_prompt(33, seed=5).tolist()
+    prompts = [(shared if i % 2 else []) + random_prompt(int(rng.integers(1, 50)), seed=100 + i).tolist()
+               for i in range(24)]
+    stops = tuple(int(t) for t in rng.choice(np.arange(3, 320), size=12, replace=False))
+    params = [SamplingParams(top_k=1 if i % 3 else 40, temperature=0.9, seed=i, ignore_eos=True,
+                             stop_token_ids=stops if i % 4 == 0 else (), max_new_tokens=int(rng.integers(1, 40)))
+              for i in range(len(prompts))]
+    results = []
+    for overlap in (False, True):
+        llm = small_pool_llm(tiny_llama[0], pages=20, max_num_steps=5, enable_prefix_caching=True,
+                             async_scheduling=overlap)
+        outs = llm.generate_outputs(prompts, sampling_params=params, use_tqdm=False)
+        results.append([(o.token_ids, o.finish_reason) for o in outs])
+        stats = llm.scheduler.stats
+        assert (stats.overlapped > 0) == overlap and stats.preemptions > 0
+        kv = llm.pipeline.model.kv_manager
+        assert kv.free_pages == kv.num_pages - 1 and not llm.scheduler.has_work
+    assert results[0] == results[1]
+    assert any(reason == "stop" for _, reason in results[0])
 
 
 def test_chunked_prefill_gives_the_same_logits(tiny_llama):
@@ -98,7 +124,11 @@ def test_forbid_compile_after_warmup_with_a_mixed_workload(tiny_llama):
                              max_num_steps=3, warmup=True, forbid_compile=True), progress=False)
     session = llm.pipeline.model.session
     warm = session.stats.compiled
-    assert warm == len(llm.pipeline.model.step_buckets()) + 2 * 3 + 4 * 3  # steps, samplers, prepare_next
+    buckets = llm.pipeline.model.step_buckets()
+    decode = sum(1 for _, tokens, _ in buckets if tokens == 1)
+    # per bucket a step and an input unpacker, 2 samplers per batch size, and per decode bucket
+    # prepare_next and the greedy and sampled decode loops
+    assert warm == 2 * len(buckets) + 2 * 3 + 3 * decode
     rng = np.random.default_rng(1)
     prompts, params = [], []
     for i in range(200):

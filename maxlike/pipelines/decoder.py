@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from maxlike.config import ConfigError
 from maxlike.interfaces import LogProbabilities
 from maxlike.kv_cache import KVCacheInputs, KVCacheParams, PagedKVCacheManager
-from maxlike.pipelines import memory
+from maxlike.pipelines import memory, sampling
 from maxlike.pipelines.context import TextContext
 from maxlike.pipelines.model import (
     ModelInputs,
@@ -36,6 +36,7 @@ log = logging.getLogger("maxlike")
 
 MIN_PREFILL_BUCKET = 16
 DEFAULT_MAX_BATCH = 8
+STOP_SLOTS = 8  # stop ids per row the on-device decode loop checks; any further ones stop on the host
 
 
 def _architecture(huggingface_config: Any):
@@ -230,22 +231,33 @@ class DecoderPipelineModel(PipelineModel[TextContext]):
             logit_idx[r, : n_logits - k] = n - k
             starts[r] = start
             counts.append(k)
-        put = partial(jax.device_put, device=self._replicated)
+        lengths = np.asarray(lengths + [0] * (rows - len(batch)), np.int32)
+        return self._place(dict(tokens=tokens, positions=positions, slots=slots, logit_indices=logit_idx,
+                                input_lengths=lengths, page_table=np.asarray(table, np.int32), cache_lengths=starts),
+                           tuple(ids), tuple(counts))
+
+    def _place(self, host: dict[str, np.ndarray], request_ids: tuple = (), logit_counts: tuple = ()) -> ModelInputs:
+        """Host int32 arrays -> ModelInputs on the mesh: one transfer of one packed buffer,
+        unpacked on device (one transfer per array costs ~30x more host time)."""
+        layout = tuple((k, v.shape) for k, v in host.items())
+        packed = jax.device_put(np.concatenate([v.ravel() for v in host.values()]), self._replicated)
+        exe = self.session.compile("unpack_inputs", partial(_unpack, layout), (packed,), key=layout,
+                                   out_shardings=self._replicated)
+        a = exe(packed)
         return ModelInputs(
-            tokens=put(tokens), positions=put(positions), slots=put(slots), logit_indices=put(logit_idx),
-            input_lengths=put(np.asarray(lengths + [0] * (rows - len(batch)), np.int32)),
-            kv_cache_inputs=KVCacheInputs(page_table=put(table), cache_lengths=put(starts)),
-            request_ids=tuple(ids), logit_counts=tuple(counts),
+            tokens=a["tokens"], positions=a["positions"], slots=a["slots"], logit_indices=a["logit_indices"],
+            input_lengths=a["input_lengths"],
+            kv_cache_inputs=KVCacheInputs(page_table=a["page_table"], cache_lengths=a["cache_lengths"]),
+            request_ids=request_ids, logit_counts=logit_counts,
         )
 
     def zero_inputs(self, rows: int, tokens: int, width: int) -> ModelInputs:
         """Inputs of one bucket that touch only the null page (for warm-up)."""
         n_logits = tokens if self.return_logits == ReturnLogits.ALL else 1
-        put = partial(jax.device_put, device=self._replicated)
-        z = lambda *shape: put(np.zeros(shape, np.int32))  # noqa: E731
-        return ModelInputs(tokens=z(rows, tokens), positions=z(rows, tokens), slots=z(rows, tokens),
-                           logit_indices=z(rows, n_logits), input_lengths=z(rows),
-                           kv_cache_inputs=KVCacheInputs(page_table=z(rows, width), cache_lengths=z(rows)))
+        z = lambda *shape: np.zeros(shape, np.int32)  # noqa: E731
+        return self._place(dict(tokens=z(rows, tokens), positions=z(rows, tokens), slots=z(rows, tokens),
+                                logit_indices=z(rows, n_logits), input_lengths=z(rows), page_table=z(rows, width),
+                                cache_lengths=z(rows)))
 
     def prepare_next_token_inputs(self, next_tokens: jax.Array, prev_model_inputs: ModelInputs) -> ModelInputs:
         prev = prev_model_inputs
@@ -297,6 +309,57 @@ class DecoderPipelineModel(PipelineModel[TextContext]):
             hidden_states=out.get("hidden_states"),
         )
 
+    # -- multi-step decode on device --------------------------------------------
+    def _decode_loop(self, params, kv, arrays, sampling_inputs, stop_ids, budgets, num_steps, *, max_steps: int):
+        """Up to `num_steps` (<= max_steps) decode steps in one `while_loop`: step, sample,
+        next inputs. Stops early once every row has sampled a stop id or used its budget.
+        Returns tokens [max_steps, B] (-1 where a row had finished or the loop had ended)
+        and the tokens sampled last [B] (the next step's inputs)."""
+        page_size = self.kv_params.page_size
+        rows = arrays["tokens"].shape[0]
+
+        def cond(carry):
+            i, done = carry[0], carry[1]
+            return (i < num_steps) & ~jnp.all(done)
+
+        def body(carry):
+            i, done, kv, arrays, out = carry
+            step_out, kv = self._step(params, kv, arrays)
+            logits = step_out["next_token_logits"]
+            if sampling_inputs is None:
+                tokens = sampling.greedy(logits)
+            else:
+                tokens = sampling.sample(logits, sampling_inputs, arrays["cache_lengths"] + arrays["input_lengths"])
+            out = out.at[i].set(jnp.where(done, -1, tokens))
+            done = done | jnp.any(tokens[:, None] == stop_ids, axis=1) | (i + 1 >= budgets)
+            return i + 1, done, kv, _next_inputs(page_size, tokens, arrays), out
+
+        init = (jnp.int32(0), arrays["input_lengths"] == 0, kv, arrays, jnp.full((max_steps, rows), -1, jnp.int32))
+        _, _, kv, arrays, out = jax.lax.while_loop(cond, body, init)
+        return (out, arrays["tokens"][:, 0]), kv
+
+    def execute_decode_loop(self, model_inputs: ModelInputs, num_steps: int, max_steps: int,
+                            sampling_inputs: "sampling.SamplingInputs | None", stop_ids: np.ndarray,
+                            budgets: np.ndarray) -> tuple[jax.Array, jax.Array]:
+        """`num_steps` decode steps in one call, sampling on device: tokens [max_steps, B]
+        and the last tokens sampled [B], both left on the device.
+
+        stop_ids [B, STOP_SLOTS] (-1 padded) and budgets [B] (tokens each row may
+        still make) let the loop end as soon as every row has finished. One
+        executable per (decode bucket, max_steps, greedy or sampled).
+        """
+        if not 1 <= num_steps <= max_steps:
+            raise ValueError(f"num_steps must be in [1, {max_steps}], got {num_steps}.")
+        arrays = model_inputs.arrays()
+        # Small host arrays go straight into the call: cheaper than a device_put each.
+        args = (self.params, self.kv_manager.pool, arrays, sampling_inputs, np.asarray(stop_ids, np.int32),
+                np.asarray(budgets, np.int32), np.int32(num_steps))
+        key = (max_steps, sampling_inputs is None, tuple((k, v.shape) for k, v in arrays.items()))
+        exe = self.session.compile("decode_loop", partial(self._decode_loop, max_steps=max_steps), args,
+                                   donate_argnums=(1,), key=key)
+        out, self.kv_manager.pool = exe(*args)
+        return out
+
     # -- log probabilities ---------------------------------------------------
     def compute_log_probabilities(self, session, model_inputs, model_outputs, next_tokens, batch_top_n, batch_echo):
         """MAX's semantics: top-n dicts always hold the sampled token; with echo,
@@ -343,6 +406,15 @@ def _log_probs(top_n: int, logits: jax.Array, targets: jax.Array):
     chosen = jnp.take_along_axis(lp, targets[..., None], axis=-1)[..., 0]
     top_vals, top_ids = jax.lax.top_k(lp, top_n)
     return chosen, top_vals, top_ids
+
+
+def _unpack(layout: tuple, packed: jax.Array) -> dict:
+    out, at = {}, 0
+    for name, shape in layout:
+        n = int(np.prod(shape))
+        out[name] = packed[at : at + n].reshape(shape)
+        at += n
+    return out
 
 
 def _next_inputs(page_size: int, next_tokens: jax.Array, prev: dict) -> dict:

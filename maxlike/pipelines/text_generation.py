@@ -25,10 +25,11 @@ from maxlike.interfaces import (
 )
 from maxlike.pipelines import sampling
 from maxlike.pipelines.context import TextContext
+from maxlike.pipelines.decoder import STOP_SLOTS
 from maxlike.pipelines.model import PipelineModel
 
 
-@dataclass
+@dataclass(eq=False)
 class GenerationRow:
     """One request in flight: its context, budget, stop tokens and results so far."""
 
@@ -38,6 +39,20 @@ class GenerationRow:
     done: bool = False
     finish_reason: str = "length"
     logprobs: list[LogProbabilities] = field(default_factory=list)
+
+
+@dataclass(eq=False)
+class Launch:
+    """A batch dispatched to the device; `complete` brings its tokens to the host."""
+
+    rows: list[GenerationRow]
+    chunks: list[int]  # tokens each row processes (1 per step while decoding)
+    sampling_rows: list[bool]  # rows that sample (the others are mid-prompt)
+    steps: int
+    tokens: Any = None  # [>= steps, B] new tokens (device array for a decode loop)
+    last: Any = None  # decode loop only: [B] the tokens sampled last, on device
+    params: sampling.SamplingInputs | None = None
+    stop_ids: np.ndarray | None = None
 
 
 class TextGenerationPipeline:
@@ -104,23 +119,84 @@ class TextGenerationPipeline:
         return GenerationRow(ctx, ctx.max_length - ctx.prompt_length, stops)
 
     # -- one scheduled batch ---------------------------------------------------------
-    def execute(self, rows: list["GenerationRow"], num_steps: int = 1) -> None:
-        """Run one scheduled batch: a prefill step (chunks of pending prompts), or
-        `num_steps` decode steps on device followed by one host transfer.
+    def execute(self, rows: list["GenerationRow"], num_steps: int = 1) -> int:
+        """Run one scheduled batch to completion: `launch` then `complete`. Returns the
+        number of steps the device ran."""
+        return self.complete(self.launch(rows, num_steps))
 
-        KV pages for every token written must already be reserved (the
-        scheduler does it). Rows that complete their pending tokens sample one
-        new token per step; the others only advance their cache.
+    def launch(self, rows: list["GenerationRow"], num_steps: int = 1) -> "Launch":
+        """Dispatch one scheduled batch: a prefill step (chunks of pending prompts), or
+        up to `num_steps` decode steps on device. KV pages for every token written
+        must already be reserved (the scheduler does it). Rows that complete their
+        pending tokens sample one new token per step; the others only advance their
+        cache. A decode loop's tokens stay on the device until `complete`.
         """
-        model, session = self.model, self.model.session
+        model = self.model
         inputs = model.prepare_initial_token_inputs([[r.ctx for r in rows]])
         chunks = [len(r.ctx.next_tokens) for r in rows]
         sampling_rows = [r.ctx.cache_length + n == len(r.ctx.tokens) for r, n in zip(rows, chunks)]
         decoding = all(n == 1 for n in chunks) and all(sampling_rows)
-        steps = max(1, min(num_steps, min(r.max_new - len(r.ctx.generated) for r in rows))) if decoding else 1
+        budgets = [r.max_new - len(r.ctx.generated) for r in rows]
+        steps = max(1, min(num_steps, self.max_num_steps, min(budgets))) if decoding else 1
         params = None if all(r.ctx.sampling_params.greedy for r in rows) else sampling.SamplingInputs.build(
             [r.ctx.sampling_params for r in rows], [r.ctx.seed for r in rows], inputs.tokens.shape[0])
         top_n = [r.ctx.sampling_params.logprobs if s else 0 for r, s in zip(rows, sampling_rows)]
+        if decoding and not any(top_n):  # logprobs need each step's logits: one call per step
+            stop_ids = np.full((inputs.tokens.shape[0], STOP_SLOTS), -1, np.int32)
+            for i, r in enumerate(rows):
+                ids = sorted(r.stops)[:STOP_SLOTS]
+                stop_ids[i, : len(ids)] = ids
+            return self._launch_loop(Launch(rows, chunks, sampling_rows, steps, params=params, stop_ids=stop_ids),
+                                     inputs, budgets)
+        return Launch(rows, chunks, sampling_rows, steps, self._host_steps(rows, inputs, steps, params, top_n))
+
+    def launch_after(self, prev: "Launch", num_steps: int) -> "Launch | None":
+        """The decode block that follows `prev` on the same rows, dispatched before
+        `prev`'s tokens reach the host: its input tokens are `prev`'s last ones, on
+        device. Rows that finish inside `prev` compute on and are dropped at commit.
+        None when `prev` is not a decode loop or a row's budget ends inside it. The
+        caller reserves KV pages for both blocks first."""
+        if prev.last is None:
+            return None
+        rows = prev.rows
+        budgets = [r.max_new - len(r.ctx.generated) - prev.steps for r in rows]
+        steps = min(num_steps, self.max_num_steps, min(budgets))
+        if steps < 1:
+            return None
+        # Where each row will stand once `prev` is committed: prev.steps more tokens, the last one pending.
+        ahead = [TextContext(r.ctx.request_id, np.zeros(len(r.ctx.tokens) + prev.steps, np.int32),
+                             r.ctx.max_length, cache_length=len(r.ctx.tokens) - 1 + prev.steps,
+                             prompt_length=r.ctx.prompt_length) for r in rows]
+        inputs = self.model.prepare_initial_token_inputs([ahead]).replace(tokens=prev.last[:, None])
+        launch = Launch(rows, prev.chunks, prev.sampling_rows, steps, params=prev.params, stop_ids=prev.stop_ids)
+        return self._launch_loop(launch, inputs, budgets)
+
+    def _launch_loop(self, launch: "Launch", inputs, budgets: list[int]) -> "Launch":
+        padded = np.zeros((inputs.tokens.shape[0],), np.int32)
+        padded[: len(budgets)] = budgets
+        launch.tokens, launch.last = self.model.execute_decode_loop(
+            inputs, launch.steps, self.max_num_steps, launch.params, launch.stop_ids, padded)
+        return launch
+
+    def complete(self, launch: "Launch") -> int:
+        """Bring a launched batch's tokens to the host and commit them (stop checks
+        included). Returns the number of steps the device ran: a decode loop stops
+        early once every row has finished."""
+        tokens = np.asarray(jax.device_get(launch.tokens))[: launch.steps]
+        if launch.last is not None:  # steps after every row had finished did not run (-1)
+            tokens = tokens[: max(1, int((tokens[:, : len(launch.rows)] >= 0).any(axis=1).sum()))]
+        for r, n, samples in zip(launch.rows, launch.chunks, launch.sampling_rows):
+            r.ctx.chunk = None
+            if not samples:
+                r.ctx.cache_length += n
+        sampled = [r for r, s in zip(launch.rows, launch.sampling_rows) if s]
+        for step_tokens in tokens:
+            self._commit(sampled, [t for t, s in zip(step_tokens, launch.sampling_rows) if s])
+        return len(tokens)
+
+    def _host_steps(self, rows, inputs, steps, params, top_n) -> np.ndarray:
+        """`steps` single-step calls (log-probabilities need each step's logits): tokens [steps, B]."""
+        model, session = self.model, self.model.session
         echo = [r.ctx.sampling_params.echo and r.ctx.cache_length == 0 for r in rows]
         pending = []
         for _ in range(steps):
@@ -134,13 +210,7 @@ class TextGenerationPipeline:
             pending.append(tokens)
             if steps > 1:
                 inputs = model.prepare_next_token_inputs(tokens, inputs)
-        for r, n, samples in zip(rows, chunks, sampling_rows):
-            r.ctx.chunk = None
-            if not samples:
-                r.ctx.cache_length += n
-        for step_tokens in jax.device_get(pending):
-            self._commit([r for r, s in zip(rows, sampling_rows) if s],
-                         [t for t, s in zip(step_tokens, sampling_rows) if s])
+        return np.stack(jax.device_get(pending))
 
     def _sample(self, out, inputs, params: sampling.SamplingInputs | None) -> jax.Array:
         """Next tokens on device: argmax when every row is greedy (params None), else the full sampler."""
@@ -162,8 +232,12 @@ class TextGenerationPipeline:
                 sampled.add(rows)
                 self._sample(out, inputs, None)
                 self._sample(out, inputs, sampling.SamplingInputs.build([], [], rows))
-            if tokens == 1 and self.max_num_steps > 1:
-                model.prepare_next_token_inputs(jnp.zeros((rows,), jnp.int32), inputs)
+            if tokens == 1:
+                if self.max_num_steps > 1:
+                    model.prepare_next_token_inputs(jnp.zeros((rows,), jnp.int32), inputs)
+                stops, budgets = np.full((rows, STOP_SLOTS), -1, np.int32), np.zeros((rows,), np.int32)
+                for params in (None, sampling.SamplingInputs.build([], [], rows)):
+                    model.execute_decode_loop(inputs, 1, self.max_num_steps, params, stops, budgets)
         jax.block_until_ready(model.kv_manager.pool)
 
     def stream_text(self, row: "GenerationRow", shown: str) -> str:
@@ -177,6 +251,8 @@ class TextGenerationPipeline:
         for r, tok in zip(rows, tokens):
             if r.done:
                 continue
+            if tok < 0:
+                raise RuntimeError(f"request {r.ctx.request_id}: the decode loop ended before this row finished.")
             ctx = r.ctx
             ctx.cache_length = len(ctx.tokens)
             ctx.tokens = np.append(ctx.tokens, np.int32(tok))

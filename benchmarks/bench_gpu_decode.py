@@ -1,0 +1,187 @@
+"""Decode tokens/s on an accelerator: a Llama-3.2-1B-shaped model with random bf16 weights.
+
+    python benchmarks/bench_gpu_decode.py [--shape llama-1b] [--batch-sizes 1 8 64]
+                                          [--variants 1:sync 10:sync 10:async] [--json out.json]
+
+The shape and cache (1024 tokens) are those of DESIGN.md section 8, so the
+figures compare with its anchors. HF transformers' generate (dynamic cache) runs
+the same weights on the same device in the same run as the peer, for single
+batches and for an offline workload of random-length prompts. `--shape tiny`
+runs the same script on CPU in seconds (a smoke test).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+from maxlike.entrypoints.bench import maxlike_generate, measure  # noqa: E402
+from maxlike.pipelines import PipelineConfig  # noqa: E402
+
+SHAPES = {
+    # Llama-3.2-1B: 16 layers, 2048 hidden, 32 q / 8 kv heads of 64, 8192 MLP, 128256 vocab, tied head.
+    "llama-1b": dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                     num_attention_heads=32, num_key_value_heads=8, head_dim=64, tie_word_embeddings=True,
+                     rope_theta=500000.0, max_position_embeddings=131072,
+                     rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
+                                   "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}),
+    "tiny": dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, head_dim=16, tie_word_embeddings=True, max_position_embeddings=2048),
+}
+
+
+def build_model(shape: str, path: str, device: str):
+    """Random weights in bf16 saved as an HF checkpoint (with a byte tokenizer); returns the torch model."""
+    import torch
+    import transformers as tf
+
+    from tests.conftest import byte_tokenizer
+
+    cfg = tf.LlamaConfig(bos_token_id=1, eos_token_id=2, pad_token_id=0, **SHAPES[shape])
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = tf.LlamaForCausalLM(cfg).to(torch.bfloat16).eval()
+    model.save_pretrained(path)
+    byte_tokenizer().save_pretrained(path)
+    return model
+
+
+def hf_generate(model):
+    import torch
+
+    device = next(model.parameters()).device
+
+    def generate(prompts, n):
+        ids = torch.tensor(prompts, device=device)
+        with torch.no_grad():
+            model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                           do_sample=False, pad_token_id=0)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    return generate
+
+
+def offline_workload(args, vocab: int) -> list[list[int]]:
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    return [rng.integers(3, min(vocab, 30000), size=int(rng.integers(16, 257))).tolist()
+            for _ in range(args.offline_requests)]
+
+
+def offline_maxlike(llm, args) -> float:
+    """Output tokens/s for the whole workload through the scheduler (second pass; the first compiles)."""
+    from maxlike.interfaces import SamplingParams
+
+    prompts = offline_workload(args, llm.pipeline.model.config.vocab_size)
+    params = SamplingParams(top_k=1, max_new_tokens=args.new_tokens, ignore_eos=True)
+    llm.generate_outputs(prompts, sampling_params=params, use_tqdm=False)
+    t = time.perf_counter()
+    outs = llm.generate_outputs(prompts, sampling_params=params, use_tqdm=False)
+    return sum(len(o.token_ids) for o in outs) / (time.perf_counter() - t)
+
+
+def offline_hf(model, args, batch: int) -> float:
+    """HF generate over the same workload in batches (left padding), same token counts."""
+    import torch
+
+    prompts, device = offline_workload(args, model.config.vocab_size), next(model.parameters()).device
+
+    def go(chunk):
+        width = max(len(p) for p in chunk)
+        ids = torch.tensor([[0] * (width - len(p)) + p for p in chunk], device=device)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk], device=device)
+        with torch.no_grad():
+            out = model.generate(ids, attention_mask=mask, max_new_tokens=args.new_tokens,
+                                 min_new_tokens=args.new_tokens, do_sample=False, pad_token_id=0)
+        return out.shape[0] * (out.shape[1] - width)
+
+    go(prompts[:2])
+    t = time.perf_counter()
+    made = sum(go(prompts[i : i + batch]) for i in range(0, len(prompts), batch))
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return made / (time.perf_counter() - t)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="llama-1b")
+    ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 64])
+    ap.add_argument("--variants", nargs="+", default=["1:sync", "10:sync", "10:async"],
+                    help="decode steps per host call : sync|async scheduling")
+    ap.add_argument("--offline-requests", type=int, default=256, help="0 skips the offline throughput run")
+    ap.add_argument("--prompt-tokens", type=int, default=64)
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--max-length", type=int, default=1024)
+    ap.add_argument("--page-size", type=int, default=128)
+    ap.add_argument("--hf-batch-sizes", type=int, nargs="*", default=[1, 64])
+    ap.add_argument("--json", help="write the results here")
+    args = ap.parse_args()
+    variants = [(int(v.split(":")[0]), v.split(":")[1] == "async") for v in args.variants]
+
+    import jax
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}; torch {torch.__version__} on {device}", flush=True)
+    results: dict = {"shape": args.shape, "device": jax.devices()[0].device_kind, "maxlike": [], "hf": []}
+    with tempfile.TemporaryDirectory() as path:
+        t = time.perf_counter()
+        torch_model = build_model(args.shape, path, device)
+        print(f"built and saved random {args.shape} in {time.perf_counter() - t:.1f}s", flush=True)
+        config = PipelineConfig(model_path=path, max_length=args.max_length, max_batch_size=max(args.batch_sizes),
+                                dtype="bfloat16", kv_cache_page_size=args.page_size, max_num_steps=max(steps for steps, _ in variants))
+        t = time.perf_counter()
+        llm, ours = maxlike_generate(config)
+        print(f"maxlike loaded in {time.perf_counter() - t:.1f}s", flush=True)
+        vocab = llm.pipeline.model.config.vocab_size
+        for b in args.batch_sizes:
+            for steps, overlap in variants:
+                llm.scheduler.max_num_steps = steps  # <= the loop's compiled length
+                llm.scheduler.async_scheduling = overlap
+                t = time.perf_counter()
+                m = measure(ours, b, args.prompt_tokens, args.new_tokens, vocab)
+                m.update(max_num_steps=steps, async_scheduling=overlap, wall_s=time.perf_counter() - t)
+                results["maxlike"].append(m)
+                print(f"maxlike batch {b:3d} steps/call {steps:2d} {'async' if overlap else 'sync '}: decode "
+                      f"{m['decode_tok_s']:8.1f} tok/s, prefill {m['prefill_tok_s']:8.0f} tok/s  "
+                      f"({m['wall_s']:.0f}s incl. compiles)", flush=True)
+        if args.offline_requests:
+            llm.scheduler.max_num_steps, llm.scheduler.async_scheduling = variants[-1]
+            results["offline"] = {"maxlike": offline_maxlike(llm, args), "requests": args.offline_requests}
+        stats = llm.pipeline.model.session.stats
+        results["compile"] = {"executables": stats.compiled, "seconds": stats.compile_seconds}
+        print(f"maxlike compiled {stats.compiled} executables in {stats.compile_seconds:.1f}s", flush=True)
+        del llm
+        if args.offline_requests:
+            results["offline"]["hf"] = offline_hf(torch_model, args, max(args.batch_sizes))
+            o = results["offline"]
+            print(f"offline, {args.offline_requests} requests: maxlike {o['maxlike']:.0f} output tok/s, HF generate "
+                  f"(batches of {max(args.batch_sizes)}) {o['hf']:.0f} tok/s: {o['maxlike'] / o['hf']:.2f}x", flush=True)
+        theirs = hf_generate(torch_model)
+        for b in args.hf_batch_sizes:
+            h = measure(theirs, b, args.prompt_tokens, args.new_tokens, vocab)
+            results["hf"].append(h)
+            print(f"HF generate batch {b:3d}: decode {h['decode_tok_s']:8.1f} tok/s, "
+                  f"prefill {h['prefill_tok_s']:8.0f} tok/s", flush=True)
+    print("\nbatch  steps  sched  maxlike tok/s  HF tok/s  ratio")
+    for m in results["maxlike"]:
+        h = next((h for h in results["hf"] if h["batch"] == m["batch"]), None)
+        hf = f"{h['decode_tok_s']:8.1f}  {m['decode_tok_s'] / h['decode_tok_s']:5.2f}x" if h else "       -      -"
+        sched = "async" if m["async_scheduling"] else "sync "
+        print(f"{m['batch']:5d}  {m['max_num_steps']:5d}  {sched}  {m['decode_tok_s']:13.1f}  {hf}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
