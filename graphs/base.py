@@ -32,7 +32,7 @@ class UnsupportedConfigError(ValueError):
 class Architecture:
     """An architecture: config converter, weight descriptions, forward and head.
 
-    forward(cfg, weights, kv, tokens, positions, slots, page_table)
+    forward(cfg, weights, kv, tokens, positions, slots, page_table, *, backend)
         -> (hidden [B, T, D] after the final norm, kv updated)
     lm_head(cfg, weights, hidden [..., D]) -> logits [..., V]
     """

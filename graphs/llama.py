@@ -141,8 +141,9 @@ def weight_specs(cfg: LlamaConfig) -> dict[str, WeightSpec]:
     return specs
 
 
-def forward(cfg: LlamaConfig, w: dict, kv: list, tokens, positions, slots, page_table):
-    """tokens/positions/slots [B, T]; page_table [B, P]; kv[i] = (k_pages, v_pages)."""
+def forward(cfg: LlamaConfig, w: dict, kv: list, tokens, positions, slots, page_table, *, backend: str = "cpu"):
+    """tokens/positions/slots [B, T]; page_table [B, P]; kv[i] = (k_pages, v_pages).
+    `backend` (the mesh's platform) picks the op variants that are fast there."""
     inv_freq = cfg.inv_freq
     x = w["embed"][tokens]  # [B, T, D]
     new_kv = []
@@ -158,8 +159,8 @@ def forward(cfg: LlamaConfig, w: dict, kv: list, tokens, positions, slots, page_
                     q, k, v = q + w[p + "q_bias"], k + w[p + "k_bias"], v + w[p + "v_bias"]
                 q = apply_rope(q, positions, inv_freq)
                 k = apply_rope(k, positions, inv_freq)
-                k_pages = write_kv(kv[i][0], k, slots)
-                v_pages = write_kv(kv[i][1], v, slots)
+                k_pages = write_kv(kv[i][0], k, slots, backend=backend)
+                v_pages = write_kv(kv[i][1], v, slots, backend=backend)
                 new_kv.append((k_pages, v_pages))
                 a = paged_attention(q, k_pages, v_pages, page_table, positions)
                 a = jnp.einsum("bthk,hkd->btd", a, w[p + "o"])

@@ -37,7 +37,8 @@ class Scheduler:
         config = pipeline.pipeline_config
         self.pipeline = pipeline
         self.kv = pipeline.model.kv_manager
-        self.max_batch_size = pipeline.model.max_batch_size
+        self.max_batch_size = pipeline.model.max_batch_size  # rows per replica
+        self.replicas = getattr(pipeline.model, "replicas", 1)
         self.prefill_chunk_size = prefill_chunk_size or config.prefill_chunk_size
         self.max_num_steps = max_num_steps or pipeline.max_num_steps
         self.async_scheduling = config.async_scheduling
@@ -112,7 +113,7 @@ class Scheduler:
         batch changes next (a row has finished, a request could be admitted) or pages would
         need a preemption."""
         if prev.last is None or any(r.done for r in prev.rows) or (self.waiting and
-                                                                   len(self.running) < self.max_batch_size):
+                                                                   len(self.running) < self.capacity):
             return None
         for r in prev.rows:
             total = len(r.ctx.tokens) - 1 + prev.steps + min(self.max_num_steps,
@@ -140,12 +141,23 @@ class Scheduler:
                 self._finish(r)
         return live
 
+    @property
+    def capacity(self) -> int:
+        return self.max_batch_size * self.replicas
+
+    def _rows_on(self, replica: int) -> list[GenerationRow]:
+        return [r for r in self.running if self.kv.replica_of(r.ctx.request_id) == replica]
+
     def _admit(self) -> None:
-        """Waiting -> running, oldest first, while there are rows and pages for its pending tokens."""
-        while self.waiting and len(self.running) < self.max_batch_size:
+        """Waiting -> running, oldest first, while a replica has a row and pages for its
+        pending tokens (the replica with the fewest rows, then the most free pages)."""
+        while self.waiting and len(self.running) < self.capacity:
             row = self.waiting[0]
             ctx = row.ctx
-            ctx.cache_length = self.kv.claim(ctx.request_id, ctx.tokens)  # > 0 on a prefix-cache hit
+            load = [len(self._rows_on(r)) for r in range(self.replicas)]
+            replica = min((r for r in range(self.replicas) if load[r] < self.max_batch_size),
+                          key=lambda r: (load[r], -self.kv.replica_free_pages(r)))
+            ctx.cache_length = self.kv.claim(ctx.request_id, ctx.tokens, replica=replica)  # > 0 on a prefix hit
             if self.kv.pages_short(ctx.request_id, len(ctx.tokens)):
                 self.kv.release(ctx.request_id)
                 ctx.cache_length = 0
@@ -154,19 +166,25 @@ class Scheduler:
             self.running.append(row)
 
     def _prefill_batch(self, rows: list[GenerationRow]) -> list[GenerationRow]:
+        """Chunks of pending prompts under the token budget; every replica's part of the
+        batch pads to one bucket of (rows, tokens), which must be in the bucket set."""
         batch, budget = [], self.prefill_chunk_size
+        per_replica = [0] * self.replicas
         for row in rows:
-            if budget == 0 or len(batch) == self.max_batch_size:
+            if budget == 0 or len(batch) == self.capacity:
                 break
             if row not in self.running:  # preempted by an earlier row's reservation
                 continue
+            replica = self.kv.replica_of(row.ctx.request_id)
             n = min(row.ctx.pending, budget)
-            if not self.pipeline.model.prefill_fits(len(batch) + 1, max([n] + [r.ctx.chunk for r in batch])):
+            widest = max(per_replica[replica] + 1, max(per_replica))
+            if not self.pipeline.model.prefill_fits(widest, max([n] + [r.ctx.chunk for r in batch])):
                 break
             if not self._reserve(row, row.ctx.cache_length + n):
                 continue
             row.ctx.chunk = n
             batch.append(row)
+            per_replica[replica] += 1
             budget -= n
         return [r for r in batch if r in self.running]  # a later reservation may have preempted an earlier row
 
@@ -181,8 +199,9 @@ class Scheduler:
     def _reserve(self, row: GenerationRow, total_tokens: int) -> bool:
         """Pages for `total_tokens` of `row`, preempting the newest requests if needed."""
         rid = row.ctx.request_id
-        while self.kv.pages_short(rid, total_tokens):
-            victim = max(self.running, key=lambda r: self._arrival[r.ctx.request_id])
+        replica = self.kv.replica_of(rid)
+        while self.kv.pages_short(rid, total_tokens):  # only rows on the same replica free pages for it
+            victim = max(self._rows_on(replica), key=lambda r: self._arrival[r.ctx.request_id])
             self._preempt(victim)
             if victim is row:
                 return False

@@ -1,39 +1,195 @@
-"""Two fake CPU devices (own process: XLA flags must precede jax's import)."""
+"""Sharding on fake CPU devices (own processes: XLA flags must precede jax's import).
+
+Tensor parallel 2/4/8 and data 2 x tensor 2 give one device's greedy tokens and
+logits; the compiled step all-reduces activations and never all-gathers a whole
+weight; two processes form one mesh through jax.distributed.
+"""
 
 from __future__ import annotations
 
+import json
 import os
+import socket
 import subprocess
 import sys
 import textwrap
 
-SCRIPT = textwrap.dedent("""
-    import os, sys
-    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+import pytest
+
+HERE = os.path.dirname(__file__)
+
+MESH_SCRIPT = textwrap.dedent("""
+    import json, os, sys
+    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
     sys.path.insert(0, sys.argv[1])
     import jax, numpy as np
-    from conftest import build_model, random_prompt
-    from maxlike.engine import InferenceSession
-    from maxlike.pipelines import DecoderPipelineModel, PipelineConfig, ReturnLogits, TextContext
+    from conftest import random_prompt
+    from maxlike.entrypoints import LLM
+    from maxlike.interfaces import SamplingParams
+    from maxlike.pipelines import PipelineConfig, TextContext
 
-    logits = []
-    for devices in (jax.devices()[:1], jax.devices()[:2]):
-        session = InferenceSession(devices)
-        cfg = PipelineConfig(model_path=sys.argv[2], max_length=128, max_batch_size=2)
-        m = DecoderPipelineModel(cfg, session, session.devices, cfg.kv_cache, None, None,
-                                 ReturnLogits.LAST_TOKEN, progress=False)
-        out = m.execute(m.prepare_initial_token_inputs([[TextContext("a", random_prompt(9, 1), 20)]]))
-        logits.append(np.asarray(out.next_token_logits))
-        print("signal_buffers", len(m.signal_buffers), [b.devices() for b in m.signal_buffers])
-    print("max_err", float(np.abs(logits[0] - logits[1]).max()))
+    path, meshes = sys.argv[2], json.loads(sys.argv[3])
+    prompts = [random_prompt(n, seed=n).tolist() for n in (5, 17, 9, 30)]
+    report = {}
+    for dp, tp in meshes:
+        llm = LLM(PipelineConfig(model_path=path, max_length=128, max_batch_size=4, devices=str(dp * tp),
+                                 data_parallel_degree=dp, tensor_parallel_degree=tp), progress=False)
+        outs = llm.generate_outputs(prompts, sampling_params=SamplingParams(top_k=1, max_new_tokens=8, ignore_eos=True),
+                                    use_tqdm=False)
+        model = llm.pipeline.model
+        # One prefill step over all prompts, spread over the replicas, for the logits.
+        ctxs = [TextContext(f"x{i}", p, 40) for i, p in enumerate(prompts)]
+        batches = [ctxs[r::dp] for r in range(dp)]
+        out = model.execute(model.prepare_initial_token_inputs(batches))
+        per = out.next_token_logits.shape[0] // dp
+        rows = {c.request_id: r * per + j for r, b in enumerate(batches) for j, c in enumerate(b)}
+        logits = np.asarray(out.next_token_logits)[[rows[c.request_id] for c in ctxs]]
+        hlo = model.session.executables("step")[0].as_text()
+        gathers = [line.split("=")[1].split()[0] for line in hlo.splitlines() if " all-gather(" in line]
+        weights = sorted({str(a.dtype) + str(list(a.shape)).replace(" ", "") for a in model.params.values()})
+        report[f"{dp}x{tp}"] = dict(
+            tokens=[o.token_ids for o in outs], logits=logits.tolist(), all_reduce=hlo.count(" all-reduce("),
+            gathered_weights=[g for g in gathers if any(g.startswith(w.replace("float32", "f32")) for w in weights)],
+            pool=list(model.kv_manager.pool[0][0].shape), mesh=dict(model.session.mesh.shape),
+            buffers=len(model.signal_buffers))
+    print(json.dumps(report))
 """)
 
 
-def test_two_devices_tensor_parallel_and_signal_buffers(tiny_llama):
-    r = subprocess.run([sys.executable, "-c", SCRIPT, os.path.dirname(__file__), tiny_llama[0]],
-                       capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr
-    lines = r.stdout.splitlines()
-    assert lines[0].startswith("signal_buffers 0 ")  # one device: none
-    assert lines[1].startswith("signal_buffers 2 ")  # one per device
-    assert float(lines[2].split()[1]) < 1e-5, "tensor parallel 2 equals one device"
+def _run_meshes(path, meshes):
+    r = subprocess.run([sys.executable, "-c", MESH_SCRIPT, HERE, path, json.dumps(meshes)],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def eight_head_models(tmp_path_factory):
+    """Tiny Llama and Qwen2 with 8 query and 2 KV heads (so 8-way tensor parallel splits them)."""
+    import torch
+    import transformers as tf
+
+    from conftest import save_tiny
+
+    common = dict(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=256,
+                  bos_token_id=1, eos_token_id=2, pad_token_id=0, rope_theta=10000.0)
+    paths = {}
+    for kind, cls, cfg in (("llama", tf.LlamaForCausalLM, tf.LlamaConfig(**common)),
+                           ("qwen2", tf.Qwen2ForCausalLM, tf.Qwen2Config(tie_word_embeddings=True, **common))):
+        torch.manual_seed(0)
+        model = cls(cfg).eval()
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name.endswith("bias"):
+                    p.normal_(0, 0.5)
+        paths[kind] = save_tiny(model, tmp_path_factory.mktemp(kind))
+    return paths
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_tensor_and_data_parallel_equal_one_device(eight_head_models, kind):
+    import numpy as np
+
+    report = _run_meshes(eight_head_models[kind], [[1, 1], [1, 2], [1, 4], [1, 8], [2, 2]])
+    one = report.pop("1x1")
+    assert one["buffers"] == 0
+    for name, r in report.items():
+        assert r["tokens"] == one["tokens"], f"{name}: greedy tokens differ from one device"
+        err = float(np.abs(np.asarray(r["logits"]) - np.asarray(one["logits"])).max())
+        assert err < 1e-5, f"{name}: logits differ by {err}"
+        assert r["all_reduce"] > 0, f"{name}: the sharded step has no all-reduce"
+        assert r["gathered_weights"] == [], f"{name}: the step all-gathers whole weights {r['gathered_weights']}"
+        dp, tp = (int(x) for x in name.split("x"))
+        assert r["mesh"] == {"data": dp, "tensor": tp} and r["buffers"] == dp * tp
+        assert r["pool"][0] == dp and r["pool"][3] == max(2, tp), "a KV pool per replica, KV heads repeated to tp"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+HOST_SCRIPT = textwrap.dedent("""
+    import json, os, sys
+    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+    sys.path.insert(0, sys.argv[1])
+    import jax
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    from conftest import random_prompt
+    from maxlike.entrypoints import LLM
+    from maxlike.interfaces import SamplingParams
+    from maxlike.pipelines import PipelineConfig
+
+    path, port, pid, nproc = sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
+    multi = dict(coordinator_address=f"127.0.0.1:{port}", num_processes=nproc, process_id=pid) if nproc > 1 else {}
+    llm = LLM(PipelineConfig(model_path=path, max_length=128, max_batch_size=4, tensor_parallel_degree=4,
+                             **multi), progress=False)
+    prompts = [random_prompt(n, seed=n).tolist() for n in (5, 17, 9)]
+    outs = llm.generate_outputs(prompts, sampling_params=SamplingParams(top_k=1, max_new_tokens=8, ignore_eos=True),
+                                use_tqdm=False)
+    print(json.dumps(dict(tokens=[o.token_ids for o in outs], devices=len(jax.devices()),
+                          local=len(jax.local_devices()), process=jax.process_index())))
+""")
+
+
+def test_two_processes_form_one_mesh(eight_head_models):
+    path, port = eight_head_models["llama"], _free_port()
+    procs = [subprocess.Popen([sys.executable, "-c", HOST_SCRIPT, HERE, path, str(port), str(i), "2"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    results = []
+    for p in procs:
+        out, err = p.communicate(timeout=600)
+        assert p.returncode == 0, err[-3000:]
+        results.append(json.loads(out.strip().splitlines()[-1]))
+    single = subprocess.run([sys.executable, "-c", HOST_SCRIPT.replace("count=2", "count=4"), HERE, path, "0", "0",
+                             "1"], capture_output=True, text=True, timeout=600)
+    assert single.returncode == 0, single.stderr[-3000:]
+    alone = json.loads(single.stdout.strip().splitlines()[-1])
+    assert [r["devices"] for r in results] == [4, 4] and [r["local"] for r in results] == [2, 2]
+    assert [r["process"] for r in results] == [0, 1]
+    assert results[0]["tokens"] == results[1]["tokens"] == alone["tokens"]
+
+
+def test_bad_meshes_are_named_before_loading(tiny_llama):
+    from maxlike.config import ConfigError
+    from maxlike.engine.mesh import plan_mesh
+    from maxlike.entrypoints import LLM
+    from maxlike.pipelines import PipelineConfig
+
+    with pytest.raises(ConfigError, match=r"devices='4' asks for 4 devices but 1 cpu device\(s\) are present"):
+        LLM(PipelineConfig(model_path=tiny_llama[0], devices="4"), progress=False)
+    with pytest.raises(ConfigError, match="tensor_parallel_degree=2 does not divide the 1 selected devices"):
+        LLM(PipelineConfig(model_path=tiny_llama[0], tensor_parallel_degree=2), progress=False)
+    sizes = dict(q_heads=4, kv_heads=2, vocab=320, intermediate=128)
+    with pytest.raises(ConfigError, match=r"its 4 attention heads do not split 3 ways. Degrees that fit: \[1\]"):
+        plan_mesh([None] * 3, None, 3, **sizes)
+    with pytest.raises(ConfigError, match="data_parallel_degree=2 x tensor_parallel_degree=2 needs 4 devices"):
+        plan_mesh([None] * 8, 2, 2, **sizes)
+    assert plan_mesh([None] * 8, None, None, **sizes) == (2, 4)  # widest split the heads allow, rest replicas
+    assert plan_mesh([None] * 3, None, None, **sizes) == (3, 1)
+    with pytest.raises(ConfigError, match="coordinator_address, num_processes and process_id together"):
+        PipelineConfig(model_path=tiny_llama[0], coordinator_address="127.0.0.1:1")
+
+
+def test_unreachable_coordinator_fails_in_bounded_time(tiny_llama):
+    import time
+
+    script = textwrap.dedent("""
+        import sys
+        sys.path.insert(0, sys.argv[1])
+        from maxlike.config import ConfigError
+        from maxlike.entrypoints import LLM
+        from maxlike.pipelines import PipelineConfig
+        try:
+            LLM(PipelineConfig(model_path=sys.argv[2], coordinator_address="127.0.0.1:" + sys.argv[3],
+                               num_processes=2, process_id=1, coordinator_timeout_s=5), progress=False)
+        except ConfigError as e:
+            print("ConfigError:", e)
+    """)
+    t = time.perf_counter()
+    r = subprocess.run([sys.executable, "-c", script, HERE, tiny_llama[0], str(_free_port())],
+                       capture_output=True, text=True, timeout=120)
+    assert "ConfigError: could not join the multi-host job" in r.stdout, r.stderr[-2000:]
+    assert "within 5s" in r.stdout and time.perf_counter() - t < 90

@@ -27,7 +27,7 @@ def test_many_requests_through_a_small_pool_equal_each_alone(tiny_llama, tiny_ll
                for i in range(64)]
     params = [SamplingParams(top_k=1, ignore_eos=True, max_new_tokens=int(rng.integers(1, 30))) for _ in prompts]
     llm = small_pool_llm(tiny_llama[0], pages=24, max_num_steps=4,  # room for ~3 of 8 rows at full length
-                         enable_prefix_caching=caching)
+                         enable_prefix_caching=caching, async_scheduling=True)
     assert llm.pipeline.model.kv_manager.num_pages == 25
     outs = llm.generate_outputs(prompts, sampling_params=params, use_tqdm=False)
     stats = llm.scheduler.stats
@@ -61,7 +61,9 @@ def test_async_scheduling_changes_only_the_timing(tiny_llama):
         outs = llm.generate_outputs(prompts, sampling_params=params, use_tqdm=False)
         results.append([(o.token_ids, o.finish_reason) for o in outs])
         stats = llm.scheduler.stats
-        assert (stats.overlapped > 0) == overlap and stats.preemptions > 0
+        assert (stats.overlapped > 0) == overlap
+        if llm.pipeline.model.session.platform == "cpu":  # elsewhere the pool is sized from device memory
+            assert stats.preemptions > 0
         kv = llm.pipeline.model.kv_manager
         assert kv.free_pages == kv.num_pages - 1 and not llm.scheduler.has_work
     assert results[0] == results[1]

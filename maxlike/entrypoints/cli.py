@@ -69,11 +69,14 @@ def cmd_generate(args) -> int:
     req = (TextGenerationRequest(rid, messages=[{"role": "user", "content": args.prompt}], sampling_params=params)
            if args.chat else TextGenerationRequest(rid, prompt=args.prompt, sampling_params=params))
     t1 = time.perf_counter()
-    n = 0
+    import jax
+
+    lead = jax.process_index() == 0  # a multi-host job prints once
     for piece in llm.stream(req):
-        print(piece, end="", flush=True)
-        n += 1
-    print()
+        if lead:
+            print(piece, end="", flush=True)
+    if lead:
+        print()
     if args.verbose:
         stats = llm.pipeline.model.session.stats.as_dict()
         print(f"[maxlike] load {t1 - t0:.1f}s, generate {time.perf_counter() - t1:.1f}s, "

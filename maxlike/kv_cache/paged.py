@@ -1,9 +1,11 @@
 """The paged KV pool, its block allocator and per-sequence page tables.
 
-Layout: for every layer a (keys, values) pair of [pages, page_size, kv_heads,
-head_dim] arrays, kept as separate arrays per layer so the decode step never
-slices a stacked buffer. Page 0 is reserved: padding tokens write there and
-unused page-table entries point there, so no real sequence ever sees them.
+Layout: for every layer a (keys, values) pair of [replicas, pages, page_size,
+kv_heads, head_dim] arrays, kept as separate arrays per layer so the decode step
+never slices a stacked buffer. Each data-parallel replica owns its own pages
+(the leading axis is sharded over the mesh's data axis) and page ids are local
+to a replica. Page 0 of every replica is reserved: padding tokens write there
+and unused page-table entries point there, so no real sequence ever sees them.
 """
 
 from __future__ import annotations
@@ -74,6 +76,18 @@ class BlockAllocator:
         self._free.extend(reversed(pages))
 
 
+class _Replica:
+    """One data-parallel replica's pages: free list and prefix cache."""
+
+    def __init__(self, num_pages: int, enable_prefix_caching: bool):
+        self.allocator = BlockAllocator(num_pages)
+        self.prefix_cache = PrefixCache() if enable_prefix_caching else None
+
+    @property
+    def free_pages(self) -> int:
+        return self.allocator.free + (self.prefix_cache.evictable if self.prefix_cache else 0)
+
+
 class PagedKVCacheManager:
     """Owns the pool arrays and which pages each request holds.
 
@@ -82,29 +96,40 @@ class PagedKVCacheManager:
     How many tokens are written is the caller's (the context's `cache_length`).
     The pool is donated to every compiled step; `pool` is replaced by the step's output.
     With prefix caching, `claim` returns how many leading tokens are already cached.
+    With several replicas, a request lives on the one `claim` puts it on.
     """
 
     def __init__(self, params: KVCacheParams, num_pages: int, mesh: Mesh, allocate: bool = True,
-                 enable_prefix_caching: bool = False):
+                 enable_prefix_caching: bool = False, replicas: int = 1):
         if num_pages < 2:
             raise ValueError("the KV pool needs at least 2 pages (page 0 is reserved).")
         self.params = params
-        self.num_pages = num_pages
+        self.num_pages = num_pages  # per replica
+        self.replicas = replicas
         self.mesh = mesh
-        self.allocator = BlockAllocator(num_pages)
-        self.prefix_cache = PrefixCache() if enable_prefix_caching else None
+        self._replicas = [_Replica(num_pages, enable_prefix_caching) for _ in range(replicas)]
         self._pages: dict[str, list[int]] = {}
+        self._replica_of: dict[str, int] = {}
         self._chain: dict[str, tuple[int, int]] = {}  # request -> (pages registered, key id of the last)
         self.pool: list[tuple[jax.Array, jax.Array]] | None = self._allocate_pool() if allocate else None
 
     @property
-    def pool_sharding(self):
-        return named_sharding(self.mesh, ("pages", "page_slots", "kv_heads", "head_dim"))
+    def allocator(self) -> BlockAllocator:
+        return self._replicas[0].allocator
 
     @property
-    def pool_shape(self) -> tuple[int, int, int, int]:
+    def prefix_cache(self) -> PrefixCache | None:
+        """The first replica's prefix cache (the only one without data parallelism)."""
+        return self._replicas[0].prefix_cache
+
+    @property
+    def pool_sharding(self):
+        return named_sharding(self.mesh, ("batch", "pages", "page_slots", "kv_heads", "head_dim"))
+
+    @property
+    def pool_shape(self) -> tuple[int, int, int, int, int]:
         p = self.params
-        return (self.num_pages, p.page_size, p.kv_heads, p.head_dim)
+        return (self.replicas, self.num_pages, p.page_size, p.kv_heads, p.head_dim)
 
     def _allocate_pool(self):
         zeros = jax.jit(
@@ -113,60 +138,69 @@ class PagedKVCacheManager:
         return [(zeros(), zeros()) for _ in range(self.params.num_layers)]
 
     # -- bookkeeping -------------------------------------------------------
-    def claim(self, request_id: str, tokens=None) -> int:
-        """Start holding pages for `request_id`; returns the number of leading
-        `tokens` whose keys and values are already cached (0 without prefix caching)."""
+    def claim(self, request_id: str, tokens=None, replica: int | None = None) -> int:
+        """Start holding pages for `request_id` (on `replica`, default the one with the
+        most free pages); returns the number of leading `tokens` whose keys and values
+        are already cached (0 without prefix caching)."""
         if request_id in self._pages:
             raise ValueError(f"request {request_id!r} already holds KV pages.")
-        pages, last = ([], 0) if self.prefix_cache is None or tokens is None else \
-            self.prefix_cache.match(tokens, self.params.page_size)
+        if replica is None:
+            replica = max(range(self.replicas), key=lambda r: self._replicas[r].free_pages)
+        cache = self._replicas[replica].prefix_cache
+        pages, last = ([], 0) if cache is None or tokens is None else cache.match(tokens, self.params.page_size)
         self._pages[request_id] = pages
+        self._replica_of[request_id] = replica
         self._chain[request_id] = (len(pages), last)
         return len(pages) * self.params.page_size
 
     def contains(self, request_id: str) -> bool:
         return request_id in self._pages
 
+    def replica_of(self, request_id: str) -> int:
+        return self._replica_of[request_id]
+
     def reserve(self, request_id: str, total_tokens: int) -> None:
         """Make sure `request_id` owns pages for `total_tokens` tokens."""
-        pages = self._pages[request_id]
+        pages, rep = self._pages[request_id], self._replicas[self._replica_of[request_id]]
         need = self.params.pages_for(total_tokens) - len(pages)
         if need > 0:
-            short = need - self.allocator.free
-            if short > 0 and self.prefix_cache is not None and short <= self.prefix_cache.evictable:
-                self.allocator.release(self.prefix_cache.evict(short))
-            pages.extend(self.allocator.allocate(need))
+            short = need - rep.allocator.free
+            if short > 0 and rep.prefix_cache is not None and short <= rep.prefix_cache.evictable:
+                rep.allocator.release(rep.prefix_cache.evict(short))
+            pages.extend(rep.allocator.allocate(need))
 
     def pages_short(self, request_id: str, total_tokens: int) -> int:
-        """How many more pages `request_id` needs for `total_tokens` than the pool can give (0: it fits)."""
+        """How many more pages `request_id` needs for `total_tokens` than its replica can give (0: it fits)."""
         need = self.params.pages_for(total_tokens) - len(self._pages[request_id])
-        return max(0, need - self.free_pages)
+        return max(0, need - self._replicas[self._replica_of[request_id]].free_pages)
 
     def commit(self, request_id: str, tokens, cache_length: int) -> None:
         """`cache_length` tokens of `request_id` are now written: offer its full pages to the prefix cache."""
-        if self.prefix_cache is None:
+        cache = self._replicas[self._replica_of[request_id]].prefix_cache
+        if cache is None:
             return
         done, key = self._chain[request_id]
         page_size, pages = self.params.page_size, self._pages[request_id]
         for i in range(done, cache_length // page_size):
-            key = self.prefix_cache.register(key, tuple(int(t) for t in tokens[i * page_size : (i + 1) * page_size]),
-                                             pages[i])
+            key = cache.register(key, tuple(int(t) for t in tokens[i * page_size : (i + 1) * page_size]), pages[i])
             done = i + 1
         self._chain[request_id] = (done, key)
 
     def release(self, request_id: str) -> None:
         pages = self._pages.pop(request_id)
         del self._chain[request_id]
-        cache = self.prefix_cache
+        rep = self._replicas[self._replica_of.pop(request_id)]
+        cache = rep.prefix_cache
         private = [p for p in pages if cache is None or not cache.owns(p)]
         if cache is not None:
             for p in pages:
                 if cache.owns(p):
                     cache.drop_ref(p)
-        self.allocator.release(private)
+        rep.allocator.release(private)
 
     def page_table(self, request_ids: list[str | None], width: int) -> np.ndarray:
-        """[len(request_ids), width] page ids; None rows (padding) point at the null page."""
+        """[len(request_ids), width] page ids (local to each request's replica); None
+        rows (padding) point at the null page."""
         table = np.full((len(request_ids), width), NULL_PAGE, np.int32)
         for row, rid in enumerate(request_ids):
             if rid is not None:
@@ -177,11 +211,14 @@ class PagedKVCacheManager:
     def num_pages_of(self, request_id: str) -> int:
         return len(self._pages[request_id])
 
+    def replica_free_pages(self, replica: int) -> int:
+        return self._replicas[replica].free_pages
+
     @property
     def free_pages(self) -> int:
-        """Pages a request could get now: free ones plus cached pages nobody holds."""
-        return self.allocator.free + (self.prefix_cache.evictable if self.prefix_cache else 0)
+        """Pages requests could get now, over all replicas: free ones plus cached pages nobody holds."""
+        return sum(r.free_pages for r in self._replicas)
 
     @property
     def pages_in_use(self) -> int:
-        return self.num_pages - 1 - self.free_pages
+        return self.replicas * (self.num_pages - 1) - self.free_pages

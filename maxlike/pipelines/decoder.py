@@ -7,6 +7,7 @@ KV pool donated and returned updated.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from functools import partial
 from typing import Any, Sequence
@@ -62,22 +63,35 @@ class DecoderPipelineModel(PipelineModel[TextContext]):
                 f"this model uses sliding-window attention (window {window}), which maxlike does not build yet; "
                 f"pass max_length <= {window} to run it with full attention."
             )
+        mesh = session.mesh
+        self.replicas, self.tensor_parallel_degree = mesh.shape["data"], mesh.shape["tensor"]
+        source_specs = self.arch.weight_specs(self.config)
+        # KV heads fewer than the tensor degree are repeated so every device holds the one its queries use.
+        self.kv_repeat = max(1, self.tensor_parallel_degree // self.config.kv_heads)
+        if self.kv_repeat > 1:
+            self.config = dataclasses.replace(self.config, kv_heads=self.config.kv_heads * self.kv_repeat)
         specs = self.arch.weight_specs(self.config)
         self._specs = specs
         self.kv_params, self.max_batch_size, num_pages = self._plan_kv_cache(specs)
-        mesh = session.mesh
         host = weights if weights is not None else read_weights(
-            pipeline_config.model.model_path, specs, self.dtype, progress=progress,
+            pipeline_config.model.model_path, source_specs, self.dtype, progress=progress,
             weight_path=pipeline_config.model.weight_path)
         # Every file was checked and read, and the KV cache planned, before the first device allocation.
         self.params = {
-            name: jax.device_put(np.asarray(host[name], self.dtype), named_sharding(mesh, specs[name].axes))
+            name: _place_sharded(self._repeat_kv(host[name], specs[name]), named_sharding(mesh, specs[name].axes),
+                                 self.dtype)
             for name in tqdm(specs, desc="placing weights", unit="tensor", disable=not progress)
         }
         del host
-        self.kv_manager = PagedKVCacheManager(self.kv_params, num_pages, mesh,
+        self.kv_manager = PagedKVCacheManager(self.kv_params, num_pages, mesh, replicas=self.replicas,
                                               enable_prefix_caching=kv_cache_config.enable_prefix_caching)
         self._replicated = replicated(mesh)
+        self._by_row = named_sharding(mesh, ("batch",))  # step inputs: rows split over the replicas
+
+    def _repeat_kv(self, array, spec) -> np.ndarray:
+        if self.kv_repeat == 1 or "kv_heads" not in spec.axes:
+            return array
+        return np.repeat(np.asarray(array), self.kv_repeat, axis=spec.axes.index("kv_heads"))
 
     # -- sizing ----------------------------------------------------------
     @classmethod
@@ -120,23 +134,27 @@ class DecoderPipelineModel(PipelineModel[TextContext]):
         return max(prefill, decode)
 
     def _plan_kv_cache(self, specs) -> tuple[KVCacheParams, int, int]:
-        """(page layout, max batch size, pages in the pool), or a ConfigError saying what fits.
+        """(page layout, max batch size per replica, pages per replica), or a ConfigError
+        saying what fits.
 
-        CPU: a configured host budget. Accelerators: free device memory x
-        device_memory_utilization, less the weights and a step's activations.
+        CPU: a configured host budget, split over the replicas. Accelerators: one
+        device's free memory x device_memory_utilization, less its share of the
+        weights and a step's activations, over its share of a page (its KV heads).
         """
         cfg = self.kv_cache_config
         layers, kv_heads, head_dim = self.arch.kv_shape(self.config)
         dtype = self.dtype if cfg.cache_dtype == "auto" else memory.resolve_dtype(cfg.cache_dtype, self.session.platform)
         params = KVCacheParams(layers, kv_heads, head_dim, cfg.kv_cache_page_size, str(dtype))
+        tp = self.tensor_parallel_degree
         if self.session.platform == "cpu":
-            budget = cfg.host_kv_cache_memory_gib * 2**30
+            budget, page_bytes = cfg.host_kv_cache_memory_gib * 2**30 / self.replicas, params.page_bytes
         else:
             stats = self.devices[0].memory_stats() or {}
             free = stats.get("bytes_limit", 0) * cfg.device_memory_utilization - stats.get("bytes_in_use", 0)
-            budget = (free - memory.weights_bytes(specs, self.dtype)
+            budget = (free - memory.weights_bytes(specs, self.dtype) / tp
                       - self.estimate_activation_memory(self.pipeline_config, self.huggingface_config))
-        budget_pages = max(0, int(budget // params.page_bytes))
+            page_bytes = params.page_bytes / tp
+        budget_pages = max(0, int(budget // page_bytes))
         pages_per_seq = params.pages_for(self.max_length)
         if budget_pages < pages_per_seq + 1:  # + the reserved null page
             fit = max(0, budget_pages - 1) * params.page_size
@@ -185,25 +203,38 @@ class DecoderPipelineModel(PipelineModel[TextContext]):
     def prepare_initial_token_inputs(self, replica_batches: Sequence[Sequence[TextContext]],
                                      kv_cache_inputs: KVCacheInputs | None = None,
                                      return_n_logits: int = 1) -> ModelInputs:
-        if len(replica_batches) != 1:
-            raise ValueError(f"this model runs one replica; got {len(replica_batches)} replica batches.")
-        batch = list(replica_batches[0])
-        if not batch or len(batch) > self.max_batch_size:
-            raise ValueError(f"a batch needs 1..{self.max_batch_size} contexts, got {len(batch)}.")
+        """One step's inputs. `replica_batches[r]` runs on data-parallel replica r (its
+        contexts' KV pages live there); each is padded to the same bucket of rows and
+        the rows laid out replica by replica."""
+        if len(replica_batches) != self.replicas:
+            raise ValueError(f"this model runs {self.replicas} replica(s); got {len(replica_batches)} replica batches.")
+        sizes = [len(b) for b in replica_batches]
+        if not any(sizes) or max(sizes) > self.max_batch_size:
+            raise ValueError(f"each replica batch needs 0..{self.max_batch_size} contexts (and one at least "
+                             f"1), got {sizes}.")
         kv = self.kv_manager
         page = self.kv_params.page_size
-        for ctx in batch:
-            if not kv.contains(ctx.request_id):  # unmanaged use: hold pages for the whole sequence
-                kv.claim(ctx.request_id)
-                kv.reserve(ctx.request_id, ctx.max_length)
-            kv.reserve(ctx.request_id, ctx.cache_length + len(ctx.next_tokens))
-        lengths = [len(ctx.next_tokens) for ctx in batch]
-        rows = self._bucket_batch(len(batch))
+        for r, replica_batch in enumerate(replica_batches):
+            for ctx in replica_batch:
+                if not kv.contains(ctx.request_id):  # unmanaged use: hold pages for the whole sequence
+                    kv.claim(ctx.request_id, replica=r)
+                    kv.reserve(ctx.request_id, ctx.max_length)
+                if kv.replica_of(ctx.request_id) != r:
+                    raise ValueError(f"request {ctx.request_id!r} holds pages on replica "
+                                     f"{kv.replica_of(ctx.request_id)}, not {r}.")
+                kv.reserve(ctx.request_id, ctx.cache_length + len(ctx.next_tokens))
+        per_replica = self._bucket_batch(max(sizes))
+        batch: list[TextContext | None] = []
+        for replica_batch in replica_batches:
+            batch += list(replica_batch) + [None] * (per_replica - len(replica_batch))
+        live = [c for c in batch if c is not None]
+        lengths = [len(c.next_tokens) if c is not None else 0 for c in batch]
+        rows = len(batch)
         if max(lengths) > self._max_prefill_tokens:
             raise ValueError(f"a step processes at most {self._max_prefill_tokens} tokens per row, got {max(lengths)}: "
                              "chunk the prompt (TextContext.chunk) or raise prefill_chunk_size.")
         t = self._bucket_tokens(max(lengths))
-        width = self._max_width if t > 1 else memory.bucket(max(kv.num_pages_of(c.request_id) for c in batch), 1,
+        width = self._max_width if t > 1 else memory.bucket(max(kv.num_pages_of(c.request_id) for c in live), 1,
                                                              self._max_width)
         if self.return_logits == ReturnLogits.ALL:
             n_logits = t
@@ -211,9 +242,8 @@ class DecoderPipelineModel(PipelineModel[TextContext]):
             n_logits = min(return_n_logits, t)
         else:
             n_logits = 1
-        ids = [c.request_id for c in batch]
-        table = kv.page_table(ids + [None] * (rows - len(batch)), width) if kv_cache_inputs is None \
-            else np.asarray(kv_cache_inputs.page_table)
+        ids = [c.request_id if c is not None else None for c in batch]
+        table = kv.page_table(ids, width) if kv_cache_inputs is None else np.asarray(kv_cache_inputs.page_table)
         tokens = np.zeros((rows, t), np.int32)
         positions = np.zeros((rows, t), np.int32)
         slots = np.zeros((rows, t), np.int32)
@@ -221,6 +251,8 @@ class DecoderPipelineModel(PipelineModel[TextContext]):
         starts = np.zeros((rows,), np.int32)
         counts = []
         for r, ctx in enumerate(batch):
+            if ctx is None:
+                continue
             n, start = lengths[r], ctx.cache_length
             pos = start + np.arange(n)
             tokens[r, :n] = ctx.next_tokens
@@ -231,18 +263,19 @@ class DecoderPipelineModel(PipelineModel[TextContext]):
             logit_idx[r, : n_logits - k] = n - k
             starts[r] = start
             counts.append(k)
-        lengths = np.asarray(lengths + [0] * (rows - len(batch)), np.int32)
         return self._place(dict(tokens=tokens, positions=positions, slots=slots, logit_indices=logit_idx,
-                                input_lengths=lengths, page_table=np.asarray(table, np.int32), cache_lengths=starts),
-                           tuple(ids), tuple(counts))
+                                input_lengths=np.asarray(lengths, np.int32), page_table=np.asarray(table, np.int32),
+                                cache_lengths=starts), tuple(c.request_id for c in live), tuple(counts))
 
     def _place(self, host: dict[str, np.ndarray], request_ids: tuple = (), logit_counts: tuple = ()) -> ModelInputs:
         """Host int32 arrays -> ModelInputs on the mesh: one transfer of one packed buffer,
         unpacked on device (one transfer per array costs ~30x more host time)."""
         layout = tuple((k, v.shape) for k, v in host.items())
-        packed = jax.device_put(np.concatenate([v.ravel() for v in host.values()]), self._replicated)
+        flat = np.concatenate([v.ravel() for v in host.values()])
+        packed = jax.device_put(flat, self._replicated) if self._replicated.is_fully_addressable else \
+            _place_sharded(flat, self._replicated, flat.dtype)  # multi-host: each process places its devices' copies
         exe = self.session.compile("unpack_inputs", partial(_unpack, layout), (packed,), key=layout,
-                                   out_shardings=self._replicated)
+                                   out_shardings={name: self._by_row for name, _ in layout})
         a = exe(packed)
         return ModelInputs(
             tokens=a["tokens"], positions=a["positions"], slots=a["slots"], logit_indices=a["logit_indices"],
@@ -252,7 +285,8 @@ class DecoderPipelineModel(PipelineModel[TextContext]):
         )
 
     def zero_inputs(self, rows: int, tokens: int, width: int) -> ModelInputs:
-        """Inputs of one bucket that touch only the null page (for warm-up)."""
+        """Inputs of one bucket (rows per replica) that touch only the null page (for warm-up)."""
+        rows *= self.replicas
         n_logits = tokens if self.return_logits == ReturnLogits.ALL else 1
         z = lambda *shape: np.zeros(shape, np.int32)  # noqa: E731
         return self._place(dict(tokens=z(rows, tokens), positions=z(rows, tokens), slots=z(rows, tokens),
@@ -264,7 +298,7 @@ class DecoderPipelineModel(PipelineModel[TextContext]):
         args = (next_tokens, prev.arrays())
         key = (next_tokens.shape, tuple((k, v.shape) for k, v in args[1].items()))
         exe = self.session.compile("prepare_next", partial(_next_inputs, self.kv_params.page_size), args, key=key,
-                                   out_shardings=self._replicated)  # the same shardings as prepare_initial's
+                                   out_shardings=self._by_row)  # the same shardings as prepare_initial's
         arrays = exe(*args)
         return ModelInputs(
             tokens=arrays["tokens"], positions=arrays["positions"], slots=arrays["slots"],
@@ -277,7 +311,7 @@ class DecoderPipelineModel(PipelineModel[TextContext]):
     def _step(self, params, kv, arrays):
         cfg = self.config
         hidden, kv = self.arch.forward(cfg, params, kv, arrays["tokens"], arrays["positions"], arrays["slots"],
-                                       arrays["page_table"])
+                                       arrays["page_table"], backend=self.session.platform)
         picked = jnp.take_along_axis(hidden, arrays["logit_indices"][..., None], axis=1)  # [B, N, D]
         logits = self.arch.lm_head(cfg, params, picked).astype(jnp.float32)  # [B, N, V]
         out = {"next_token_logits": logits[:, -1]}
@@ -356,7 +390,8 @@ class DecoderPipelineModel(PipelineModel[TextContext]):
                 np.asarray(budgets, np.int32), np.int32(num_steps))
         key = (max_steps, sampling_inputs is None, tuple((k, v.shape) for k, v in arrays.items()))
         exe = self.session.compile("decode_loop", partial(self._decode_loop, max_steps=max_steps), args,
-                                   donate_argnums=(1,), key=key)
+                                   donate_argnums=(1,), key=key,
+                                   out_shardings=((self._replicated, self._by_row), self.kv_manager.pool_sharding))
         out, self.kv_manager.pool = exe(*args)
         return out
 
@@ -374,7 +409,8 @@ class DecoderPipelineModel(PipelineModel[TextContext]):
         echo = any(batch_echo)
         logits = model_outputs.logits if echo else model_outputs.next_token_logits[:, None, :]
         targets = _echo_targets(model_inputs, next_tokens) if echo else next_tokens[:, None]
-        exe = session.compile(f"logprobs_top{top_n}", partial(_log_probs, top_n), (logits, targets))
+        exe = session.compile(f"logprobs_top{top_n}", partial(_log_probs, top_n), (logits, targets),
+                              out_shardings=self._replicated)
         chosen, top_vals, top_ids = jax.device_get(exe(logits, targets))
         results: list[LogProbabilities | None] = []
         for r, (n, want_echo) in enumerate(zip(batch_top_n, batch_echo)):
@@ -406,6 +442,13 @@ def _log_probs(top_n: int, logits: jax.Array, targets: jax.Array):
     chosen = jnp.take_along_axis(lp, targets[..., None], axis=-1)[..., 0]
     top_vals, top_ids = jax.lax.top_k(lp, top_n)
     return chosen, top_vals, top_ids
+
+
+def _place_sharded(array, sharding, dtype) -> jax.Array:
+    """A host array onto the mesh shard by shard: each device receives only its slice
+    (and in a multi-host job each process places only its own devices' slices)."""
+    array = np.asarray(array)
+    return jax.make_array_from_callback(array.shape, sharding, lambda index: np.asarray(array[index], dtype))
 
 
 def _unpack(layout: tuple, packed: jax.Array) -> dict:

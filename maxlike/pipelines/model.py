@@ -177,7 +177,8 @@ class PipelineModel(ABC, Generic[BaseContextType]):
             if len(self.devices) <= 1 or compile_only:
                 self._signal_buffers = []
             else:
-                self._signal_buffers = [jax.device_put(jnp.zeros((1,), jnp.uint8), d) for d in self.devices]
+                local = [d for d in self.devices if d.process_index == jax.process_index()]  # multi-host: ours only
+                self._signal_buffers = [jax.device_put(jnp.zeros((1,), jnp.uint8), d) for d in local]
         return self._signal_buffers
 
     # -- the step --------------------------------------------------------

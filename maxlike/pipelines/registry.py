@@ -48,14 +48,17 @@ class PipelineRegistry:
 
     def retrieve(self, pipeline_config: PipelineConfig, *, progress: bool = True, session=None):
         """Build (tokenizer, TextGenerationPipeline) for a config, as MAX's registry does."""
-        from maxlike.engine import InferenceSession
+        from maxlike.engine.mesh import session_for
         from maxlike.pipelines.model import ReturnLogits
         from maxlike.pipelines.text_generation import TextGenerationPipeline
         from maxlike.weights import load_hf_config, load_tokenizer
 
         hf = load_hf_config(pipeline_config.model.model_path)
         arch = self.retrieve_architecture(hf)
-        session = session or InferenceSession()
+        if session is None:
+            cfg = arch.graph.config_from_hf(hf)
+            session = session_for(pipeline_config, q_heads=cfg.q_heads, kv_heads=cfg.kv_heads,
+                                  vocab=cfg.vocab_size, intermediate=cfg.intermediate_size)
         return_logits = ReturnLogits.ALL if pipeline_config.sampling.enable_echo else ReturnLogits.LAST_TOKEN
         tokenizer = load_tokenizer(pipeline_config.model.model_path)
         model = arch.pipeline_model(

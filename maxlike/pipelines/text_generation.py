@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from maxlike.config import PipelineConfig
 from maxlike.interfaces import (
+    GREEDY,
     LogProbabilities,
     RequestError,
     TextGenerationOutput,
@@ -27,6 +28,7 @@ from maxlike.pipelines import sampling
 from maxlike.pipelines.context import TextContext
 from maxlike.pipelines.decoder import STOP_SLOTS
 from maxlike.pipelines.model import PipelineModel
+from maxlike.sharding import replicated
 
 
 @dataclass(eq=False)
@@ -49,10 +51,19 @@ class Launch:
     chunks: list[int]  # tokens each row processes (1 per step while decoding)
     sampling_rows: list[bool]  # rows that sample (the others are mid-prompt)
     steps: int
+    index: list[int] = field(default_factory=list)  # each row's row in the step's inputs (grouped by replica)
     tokens: Any = None  # [>= steps, B] new tokens (device array for a decode loop)
     last: Any = None  # decode loop only: [B] the tokens sampled last, on device
     params: sampling.SamplingInputs | None = None
     stop_ids: np.ndarray | None = None
+
+
+def _scatter(index: list[int], total: int, values: list, fill) -> list:
+    """`values` (one per row) laid out at `index` in a list of `total`, `fill` elsewhere."""
+    out = [fill] * total
+    for i, v in zip(index, values):
+        out[i] = v
+    return out
 
 
 class TextGenerationPipeline:
@@ -131,24 +142,39 @@ class TextGenerationPipeline:
         pending tokens sample one new token per step; the others only advance their
         cache. A decode loop's tokens stay on the device until `complete`.
         """
-        model = self.model
-        inputs = model.prepare_initial_token_inputs([[r.ctx for r in rows]])
+        rows, inputs, index = self._inputs(rows, [r.ctx for r in rows])
         chunks = [len(r.ctx.next_tokens) for r in rows]
         sampling_rows = [r.ctx.cache_length + n == len(r.ctx.tokens) for r, n in zip(rows, chunks)]
         decoding = all(n == 1 for n in chunks) and all(sampling_rows)
         budgets = [r.max_new - len(r.ctx.generated) for r in rows]
         steps = max(1, min(num_steps, self.max_num_steps, min(budgets))) if decoding else 1
-        params = None if all(r.ctx.sampling_params.greedy for r in rows) else sampling.SamplingInputs.build(
-            [r.ctx.sampling_params for r in rows], [r.ctx.seed for r in rows], inputs.tokens.shape[0])
+        total = inputs.tokens.shape[0]
+        params = None
+        if not all(r.ctx.sampling_params.greedy for r in rows):
+            by_row = _scatter(index, total, [(r.ctx.sampling_params, r.ctx.seed) for r in rows], (GREEDY, 0))
+            params = sampling.SamplingInputs.build([p for p, _ in by_row], [seed for _, seed in by_row], total)
         top_n = [r.ctx.sampling_params.logprobs if s else 0 for r, s in zip(rows, sampling_rows)]
+        launch = Launch(rows, chunks, sampling_rows, steps, index=index, params=params)
         if decoding and not any(top_n):  # logprobs need each step's logits: one call per step
-            stop_ids = np.full((inputs.tokens.shape[0], STOP_SLOTS), -1, np.int32)
-            for i, r in enumerate(rows):
+            launch.stop_ids = np.full((total, STOP_SLOTS), -1, np.int32)
+            for i, r in zip(index, rows):
                 ids = sorted(r.stops)[:STOP_SLOTS]
-                stop_ids[i, : len(ids)] = ids
-            return self._launch_loop(Launch(rows, chunks, sampling_rows, steps, params=params, stop_ids=stop_ids),
-                                     inputs, budgets)
-        return Launch(rows, chunks, sampling_rows, steps, self._host_steps(rows, inputs, steps, params, top_n))
+                launch.stop_ids[i, : len(ids)] = ids
+            return self._launch_loop(launch, inputs, budgets)
+        launch.tokens = self._host_steps(launch, inputs, top_n)
+        return launch
+
+    def _inputs(self, rows: list["GenerationRow"], contexts: list[TextContext]):
+        """(rows grouped by replica, the step's inputs, each row's index in them)."""
+        model, kv = self.model, self.model.kv_manager
+        groups: list[list[int]] = [[] for _ in range(model.replicas)]
+        for i, ctx in enumerate(contexts):
+            groups[kv.replica_of(ctx.request_id) if kv.contains(ctx.request_id) else 0].append(i)
+        inputs = model.prepare_initial_token_inputs([[contexts[i] for i in g] for g in groups])
+        per_replica = inputs.tokens.shape[0] // model.replicas
+        order = [i for g in groups for i in g]
+        index = [r * per_replica + j for r, g in enumerate(groups) for j in range(len(g))]
+        return [rows[i] for i in order], inputs, index
 
     def launch_after(self, prev: "Launch", num_steps: int) -> "Launch | None":
         """The decode block that follows `prev` on the same rows, dispatched before
@@ -158,22 +184,22 @@ class TextGenerationPipeline:
         caller reserves KV pages for both blocks first."""
         if prev.last is None:
             return None
-        rows = prev.rows
-        budgets = [r.max_new - len(r.ctx.generated) - prev.steps for r in rows]
+        budgets = [r.max_new - len(r.ctx.generated) - prev.steps for r in prev.rows]
         steps = min(num_steps, self.max_num_steps, min(budgets))
         if steps < 1:
             return None
         # Where each row will stand once `prev` is committed: prev.steps more tokens, the last one pending.
         ahead = [TextContext(r.ctx.request_id, np.zeros(len(r.ctx.tokens) + prev.steps, np.int32),
                              r.ctx.max_length, cache_length=len(r.ctx.tokens) - 1 + prev.steps,
-                             prompt_length=r.ctx.prompt_length) for r in rows]
-        inputs = self.model.prepare_initial_token_inputs([ahead]).replace(tokens=prev.last[:, None])
-        launch = Launch(rows, prev.chunks, prev.sampling_rows, steps, params=prev.params, stop_ids=prev.stop_ids)
+                             prompt_length=r.ctx.prompt_length) for r in prev.rows]
+        rows, inputs, index = self._inputs(prev.rows, ahead)  # same rows, same order and layout as prev
+        inputs = inputs.replace(tokens=prev.last[:, None])
+        launch = Launch(rows, prev.chunks, prev.sampling_rows, steps, index=index, params=prev.params,
+                        stop_ids=prev.stop_ids)
         return self._launch_loop(launch, inputs, budgets)
 
     def _launch_loop(self, launch: "Launch", inputs, budgets: list[int]) -> "Launch":
-        padded = np.zeros((inputs.tokens.shape[0],), np.int32)
-        padded[: len(budgets)] = budgets
+        padded = np.asarray(_scatter(launch.index, inputs.tokens.shape[0], budgets, 0), np.int32)
         launch.tokens, launch.last = self.model.execute_decode_loop(
             inputs, launch.steps, self.max_num_steps, launch.params, launch.stop_ids, padded)
         return launch
@@ -182,9 +208,9 @@ class TextGenerationPipeline:
         """Bring a launched batch's tokens to the host and commit them (stop checks
         included). Returns the number of steps the device ran: a decode loop stops
         early once every row has finished."""
-        tokens = np.asarray(jax.device_get(launch.tokens))[: launch.steps]
+        tokens = np.asarray(jax.device_get(launch.tokens))[: launch.steps][:, launch.index]  # [steps, rows]
         if launch.last is not None:  # steps after every row had finished did not run (-1)
-            tokens = tokens[: max(1, int((tokens[:, : len(launch.rows)] >= 0).any(axis=1).sum()))]
+            tokens = tokens[: max(1, int((tokens >= 0).any(axis=1).sum()))]
         for r, n, samples in zip(launch.rows, launch.chunks, launch.sampling_rows):
             r.ctx.chunk = None
             if not samples:
@@ -194,32 +220,37 @@ class TextGenerationPipeline:
             self._commit(sampled, [t for t, s in zip(step_tokens, launch.sampling_rows) if s])
         return len(tokens)
 
-    def _host_steps(self, rows, inputs, steps, params, top_n) -> np.ndarray:
-        """`steps` single-step calls (log-probabilities need each step's logits): tokens [steps, B]."""
-        model, session = self.model, self.model.session
-        echo = [r.ctx.sampling_params.echo and r.ctx.cache_length == 0 for r in rows]
+    def _host_steps(self, launch: "Launch", inputs, top_n: list[int]) -> np.ndarray:
+        """One call per step (log-probabilities need each step's logits): tokens [steps, B]."""
+        model, session, rows, total = self.model, self.model.session, launch.rows, inputs.tokens.shape[0]
+        top_n = _scatter(launch.index, total, top_n, 0)
+        echo = _scatter(launch.index, total, [r.ctx.sampling_params.echo and r.ctx.cache_length == 0
+                                              for r in rows], False)
         pending = []
-        for _ in range(steps):
+        for _ in range(launch.steps):
             out = model.execute(inputs)
-            tokens = self._sample(out, inputs, params)
+            tokens = self._sample(out, inputs, launch.params)
             if any(top_n):
-                for r, lp in zip(rows, model.compute_log_probabilities(session, inputs, out, tokens, top_n, echo)):
-                    if lp is not None:
-                        r.logprobs.append(lp)
-                echo = [False] * len(rows)
+                results = model.compute_log_probabilities(session, inputs, out, tokens, top_n, echo)
+                for r, i in zip(rows, launch.index):
+                    if results[i] is not None:
+                        r.logprobs.append(results[i])
+                echo = [False] * total
             pending.append(tokens)
-            if steps > 1:
+            if launch.steps > 1:
                 inputs = model.prepare_next_token_inputs(tokens, inputs)
         return np.stack(jax.device_get(pending))
 
     def _sample(self, out, inputs, params: sampling.SamplingInputs | None) -> jax.Array:
-        """Next tokens on device: argmax when every row is greedy (params None), else the full sampler."""
-        session = self.model.session
+        """Next tokens on device: argmax when every row is greedy (params None), else the full sampler.
+        Replicated, so every process of a multi-host job can read them."""
+        session, everywhere = self.model.session, replicated(self.model.session.mesh)
         if params is None:
-            return session.compile("sample_greedy", sampling.greedy, (out.next_token_logits,))(out.next_token_logits)
+            return session.compile("sample_greedy", sampling.greedy, (out.next_token_logits,),
+                                   out_shardings=everywhere)(out.next_token_logits)
         positions = inputs.kv_cache_inputs.cache_lengths + inputs.input_lengths
         args = (out.next_token_logits, params, positions)
-        return session.compile("sample", sampling.sample, args)(*args)
+        return session.compile("sample", sampling.sample, args, out_shardings=everywhere)(*args)
 
     def warmup(self, *, progress: bool = True) -> None:
         """Compile (and run once, on the null page) every executable of the bucket set."""
@@ -227,16 +258,17 @@ class TextGenerationPipeline:
         sampled: set[int] = set()
         for rows, tokens, width in tqdm(model.step_buckets(), desc="compiling", unit="bucket", disable=not progress):
             inputs = model.zero_inputs(rows, tokens, width)
+            total = inputs.tokens.shape[0]  # rows on every replica
             out = model.execute(inputs)
             if rows not in sampled:
                 sampled.add(rows)
                 self._sample(out, inputs, None)
-                self._sample(out, inputs, sampling.SamplingInputs.build([], [], rows))
+                self._sample(out, inputs, sampling.SamplingInputs.build([], [], total))
             if tokens == 1:
                 if self.max_num_steps > 1:
-                    model.prepare_next_token_inputs(jnp.zeros((rows,), jnp.int32), inputs)
-                stops, budgets = np.full((rows, STOP_SLOTS), -1, np.int32), np.zeros((rows,), np.int32)
-                for params in (None, sampling.SamplingInputs.build([], [], rows)):
+                    model.prepare_next_token_inputs(jnp.zeros((total,), jnp.int32), inputs)
+                stops, budgets = np.full((total, STOP_SLOTS), -1, np.int32), np.zeros((total,), np.int32)
+                for params in (None, sampling.SamplingInputs.build([], [], total)):
                     model.execute_decode_loop(inputs, 1, self.max_num_steps, params, stops, budgets)
         jax.block_until_ready(model.kv_manager.pool)
 

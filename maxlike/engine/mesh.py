@@ -1,0 +1,147 @@
+"""Which devices a pipeline runs on, and how they form its (data, tensor) mesh.
+
+`devices` names them ("cpu", "gpu", "gpu:0,1", "0,1", "4" for the first four,
+"all"; default all of the default backend's devices), `tensor_parallel_degree`
+splits one replica's heads, MLP and vocabulary across devices, and
+`data_parallel_degree` runs that many replicas side by side. Every mistake is
+caught here, before anything is loaded.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+
+import jax
+
+from maxlike.config import ConfigError
+
+
+def select_devices(spec: str | None) -> list[jax.Device]:
+    """The devices `spec` names (see the module docstring), in id order."""
+    spec = (spec or "all").strip()
+    platform, _, ids = spec.partition(":") if ":" in spec else ("", "", spec)
+    if ids in ("cpu", "gpu", "tpu", "cuda", "rocm"):
+        platform, ids = ids, "all"
+    try:
+        present = jax.devices(platform or None)
+    except RuntimeError as e:
+        raise ConfigError(f"devices={spec!r}: no {platform} devices are present here ({e}).") from None
+    kind = present[0].platform
+    if ids == "all":
+        return present
+    try:
+        numbers = [int(x) for x in ids.split(",") if x.strip()]
+    except ValueError:
+        raise ConfigError(f"devices={spec!r} is not understood: use 'all', a count such as '4', "
+                          "ids such as '0,1' or 'gpu:0,1'.") from None
+    if len(numbers) == 1 and "," not in ids and not platform:
+        count = numbers[0]
+        if not 1 <= count <= len(present):
+            raise ConfigError(f"devices={spec!r} asks for {count} devices but {len(present)} {kind} device(s) "
+                              f"are present: pass devices <= {len(present)}.")
+        return present[:count]
+    by_id = {d.id: d for d in present}
+    missing = [n for n in numbers if n not in by_id]
+    if missing:
+        raise ConfigError(f"devices={spec!r}: no {kind} device with id {missing}; present ids are "
+                          f"{sorted(by_id)}.")
+    return [by_id[n] for n in numbers]
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def tensor_split_problem(tp: int, *, q_heads: int, kv_heads: int, vocab: int, intermediate: int) -> str | None:
+    """Why a model cannot be split `tp` ways (None if it can). KV heads fewer than
+    `tp` are replicated, so they need only divide it."""
+    if q_heads % tp:
+        return f"its {q_heads} attention heads do not split {tp} ways"
+    if kv_heads % tp and tp % kv_heads:
+        return f"its {kv_heads} KV heads neither split {tp} ways nor divide {tp} (to be replicated)"
+    if vocab % tp:
+        return f"its vocabulary of {vocab} does not split {tp} ways"
+    if intermediate % tp:
+        return f"its MLP width {intermediate} does not split {tp} ways"
+    return None
+
+
+def plan_mesh(devices: list[jax.Device], data_parallel_degree: int | None, tensor_parallel_degree: int | None,
+              **model) -> tuple[int, int]:
+    """(data, tensor) degrees for `devices` and a model described by `model`
+    (q_heads, kv_heads, vocab, intermediate). Unset degrees are chosen: the
+    widest tensor split the model allows, the rest as data-parallel replicas."""
+    n = len(devices)
+    dp, tp = data_parallel_degree, tensor_parallel_degree
+    for name, value in (("data_parallel_degree", dp), ("tensor_parallel_degree", tp)):
+        if value is not None and (not isinstance(value, int) or value < 1):
+            raise ConfigError(f"{name} must be a positive integer, got {value!r}.")
+    if dp is not None and tp is not None and dp * tp != n:
+        raise ConfigError(f"data_parallel_degree={dp} x tensor_parallel_degree={tp} needs {dp * tp} devices but "
+                          f"{n} are selected: pass devices={dp * tp} (or change a degree).")
+    if dp is not None and n % dp:
+        raise ConfigError(f"data_parallel_degree={dp} does not divide the {n} selected devices.")
+    if tp is not None and n % tp:
+        raise ConfigError(f"tensor_parallel_degree={tp} does not divide the {n} selected devices: "
+                          f"pass devices={tp * (dp or 1)}.")
+    if tp is None:
+        room = n // (dp or 1)
+        tp = max(d for d in _divisors(room) if tensor_split_problem(d, **model) is None)
+    problem = tensor_split_problem(tp, **model)
+    if problem:
+        fits = [d for d in _divisors(n) if tensor_split_problem(d, **model) is None]
+        raise ConfigError(f"tensor_parallel_degree={tp} does not fit this model: {problem}. "
+                          f"Degrees that fit: {fits}.")
+    return n // tp, tp
+
+
+def initialize_distributed(pipeline_config) -> None:
+    """Join a multi-host job (jax.distributed) when the config names a coordinator.
+
+    Must run before anything touches a device. An unreachable coordinator fails
+    after `coordinator_timeout_s` with a ConfigError instead of hanging."""
+    if pipeline_config.coordinator_address is None:
+        return
+    timeout_s = pipeline_config.coordinator_timeout_s
+    if jax.distributed.is_initialized():
+        return
+    where = (f"could not join the multi-host job at coordinator_address={pipeline_config.coordinator_address!r} "
+             f"as process {pipeline_config.process_id} of {pipeline_config.num_processes} within {timeout_s}s")
+    if pipeline_config.process_id != 0 and not _reachable(pipeline_config.coordinator_address, timeout_s):
+        # jax aborts the whole process when the coordinator never answers: check first.
+        raise ConfigError(f"{where}: nothing accepts connections there. Check that process 0 is running "
+                          "there and the port is reachable.")
+    try:
+        jax.distributed.initialize(coordinator_address=pipeline_config.coordinator_address,
+                                   num_processes=pipeline_config.num_processes,
+                                   process_id=pipeline_config.process_id,
+                                   initialization_timeout=timeout_s)
+    except Exception as e:  # noqa: BLE001 - jax raises several types here; all mean the same to the user
+        raise ConfigError(f"{where}: {str(e).splitlines()[0] if str(e) else type(e).__name__}. Check that "
+                          "process 0 is running there and the port is reachable.") from None
+
+
+def _reachable(address: str, timeout_s: float) -> bool:
+    """Whether something accepts TCP connections at "host:port" within `timeout_s`."""
+    host, _, port = address.rpartition(":")
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with socket.create_connection((host.strip("[]") or "127.0.0.1", int(port)), timeout=1.0):
+                return True
+        except (OSError, ValueError):
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.2)
+
+
+def session_for(pipeline_config, *, q_heads: int, kv_heads: int, vocab: int, intermediate: int):
+    """The InferenceSession (mesh) a pipeline config asks for, for a model of these sizes."""
+    from maxlike.engine.session import InferenceSession
+
+    initialize_distributed(pipeline_config)
+    devices = select_devices(pipeline_config.devices)
+    dp, tp = plan_mesh(devices, pipeline_config.data_parallel_degree, pipeline_config.tensor_parallel_degree,
+                       q_heads=q_heads, kv_heads=kv_heads, vocab=vocab, intermediate=intermediate)
+    return InferenceSession(devices, data_parallel_degree=dp, tensor_parallel_degree=tp)
