@@ -69,6 +69,8 @@ def write_kv(pages: jax.Array, new: jax.Array, slots: jax.Array, *, backend: str
     def one_replica(pool, new, slots):  # vmapped: a gather/scatter batched over the data-sharded axis stays local
         return pool.reshape(n * s, kv, d).at[slots].set(new, mode="promise_in_bounds").reshape(n, s, kv, d)
 
+    if r == 1:  # the common case without vmap's batched scatter (same program as before replicas existed)
+        return one_replica(pages[0], new[0], slots[0])[None]
     return jax.vmap(one_replica)(pages, new, slots)
 
 
@@ -76,6 +78,8 @@ def gather_pages(pages: jax.Array, page_table: jax.Array) -> jax.Array:
     """pages [R, N, S, KV, D]; page_table [B, P] (rows grouped by replica) -> [B, P * S, KV, D]."""
     r, _, s, kv, d = pages.shape
     b, p = page_table.shape
+    if r == 1:
+        return pages[0][page_table].reshape(b, p * s, kv, d)
     out = jax.vmap(lambda pool, table: pool[table])(pages, page_table.reshape(r, b // r, p))  # [R, B/R, P, S, KV, D]
     return out.reshape(b, p * s, kv, d)
 

@@ -28,6 +28,8 @@ def test_list_and_errors(tmp_path):
     assert r.returncode == 2 and "--max-length" in r.stderr  # argparse suggests the right flag
     r = maxlike("serve")
     assert r.returncode == 2 and "not built yet" in r.stderr
+    r = maxlike("generate", "--prompt", "x", "--devices", "4", "--tensor-parallel-degree", "4")
+    assert r.returncode == 1 and "asks for 4 devices but 1 cpu device(s) are present" in r.stderr
 
 
 def test_examples_run(tiny_llama):
@@ -41,6 +43,9 @@ def test_examples_run(tiny_llama):
     assert "compiles:" in subprocess.run(
         [sys.executable, os.path.join(root, "pipeline_model.py"), "--model-path", tiny_llama[0]],
         capture_output=True, text=True, timeout=300).stdout
+    r = subprocess.run([sys.executable, os.path.join(root, "multi_device.py"), "--model-path", tiny_llama[0],
+                        "--fake-cpu-devices", "4"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "mesh: {'data': 1, 'tensor': 4} over 4 devices" in r.stdout, r.stderr[-2000:]
 
 
 def test_benchmark_command(tiny_llama):
