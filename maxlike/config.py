@@ -147,6 +147,9 @@ class PipelineConfig:
     num_processes: int | None = None
     process_id: int | None = None
     coordinator_timeout_s: int = 60  # give up joining the multi-host job after this long
+    cache_dir: str | None = None  # ahead-of-time executables; None: $MAXLIKE_CACHE_DIR or ~/.cache/maxlike
+    executable_cache: bool = True  # read and write serialized executables under cache_dir
+    compile_only: bool = False  # build from abstract weights and compile every bucket; allocate nothing
     warmup: bool = False  # compile every bucket at load (with a progress bar)
     forbid_compile: bool = False  # after warm-up, any compile is an error
     seed: int = 0

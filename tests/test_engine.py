@@ -32,11 +32,11 @@ def test_kv_pool_is_donated_and_updated_in_place(tiny_llama):
 def test_same_bucket_never_recompiles(tiny_llm):
     stats = tiny_llm.pipeline.model.session.stats
     tiny_llm.generate(["hello there"], max_new_tokens=6, use_tqdm=False)
-    before = stats.compiled
+    before = stats.compiled + stats.loaded  # (the suite shares one executable cache: some may be loaded)
     tiny_llm.generate(["hello world"], max_new_tokens=6, use_tqdm=False)
     tiny_llm.generate(["abcdefghijk"], max_new_tokens=6, use_tqdm=False)  # same buckets
-    assert stats.compiled == before
-    assert stats.by_name["step"] >= 1 and stats.by_name["decode_loop"] >= 1 and stats.compile_seconds > 0
+    assert stats.compiled + stats.loaded == before
+    assert stats.by_name["step"] >= 1 and stats.by_name["decode_loop"] >= 1
 
 
 def test_model_inputs_is_a_pytree_of_arrays_only(tiny_llama):

@@ -144,4 +144,16 @@ def session_for(pipeline_config, *, q_heads: int, kv_heads: int, vocab: int, int
     devices = select_devices(pipeline_config.devices)
     dp, tp = plan_mesh(devices, pipeline_config.data_parallel_degree, pipeline_config.tensor_parallel_degree,
                        q_heads=q_heads, kv_heads=kv_heads, vocab=vocab, intermediate=intermediate)
-    return InferenceSession(devices, data_parallel_degree=dp, tensor_parallel_degree=tp)
+    return InferenceSession(devices, data_parallel_degree=dp, tensor_parallel_degree=tp,
+                            cache_dir=executable_cache_dir(pipeline_config))
+
+
+def executable_cache_dir(pipeline_config) -> str | None:
+    """Where serialized executables live: `cache_dir`, else maxlike's cache folder; None when disabled."""
+    import os
+
+    from maxlike.weights.loader import cache_root
+
+    if not pipeline_config.executable_cache:
+        return None
+    return os.path.join(pipeline_config.cache_dir or cache_root(), "executables")

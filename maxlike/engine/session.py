@@ -16,6 +16,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 
+from maxlike.engine import exe_cache
+from maxlike.engine.exe_cache import ExecutableCache
 from maxlike.sharding import MESH_AXES
 
 log = logging.getLogger("maxlike")
@@ -29,10 +31,15 @@ class CompileForbiddenError(RuntimeError):
 class CompileStats:
     compiled: int = 0
     compile_seconds: float = 0.0
-    by_name: dict[str, int] = field(default_factory=dict)
+    by_name: dict[str, int] = field(default_factory=dict)  # executables compiled or loaded, by name
+    loaded: int = 0  # executables read from the ahead-of-time cache instead of compiled
+    load_seconds: float = 0.0
+    cached_bytes: int = 0  # written to the cache by this session
 
     def as_dict(self) -> dict[str, Any]:
-        return {"compiled": self.compiled, "compile_seconds": round(self.compile_seconds, 3), "by_name": dict(self.by_name)}
+        return {"compiled": self.compiled, "compile_seconds": round(self.compile_seconds, 3),
+                "loaded": self.loaded, "load_seconds": round(self.load_seconds, 3),
+                "cached_bytes": self.cached_bytes, "by_name": dict(self.by_name)}
 
 
 def _sharding_key(sharding: Any, ndim: int) -> Any:
@@ -62,6 +69,8 @@ class InferenceSession:
         devices: Sequence[jax.Device] | None = None,
         data_parallel_degree: int = 1,
         tensor_parallel_degree: int | None = None,
+        *,
+        cache_dir: str | None = None,
     ) -> None:
         devices = list(devices) if devices else jax.devices()[:1]
         tp = tensor_parallel_degree or len(devices) // data_parallel_degree
@@ -75,6 +84,10 @@ class InferenceSession:
         self.stats = CompileStats()
         self.forbid_compile = False
         self._executables: dict[tuple, Any] = {}
+        # Ahead-of-time cache of serialized executables; the model adds what identifies
+        # its programs (config, dtype, KV layout) to `cache_namespace` before compiling.
+        self.cache = ExecutableCache(cache_dir) if cache_dir else None
+        self.cache_namespace: dict[str, str] = {}
 
     @property
     def platform(self) -> str:
@@ -99,6 +112,16 @@ class InferenceSession:
         exe = self._executables.get(key)
         if exe is not None:
             return exe
+        parts = self._cache_parts(key, donate_argnums, out_shardings) if self.cache is not None else None
+        if parts is not None:
+            t0 = time.perf_counter()
+            exe = self.cache.load(parts)
+            if exe is not None:
+                self.stats.loaded += 1
+                self.stats.load_seconds += time.perf_counter() - t0
+                self.stats.by_name[name] = self.stats.by_name.get(name, 0) + 1
+                self._executables[key] = exe
+                return exe
         if self.forbid_compile:
             raise CompileForbiddenError(f"compile of {name!r} requested after warm-up while compiles are forbidden.")
         abstract_args = jax.tree.map(
@@ -113,7 +136,20 @@ class InferenceSession:
         self.stats.by_name[name] = self.stats.by_name.get(name, 0) + 1
         log.debug("compiled %s in %.2fs", name, dt)
         self._executables[key] = exe
+        if parts is not None:
+            self.stats.cached_bytes += self.cache.store(parts, exe, dt)
         return exe
+
+    def _cache_parts(self, key: tuple, donate_argnums, out_shardings) -> dict[str, str]:
+        """Everything that identifies a program, as strings (the cache entry's key and record)."""
+        mesh = self.mesh
+        return {
+            "name": key[0], "signature": repr(key[1]), "donate": repr(tuple(donate_argnums)),
+            "out_shardings": repr(jax.tree.map(lambda s: _sharding_key(s, 0), out_shardings)),
+            "mesh": repr(tuple(mesh.shape.items())), "devices": repr(tuple(d.id for d in mesh.devices.flat)),
+            "backend": self.platform, "device_kind": self.devices[0].device_kind,
+            **exe_cache.versions(), "source": exe_cache.source_hash(), **self.cache_namespace,
+        }
 
     def executables(self, name: str | None = None) -> list[Any]:
         return [e for (n, _), e in self._executables.items() if name is None or n == name]

@@ -1,4 +1,4 @@
-"""The `maxlike` command: generate, list, benchmark (serve and warm-cache come later).
+"""The `maxlike` command: generate, list, benchmark, warm-cache (serve comes later).
 
 Every PipelineConfig field is a flag in kebab case (`--max-length`,
 `--kv-cache-page-size`, ...), so one config reads the same as flags or kwargs.
@@ -80,7 +80,8 @@ def cmd_generate(args) -> int:
     if args.verbose:
         stats = llm.pipeline.model.session.stats.as_dict()
         print(f"[maxlike] load {t1 - t0:.1f}s, generate {time.perf_counter() - t1:.1f}s, "
-              f"compiled {stats['compiled']} executables in {stats['compile_seconds']:.1f}s", file=sys.stderr)
+              f"compiled {stats['compiled']} executables in {stats['compile_seconds']:.1f}s, loaded {stats['loaded']} "
+              f"from the executable cache in {stats['load_seconds']:.1f}s", file=sys.stderr)
     return 0
 
 
@@ -98,6 +99,33 @@ def cmd_benchmark(args) -> int:
     config = config_from_args(args, default_model=True)
     run_decode_benchmark(config, batch_sizes=args.batch_sizes, new_tokens=args.max_new_tokens,
                          prompt_tokens=args.prompt_tokens)
+    return 0
+
+
+def cmd_warm_cache(args) -> int:
+    """Compile every executable of the bucket set into the cache, allocating nothing."""
+    import jax
+
+    from maxlike.engine.mesh import executable_cache_dir
+    from maxlike.pipelines.registry import PIPELINE_REGISTRY
+
+    target = args.target or jax.default_backend()
+    if target.startswith("tpu:"):
+        raise NotImplementedError("--target tpu:<topology> (compiling for a TPU slice without one) is not built "
+                                  "yet; warm the cache on the machine that will run the model (--target cpu or gpu).")
+    if target != jax.default_backend():
+        raise ConfigError(f"--target {target}: this machine's backend is {jax.default_backend()}; XLA compiles for "
+                          f"{target} only where it is present, so run warm-cache there.")
+    config = config_from_args(args, default_model=True).replace(compile_only=True, warmup=False,
+                                                                 executable_cache=True)
+    t0 = time.perf_counter()
+    _, pipeline = PIPELINE_REGISTRY.retrieve(config, progress=not args.quiet)
+    pipeline.compile_all(progress=not args.quiet)
+    stats = pipeline.model.session.stats
+    print(f"warm-cache: {stats.compiled + stats.loaded} executables for {len(pipeline.model.step_buckets())} buckets "
+          f"({stats.compiled} compiled in {stats.compile_seconds:.1f}s, {stats.loaded} already cached), "
+          f"{stats.cached_bytes / 2**20:.1f} MiB written to {executable_cache_dir(config)} "
+          f"in {time.perf_counter() - t0:.1f}s")
     return 0
 
 
@@ -136,8 +164,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_flags(bench)
     bench.set_defaults(run=cmd_benchmark)
 
-    for name, issue in (("serve", "the OpenAI-compatible server is a later issue"),
-                        ("warm-cache", "the executable cache is a later issue")):
+    warm = sub.add_parser("warm-cache", help="compile every executable into the ahead-of-time cache")
+    warm.add_argument("--target", help="cpu or gpu (this machine's backend, the default)")
+    warm.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_config_flags(warm)
+    warm.set_defaults(run=cmd_warm_cache)
+
+    for name, issue in (("serve", "the OpenAI-compatible server is a later issue"),):
         p = sub.add_parser(name, help=f"(not built yet: {issue})")
         p.set_defaults(run=cmd_not_built(name, issue))
     return parser
@@ -163,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
         _unknown_flags(parser, args.command, unknown)
     try:
         return args.run(args)
-    except (ConfigError, ValueError, RuntimeError) as e:
+    except (ConfigError, ValueError, RuntimeError) as e:  # NotImplementedError is a RuntimeError
         print(f"maxlike: error: {e}", file=sys.stderr)
         return 1
 

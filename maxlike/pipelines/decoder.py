@@ -73,20 +73,46 @@ class DecoderPipelineModel(PipelineModel[TextContext]):
         specs = self.arch.weight_specs(self.config)
         self._specs = specs
         self.kv_params, self.max_batch_size, num_pages = self._plan_kv_cache(specs)
-        host = weights if weights is not None else read_weights(
-            pipeline_config.model.model_path, source_specs, self.dtype, progress=progress,
-            weight_path=pipeline_config.model.weight_path)
-        # Every file was checked and read, and the KV cache planned, before the first device allocation.
-        self.params = {
-            name: _place_sharded(self._repeat_kv(host[name], specs[name]), named_sharding(mesh, specs[name].axes),
-                                 self.dtype)
-            for name in tqdm(specs, desc="placing weights", unit="tensor", disable=not progress)
-        }
-        del host
+        self.compile_only = pipeline_config.compile_only
+        session.cache_namespace.update(self._cache_identity(num_pages))
         self.kv_manager = PagedKVCacheManager(self.kv_params, num_pages, mesh, replicas=self.replicas,
-                                              enable_prefix_caching=kv_cache_config.enable_prefix_caching)
+                                              enable_prefix_caching=kv_cache_config.enable_prefix_caching,
+                                              allocate=not self.compile_only)
+        if self.compile_only:  # shapes and shardings only: nothing is read or allocated
+            self.params = {name: jax.ShapeDtypeStruct(spec.shape, self.dtype, sharding=named_sharding(mesh, spec.axes))
+                           for name, spec in specs.items()}
+            pool = jax.ShapeDtypeStruct(self.kv_manager.pool_shape, self.kv_params.dtype,
+                                        sharding=self.kv_manager.pool_sharding)
+            self.kv_manager.pool = [(pool, pool) for _ in range(self.kv_params.num_layers)]
+        else:
+            host = weights if weights is not None else read_weights(
+                pipeline_config.model.model_path, source_specs, self.dtype, progress=progress,
+                weight_path=pipeline_config.model.weight_path)
+            # Every file was checked and read, and the KV cache planned, before the first device allocation.
+            self.params = {
+                name: _place_sharded(self._repeat_kv(host[name], specs[name]),
+                                     named_sharding(mesh, specs[name].axes), self.dtype)
+                for name in tqdm(specs, desc="placing weights", unit="tensor", disable=not progress)
+            }
+            del host
         self._replicated = replicated(mesh)
         self._by_row = named_sharding(mesh, ("batch",))  # step inputs: rows split over the replicas
+
+    def _cache_identity(self, num_pages: int) -> dict[str, str]:
+        """What makes this model's programs differ from another's (the executable cache's key parts)."""
+        import hashlib
+
+        program = repr((type(self).__name__, self.arch.name, self.config, str(self.dtype), self.kv_params, num_pages,
+                        self.replicas, self.max_batch_size, self.max_length, self._max_prefill_tokens,
+                        self.return_logits, self.return_hidden_states))
+        return {"model": hashlib.sha256(program.encode()).hexdigest()[:16], "architecture": self.arch.name,
+                "dtype": str(self.dtype), "max_batch_size": str(self.max_batch_size),
+                "max_length": str(self.max_length), "kv_pages": str(num_pages)}
+
+    def _check_runnable(self) -> None:
+        if self.compile_only:
+            raise RuntimeError("this model was built compile-only (PipelineConfig(compile_only=True)): it holds no "
+                               "weights or KV cache and cannot run; build it again without compile_only to run it.")
 
     def _repeat_kv(self, array, spec) -> np.ndarray:
         if self.kv_repeat == 1 or "kv_heads" not in spec.axes:
@@ -206,6 +232,7 @@ class DecoderPipelineModel(PipelineModel[TextContext]):
         """One step's inputs. `replica_batches[r]` runs on data-parallel replica r (its
         contexts' KV pages live there); each is padded to the same bucket of rows and
         the rows laid out replica by replica."""
+        self._check_runnable()
         if len(replica_batches) != self.replicas:
             raise ValueError(f"this model runs {self.replicas} replica(s); got {len(replica_batches)} replica batches.")
         sizes = [len(b) for b in replica_batches]
@@ -270,13 +297,12 @@ class DecoderPipelineModel(PipelineModel[TextContext]):
     def _place(self, host: dict[str, np.ndarray], request_ids: tuple = (), logit_counts: tuple = ()) -> ModelInputs:
         """Host int32 arrays -> ModelInputs on the mesh: one transfer of one packed buffer,
         unpacked on device (one transfer per array costs ~30x more host time)."""
+        self._check_runnable()
         layout = tuple((k, v.shape) for k, v in host.items())
         flat = np.concatenate([v.ravel() for v in host.values()])
         packed = jax.device_put(flat, self._replicated) if self._replicated.is_fully_addressable else \
             _place_sharded(flat, self._replicated, flat.dtype)  # multi-host: each process places its devices' copies
-        exe = self.session.compile("unpack_inputs", partial(_unpack, layout), (packed,), key=layout,
-                                   out_shardings={name: self._by_row for name, _ in layout})
-        a = exe(packed)
+        a = self.unpack_executable(layout, packed)(packed)
         return ModelInputs(
             tokens=a["tokens"], positions=a["positions"], slots=a["slots"], logit_indices=a["logit_indices"],
             input_lengths=a["input_lengths"],
@@ -284,28 +310,61 @@ class DecoderPipelineModel(PipelineModel[TextContext]):
             request_ids=request_ids, logit_counts=logit_counts,
         )
 
-    def zero_inputs(self, rows: int, tokens: int, width: int) -> ModelInputs:
-        """Inputs of one bucket (rows per replica) that touch only the null page (for warm-up)."""
+    def unpack_executable(self, layout: tuple, packed):
+        return self.session.compile("unpack_inputs", partial(_unpack, layout), (packed,), key=layout,
+                                    out_shardings={name: self._by_row for name, _ in layout})
+
+    def bucket_layout(self, rows: int, tokens: int, width: int) -> tuple:
+        """The step inputs' (name, shape) for a bucket (rows per replica), in `_place`'s order."""
         rows *= self.replicas
         n_logits = tokens if self.return_logits == ReturnLogits.ALL else 1
-        z = lambda *shape: np.zeros(shape, np.int32)  # noqa: E731
-        return self._place(dict(tokens=z(rows, tokens), positions=z(rows, tokens), slots=z(rows, tokens),
-                                logit_indices=z(rows, n_logits), input_lengths=z(rows), page_table=z(rows, width),
-                                cache_lengths=z(rows)))
+        return (("tokens", (rows, tokens)), ("positions", (rows, tokens)), ("slots", (rows, tokens)),
+                ("logit_indices", (rows, n_logits)), ("input_lengths", (rows,)), ("page_table", (rows, width)),
+                ("cache_lengths", (rows,)))
+
+    def zero_inputs(self, rows: int, tokens: int, width: int) -> ModelInputs:
+        """Inputs of one bucket (rows per replica) that touch only the null page (for warm-up)."""
+        return self._place({name: np.zeros(shape, np.int32) for name, shape in self.bucket_layout(rows, tokens, width)})
+
+    def compile_bucket(self, rows: int, tokens: int, width: int, max_num_steps: int) -> dict:
+        """Compile (not run) this bucket's model executables from abstract inputs: the input
+        unpacker, the step, and for decode buckets the decode loops and prepare_next.
+        Returns the step's abstract next-token logits, for the samplers."""
+        layout = self.bucket_layout(rows, tokens, width)
+        i32 = np.dtype(np.int32)
+        packed = jax.ShapeDtypeStruct((sum(int(np.prod(shape)) for _, shape in layout),), i32,
+                                      sharding=self._replicated)
+        self.unpack_executable(layout, packed)
+        arrays = {name: jax.ShapeDtypeStruct(shape, i32, sharding=self._by_row) for name, shape in layout}
+        step = self._step_executable(arrays)
+        logits_sharding = step.output_shardings[0]["next_token_logits"]
+        total = layout[0][1][0]
+        logits = jax.ShapeDtypeStruct((total, self.config.vocab_size), np.dtype(np.float32), sharding=logits_sharding)
+        if tokens == 1:
+            rep = lambda shape: jax.ShapeDtypeStruct(shape, i32)  # noqa: E731  (host arrays go straight in)
+            if max_num_steps > 1:
+                self._next_inputs_executable(jax.ShapeDtypeStruct((total,), i32, sharding=self._replicated), arrays)
+            for params in (None, sampling.SamplingInputs.abstract(total)):
+                self._loop_executable(arrays, params, rep((total, STOP_SLOTS)), rep((total,)), rep(()),
+                                      max_num_steps)
+        return {"logits": logits, "positions": jax.ShapeDtypeStruct((total,), i32, sharding=self._by_row)}
 
     def prepare_next_token_inputs(self, next_tokens: jax.Array, prev_model_inputs: ModelInputs) -> ModelInputs:
         prev = prev_model_inputs
-        args = (next_tokens, prev.arrays())
-        key = (next_tokens.shape, tuple((k, v.shape) for k, v in args[1].items()))
-        exe = self.session.compile("prepare_next", partial(_next_inputs, self.kv_params.page_size), args, key=key,
-                                   out_shardings=self._by_row)  # the same shardings as prepare_initial's
-        arrays = exe(*args)
+        self._check_runnable()
+        arrays = self._next_inputs_executable(next_tokens, prev.arrays())(next_tokens, prev.arrays())
         return ModelInputs(
             tokens=arrays["tokens"], positions=arrays["positions"], slots=arrays["slots"],
             logit_indices=arrays["logit_indices"], input_lengths=arrays["input_lengths"],
             kv_cache_inputs=KVCacheInputs(arrays["page_table"], arrays["cache_lengths"]),
             request_ids=prev.request_ids, logit_counts=(1,) * len(prev.request_ids),
         )
+
+    def _next_inputs_executable(self, next_tokens, arrays: dict):
+        key = (next_tokens.shape, tuple((k, v.shape) for k, v in arrays.items()))
+        return self.session.compile("prepare_next", partial(_next_inputs, self.kv_params.page_size),
+                                    (next_tokens, arrays), key=key,
+                                    out_shardings=self._by_row)  # the same shardings as prepare_initial's
 
     # -- execution ---------------------------------------------------------
     def _step(self, params, kv, arrays):
@@ -325,13 +384,16 @@ class DecoderPipelineModel(PipelineModel[TextContext]):
 
     def step_executable(self, model_inputs: ModelInputs):
         """The compiled step for these inputs' bucket (compiled on first use)."""
-        arrays = model_inputs.arrays()
+        return self._step_executable(model_inputs.arrays())
+
+    def _step_executable(self, arrays: dict):
         # Weights and pool keep one signature for the model's life: key on the step inputs only.
         key = tuple((k, v.shape, str(v.dtype)) for k, v in arrays.items())
         return self.session.compile("step", self._step, (self.params, self.kv_manager.pool, arrays),
                                     donate_argnums=(1,), key=key)
 
     def execute(self, model_inputs: ModelInputs) -> ModelOutputs:
+        self._check_runnable()
         exe = self.step_executable(model_inputs)
         out, self.kv_manager.pool = exe(self.params, self.kv_manager.pool, model_inputs.arrays())
         counts = np.asarray(model_inputs.logit_counts, np.int64)
@@ -382,18 +444,22 @@ class DecoderPipelineModel(PipelineModel[TextContext]):
         still make) let the loop end as soon as every row has finished. One
         executable per (decode bucket, max_steps, greedy or sampled).
         """
+        self._check_runnable()
         if not 1 <= num_steps <= max_steps:
             raise ValueError(f"num_steps must be in [1, {max_steps}], got {num_steps}.")
         arrays = model_inputs.arrays()
         # Small host arrays go straight into the call: cheaper than a device_put each.
-        args = (self.params, self.kv_manager.pool, arrays, sampling_inputs, np.asarray(stop_ids, np.int32),
-                np.asarray(budgets, np.int32), np.int32(num_steps))
-        key = (max_steps, sampling_inputs is None, tuple((k, v.shape) for k, v in arrays.items()))
-        exe = self.session.compile("decode_loop", partial(self._decode_loop, max_steps=max_steps), args,
-                                   donate_argnums=(1,), key=key,
-                                   out_shardings=((self._replicated, self._by_row), self.kv_manager.pool_sharding))
-        out, self.kv_manager.pool = exe(*args)
+        host = (np.asarray(stop_ids, np.int32), np.asarray(budgets, np.int32), np.int32(num_steps))
+        exe = self._loop_executable(arrays, sampling_inputs, *host, max_steps)
+        out, self.kv_manager.pool = exe(self.params, self.kv_manager.pool, arrays, sampling_inputs, *host)
         return out
+
+    def _loop_executable(self, arrays: dict, sampling_inputs, stop_ids, budgets, num_steps, max_steps: int):
+        args = (self.params, self.kv_manager.pool, arrays, sampling_inputs, stop_ids, budgets, num_steps)
+        key = (max_steps, sampling_inputs is None, tuple((k, v.shape) for k, v in arrays.items()))
+        return self.session.compile("decode_loop", partial(self._decode_loop, max_steps=max_steps), args,
+                                    donate_argnums=(1,), key=key,
+                                    out_shardings=((self._replicated, self._by_row), self.kv_manager.pool_sharding))
 
     # -- log probabilities ---------------------------------------------------
     def compute_log_probabilities(self, session, model_inputs, model_outputs, next_tokens, batch_top_n, batch_echo):

@@ -33,6 +33,14 @@ class SamplingInputs:
         )
 
 
+    @staticmethod
+    def abstract(rows: int) -> "SamplingInputs":
+        """Shapes and dtypes only (for compiling without data)."""
+        sds = jax.ShapeDtypeStruct
+        return SamplingInputs(temperature=sds((rows,), np.dtype(np.float32)), top_k=sds((rows,), np.dtype(np.int32)),
+                              top_p=sds((rows,), np.dtype(np.float32)), seed=sds((rows,), np.dtype(np.uint32)))
+
+
 def greedy(logits: jax.Array) -> jax.Array:
     """logits [B, V] -> tokens [B]."""
     return jnp.argmax(logits, axis=-1).astype(jnp.int32)

@@ -242,19 +242,28 @@ class TextGenerationPipeline:
         return np.stack(jax.device_get(pending))
 
     def _sample(self, out, inputs, params: sampling.SamplingInputs | None) -> jax.Array:
-        """Next tokens on device: argmax when every row is greedy (params None), else the full sampler.
-        Replicated, so every process of a multi-host job can read them."""
+        """Next tokens on device: argmax when every row is greedy (params None), else the full sampler."""
+        positions = inputs.kv_cache_inputs.cache_lengths + inputs.input_lengths
+        exe = self._sampler(out.next_token_logits, params, positions)
+        return exe(out.next_token_logits) if params is None else exe(out.next_token_logits, params, positions)
+
+    def _sampler(self, logits, params, positions):
+        """The sampler executable for these logits (keyed by shape; replicated output, so every
+        process of a multi-host job can read the tokens)."""
         session, everywhere = self.model.session, replicated(self.model.session.mesh)
         if params is None:
-            return session.compile("sample_greedy", sampling.greedy, (out.next_token_logits,),
-                                   out_shardings=everywhere)(out.next_token_logits)
-        positions = inputs.kv_cache_inputs.cache_lengths + inputs.input_lengths
-        args = (out.next_token_logits, params, positions)
-        return session.compile("sample", sampling.sample, args, out_shardings=everywhere)(*args)
+            return session.compile("sample_greedy", sampling.greedy, (logits,), key=logits.shape,
+                                   out_shardings=everywhere)
+        return session.compile("sample", sampling.sample, (logits, params, positions), key=logits.shape,
+                               out_shardings=everywhere)
 
     def warmup(self, *, progress: bool = True) -> None:
-        """Compile (and run once, on the null page) every executable of the bucket set."""
+        """Compile (and run once, on the null page) every executable of the bucket set.
+        A compile-only model is compiled, not run."""
         model = self.model
+        if getattr(model, "compile_only", False):
+            self.compile_all(progress=progress)
+            return
         sampled: set[int] = set()
         for rows, tokens, width in tqdm(model.step_buckets(), desc="compiling", unit="bucket", disable=not progress):
             inputs = model.zero_inputs(rows, tokens, width)
@@ -271,6 +280,18 @@ class TextGenerationPipeline:
                 for params in (None, sampling.SamplingInputs.build([], [], total)):
                     model.execute_decode_loop(inputs, 1, self.max_num_steps, params, stops, budgets)
         jax.block_until_ready(model.kv_manager.pool)
+
+    def compile_all(self, *, progress: bool = True) -> None:
+        """Compile every executable of the bucket set from abstract inputs (nothing runs)."""
+        model = self.model
+        sampled: set[int] = set()
+        for rows, tokens, width in tqdm(model.step_buckets(), desc="compiling", unit="bucket", disable=not progress):
+            shapes = model.compile_bucket(rows, tokens, width, self.max_num_steps)
+            if rows not in sampled:
+                sampled.add(rows)
+                total = shapes["logits"].shape[0]
+                self._sampler(shapes["logits"], None, None)
+                self._sampler(shapes["logits"], sampling.SamplingInputs.abstract(total), shapes["positions"])
 
     def stream_text(self, row: "GenerationRow", shown: str) -> str:
         """The new text of `row` since `shown` (held back while a character is incomplete)."""

@@ -1,0 +1,93 @@
+"""Compile-only mode and the ahead-of-time executable cache."""
+
+from __future__ import annotations
+
+import glob
+import os
+import subprocess
+import sys
+import warnings
+
+import pytest
+
+from maxlike.entrypoints import LLM
+from maxlike.interfaces import SamplingParams
+from maxlike.pipelines import PipelineConfig
+
+GREEDY8 = SamplingParams(top_k=1, max_new_tokens=8, ignore_eos=True)
+
+
+def _maxlike(*args):
+    return subprocess.run([sys.executable, "-m", "maxlike.entrypoints.cli", *args], capture_output=True, text=True,
+                          timeout=600, cwd=os.path.join(os.path.dirname(__file__), ".."))
+
+
+def test_warm_cache_then_generate_compiles_nothing(tiny_llama, tmp_path):
+    common = ["--model-path", tiny_llama[0], "--max-batch-size", "2", "--max-length", "64"]
+    r = _maxlike("warm-cache", "--cache-dir", str(tmp_path), "--quiet", *common)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "compiled in" in r.stdout and "MiB written to" in r.stdout
+    records = glob.glob(str(tmp_path / "executables" / "*.json"))
+    assert len(records) == int(r.stdout.split("warm-cache: ")[1].split()[0]) > 10
+    ask = ["generate", "--prompt", "hello there", "--max-new-tokens", "8", "--verbose", "--quiet", *common]
+    warm = _maxlike(*ask, "--cache-dir", str(tmp_path))
+    cold = _maxlike(*ask, "--no-executable-cache")
+    assert warm.returncode == 0 and cold.returncode == 0, warm.stderr[-2000:] + cold.stderr[-2000:]
+    assert "compiled 0 executables" in warm.stderr and "loaded 0 " not in warm.stderr
+    assert "compiled 0 executables" not in cold.stderr
+    assert warm.stdout == cold.stdout
+
+
+def _stats(path, cache, **kw):
+    kw = {"max_length": 64, "max_batch_size": 2, **kw}
+    llm = LLM(PipelineConfig(model_path=path, cache_dir=str(cache), **kw), progress=False)
+    out = llm.generate_outputs(["abc"], sampling_params=GREEDY8, use_tqdm=False)[0].token_ids
+    return llm.pipeline.model.session.stats, out
+
+
+def test_every_key_part_misses_and_a_bad_entry_is_recompiled(tiny_llama, tmp_path, monkeypatch):
+    from maxlike.engine import exe_cache
+
+    first, tokens = _stats(tiny_llama[0], tmp_path)
+    assert first.compiled > 0 and first.loaded == 0 and first.cached_bytes > 0
+    again, same = _stats(tiny_llama[0], tmp_path)
+    assert (again.compiled, again.loaded) == (0, first.compiled) and same == tokens
+    for change in ({"dtype": "bfloat16"}, {"max_batch_size": 4}, {"max_length": 32}):
+        stats, _ = _stats(tiny_llama[0], tmp_path, **change)
+        assert stats.compiled > 0, f"{change} must miss the cache"
+    monkeypatch.setattr(exe_cache, "versions", lambda: {"jax": "0.0.fake", "jaxlib": "0.0.fake"})
+    stats, _ = _stats(tiny_llama[0], tmp_path)
+    assert stats.compiled == first.compiled, "another jax version misses every entry"
+    monkeypatch.undo()
+
+    entries = sorted(glob.glob(str(tmp_path / "executables" / "*.exe")), key=os.path.getmtime)
+    victim = entries[0]
+    with open(victim, "rb") as f:
+        blob = f.read()
+    with open(victim, "wb") as f:
+        f.write(blob[: len(blob) // 2])  # truncated, as by a crash mid-write elsewhere
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        stats, out = _stats(tiny_llama[0], tmp_path)
+    assert any("truncated" in str(w.message) and "recompiling" in str(w.message) for w in caught)
+    assert stats.compiled == 1 and out == tokens
+    assert os.path.getsize(victim) > len(blob) // 2, "the recompiled entry replaced the truncated one"
+    assert not glob.glob(str(tmp_path / "executables" / ".tmp-*")), "no temporary files left behind"
+
+
+def test_compile_only_allocates_nothing_and_refuses_to_run(tiny_llama, tmp_path):
+    import jax
+
+    from maxlike.pipelines import PIPELINE_REGISTRY
+
+    config = PipelineConfig(model_path=tiny_llama[0], max_length=64, max_batch_size=2, compile_only=True,
+                            cache_dir=str(tmp_path))
+    _, pipeline = PIPELINE_REGISTRY.retrieve(config, progress=False)
+    model = pipeline.model
+    assert all(isinstance(w, jax.ShapeDtypeStruct) for w in model.params.values())
+    assert all(isinstance(k, jax.ShapeDtypeStruct) for k, _ in model.kv_manager.pool)
+    assert model.signal_buffers == []
+    pipeline.compile_all(progress=False)
+    assert model.session.stats.compiled > len(model.step_buckets())
+    with pytest.raises(RuntimeError, match="built compile-only"):
+        model.execute(model.zero_inputs(1, 1, 1))
