@@ -149,6 +149,7 @@ class PipelineConfig:
     coordinator_timeout_s: int = 60  # give up joining the multi-host job after this long
     cache_dir: str | None = None  # ahead-of-time executables; None: $MAXLIKE_CACHE_DIR or ~/.cache/maxlike
     executable_cache: bool = True  # read and write serialized executables under cache_dir
+    weights_cache: bool = True  # keep converted weights (orbax checkpoint) under cache_dir for fast reloads
     compile_only: bool = False  # build from abstract weights and compile every bucket; allocate nothing
     warmup: bool = False  # compile every bucket at load (with a progress bar)
     forbid_compile: bool = False  # after warm-up, any compile is an error

@@ -91,3 +91,37 @@ def test_compile_only_allocates_nothing_and_refuses_to_run(tiny_llama, tmp_path)
     assert model.session.stats.compiled > len(model.step_buckets())
     with pytest.raises(RuntimeError, match="built compile-only"):
         model.execute(model.zero_inputs(1, 1, 1))
+
+
+def test_converted_weights_are_restored_without_reading_the_source(tiny_llama, tmp_path, monkeypatch):
+    import shutil
+
+    import maxlike.pipelines.decoder as decoder
+    from maxlike.weights.converted import WeightsCacheWarning
+
+    _, tokens = _stats(tiny_llama[0], tmp_path)
+    checkpoints = glob.glob(str(tmp_path / "weights" / "*"))
+    assert len(checkpoints) == 1
+
+    def no_reading(*args, **kwargs):
+        raise AssertionError("the source files were read although their conversion is cached")
+
+    with monkeypatch.context() as m:
+        m.setattr(decoder, "read_weights", no_reading)
+        _, restored = _stats(tiny_llama[0], tmp_path)
+    assert restored == tokens
+    _stats(tiny_llama[0], tmp_path, dtype="bfloat16")  # another conversion: its own checkpoint
+    assert len(glob.glob(str(tmp_path / "weights" / "*"))) == 2
+
+    for item in os.listdir(checkpoints[0]):  # damage the checkpoint: warned, then read from the source
+        target = os.path.join(checkpoints[0], item)
+        shutil.rmtree(target) if os.path.isdir(target) else os.remove(target)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _, again = _stats(tiny_llama[0], tmp_path)
+    assert [str(w.message) for w in caught if w.category is WeightsCacheWarning][0].count("could not be restored")
+    assert not [w for w in caught if "could not save" in str(w.message)], "the damaged checkpoint was replaced"
+    assert again == tokens
+    with monkeypatch.context() as m:
+        m.setattr(decoder, "read_weights", no_reading)
+        assert _stats(tiny_llama[0], tmp_path)[1] == tokens

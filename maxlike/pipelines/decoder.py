@@ -31,7 +31,8 @@ from maxlike.pipelines.model import (
     upper_bounded_default,
 )
 from maxlike.sharding import named_sharding, replicated
-from maxlike.weights import read_weights
+from maxlike.weights import converted, read_weights
+from maxlike.weights.loader import cache_root
 
 log = logging.getLogger("maxlike")
 
@@ -85,18 +86,35 @@ class DecoderPipelineModel(PipelineModel[TextContext]):
                                         sharding=self.kv_manager.pool_sharding)
             self.kv_manager.pool = [(pool, pool) for _ in range(self.kv_params.num_layers)]
         else:
-            host = weights if weights is not None else read_weights(
-                pipeline_config.model.model_path, source_specs, self.dtype, progress=progress,
-                weight_path=pipeline_config.model.weight_path)
-            # Every file was checked and read, and the KV cache planned, before the first device allocation.
-            self.params = {
-                name: _place_sharded(self._repeat_kv(host[name], specs[name]),
-                                     named_sharding(mesh, specs[name].axes), self.dtype)
-                for name in tqdm(specs, desc="placing weights", unit="tensor", disable=not progress)
-            }
-            del host
+            self.params = self._load_params(weights, source_specs, specs, progress)
         self._replicated = replicated(mesh)
         self._by_row = named_sharding(mesh, ("batch",))  # step inputs: rows split over the replicas
+
+    def _load_params(self, weights, source_specs, specs, progress: bool) -> dict[str, jax.Array]:
+        """Weights on the mesh: restored from the converted-weights cache when it holds this
+        model's conversion, else read, converted and placed shard by shard (then cached)."""
+        cfg, mesh = self.pipeline_config, self.session.mesh
+        shardings = {name: named_sharding(mesh, spec.axes) for name, spec in specs.items()}
+        checkpoint = None
+        if weights is None and cfg.weights_cache and jax.process_count() == 1:
+            conversion = (self.arch.name, str(self.dtype), self.kv_repeat,
+                          tuple((name, spec.shape) for name, spec in specs.items()))
+            checkpoint = converted.checkpoint_dir(cfg.cache_dir or cache_root(), cfg.model.model_path,
+                                                  cfg.model.weight_path, conversion)
+            abstract = {name: jax.ShapeDtypeStruct(spec.shape, self.dtype, sharding=shardings[name])
+                        for name, spec in specs.items()}
+            params = converted.restore(checkpoint, abstract)
+            if params is not None:
+                return params
+        host = weights if weights is not None else read_weights(
+            cfg.model.model_path, source_specs, self.dtype, progress=progress, weight_path=cfg.model.weight_path)
+        # Every file was checked and read, and the KV cache planned, before the first device allocation.
+        params = {name: _place_sharded(self._repeat_kv(host[name], specs[name]), shardings[name], self.dtype)
+                  for name in tqdm(specs, desc="placing weights", unit="tensor", disable=not progress)}
+        del host
+        if checkpoint is not None:
+            converted.save(checkpoint, params)
+        return params
 
     def _cache_identity(self, num_pages: int) -> dict[str, str]:
         """What makes this model's programs differ from another's (the executable cache's key parts)."""

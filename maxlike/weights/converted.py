@@ -1,0 +1,72 @@
+"""Converted-weights cache: a model's weights after conversion, as an orbax checkpoint.
+
+The first load of a GGUF or safetensors model reads, dequantizes, renames and
+casts every tensor; that work is saved under `<cache>/weights/<key>`, keyed by
+the source files' identity (path, size, modification time) and the conversion
+settings (dtype, names, shapes). Later loads restore the checkpoint straight
+into the mesh's shardings, skipping the source files. A checkpoint that cannot
+be restored is reported with a warning and the source is read instead.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import warnings
+from typing import Any
+
+import jax
+
+
+class WeightsCacheWarning(UserWarning):
+    """The converted-weights cache could not be used; weights come from the source files."""
+
+
+def source_files(model_path: str, weight_path: tuple[str, ...] = ()) -> list[str]:
+    """The files a model's weights are read from (the identity of the conversion's input)."""
+    if os.path.isfile(model_path):
+        return [model_path]
+    folder = model_path
+    names = [p if os.path.isabs(p) else os.path.join(folder, p) for p in weight_path] or sorted(
+        os.path.join(folder, p) for p in os.listdir(folder) if p.endswith(".safetensors") or p.endswith(".json"))
+    return [p for p in names if os.path.isfile(p)]
+
+
+def checkpoint_dir(cache_root: str, model_path: str, weight_path: tuple[str, ...], conversion: Any) -> str:
+    h = hashlib.sha256(repr(conversion).encode())
+    for path in source_files(model_path, weight_path):
+        st = os.stat(path)
+        h.update(repr((os.path.abspath(path), st.st_size, st.st_mtime_ns)).encode())
+    return os.path.join(cache_root, "weights", h.hexdigest()[:32])
+
+
+def restore(path: str, abstract: dict[str, jax.ShapeDtypeStruct]) -> dict[str, jax.Array] | None:
+    """The checkpoint at `path` placed with `abstract`'s shardings, or None (absent or unusable: warned)."""
+    if not os.path.isdir(path):
+        return None
+    import orbax.checkpoint as ocp
+
+    try:
+        with ocp.StandardCheckpointer() as ckpt:
+            return ckpt.restore(path, abstract)
+    except Exception as e:  # noqa: BLE001 - any failure means: read the source instead
+        warnings.warn(f"converted weights at {path} could not be restored ({str(e).splitlines()[0][:200]}); "
+                      "reading the model's files instead (and replacing that checkpoint).", WeightsCacheWarning,
+                      stacklevel=2)
+        shutil.rmtree(path, ignore_errors=True)
+        return None
+
+
+def save(path: str, params: dict[str, jax.Array]) -> None:
+    """Write the converted weights (orbax writes to a temporary folder and renames it when complete)."""
+    import orbax.checkpoint as ocp
+
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with ocp.StandardCheckpointer() as ckpt:
+            ckpt.save(path, params)
+            ckpt.wait_until_finished()
+    except Exception as e:  # noqa: BLE001 - a cache that cannot be written is not an error
+        warnings.warn(f"could not save converted weights to {path} ({str(e).splitlines()[0][:200]}).",
+                      WeightsCacheWarning, stacklevel=2)
