@@ -90,25 +90,9 @@ def offline_maxlike(llm, args) -> float:
 
 def offline_hf(model, args, batch: int) -> float:
     """HF generate over the same workload in batches (left padding), same token counts."""
-    import torch
+    from bench_throughput import hf_batched_generate
 
-    prompts, device = offline_workload(args, model.config.vocab_size), next(model.parameters()).device
-
-    def go(chunk):
-        width = max(len(p) for p in chunk)
-        ids = torch.tensor([[0] * (width - len(p)) + p for p in chunk], device=device)
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk], device=device)
-        with torch.no_grad():
-            out = model.generate(ids, attention_mask=mask, max_new_tokens=args.new_tokens,
-                                 min_new_tokens=args.new_tokens, do_sample=False, pad_token_id=0)
-        return out.shape[0] * (out.shape[1] - width)
-
-    go(prompts[:2])
-    t = time.perf_counter()
-    made = sum(go(prompts[i : i + batch]) for i in range(0, len(prompts), batch))
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return made / (time.perf_counter() - t)
+    return hf_batched_generate(model, offline_workload(args, model.config.vocab_size), args.new_tokens, batch)["tok_s"]
 
 
 def main() -> None:

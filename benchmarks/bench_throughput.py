@@ -54,11 +54,19 @@ def run_hf(path, prompts, new_tokens, batch) -> dict:
 
     model = AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
                                                  dtype=torch.float32).eval()
+    return hf_batched_generate(model, prompts, new_tokens, batch)
+
+
+def hf_batched_generate(model, prompts, new_tokens, batch) -> dict:
+    """HF `generate` over `prompts` in batches (left padding), every request making exactly `new_tokens`."""
+    import torch
+
+    device = next(model.parameters()).device
 
     def go(chunk):
         width = max(len(p) for p in chunk)
-        ids = torch.tensor([[0] * (width - len(p)) + p for p in chunk])  # left padding
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk])
+        ids = torch.tensor([[0] * (width - len(p)) + p for p in chunk], device=device)  # left padding
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk], device=device)
         with torch.no_grad():
             out = model.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
                                  do_sample=False, pad_token_id=0)
@@ -67,6 +75,8 @@ def run_hf(path, prompts, new_tokens, batch) -> dict:
     go(prompts[:2])
     t = time.perf_counter()
     made = sum(go(prompts[i : i + batch]) for i in range(0, len(prompts), batch))
+    if device.type == "cuda":
+        torch.cuda.synchronize()
     dt = time.perf_counter() - t
     return {"tok_s": made / dt, "seconds": dt}
 
