@@ -31,7 +31,8 @@ MESH_SCRIPT = textwrap.dedent("""
     path, meshes = sys.argv[2], json.loads(sys.argv[3])
     prompts = [random_prompt(n, seed=n).tolist() for n in (5, 17, 9, 30)]
     report = {}
-    for dp, tp in meshes:
+    for label, (dp, tp) in zip([f"{a}x{b}" + ("-again" if [a, b] in meshes[:i] else "")
+                                 for i, (a, b) in enumerate(meshes)], meshes):
         llm = LLM(PipelineConfig(model_path=path, max_length=128, max_batch_size=4, devices=str(dp * tp),
                                  data_parallel_degree=dp, tensor_parallel_degree=tp), progress=False)
         outs = llm.generate_outputs(prompts, sampling_params=SamplingParams(top_k=1, max_new_tokens=8, ignore_eos=True),
@@ -47,7 +48,8 @@ MESH_SCRIPT = textwrap.dedent("""
         hlo = model.session.executables("step")[0].as_text()
         gathers = [line.split("=")[1].split()[0] for line in hlo.splitlines() if " all-gather(" in line]
         weights = sorted({str(a.dtype) + str(list(a.shape)).replace(" ", "") for a in model.params.values()})
-        report[f"{dp}x{tp}"] = dict(
+        stats = model.session.stats
+        report[label] = dict(compiled=stats.compiled, loaded=stats.loaded,
             tokens=[o.token_ids for o in outs], logits=logits.tolist(), all_reduce=hlo.count(" all-reduce("),
             gathered_weights=[g for g in gathers if any(g.startswith(w.replace("float32", "f32")) for w in weights)],
             pool=list(model.kv_manager.pool[0][0].shape), mesh=dict(model.session.mesh.shape),
@@ -91,7 +93,10 @@ def eight_head_models(tmp_path_factory):
 def test_tensor_and_data_parallel_equal_one_device(eight_head_models, kind):
     import numpy as np
 
-    report = _run_meshes(eight_head_models[kind], [[1, 1], [1, 2], [1, 4], [1, 8], [2, 2]])
+    report = _run_meshes(eight_head_models[kind], [[1, 1], [1, 2], [1, 4], [1, 8], [2, 2], [1, 2]])
+    again = report.pop("1x2-again")  # the executable cache: a mesh seen before loads, a new mesh compiles
+    assert again["compiled"] == 0 and again["loaded"] > 0 and again["tokens"] == report["1x2"]["tokens"]
+    assert all(r["loaded"] == 0 and r["compiled"] > 0 for r in report.values()), "another mesh missed the cache"
     one = report.pop("1x1")
     assert one["buffers"] == 0
     for name, r in report.items():

@@ -65,8 +65,9 @@ class ExecutableCache:
     def digest(parts: dict[str, Any]) -> str:
         return hashlib.sha256(repr(sorted(parts.items())).encode()).hexdigest()[:40]
 
-    def load(self, parts: dict[str, Any]):
-        """The compiled executable stored for `parts`, or None (missing, or unusable: warned)."""
+    def load(self, parts: dict[str, Any], devices=None):
+        """The compiled executable stored for `parts`, loaded onto `devices` (the mesh's, in its
+        order: by default jax would pick every local device), or None (missing, or unusable: warned)."""
         exe_path, json_path = self._paths(self.digest(parts))
         if not os.path.exists(exe_path):
             return None
@@ -88,7 +89,7 @@ class ExecutableCache:
             serialized, in_tree, out_tree = pickle.loads(payload)
             from jax.experimental.serialize_executable import deserialize_and_load
 
-            return deserialize_and_load(serialized, in_tree, out_tree)
+            return deserialize_and_load(serialized, in_tree, out_tree, execution_devices=devices)
         except Exception as e:  # noqa: BLE001 - any failure means: compile instead
             warnings.warn(f"executable cache entry {exe_path} is unusable ({e}); recompiling it.", CacheEntryWarning,
                           stacklevel=3)

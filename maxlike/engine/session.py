@@ -115,7 +115,7 @@ class InferenceSession:
         parts = self._cache_parts(key, donate_argnums, out_shardings) if self.cache is not None else None
         if parts is not None:
             t0 = time.perf_counter()
-            exe = self.cache.load(parts)
+            exe = self.cache.load(parts, devices=list(self.mesh.devices.flat))
             if exe is not None:
                 self.stats.loaded += 1
                 self.stats.load_seconds += time.perf_counter() - t0
