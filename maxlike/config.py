@@ -151,6 +151,9 @@ class PipelineConfig:
     executable_cache: bool = True  # read and write serialized executables under cache_dir
     weights_cache: bool = True  # keep converted weights (orbax checkpoint) under cache_dir for fast reloads
     compile_only: bool = False  # build from abstract weights and compile every bucket; allocate nothing
+    # Compile-only for hardware this machine lacks: "tpu:<topology>" (e.g. "tpu:v5e:2x2", needs libtpu,
+    # `pip install 'maxlike[tpu]'`). None: this machine's devices.
+    compile_target: str | None = None
     warmup: bool = False  # compile every bucket at load (with a progress bar)
     forbid_compile: bool = False  # after warm-up, any compile is an error
     seed: int = 0
@@ -212,6 +215,11 @@ class PipelineConfig:
         if self.process_id is not None:
             _check(isinstance(self.process_id, int) and 0 <= self.process_id < self.num_processes,
                    f"process_id must be in [0, num_processes={self.num_processes}), got {self.process_id!r}.")
+        if self.compile_target is not None:
+            _check(self.compile_only, f"compile_target={self.compile_target!r} needs compile_only=True: a model "
+                   "compiled for other hardware cannot run here.")
+            _check(self.devices is None, "compile_target and devices exclude each other: the target's devices are "
+                   "the ones compiled for.")
         _check(self.warmup or not self.forbid_compile,
                "forbid_compile needs warmup=True: without a warm-up the first request must compile.")
 

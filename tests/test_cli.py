@@ -28,8 +28,10 @@ def test_list_and_errors(tmp_path):
     assert r.returncode == 2 and "--max-length" in r.stderr  # argparse suggests the right flag
     r = maxlike("serve")
     assert r.returncode == 2 and "not built yet" in r.stderr
-    r = maxlike("warm-cache", "--target", "tpu:v5e:2x2")
-    assert r.returncode == 1 and "tpu:<topology>" in r.stderr and "not built yet" in r.stderr
+    r = maxlike("warm-cache", "--target", "tpu:v5e:2x2")  # this environment has no libtpu
+    assert r.returncode == 1 and "needs libtpu, which is not installed: pip install 'maxlike[tpu]'" in r.stderr
+    r = maxlike("warm-cache", "--target", "tpu")
+    assert r.returncode == 1 and "--target tpu: this machine's backend is cpu" in r.stderr
     r = maxlike("generate", "--prompt", "x", "--devices", "4", "--tensor-parallel-degree", "4")
     assert r.returncode == 1 and "asks for 4 devices but 1 cpu device(s) are present" in r.stderr
 

@@ -87,8 +87,19 @@ def test_compile_only_allocates_nothing_and_refuses_to_run(tiny_llama, tmp_path)
     assert all(isinstance(w, jax.ShapeDtypeStruct) for w in model.params.values())
     assert all(isinstance(k, jax.ShapeDtypeStruct) for k, _ in model.kv_manager.pool)
     assert model.signal_buffers == []
+    hf, cls = model.huggingface_config, type(model)
+    from_shapes = cls.estimate_activation_memory(config, hf)
     pipeline.compile_all(progress=False)
     assert model.session.stats.compiled > len(model.step_buckets())
+
+    # From now on the activation estimate is XLA's own: the largest temporaries of any executable.
+    from maxlike.engine.session import memory_analysis
+
+    measured = max(memory_analysis(e)["temp_size_in_bytes"] for e in model.session.executables())
+    assert measured > 0 and measured != from_shapes
+    assert cls.estimate_activation_memory(config, hf) == measured
+    assert cls.estimate_activation_memory(config.replace(compile_only=False), hf) == measured  # the run it sizes
+    assert cls.estimate_activation_memory(config.replace(max_batch_size=1), hf) != measured  # other programs
     with pytest.raises(RuntimeError, match="built compile-only"):
         model.execute(model.zero_inputs(1, 1, 1))
 

@@ -65,30 +65,6 @@ def _run_meshes(path, meshes):
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
-@pytest.fixture(scope="module")
-def eight_head_models(tmp_path_factory):
-    """Tiny Llama and Qwen2 with 8 query and 2 KV heads (so 8-way tensor parallel splits them)."""
-    import torch
-    import transformers as tf
-
-    from conftest import save_tiny
-
-    common = dict(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                  num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=256,
-                  bos_token_id=1, eos_token_id=2, pad_token_id=0, rope_theta=10000.0)
-    paths = {}
-    for kind, cls, cfg in (("llama", tf.LlamaForCausalLM, tf.LlamaConfig(**common)),
-                           ("qwen2", tf.Qwen2ForCausalLM, tf.Qwen2Config(tie_word_embeddings=True, **common))):
-        torch.manual_seed(0)
-        model = cls(cfg).eval()
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                if name.endswith("bias"):
-                    p.normal_(0, 0.5)
-        paths[kind] = save_tiny(model, tmp_path_factory.mktemp(kind))
-    return paths
-
-
 @pytest.mark.parametrize("kind", ["llama", "qwen2"])
 def test_tensor_and_data_parallel_equal_one_device(eight_head_models, kind):
     import numpy as np

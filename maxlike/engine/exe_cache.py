@@ -95,8 +95,9 @@ class ExecutableCache:
                           stacklevel=3)
             return None
 
-    def store(self, parts: dict[str, Any], compiled, compile_seconds: float) -> int:
-        """Write one entry atomically; returns its size in bytes (0 if it could not be serialized)."""
+    def store(self, parts: dict[str, Any], compiled, compile_seconds: float, notes: dict | None = None) -> int:
+        """Write one entry atomically; returns its size in bytes (0 if it could not be serialized).
+        `notes` go into the record only (not the key): the target, XLA's memory analysis."""
         from jax.experimental.serialize_executable import serialize
 
         try:
@@ -108,10 +109,25 @@ class ExecutableCache:
         os.makedirs(self.folder, exist_ok=True)
         exe_path, json_path = self._paths(self.digest(parts))
         blob = MAGIC + _HEADER.pack(len(payload), hashlib.sha256(payload).digest()) + payload
-        record = {"key": _jsonable(parts), "bytes": len(blob), "compile_seconds": round(compile_seconds, 3)}
+        record = {"key": _jsonable(parts), "bytes": len(blob), "compile_seconds": round(compile_seconds, 3),
+                  **_jsonable(notes or {})}
         _atomic_write(json_path, json.dumps(record, indent=1, sort_keys=True).encode())
         _atomic_write(exe_path, blob)
         return len(blob)
+
+
+def read_json(path: str) -> dict | None:
+    """A small JSON file written by `write_json`, or None when missing or unreadable."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def write_json(path: str, value: dict) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    _atomic_write(path, json.dumps(_jsonable(value), indent=1, sort_keys=True).encode())
 
 
 def _jsonable(value: Any) -> Any:

@@ -9,6 +9,7 @@ caught here, before anything is loaded.
 
 from __future__ import annotations
 
+import os
 import socket
 import time
 
@@ -47,6 +48,32 @@ def select_devices(spec: str | None) -> list[jax.Device]:
         raise ConfigError(f"devices={spec!r}: no {kind} device with id {missing}; present ids are "
                           f"{sorted(by_id)}.")
     return [by_id[n] for n in numbers]
+
+
+def target_devices(target: str) -> list:
+    """The devices of hardware this machine lacks, to compile for: "tpu:<topology>"
+    (any name `jax.experimental.topologies.get_topology_desc` accepts, e.g. "v5e:2x2",
+    "v5p:2x2x1", "v6e:4x4"). Needs libtpu; nothing runs on these devices."""
+    platform, _, topology = target.partition(":")
+    if platform != "tpu" or not topology:
+        raise ConfigError(f"compile_target={target!r} is not understood: use 'tpu:<topology>', e.g. 'tpu:v5e:2x2' "
+                          "(a TPU v5e slice of 2x2 chips).")
+    # Without these libtpu asks a metadata server which TPU this host belongs to (there is none here)
+    # and prints a page of warnings; they only describe the local host, not the target.
+    for name, value in (("TPU_ACCELERATOR_TYPE", "v5litepod-4"), ("TPU_WORKER_HOSTNAMES", "localhost"),
+                        ("TPU_SKIP_MDS_QUERY", "1")):
+        os.environ.setdefault(name, value)
+    from jax.experimental import topologies
+
+    try:
+        return list(topologies.get_topology_desc(topology, "tpu").devices)
+    except Exception as e:  # noqa: BLE001 - jax raises RuntimeError or its own runtime error here
+        message = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if "not installed" in message:
+            raise ConfigError(f"compile_target={target!r} needs libtpu, which is not installed: "
+                              "pip install 'maxlike[tpu]' (it matches libtpu to your jax).") from None
+        raise ConfigError(f"compile_target={target!r}: libtpu does not know that topology ({message}). "
+                          "Names look like 'v5e:2x2', 'v5p:2x2x1' or 'v6e:4x4'.") from None
 
 
 def _divisors(n: int) -> list[int]:
@@ -140,12 +167,15 @@ def session_for(pipeline_config, *, q_heads: int, kv_heads: int, vocab: int, int
     """The InferenceSession (mesh) a pipeline config asks for, for a model of these sizes."""
     from maxlike.engine.session import InferenceSession
 
-    initialize_distributed(pipeline_config)
-    devices = select_devices(pipeline_config.devices)
+    if pipeline_config.compile_target:
+        devices = target_devices(pipeline_config.compile_target)
+    else:
+        initialize_distributed(pipeline_config)
+        devices = select_devices(pipeline_config.devices)
     dp, tp = plan_mesh(devices, pipeline_config.data_parallel_degree, pipeline_config.tensor_parallel_degree,
                        q_heads=q_heads, kv_heads=kv_heads, vocab=vocab, intermediate=intermediate)
     return InferenceSession(devices, data_parallel_degree=dp, tensor_parallel_degree=tp,
-                            cache_dir=executable_cache_dir(pipeline_config))
+                            cache_dir=executable_cache_dir(pipeline_config), target=pipeline_config.compile_target)
 
 
 def executable_cache_dir(pipeline_config) -> str | None:

@@ -58,6 +58,20 @@ def _signature(tree: Any) -> tuple:
         (tuple(x.shape), str(x.dtype), _sharding_key(getattr(x, "sharding", None), len(x.shape))) for x in leaves))
 
 
+def memory_analysis(exe) -> dict[str, int] | None:
+    """XLA's buffer sizes of a compiled executable (bytes per device), or None where the
+    backend does not report them."""
+    try:
+        stats = exe.memory_analysis()
+    except Exception:  # noqa: BLE001 - not every backend (or deserialized executable) has it
+        return None
+    if stats is None:
+        return None
+    names = ("temp_size_in_bytes", "argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes",
+             "generated_code_size_in_bytes")
+    return {name: int(getattr(stats, name, 0)) for name in names}
+
+
 class InferenceSession:
     """A device mesh plus a table of compiled executables.
 
@@ -71,6 +85,7 @@ class InferenceSession:
         tensor_parallel_degree: int | None = None,
         *,
         cache_dir: str | None = None,
+        target: str | None = None,
     ) -> None:
         devices = list(devices) if devices else jax.devices()[:1]
         tp = tensor_parallel_degree or len(devices) // data_parallel_degree
@@ -88,6 +103,12 @@ class InferenceSession:
         # its programs (config, dtype, KV layout) to `cache_namespace` before compiling.
         self.cache = ExecutableCache(cache_dir) if cache_dir else None
         self.cache_namespace: dict[str, str] = {}
+        # Compiling for hardware this machine lacks ("tpu:v5e:2x2"): executables are compiled and
+        # stored, never loaded (they cannot be loaded onto devices that are not here).
+        self.target = target
+        # The largest temporary-buffer size (bytes per device) of any executable compiled or
+        # loaded, from XLA's memory analysis: a step's real activation memory.
+        self.peak_temp_bytes = 0
 
     @property
     def platform(self) -> str:
@@ -113,7 +134,7 @@ class InferenceSession:
         if exe is not None:
             return exe
         parts = self._cache_parts(key, donate_argnums, out_shardings) if self.cache is not None else None
-        if parts is not None:
+        if parts is not None and self.target is None:
             t0 = time.perf_counter()
             exe = self.cache.load(parts, devices=list(self.mesh.devices.flat))
             if exe is not None:
@@ -121,6 +142,7 @@ class InferenceSession:
                 self.stats.load_seconds += time.perf_counter() - t0
                 self.stats.by_name[name] = self.stats.by_name.get(name, 0) + 1
                 self._executables[key] = exe
+                self._note_memory(exe)
                 return exe
         if self.forbid_compile:
             raise CompileForbiddenError(f"compile of {name!r} requested after warm-up while compiles are forbidden.")
@@ -136,9 +158,17 @@ class InferenceSession:
         self.stats.by_name[name] = self.stats.by_name.get(name, 0) + 1
         log.debug("compiled %s in %.2fs", name, dt)
         self._executables[key] = exe
+        memory = self._note_memory(exe)
         if parts is not None:
-            self.stats.cached_bytes += self.cache.store(parts, exe, dt)
+            notes = {"memory": memory, **({"target": self.target} if self.target else {})}
+            self.stats.cached_bytes += self.cache.store(parts, exe, dt, notes=notes)
         return exe
+
+    def _note_memory(self, exe) -> dict[str, int] | None:
+        memory = memory_analysis(exe)
+        if memory:
+            self.peak_temp_bytes = max(self.peak_temp_bytes, memory["temp_size_in_bytes"])
+        return memory
 
     def _cache_parts(self, key: tuple, donate_argnums, out_shardings) -> dict[str, str]:
         """Everything that identifies a program, as strings (the cache entry's key and record)."""

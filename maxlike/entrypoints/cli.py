@@ -109,15 +109,15 @@ def cmd_warm_cache(args) -> int:
     from maxlike.engine.mesh import executable_cache_dir
     from maxlike.pipelines.registry import PIPELINE_REGISTRY
 
-    target = args.target or jax.default_backend()
-    if target.startswith("tpu:"):
-        raise NotImplementedError("--target tpu:<topology> (compiling for a TPU slice without one) is not built "
-                                  "yet; warm the cache on the machine that will run the model (--target cpu or gpu).")
-    if target != jax.default_backend():
-        raise ConfigError(f"--target {target}: this machine's backend is {jax.default_backend()}; XLA compiles for "
-                          f"{target} only where it is present, so run warm-cache there.")
     config = config_from_args(args, default_model=True).replace(compile_only=True, warmup=False,
                                                                  executable_cache=True)
+    target = args.target
+    if target and target.startswith("tpu:"):  # a TPU slice this machine need not have (libtpu)
+        config = config.replace(compile_target=target)
+    elif target and target != jax.default_backend():
+        raise ConfigError(f"--target {target}: this machine's backend is {jax.default_backend()}; XLA compiles for "
+                          f"{target} only where it is present (TPU slices excepted: --target tpu:<topology>), "
+                          "so run warm-cache there.")
     t0 = time.perf_counter()
     _, pipeline = PIPELINE_REGISTRY.retrieve(config, progress=not args.quiet)
     pipeline.compile_all(progress=not args.quiet)
@@ -165,7 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.set_defaults(run=cmd_benchmark)
 
     warm = sub.add_parser("warm-cache", help="compile every executable into the ahead-of-time cache")
-    warm.add_argument("--target", help="cpu or gpu (this machine's backend, the default)")
+    warm.add_argument("--target", help="cpu or gpu (this machine's backend, the default), or tpu:<topology> such "
+                      "as tpu:v5e:2x2 to compile for a TPU slice this machine lacks (needs maxlike[tpu])")
     warm.add_argument("--quiet", action="store_true", help="no progress bars")
     add_config_flags(warm)
     warm.set_defaults(run=cmd_warm_cache)

@@ -280,6 +280,7 @@ class TextGenerationPipeline:
                 for params in (None, sampling.SamplingInputs.build([], [], total)):
                     model.execute_decode_loop(inputs, 1, self.max_num_steps, params, stops, budgets)
         jax.block_until_ready(model.kv_manager.pool)
+        self._record_activation_memory()
 
     def compile_all(self, *, progress: bool = True) -> None:
         """Compile every executable of the bucket set from abstract inputs (nothing runs)."""
@@ -292,6 +293,12 @@ class TextGenerationPipeline:
                 total = shapes["logits"].shape[0]
                 self._sampler(shapes["logits"], None, None)
                 self._sampler(shapes["logits"], sampling.SamplingInputs.abstract(total), shapes["positions"])
+        self._record_activation_memory()
+
+    def _record_activation_memory(self) -> None:
+        record = getattr(self.model, "record_activation_memory", None)
+        if record is not None:
+            record()
 
     def stream_text(self, row: "GenerationRow", shown: str) -> str:
         """The new text of `row` since `shown` (held back while a character is incomplete)."""

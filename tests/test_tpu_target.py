@@ -1,0 +1,89 @@
+"""Compiling for a TPU slice on this CPU machine (`warm-cache --target tpu:<topology>`).
+
+libtpu lives in its own path (MAXLIKE_TPU_SITE; `make test` installs it there), put on
+PYTHONPATH for these subprocesses only: the main test environment never imports it.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.tpu_target
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TOPOLOGY = "tpu:v5e:2x2"
+
+
+def _tpu_env() -> dict:
+    site = os.path.abspath(os.environ.get("MAXLIKE_TPU_SITE") or os.path.join(ROOT, ".venv", "tpu-site"))
+    if not os.path.isdir(os.path.join(site, "libtpu")):
+        pytest.fail(f"libtpu is not installed at {site}: run `make test` (it installs it there) or point "
+                    "MAXLIKE_TPU_SITE at a folder holding the libtpu package that matches jax.")
+    return dict(os.environ, PYTHONPATH=os.pathsep.join([site, ROOT]))
+
+
+def warm_cache(cache, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "maxlike.entrypoints.cli", "warm-cache", "--quiet", "--target",
+                           TOPOLOGY, "--cache-dir", str(cache), *args],
+                          capture_output=True, text=True, timeout=600, env=_tpu_env())
+
+
+def _records(cache) -> list[dict]:
+    out = []
+    for path in glob.glob(os.path.join(str(cache), "executables", "*.json")):
+        with open(path) as f:
+            record = json.load(f)
+        out.append(record)
+    return out
+
+
+def _check_one_step_per_bucket(result, cache, mesh: str) -> list[dict]:
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "TPU_WORKER_HOSTNAMES" not in result.stderr  # libtpu kept from probing for a local TPU
+    buckets = int(re.search(r"for (\d+) buckets", result.stdout).group(1))
+    records = _records(cache)
+    steps = [r for r in records if r["key"]["name"] == "step"]
+    assert len(steps) == buckets and len({r["key"]["signature"] for r in steps}) == buckets
+    for r in records:
+        assert r["target"] == TOPOLOGY  # the record names the topology
+        key = r["key"]
+        assert (key["backend"], key["device_kind"], key["mesh"], key["devices"], key["dtype"]) == (
+            "tpu", "TPU v5 lite", mesh, "(0, 1, 2, 3)", "bfloat16")
+        assert r["memory"]["generated_code_size_in_bytes"] > 0
+    return records
+
+
+def test_tiny_llama_tensor_parallel_4(eight_head_models, tmp_path):
+    result = warm_cache(tmp_path, "--model-path", eight_head_models["llama"], "--tensor-parallel-degree", "4",
+                        "--max-batch-size", "2", "--max-length", "32", "--kv-cache-page-size", "16")
+    records = _check_one_step_per_bucket(result, tmp_path, "(('data', 1), ('tensor', 4))")
+    assert {"step", "decode_loop", "unpack_inputs", "sample", "sample_greedy"} <= {r["key"]["name"] for r in records}
+    profile = glob.glob(str(tmp_path / "executables" / "activations" / "*.json"))
+    assert len(profile) == 1 and json.load(open(profile[0]))["temp_bytes"] > 0
+
+    again = warm_cache(tmp_path, "--model-path", eight_head_models["llama"], "--tensor-parallel-degree", "4",
+                       "--max-batch-size", "2", "--max-length", "32", "--kv-cache-page-size", "16")
+    assert again.returncode == 0 and len(_records(tmp_path)) == len(records)  # same keys: replaced, not added
+
+
+def test_smollm2_data_parallel_4(smollm2_path, tmp_path):
+    """9 query and 3 KV heads do not split four ways: the four chips are four replicas."""
+    result = warm_cache(tmp_path, "--model-path", smollm2_path, "--max-batch-size", "1", "--max-length", "16",
+                        "--kv-cache-page-size", "16")
+    _check_one_step_per_bucket(result, tmp_path, "(('data', 4), ('tensor', 1))")
+
+
+def test_bad_targets_are_named(tiny_llama, tmp_path):
+    result = warm_cache(tmp_path, "--model-path", tiny_llama[0], "--target", "tpu:v9z:2x2")
+    assert result.returncode == 1
+    assert "libtpu does not know that topology" in result.stderr and "'v5e:2x2'" in result.stderr
+    result = warm_cache(tmp_path, "--model-path", tiny_llama[0], "--target", "tpu:v5e:2x2",
+                        "--tensor-parallel-degree", "3")
+    assert result.returncode == 1 and "does not divide the 4 selected devices" in result.stderr
