@@ -3,9 +3,10 @@
     .venv/bin/python benchmarks/bench_startup.py [--repeats 2]
 
 Each run is a fresh `maxlike generate` process with its own cache folder state:
-  cold       nothing cached (GGUF metadata parsed, every executable compiled);
-  warm-meta  the GGUF's config and tokenizer cached, executables compiled;
-  warm       config, tokenizer and every executable the request needs cached.
+  cold       nothing cached (GGUF metadata parsed, weights dequantized, every executable compiled);
+  warm-meta  config, tokenizer and converted weights (orbax) cached; executables compiled;
+  warm-exe   config, tokenizer and executables cached; weights read from the GGUF (no orbax cache);
+  warm       all of it cached.
 """
 
 from __future__ import annotations
@@ -38,13 +39,15 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--repeats", type=int, default=2)
     args = ap.parse_args()
-    results: dict[str, list[float]] = {"cold": [], "warm-meta": [], "warm": []}
+    results: dict[str, list[float]] = {"cold": [], "warm-meta": [], "warm-exe": [], "warm": []}
     for _ in range(args.repeats):
         cache = tempfile.mkdtemp(prefix="maxlike-startup-")
         try:
             results["cold"].append(first_token_seconds(cache)[0])
             shutil.rmtree(os.path.join(cache, "executables"))
             results["warm-meta"].append(first_token_seconds(cache)[0])
+            shutil.rmtree(os.path.join(cache, "weights"))
+            results["warm-exe"].append(first_token_seconds(cache)[0])  # (saves the weights again)
             dt, text = first_token_seconds(cache)
             results["warm"].append(dt)
         finally:

@@ -105,25 +105,34 @@ HOST_SCRIPT = textwrap.dedent("""
 
     path, port, pid, nproc = sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
     multi = dict(coordinator_address=f"127.0.0.1:{port}", num_processes=nproc, process_id=pid) if nproc > 1 else {}
+    cache = os.environ.get("HOST_TEST_CACHE")  # conftest sets MAXLIKE_CACHE_DIR to a new folder per process
     llm = LLM(PipelineConfig(model_path=path, max_length=128, max_batch_size=4, tensor_parallel_degree=4,
-                             **multi), progress=False)
+                             cache_dir=cache, **multi), progress=False)
     prompts = [random_prompt(n, seed=n).tolist() for n in (5, 17, 9)]
     outs = llm.generate_outputs(prompts, sampling_params=SamplingParams(top_k=1, max_new_tokens=8, ignore_eos=True),
                                 use_tqdm=False)
+    stats = llm.pipeline.model.session.stats
     print(json.dumps(dict(tokens=[o.token_ids for o in outs], devices=len(jax.devices()),
-                          local=len(jax.local_devices()), process=jax.process_index())))
+                          local=len(jax.local_devices()), process=jax.process_index(), compiled=stats.compiled,
+                          loaded=stats.loaded)))
 """)
 
 
-def test_two_processes_form_one_mesh(eight_head_models):
-    path, port = eight_head_models["llama"], _free_port()
+def _two_processes(path: str, env: dict) -> list[dict]:
+    port = _free_port()
     procs = [subprocess.Popen([sys.executable, "-c", HOST_SCRIPT, HERE, path, str(port), str(i), "2"],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for i in range(2)]
     results = []
     for p in procs:
         out, err = p.communicate(timeout=600)
         assert p.returncode == 0, err[-3000:]
         results.append(json.loads(out.strip().splitlines()[-1]))
+    return results
+
+
+def test_two_processes_form_one_mesh(eight_head_models, tmp_path):
+    path, env = eight_head_models["llama"], dict(os.environ, HOST_TEST_CACHE=str(tmp_path))
+    results = _two_processes(path, env)
     single = subprocess.run([sys.executable, "-c", HOST_SCRIPT.replace("count=2", "count=4"), HERE, path, "0", "0",
                              "1"], capture_output=True, text=True, timeout=600)
     assert single.returncode == 0, single.stderr[-3000:]
@@ -131,6 +140,10 @@ def test_two_processes_form_one_mesh(eight_head_models):
     assert [r["devices"] for r in results] == [4, 4] and [r["local"] for r in results] == [2, 2]
     assert [r["process"] for r in results] == [0, 1]
     assert results[0]["tokens"] == results[1]["tokens"] == alone["tokens"]
+    # A warm start of the same job: every process loads the mesh-wide executables, compiles nothing.
+    warm = _two_processes(path, env)
+    assert [(r["compiled"], r["loaded"] > 0) for r in warm] == [(0, True), (0, True)]
+    assert warm[0]["tokens"] == warm[1]["tokens"] == alone["tokens"]
 
 
 def test_bad_meshes_are_named_before_loading(tiny_llama):

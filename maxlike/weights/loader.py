@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import json
 import os
 import shutil
 from typing import Any, Mapping
@@ -48,22 +49,25 @@ def _hf_files(model_path: str, mtime_ns: int, size: int) -> tuple[Any, Any]:
 
     GGUF metadata takes transformers seconds to parse (about 16 s for
     SmolLM2's config and tokenizer), so the first load of a GGUF writes both
-    in HF format under the cache folder and later loads read that copy.
+    in HF format under the cache folder and later loads read that copy. Warm
+    loads avoid importing transformers at all (see `maxlike.weights.lean`).
     """
-    from transformers import AutoConfig, AutoTokenizer
+    from maxlike.weights.lean import LeanTokenizer
 
     where, kw = model_path, {}
     if weights_format(model_path) == "gguf":
         where = _gguf_as_hf_dir(model_path, mtime_ns, size)
         if where is None:  # no writable cache: read the GGUF itself
             where, kw = os.path.dirname(model_path), {"gguf_file": os.path.basename(model_path)}
-    try:
-        config = AutoConfig.from_pretrained(where, **kw)
-    except Exception as e:  # transformers raises many kinds; all mean "not a usable config"
-        raise WeightsError(f"could not read the model config from {model_path!r}: {e}") from e
+    config = _config(where, kw, model_path)
 
     def tokenizer() -> Any:
+        lean = None if kw else LeanTokenizer.load(where)
+        if lean is not None:
+            return lean
         try:
+            from transformers import AutoTokenizer
+
             return AutoTokenizer.from_pretrained(where, **kw)
         except Exception as e:
             raise WeightsError(
@@ -74,21 +78,65 @@ def _hf_files(model_path: str, mtime_ns: int, size: int) -> tuple[Any, Any]:
     return config, tokenizer
 
 
+def _transformers_version() -> str:
+    import importlib.metadata
+
+    return importlib.metadata.version("transformers")  # without importing it (seconds)
+
+
+def _config(where: str, kw: dict, model_path: str) -> Any:
+    """The HF config: transformers' AutoConfig the first time, then its every field kept as
+    JSON under the cache folder and read back as an HFConfigView (no transformers import)."""
+    import hashlib
+
+    from maxlike.engine.exe_cache import read_json, write_json
+    from maxlike.weights.lean import HFConfigView
+
+    saved = None
+    if not kw and os.path.isfile(os.path.join(where, "config.json")):
+        path, mtime_ns, size = _identity(os.path.join(where, "config.json"))
+        key = hashlib.sha256(f"{path}|{mtime_ns}|{size}|{_transformers_version()}".encode()).hexdigest()[:24]
+        saved = os.path.join(cache_root(), "hf-config", key + ".json")
+        values = read_json(saved)
+        if values is not None:
+            return HFConfigView(values)
+    try:
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(where, **kw)
+    except Exception as e:  # transformers raises many kinds; all mean "not a usable config"
+        raise WeightsError(f"could not read the model config from {model_path!r}: {e}") from e
+    values = json.loads(json.dumps(config.to_dict(), default=str))  # exactly what a warm load reads back
+    if saved is not None:
+        try:
+            write_json(saved, values)
+        except OSError:  # a read-only cache folder: the next load parses the config again
+            pass
+    return HFConfigView(values)
+
+
 def _gguf_as_hf_dir(model_path: str, mtime_ns: int, size: int) -> str | None:
     import hashlib
 
-    import transformers
-    from transformers import AutoConfig, AutoTokenizer
-
-    key = hashlib.sha256(f"{model_path}|{mtime_ns}|{size}|{transformers.__version__}".encode()).hexdigest()[:24]
+    key = hashlib.sha256(f"{model_path}|{mtime_ns}|{size}|{_transformers_version()}".encode()).hexdigest()[:24]
     folder = os.path.join(cache_root(), "gguf-hf", key)
     if os.path.isfile(os.path.join(folder, "config.json")):
         return folder
+    from transformers import AutoConfig, AutoTokenizer
+
     gguf_file.check_file(model_path)  # a clear error beats transformers' on a bad file
     where, name = os.path.dirname(model_path), os.path.basename(model_path)
     try:
         config = AutoConfig.from_pretrained(where, gguf_file=name)
     except Exception as e:
+        import importlib.util
+
+        if importlib.util.find_spec("torch") is None:
+            raise WeightsError(
+                f"reading {model_path!r} the first time needs torch: transformers' GGUF reader, which maxlike uses "
+                "for a GGUF's config and tokenizer, imports it. Install its CPU build (pip install torch "
+                "--index-url https://download.pytorch.org/whl/cpu) or load an HF directory instead; later loads "
+                "use a cached copy and need no torch.") from e
         raise WeightsError(f"could not read the model config from {model_path!r}: {e}") from e
     try:
         tokenizer = AutoTokenizer.from_pretrained(where, gguf_file=name)
