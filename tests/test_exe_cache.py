@@ -75,6 +75,26 @@ def test_every_key_part_misses_and_a_bad_entry_is_recompiled(tiny_llama, tmp_pat
     assert not glob.glob(str(tmp_path / "executables" / ".tmp-*")), "no temporary files left behind"
 
 
+def test_an_executable_jax_already_ran_is_still_cached(tmp_path):
+    """jax reuses what it compiled for a function earlier in the process; after a run, XLA:CPU's
+    sort no longer serializes ("`LessThan` is not serializable"): the session compiles afresh."""
+    import numpy as np
+
+    from maxlike.engine import InferenceSession
+    from maxlike.pipelines import sampling
+
+    args = (np.random.default_rng(0).normal(size=(3, 320)).astype(np.float32),
+            sampling.SamplingInputs.build([], [], 3), np.zeros(3, np.int32))
+    first = InferenceSession(cache_dir=str(tmp_path / "a"))
+    first.compile("sample", sampling.sample, args)(*args)
+    second = InferenceSession(cache_dir=str(tmp_path / "b"))  # another cache: a miss
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        exe = second.compile("sample", sampling.sample, args)
+    assert second.stats.compiled == 1 and second.stats.cached_bytes > 0
+    np.testing.assert_array_equal(exe(*args), first.executables("sample")[0](*args))
+
+
 def test_compile_only_allocates_nothing_and_refuses_to_run(tiny_llama, tmp_path):
     import jax
 

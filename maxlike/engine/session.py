@@ -7,6 +7,7 @@ signature is compiled once and every compile is counted and timed.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from dataclasses import dataclass, field
@@ -150,7 +151,11 @@ class InferenceSession:
             lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)), args
         )
         t0 = time.perf_counter()
-        jitted = jax.jit(fn, donate_argnums=donate_argnums, out_shardings=out_shardings)
+        # A fresh function object when the result is to be serialized: jax would hand back an executable
+        # it compiled for `fn` earlier in this process, and once that has run it may no longer serialize
+        # (XLA:CPU's sort specializes its comparator on the first run: "`LessThan` is not serializable").
+        jitted = jax.jit(functools.partial(fn) if parts is not None else fn, donate_argnums=donate_argnums,
+                         out_shardings=out_shardings)
         exe = jitted.lower(*abstract_args).compile()
         dt = time.perf_counter() - t0
         self.stats.compiled += 1
