@@ -98,22 +98,71 @@ def test_a_warm_load_does_not_import_transformers(smollm2_path, tmp_path):
     assert runs[1].stdout.split() == ["30", "LeanTokenizer", "False"]
 
 
-def test_a_gguf_without_torch_names_the_fix(smollm2_path, tmp_path, monkeypatch):
-    """transformers' GGUF reader imports torch; without it the first load says what to install."""
+def test_gguf_conversion_matches_transformers_reader(smollm2_path, tmp_path):
+    """maxlike's own GGUF -> HF folder (no torch) against transformers' GGUF reader."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from graphs import llama
+    from maxlike.weights import gguf_file, gguf_hf
+
+    ours = tmp_path / "ours"
+    assert gguf_hf.write_hf_folder(gguf_file.check_file(smollm2_path), str(ours))
+    where, name = os.path.dirname(smollm2_path), os.path.basename(smollm2_path)
+    ref_config, ref = AutoConfig.from_pretrained(where, gguf_file=name), AutoTokenizer.from_pretrained(where, gguf_file=name)
+    config = AutoConfig.from_pretrained(ours)
+    assert llama.config_from_hf(config) == llama.config_from_hf(ref_config)
+    for field in ("bos_token_id", "eos_token_id", "pad_token_id", "unk_token_id", "max_position_embeddings",
+                  "vocab_size", "model_type", "tie_word_embeddings"):
+        assert getattr(config, field) == getattr(ref_config, field), field
+    for tok in (LeanTokenizer.load(str(ours)), AutoTokenizer.from_pretrained(ours)):
+        assert tok.eos_token_id == ref.eos_token_id
+        for text in TEXTS + ["<|im_start|>user\nhi<|im_end|>", "<|endoftext|>x"]:
+            assert tok.encode(text) == ref.encode(text), text
+            ids = ref.encode(text)
+            for skip in (True, False):
+                assert tok.decode(ids, skip_special_tokens=skip) == ref.decode(ids, skip_special_tokens=skip)
+        for messages in CONVERSATIONS:
+            got = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+            want = ref.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+            assert list(got["input_ids"] if hasattr(got, "keys") else got) == list(
+                want["input_ids"] if hasattr(want, "keys") else want)
+
+
+def test_a_gguf_loads_without_torch_and_others_name_the_fix(smollm2_path, tmp_path, monkeypatch):
+    """transformers' GGUF reader imports torch: SmolLM2-like files never reach it; a file maxlike
+    does not convert itself (here: llama3 RoPE factors) says what to install."""
     import importlib.util
 
+    import gguf
+    import numpy as np
     import transformers
 
-    from maxlike.weights import WeightsError, load_hf_config
+    from conftest import tiny_hf_model
+    from gguf_util import write_llama_gguf
+    from maxlike.weights import WeightsError, load_hf_config, load_tokenizer
 
-    copy = tmp_path / "model.gguf"
-    shutil.copy(smollm2_path, copy)
+    def without_torch(cls):
+        real = cls.from_pretrained
 
-    def no_torch_reader(*args, **kwargs):
-        raise ModuleNotFoundError("Could not import module 'read_gguf_metadata'.")
+        def from_pretrained(*args, **kwargs):
+            if "gguf_file" in kwargs:  # what transformers does without torch
+                raise ModuleNotFoundError("Could not import module 'read_gguf_metadata'.")
+            return real(*args, **kwargs)
+        monkeypatch.setattr(cls, "from_pretrained", from_pretrained)
 
     real_find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "torch" else real_find_spec(name, *a))
-    monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", no_torch_reader)
+    without_torch(transformers.AutoConfig)
+    without_torch(transformers.AutoTokenizer)
+    copy = tmp_path / "model.gguf"
+    shutil.copy(smollm2_path, copy)
+    assert load_hf_config(str(copy)).num_hidden_layers == 30
+    assert load_tokenizer(str(copy)).decode(load_tokenizer(str(copy)).encode("Paris.")) == "Paris."
+
+    hf = tiny_hf_model("llama", seed=5, llama3_rope=False)
+    factors = np.ones(hf.config.hidden_size // hf.config.num_attention_heads // 2, np.float32)
+    other = tmp_path / "rope_freqs.gguf"
+    write_llama_gguf(other, hf.config, {k: v.numpy() for k, v in hf.state_dict().items()},
+                     extra_tensors={"rope_freqs.weight": (factors, gguf.GGMLQuantizationType.F32)})
     with pytest.raises(WeightsError, match=r"the first time needs torch: .*\(pip install torch --index-url"):
-        load_hf_config(str(copy))
+        load_hf_config(str(other))

@@ -115,16 +115,38 @@ def _config(where: str, kw: dict, model_path: str) -> Any:
     return HFConfigView(values)
 
 
+GGUF_CONVERSION = 2  # part of the converted folder's key: bump it when the conversion changes
+
+
 def _gguf_as_hf_dir(model_path: str, mtime_ns: int, size: int) -> str | None:
+    """The GGUF's config and tokenizer as an HF folder under the cache (written on first use;
+    None when the cache cannot be written)."""
     import hashlib
 
-    key = hashlib.sha256(f"{model_path}|{mtime_ns}|{size}|{_transformers_version()}".encode()).hexdigest()[:24]
-    folder = os.path.join(cache_root(), "gguf-hf", key)
+    from maxlike.weights import gguf_hf
+
+    identity = f"{model_path}|{mtime_ns}|{size}|{_transformers_version()}|{GGUF_CONVERSION}"
+    folder = os.path.join(cache_root(), "gguf-hf", hashlib.sha256(identity.encode()).hexdigest()[:24])
     if os.path.isfile(os.path.join(folder, "config.json")):
         return folder
+    reader = gguf_file.check_file(model_path)  # a clear error beats transformers' on a bad file
+    tmp = f"{folder}.tmp{os.getpid()}"
+    try:
+        if not gguf_hf.write_hf_folder(reader, tmp):  # config.json last: it marks a complete copy
+            _write_hf_folder_with_transformers(model_path, tmp)
+        os.rename(tmp, folder)
+    except OSError:
+        if not os.path.isfile(os.path.join(folder, "config.json")):  # another process may have won the race
+            return None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+def _write_hf_folder_with_transformers(model_path: str, folder: str) -> None:
+    """transformers' GGUF reader (the files `gguf_hf` does not convert): it imports torch."""
     from transformers import AutoConfig, AutoTokenizer
 
-    gguf_file.check_file(model_path)  # a clear error beats transformers' on a bad file
     where, name = os.path.dirname(model_path), os.path.basename(model_path)
     try:
         config = AutoConfig.from_pretrained(where, gguf_file=name)
@@ -134,7 +156,7 @@ def _gguf_as_hf_dir(model_path: str, mtime_ns: int, size: int) -> str | None:
         if importlib.util.find_spec("torch") is None:
             raise WeightsError(
                 f"reading {model_path!r} the first time needs torch: transformers' GGUF reader, which maxlike uses "
-                "for a GGUF's config and tokenizer, imports it. Install its CPU build (pip install torch "
+                "for this GGUF's config and tokenizer, imports it. Install its CPU build (pip install torch "
                 "--index-url https://download.pytorch.org/whl/cpu) or load an HF directory instead; later loads "
                 "use a cached copy and need no torch.") from e
         raise WeightsError(f"could not read the model config from {model_path!r}: {e}") from e
@@ -142,17 +164,9 @@ def _gguf_as_hf_dir(model_path: str, mtime_ns: int, size: int) -> str | None:
         tokenizer = AutoTokenizer.from_pretrained(where, gguf_file=name)
     except Exception:  # a GGUF without tokenizer metadata still runs at the PipelineModel level
         tokenizer = None
-    tmp = f"{folder}.tmp{os.getpid()}"
-    try:
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        config.save_pretrained(tmp)  # config.json last: its presence marks a complete copy
-        os.rename(tmp, folder)
-    except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if not os.path.isfile(os.path.join(folder, "config.json")):  # another process may have won the race
-            return None
-    return folder
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+    config.save_pretrained(folder)
 
 
 def read_weights(
