@@ -75,6 +75,14 @@ def test_every_key_part_misses_and_a_bad_entry_is_recompiled(tiny_llama, tmp_pat
     assert not glob.glob(str(tmp_path / "executables" / ".tmp-*")), "no temporary files left behind"
 
 
+def test_a_warm_start_prefetches_what_the_last_start_used_first(tiny_llama, tmp_path):
+    first, tokens = _stats(tiny_llama[0], tmp_path)
+    assert first.prefetched == 0 and len(glob.glob(str(tmp_path / "executables" / "startup" / "*.json"))) == 1
+    again, same = _stats(tiny_llama[0], tmp_path)
+    assert (again.compiled, again.loaded, again.prefetched) == (0, first.compiled, min(first.compiled, 16))
+    assert same == tokens
+
+
 def test_an_executable_jax_already_ran_is_still_cached(tmp_path):
     """jax reuses what it compiled for a function earlier in the process; after a run, XLA:CPU's
     sort no longer serializes ("`LessThan` is not serializable"): the session compiles afresh."""

@@ -68,32 +68,39 @@ class ExecutableCache:
     def load(self, parts: dict[str, Any], devices=None):
         """The compiled executable stored for `parts`, loaded onto `devices` (the mesh's, in its
         order: by default jax would pick every local device), or None (missing, or unusable: warned)."""
-        exe_path, json_path = self._paths(self.digest(parts))
+        digest = self.digest(parts)
+        try:
+            loaded = self.load_digest(digest, devices)
+            if loaded is not None and loaded[0] != jsonable(parts):
+                raise ValueError("its record names other key parts")
+        except Exception as e:  # noqa: BLE001 - any failure means: compile instead
+            warnings.warn(f"executable cache entry {self._paths(digest)[0]} is unusable ({e}); recompiling it.",
+                          CacheEntryWarning, stacklevel=3)
+            return None
+        return None if loaded is None else loaded[1]
+
+    def load_digest(self, digest: str, devices=None):
+        """(the key parts its record names, the executable) of one entry, None when absent;
+        raises when the entry is damaged."""
+        exe_path, json_path = self._paths(digest)
         if not os.path.exists(exe_path):
             return None
-        try:
-            with open(exe_path, "rb") as f:
-                blob = f.read()
-            if not blob.startswith(MAGIC) or len(blob) < len(MAGIC) + _HEADER.size:
-                raise ValueError("not a maxlike executable (bad header)")
-            size, checksum = _HEADER.unpack_from(blob, len(MAGIC))
-            payload = blob[len(MAGIC) + _HEADER.size:]
-            if len(payload) != size:
-                raise ValueError(f"truncated: {len(payload)} of {size} bytes")
-            if hashlib.sha256(payload).digest() != checksum:
-                raise ValueError("checksum mismatch")
-            with open(json_path) as f:
-                record = json.load(f)
-            if record.get("key") != _jsonable(parts):
-                raise ValueError("its record names other key parts")
-            serialized, in_tree, out_tree = pickle.loads(payload)
-            from jax.experimental.serialize_executable import deserialize_and_load
+        with open(exe_path, "rb") as f:
+            blob = f.read()
+        if not blob.startswith(MAGIC) or len(blob) < len(MAGIC) + _HEADER.size:
+            raise ValueError("not a maxlike executable (bad header)")
+        size, checksum = _HEADER.unpack_from(blob, len(MAGIC))
+        payload = blob[len(MAGIC) + _HEADER.size:]
+        if len(payload) != size:
+            raise ValueError(f"truncated: {len(payload)} of {size} bytes")
+        if hashlib.sha256(payload).digest() != checksum:
+            raise ValueError("checksum mismatch")
+        with open(json_path) as f:
+            record = json.load(f)
+        serialized, in_tree, out_tree = pickle.loads(payload)
+        from jax.experimental.serialize_executable import deserialize_and_load
 
-            return deserialize_and_load(serialized, in_tree, out_tree, execution_devices=devices)
-        except Exception as e:  # noqa: BLE001 - any failure means: compile instead
-            warnings.warn(f"executable cache entry {exe_path} is unusable ({e}); recompiling it.", CacheEntryWarning,
-                          stacklevel=3)
-            return None
+        return record.get("key"), deserialize_and_load(serialized, in_tree, out_tree, execution_devices=devices)
 
     def store(self, parts: dict[str, Any], compiled, compile_seconds: float, notes: dict | None = None) -> int:
         """Write one entry atomically; returns its size in bytes (0 if it could not be serialized).
@@ -109,8 +116,8 @@ class ExecutableCache:
         os.makedirs(self.folder, exist_ok=True)
         exe_path, json_path = self._paths(self.digest(parts))
         blob = MAGIC + _HEADER.pack(len(payload), hashlib.sha256(payload).digest()) + payload
-        record = {"key": _jsonable(parts), "bytes": len(blob), "compile_seconds": round(compile_seconds, 3),
-                  **_jsonable(notes or {})}
+        record = {"key": jsonable(parts), "bytes": len(blob), "compile_seconds": round(compile_seconds, 3),
+                  **jsonable(notes or {})}
         _atomic_write(json_path, json.dumps(record, indent=1, sort_keys=True).encode())
         _atomic_write(exe_path, blob)
         return len(blob)
@@ -127,10 +134,10 @@ def read_json(path: str) -> dict | None:
 
 def write_json(path: str, value: dict) -> None:
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    _atomic_write(path, json.dumps(_jsonable(value), indent=1, sort_keys=True).encode())
+    _atomic_write(path, json.dumps(jsonable(value), indent=1, sort_keys=True).encode())
 
 
-def _jsonable(value: Any) -> Any:
+def jsonable(value: Any) -> Any:
     return json.loads(json.dumps(value, default=str, sort_keys=True))
 
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
@@ -36,11 +38,12 @@ class CompileStats:
     loaded: int = 0  # executables read from the ahead-of-time cache instead of compiled
     load_seconds: float = 0.0
     cached_bytes: int = 0  # written to the cache by this session
+    prefetched: int = 0  # of the loaded: read in the background while the weights loaded
 
     def as_dict(self) -> dict[str, Any]:
         return {"compiled": self.compiled, "compile_seconds": round(self.compile_seconds, 3),
                 "loaded": self.loaded, "load_seconds": round(self.load_seconds, 3),
-                "cached_bytes": self.cached_bytes, "by_name": dict(self.by_name)}
+                "cached_bytes": self.cached_bytes, "prefetched": self.prefetched, "by_name": dict(self.by_name)}
 
 
 def _sharding_key(sharding: Any, ndim: int) -> Any:
@@ -110,6 +113,12 @@ class InferenceSession:
         # The largest temporary-buffer size (bytes per device) of any executable compiled or
         # loaded, from XLA's memory analysis: a step's real activation memory.
         self.peak_temp_bytes = 0
+        # Warm starts: the executables the last start with this model and mesh used first are
+        # loaded in the background (`prefetch`) while the weights load.
+        self._first_used: list[str] = []
+        self._listed: list[str] = []
+        self._prefetched: dict[str, tuple] = {}
+        self._prefetch_thread: threading.Thread | None = None
 
     @property
     def platform(self) -> str:
@@ -137,7 +146,12 @@ class InferenceSession:
         parts = self._cache_parts(key, donate_argnums, out_shardings) if self.cache is not None else None
         if parts is not None and self.target is None:
             t0 = time.perf_counter()
-            exe = self.cache.load(parts, devices=list(self.mesh.devices.flat))
+            digest = self.cache.digest(parts)
+            self._remember(digest)
+            exe = self._take_prefetched(digest, parts)
+            self.stats.prefetched += exe is not None
+            if exe is None:
+                exe = self.cache.load(parts, devices=list(self.mesh.devices.flat))
             if exe is not None:
                 self.stats.loaded += 1
                 self.stats.load_seconds += time.perf_counter() - t0
@@ -168,6 +182,55 @@ class InferenceSession:
             notes = {"memory": memory, **({"target": self.target} if self.target else {})}
             self.stats.cached_bytes += self.cache.store(parts, exe, dt, notes=notes)
         return exe
+
+    FIRST_USED = 16  # how many executables a start remembers using first, for the next start to prefetch
+
+    def _startup_list(self) -> str:
+        """The file naming the executables this model and mesh used first (by cache digest)."""
+        identity = {k: v for k, v in self._cache_parts(("", ()), (), None).items()
+                    if k not in ("name", "signature", "donate", "out_shardings")}
+        return os.path.join(self.cache.folder, "startup", self.cache.digest(identity) + ".json")
+
+    def prefetch(self) -> None:
+        """Start loading, on a background thread, the executables the previous start of this
+        model on this mesh used first; `compile` takes them from there. Call it once the
+        model has set `cache_namespace`, before the slow part of its setup (the weights)."""
+        if self.cache is None or self.target is not None or self._prefetch_thread is not None:
+            return
+        self._listed = list((exe_cache.read_json(self._startup_list()) or {}).get("digests", []))
+        if not self._listed:
+            return
+        devices = list(self.mesh.devices.flat)
+
+        def load_all() -> None:
+            for digest in self._listed:
+                try:
+                    loaded = self.cache.load_digest(digest, devices)
+                except Exception:  # noqa: BLE001 - the regular load reports a damaged entry
+                    continue
+                if loaded is not None:
+                    self._prefetched[digest] = loaded
+
+        self._prefetch_thread = threading.Thread(target=load_all, name="maxlike-prefetch", daemon=True)
+        self._prefetch_thread.start()
+
+    def _take_prefetched(self, digest: str, parts: dict) -> Any:
+        if digest not in self._listed:
+            return None
+        if self._prefetch_thread is not None:
+            self._prefetch_thread.join()
+        record_key, exe = self._prefetched.pop(digest, (None, None))
+        return exe if exe is not None and record_key == exe_cache.jsonable(parts) else None
+
+    def _remember(self, digest: str) -> None:
+        if len(self._first_used) >= self.FIRST_USED or digest in self._first_used:
+            return
+        self._first_used.append(digest)
+        if self._first_used != self._listed[:len(self._first_used)]:  # this start differs from the last
+            try:
+                exe_cache.write_json(self._startup_list(), {"digests": self._first_used})
+            except OSError:
+                pass
 
     def _note_memory(self, exe) -> dict[str, int] | None:
         memory = memory_analysis(exe)

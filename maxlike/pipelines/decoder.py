@@ -79,6 +79,8 @@ class DecoderPipelineModel(PipelineModel[TextContext]):
         self.kv_params, self.max_batch_size, num_pages = self._plan_kv_cache(specs)
         self.compile_only = pipeline_config.compile_only
         session.cache_namespace.update(self._cache_identity(num_pages))
+        if not self.compile_only:
+            session.prefetch()  # executables load in the background while the weights do
         self.kv_manager = PagedKVCacheManager(self.kv_params, num_pages, mesh, replicas=self.replicas,
                                               enable_prefix_caching=kv_cache_config.enable_prefix_caching,
                                               allocate=not self.compile_only)
