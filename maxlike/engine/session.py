@@ -214,11 +214,15 @@ class InferenceSession:
         self._prefetch_thread = threading.Thread(target=load_all, name="maxlike-prefetch", daemon=True)
         self._prefetch_thread.start()
 
+    def wait_prefetch(self) -> None:
+        """Let the background loads finish (no thread outlives the model's setup)."""
+        if self._prefetch_thread is not None:
+            self._prefetch_thread.join()
+
     def _take_prefetched(self, digest: str, parts: dict) -> Any:
         if digest not in self._listed:
             return None
-        if self._prefetch_thread is not None:
-            self._prefetch_thread.join()
+        self.wait_prefetch()
         record_key, exe = self._prefetched.pop(digest, (None, None))
         return exe if exe is not None and record_key == exe_cache.jsonable(parts) else None
 

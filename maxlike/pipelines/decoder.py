@@ -91,7 +91,10 @@ class DecoderPipelineModel(PipelineModel[TextContext]):
                                         sharding=self.kv_manager.pool_sharding)
             self.kv_manager.pool = [(pool, pool) for _ in range(self.kv_params.num_layers)]
         else:
-            self.params = self._load_params(weights, source_specs, specs, progress)
+            try:
+                self.params = self._load_params(weights, source_specs, specs, progress)
+            finally:
+                session.wait_prefetch()
         self._replicated = replicated(mesh)
         self._by_row = named_sharding(mesh, ("batch",))  # step inputs: rows split over the replicas
 
