@@ -8,11 +8,8 @@ KV pool donated and returned updated.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import logging
-import os
 from functools import partial
-from typing import Any, Sequence
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -20,37 +17,21 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from maxlike.config import ConfigError
-from maxlike.engine import exe_cache
 from maxlike.interfaces import LogProbabilities
-from maxlike.kv_cache import KVCacheInputs, KVCacheParams, PagedKVCacheManager
+from maxlike.kv_cache import KVCacheInputs, PagedKVCacheManager
 from maxlike.pipelines import memory, sampling
 from maxlike.pipelines.context import TextContext
-from maxlike.pipelines.model import (
-    ModelInputs,
-    ModelOutputs,
-    PipelineModel,
-    ReturnHiddenStates,
-    ReturnLogits,
-    upper_bounded_default,
-)
+from maxlike.pipelines.model import ModelInputs, ModelOutputs, PipelineModel, ReturnHiddenStates, ReturnLogits
+from maxlike.pipelines.sizing import DecoderSizing, _architecture
 from maxlike.sharding import named_sharding, replicated
 from maxlike.weights import converted, read_weights
 from maxlike.weights.loader import cache_root
 
-log = logging.getLogger("maxlike")
-
 MIN_PREFILL_BUCKET = 16
-DEFAULT_MAX_BATCH = 8
 STOP_SLOTS = 8  # stop ids per row the on-device decode loop checks; any further ones stop on the host
 
 
-def _architecture(huggingface_config: Any):
-    from maxlike.pipelines.registry import PIPELINE_REGISTRY
-
-    return PIPELINE_REGISTRY.retrieve_architecture(huggingface_config).graph
-
-
-class DecoderPipelineModel(PipelineModel[TextContext]):
+class DecoderPipelineModel(DecoderSizing, PipelineModel[TextContext]):
     """One decoder for every `graphs/` architecture (found through the registry)."""
 
     def __init__(self, pipeline_config, session, devices, kv_cache_config, weights, adapter, return_logits,
@@ -144,126 +125,6 @@ class DecoderPipelineModel(PipelineModel[TextContext]):
         if self.kv_repeat == 1 or "kv_heads" not in spec.axes:
             return array
         return np.repeat(np.asarray(array), self.kv_repeat, axis=spec.axes.index("kv_heads"))
-
-    # -- sizing ----------------------------------------------------------
-    @classmethod
-    def calculate_max_seq_len(cls, pipeline_config, huggingface_config) -> int:
-        limit = huggingface_config.max_position_embeddings
-        try:
-            return upper_bounded_default(upper_bound=limit, default=pipeline_config.model.max_length)
-        except ValueError as e:
-            raise ConfigError(
-                f"max_length ({pipeline_config.model.max_length}) exceeds the model's limit "
-                f"(max_position_embeddings={limit}): pass max_length <= {limit}."
-            ) from e
-
-    @staticmethod
-    def _graph_and_config(huggingface_config):
-        arch = _architecture(huggingface_config)
-        return arch, arch.config_from_hf(huggingface_config)
-
-    @classmethod
-    def estimate_weights_size(cls, pipeline_config) -> int:
-        from maxlike.weights import load_hf_config
-
-        hf = load_hf_config(pipeline_config.model.model_path)
-        arch, cfg = cls._graph_and_config(hf)
-        dtype = memory.resolve_dtype(pipeline_config.model.dtype, _platform(pipeline_config))
-        return memory.weights_bytes(arch.weight_specs(cfg), dtype)
-
-    @classmethod
-    def estimate_activation_memory(cls, pipeline_config, huggingface_config) -> int:
-        """Bytes per device of a step's temporaries: XLA's own figure (the largest
-        `memory_analysis().temp_size_in_bytes` over every executable of the bucket set)
-        once a warm-up or warm-cache has compiled them for this configuration, else
-        an estimate from shapes."""
-        path = cls._activation_profile(pipeline_config, huggingface_config)
-        measured = exe_cache.read_json(path) if path else None
-        if measured and measured.get("temp_bytes"):
-            return int(measured["temp_bytes"])
-        return cls._activation_estimate(pipeline_config, huggingface_config)
-
-    @classmethod
-    def _activation_estimate(cls, pipeline_config, huggingface_config) -> int:
-        """From shapes: the largest prefill bucket (one row of max_length) or a full decode batch."""
-        arch, cfg = cls._graph_and_config(huggingface_config)
-        max_len = cls.calculate_max_seq_len(pipeline_config, huggingface_config)
-        itemsize = memory.resolve_dtype(pipeline_config.model.dtype, _platform(pipeline_config)).itemsize
-        batch = pipeline_config.max_batch_size or DEFAULT_MAX_BATCH
-        common = dict(hidden=cfg.hidden_size, q_heads=cfg.q_heads, intermediate=cfg.intermediate_size,
-                      vocab=cfg.vocab_size, itemsize=itemsize)
-        prefill = memory.activation_bytes(batch=1, tokens=memory.next_pow2(max_len), context=max_len,
-                                          logits_rows=1, **common)
-        decode = memory.activation_bytes(batch=batch, tokens=1, context=max_len, logits_rows=1, **common)
-        return max(prefill, decode)
-
-    @classmethod
-    def _activation_profile(cls, pipeline_config, huggingface_config) -> str | None:
-        """The file keeping XLA's measured activation memory for this model and every setting
-        that shapes its programs (None when the executable cache is off)."""
-        from maxlike.engine.mesh import executable_cache_dir
-
-        folder = executable_cache_dir(pipeline_config)
-        if folder is None:
-            return None
-        c = pipeline_config
-        arch, cfg = cls._graph_and_config(huggingface_config)
-        platform = _platform(c)
-        count = len(jax.devices(platform)) if not c.compile_target and c.devices is None else None
-        key = repr((arch.name, cfg, c.model.dtype, cls.calculate_max_seq_len(c, huggingface_config),
-                    c.max_batch_size, c.max_num_steps, c.prefill_chunk_size, c.kv_cache.kv_cache_page_size,
-                    c.kv_cache.cache_dtype, c.sampling.enable_echo, c.devices, count, c.compile_target,
-                    c.data_parallel_degree, c.tensor_parallel_degree, platform, exe_cache.versions(),
-                    exe_cache.source_hash()))
-        return os.path.join(folder, "activations", hashlib.sha256(key.encode()).hexdigest()[:24] + ".json")
-
-    def record_activation_memory(self) -> None:
-        """Keep XLA's measured peak temporaries (after every bucket was compiled or loaded)
-        for `estimate_activation_memory` to use from now on."""
-        path = self._activation_profile(self.pipeline_config, self.huggingface_config)
-        if path and self.session.peak_temp_bytes:
-            exe_cache.write_json(path, {
-                "temp_bytes": self.session.peak_temp_bytes, "buckets": len(self.step_buckets()),
-                "estimate_from_shapes": self._activation_estimate(self.pipeline_config, self.huggingface_config)})
-
-    def _plan_kv_cache(self, specs) -> tuple[KVCacheParams, int, int]:
-        """(page layout, max batch size per replica, pages per replica), or a ConfigError
-        saying what fits.
-
-        CPU: a configured host budget, split over the replicas. Accelerators: one
-        device's free memory x device_memory_utilization, less its share of the
-        weights and a step's activations, over its share of a page (its KV heads).
-        """
-        cfg = self.kv_cache_config
-        layers, kv_heads, head_dim = self.arch.kv_shape(self.config)
-        dtype = self.dtype if cfg.cache_dtype == "auto" else memory.resolve_dtype(cfg.cache_dtype, self.session.platform)
-        params = KVCacheParams(layers, kv_heads, head_dim, cfg.kv_cache_page_size, str(dtype))
-        tp = self.tensor_parallel_degree
-        if self.session.platform == "cpu":
-            budget, page_bytes = cfg.host_kv_cache_memory_gib * 2**30 / self.replicas, params.page_bytes
-        else:
-            stats = _memory_stats(self.devices[0])
-            if "bytes_limit" not in stats:  # a compile target's devices are not here: size for the demand
-                batch = self.pipeline_config.max_batch_size or DEFAULT_MAX_BATCH
-                log.info("device memory of %s is unknown here: KV pool sized for %d sequences of %d tokens",
-                         self.devices[0].device_kind, batch, self.max_length)
-                return params, batch, batch * params.pages_for(self.max_length) + 1
-            free = stats.get("bytes_limit", 0) * cfg.device_memory_utilization - stats.get("bytes_in_use", 0)
-            budget = (free - memory.weights_bytes(specs, self.dtype) / tp
-                      - self.estimate_activation_memory(self.pipeline_config, self.huggingface_config))
-            page_bytes = params.page_bytes / tp
-        budget_pages = max(0, int(budget // page_bytes))
-        pages_per_seq = params.pages_for(self.max_length)
-        if budget_pages < pages_per_seq + 1:  # + the reserved null page
-            fit = max(0, budget_pages - 1) * params.page_size
-            raise ConfigError(
-                f"the KV cache budget holds {budget_pages} pages of {params.page_size} tokens, not enough "
-                f"for one sequence of max_length={self.max_length}. What fits: max_length <= {fit} with "
-                f"max_batch_size 1, or max_length <= {fit // 8} with max_batch_size 8; or raise the budget "
-                "(host_kv_cache_memory_gib on CPU, device_memory_utilization on accelerators)."
-            )
-        batch = self.pipeline_config.max_batch_size or min(DEFAULT_MAX_BATCH, (budget_pages - 1) // pages_per_seq)
-        return params, batch, min(budget_pages, batch * pages_per_seq + 1)
 
     # -- buckets ----------------------------------------------------------
     # Decode steps are bucketed by (rows, page-table width); prefill steps by
@@ -580,19 +441,6 @@ def _log_probs(top_n: int, logits: jax.Array, targets: jax.Array):
     chosen = jnp.take_along_axis(lp, targets[..., None], axis=-1)[..., 0]
     top_vals, top_ids = jax.lax.top_k(lp, top_n)
     return chosen, top_vals, top_ids
-
-
-def _platform(pipeline_config) -> str:
-    """The backend a config compiles for: its compile target's, else this machine's default."""
-    target = pipeline_config.compile_target
-    return target.partition(":")[0] if target else jax.default_backend()
-
-
-def _memory_stats(device) -> dict:
-    try:
-        return device.memory_stats() or {}
-    except Exception:  # noqa: BLE001 - devices of a compile target (not addressable here) have none
-        return {}
 
 
 def _place_sharded(array, sharding, dtype) -> jax.Array:
