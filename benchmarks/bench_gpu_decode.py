@@ -3,8 +3,8 @@
     python benchmarks/bench_gpu_decode.py [--shape llama-1b] [--batch-sizes 1 8 64]
                                           [--variants 1:sync 10:sync 10:async] [--json out.json]
 
-The shape and cache (1024 tokens) are those of DESIGN.md section 8, so the
-figures compare with its anchors. HF transformers' generate (dynamic cache) runs
+The shape and cache (1024 tokens) are those of the plain-JAX anchors in the
+README's GPU section, so the figures compare with them. HF transformers' generate (dynamic cache) runs
 the same weights on the same device in the same run as the peer, for single
 batches and for an offline workload of random-length prompts. `--shape tiny`
 runs the same script on CPU in seconds (a smoke test).

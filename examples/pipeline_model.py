@@ -23,7 +23,8 @@ print("weights:", model.estimate_weights_size(config), "bytes; dtype:", model.dt
 
 prompt = tokenizer.encode(args.prompt)
 ctx = TextContext("example", prompt, max_length=len(prompt) + args.new_tokens)
-inputs = model.prepare_initial_token_inputs([[ctx]])  # claims KV pages, pads to buckets
+model.kv_manager.claim(ctx.request_id, total_tokens=ctx.max_length)  # KV pages for the whole sequence
+inputs = model.prepare_initial_token_inputs([[ctx]])  # pads to buckets, one transfer to the device
 generated = []
 for _ in range(args.new_tokens):
     outputs = model.execute(inputs)  # compiled step; the KV pool is donated and updated

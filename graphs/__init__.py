@@ -5,9 +5,9 @@ finds them through it (by HF `architectures` name or `model_type`) and never
 names one itself.
 """
 
-from graphs.base import Architecture, WeightSpec
+from graphs.base import ArchConfig, Architecture, Source, UnsupportedConfigError, WeightSpec
 from graphs.llama import LLAMA_FAMILY
 
 ARCHITECTURES: tuple[Architecture, ...] = LLAMA_FAMILY
 
-__all__ = ["ARCHITECTURES", "Architecture", "WeightSpec"]
+__all__ = ["ARCHITECTURES", "ArchConfig", "Architecture", "Source", "UnsupportedConfigError", "WeightSpec"]

@@ -13,7 +13,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from graphs.base import Architecture, UnsupportedConfigError, WeightSpec
+from graphs.base import Architecture, UnsupportedConfigError, WeightSpec, require
+from graphs.llama_checkpoint import checkpoint_names
 from graphs.layers import apply_rope, paged_attention, rms_norm, rope_inv_freq, swiglu, write_kv
 
 
@@ -34,7 +35,7 @@ class LlamaConfig:
     o_bias: bool
     max_position_embeddings: int
     sliding_window: int | None  # attention is full up to this many tokens
-    gguf_qk_permuted: bool  # llama.cpp permutes q/k rows of Llama-arch GGUFs
+    gguf_qk_permuted: bool  # checkpoint format: llama.cpp permutes q/k rows of Llama-arch GGUFs
 
     @property
     def inv_freq(self) -> np.ndarray:
@@ -68,76 +69,55 @@ def config_from_hf(hf: Any) -> LlamaConfig:
     if model_type == "qwen2" and not getattr(hf, "use_sliding_window", False):
         window = None
     theta, scaling = _rope_params(hf)
-    heads = hf.num_attention_heads
+    arch = (getattr(hf, "architectures", None) or ["the Llama graph"])[0]
+    need = {name: require(hf, name, arch) for name in ("vocab_size", "hidden_size", "num_hidden_layers",
+                                                       "num_attention_heads", "intermediate_size", "rms_norm_eps",
+                                                       "max_position_embeddings")}
+    heads = need["num_attention_heads"]
     return LlamaConfig(
-        vocab_size=hf.vocab_size,
-        hidden_size=hf.hidden_size,
-        num_layers=hf.num_hidden_layers,
+        vocab_size=need["vocab_size"],
+        hidden_size=need["hidden_size"],
+        num_layers=need["num_hidden_layers"],
         q_heads=heads,
         kv_heads=getattr(hf, "num_key_value_heads", None) or heads,
-        head_dim=getattr(hf, "head_dim", None) or hf.hidden_size // heads,
-        intermediate_size=hf.intermediate_size,
-        rms_norm_eps=float(hf.rms_norm_eps),
+        head_dim=getattr(hf, "head_dim", None) or need["hidden_size"] // heads,
+        intermediate_size=need["intermediate_size"],
+        rms_norm_eps=float(need["rms_norm_eps"]),
         rope_theta=theta,
         rope_scaling=scaling,
         tie_word_embeddings=bool(getattr(hf, "tie_word_embeddings", False)),
         qkv_bias=model_type == "qwen2" or attention_bias,
         o_bias=model_type != "qwen2" and attention_bias,
-        max_position_embeddings=hf.max_position_embeddings,
+        max_position_embeddings=need["max_position_embeddings"],
         sliding_window=int(window) if window else None,
         gguf_qk_permuted=model_type in ("llama", "mistral"),
     )
 
 
-def _unpermute_gguf(heads: int):
-    """llama.cpp interleaves the two RoPE halves of each q/k head; undo it (rows)."""
-
-    def undo(w: np.ndarray) -> np.ndarray:
-        rows = w.shape[0]
-        return w.reshape(heads, rows // heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-    return undo
-
-
 def weight_specs(cfg: LlamaConfig) -> dict[str, WeightSpec]:
     d, h, kv, hd, f = cfg.hidden_size, cfg.q_heads, cfg.kv_heads, cfg.head_dim, cfg.intermediate_size
-    perm_q = _unpermute_gguf(h) if cfg.gguf_qk_permuted else None
-    perm_k = _unpermute_gguf(kv) if cfg.gguf_qk_permuted else None
-    specs = {
-        "embed": WeightSpec((cfg.vocab_size, d), ("vocab", "embed"), "model.embed_tokens.weight", "token_embd.weight"),
-        "final_norm": WeightSpec((d,), ("embed",), "model.norm.weight", "output_norm.weight"),
-    }
+    specs = {"embed": WeightSpec((cfg.vocab_size, d), ("vocab", "embed")), "final_norm": WeightSpec((d,), ("embed",))}
     if not cfg.tie_word_embeddings:
-        specs["lm_head"] = WeightSpec((cfg.vocab_size, d), ("vocab", "embed"), "lm_head.weight", "output.weight")
+        specs["lm_head"] = WeightSpec((cfg.vocab_size, d), ("vocab", "embed"))
     for i in range(cfg.num_layers):
-        hf, gg = f"model.layers.{i}.", f"blk.{i}."
+        p = f"layers.{i}."
         specs.update({
-            f"layers.{i}.attn_norm": WeightSpec((d,), ("embed",), hf + "input_layernorm.weight", gg + "attn_norm.weight"),
-            f"layers.{i}.q": WeightSpec(
-                (d, h, hd), ("embed", "q_heads", "head_dim"), hf + "self_attn.q_proj.weight", gg + "attn_q.weight",
-                lambda a, h=h, hd=hd: a.T.reshape(-1, h, hd), perm_q),
-            f"layers.{i}.k": WeightSpec(
-                (d, kv, hd), ("embed", "kv_heads", "head_dim"), hf + "self_attn.k_proj.weight", gg + "attn_k.weight",
-                lambda a, kv=kv, hd=hd: a.T.reshape(-1, kv, hd), perm_k),
-            f"layers.{i}.v": WeightSpec(
-                (d, kv, hd), ("embed", "kv_heads", "head_dim"), hf + "self_attn.v_proj.weight", gg + "attn_v.weight",
-                lambda a, kv=kv, hd=hd: a.T.reshape(-1, kv, hd)),
-            f"layers.{i}.o": WeightSpec(
-                (h, hd, d), ("q_heads", "head_dim", "embed"), hf + "self_attn.o_proj.weight", gg + "attn_output.weight",
-                lambda a, h=h, hd=hd: a.T.reshape(h, hd, -1)),
-            f"layers.{i}.mlp_norm": WeightSpec((d,), ("embed",), hf + "post_attention_layernorm.weight", gg + "ffn_norm.weight"),
-            f"layers.{i}.gate": WeightSpec((d, f), ("embed", "mlp"), hf + "mlp.gate_proj.weight", gg + "ffn_gate.weight", np.transpose),
-            f"layers.{i}.up": WeightSpec((d, f), ("embed", "mlp"), hf + "mlp.up_proj.weight", gg + "ffn_up.weight", np.transpose),
-            f"layers.{i}.down": WeightSpec((f, d), ("mlp", "embed"), hf + "mlp.down_proj.weight", gg + "ffn_down.weight", np.transpose),
+            p + "attn_norm": WeightSpec((d,), ("embed",)),
+            p + "q": WeightSpec((d, h, hd), ("embed", "q_heads", "head_dim")),
+            p + "k": WeightSpec((d, kv, hd), ("embed", "kv_heads", "head_dim")),
+            p + "v": WeightSpec((d, kv, hd), ("embed", "kv_heads", "head_dim")),
+            p + "o": WeightSpec((h, hd, d), ("q_heads", "head_dim", "embed")),
+            p + "mlp_norm": WeightSpec((d,), ("embed",)),
+            p + "gate": WeightSpec((d, f), ("embed", "mlp")),
+            p + "up": WeightSpec((d, f), ("embed", "mlp")),
+            p + "down": WeightSpec((f, d), ("mlp", "embed")),
         })
         if cfg.qkv_bias:
-            for name, heads, perm in (("q", h, perm_q), ("k", kv, perm_k), ("v", kv, None)):
-                specs[f"layers.{i}.{name}_bias"] = WeightSpec(
-                    (heads, hd), (f"{'q' if name == 'q' else 'kv'}_heads", "head_dim"),
-                    hf + f"self_attn.{name}_proj.bias", gg + f"attn_{name}.bias",
-                    lambda a, heads=heads, hd=hd: a.reshape(heads, hd), perm)
+            specs[p + "q_bias"] = WeightSpec((h, hd), ("q_heads", "head_dim"))
+            specs[p + "k_bias"] = WeightSpec((kv, hd), ("kv_heads", "head_dim"))
+            specs[p + "v_bias"] = WeightSpec((kv, hd), ("kv_heads", "head_dim"))
         if cfg.o_bias:
-            specs[f"layers.{i}.o_bias"] = WeightSpec((d,), ("embed",), hf + "self_attn.o_proj.bias", gg + "attn_output.bias")
+            specs[p + "o_bias"] = WeightSpec((d,), ("embed",))
     return specs
 
 
@@ -183,7 +163,7 @@ def kv_shape(cfg: LlamaConfig) -> tuple[int, int, int]:
 
 
 def _arch(name: str, model_types: tuple[str, ...]) -> Architecture:
-    return Architecture(name, model_types, config_from_hf, weight_specs, kv_shape, forward, lm_head)
+    return Architecture(name, model_types, config_from_hf, weight_specs, checkpoint_names, kv_shape, forward, lm_head)
 
 
 LLAMA_FAMILY = (

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
+import typing
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -241,6 +242,14 @@ class PipelineConfig:
         for cls in _SUBCONFIGS.values():
             out.update({f.name: f for f in fields(cls)})
         return out
+
+    @staticmethod
+    def flag_types() -> dict[str, Any]:
+        """Every flat field name -> its declared type, resolved (`int | None`, `tuple[str, ...]`, ...)."""
+        out = {name: hint for name, hint in typing.get_type_hints(PipelineConfig).items() if name not in _SUBCONFIGS}
+        for cls in _SUBCONFIGS.values():
+            out.update(typing.get_type_hints(cls))
+        return {name: out[name] for name in PipelineConfig.flag_fields()}
 
 
 def _unknown_key_message(key: str) -> str:

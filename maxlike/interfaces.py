@@ -3,12 +3,27 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Sequence
+
+import numpy as np
 
 
 class RequestError(ValueError):
     """A request is invalid; it fails alone and the pipeline keeps serving."""
+
+
+MAX_SEED = 2**32 - 1
+MAX_LOGPROBS = 20  # top log-probabilities per position (OpenAI's limit for top_logprobs)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def _is_real(value) -> bool:
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
 
 
 @dataclass(frozen=True)
@@ -16,7 +31,10 @@ class SamplingParams:
     """Per-request sampling. `top_k=1` or `temperature=0` is greedy.
 
     top_k <= 0 means the whole vocabulary; top_p is in (0, 1].
-    `seed` makes a sampled request reproducible; None draws one.
+    `seed` (0 .. 2**32-1) makes a sampled request reproducible; None draws one.
+    `logprobs` (0..20) top alternatives are returned per generated token; with
+    `echo`, per prompt token too. Every field is checked here, with a message
+    naming the field and its allowed range.
     """
 
     max_new_tokens: int | None = None
@@ -30,17 +48,29 @@ class SamplingParams:
     echo: bool = False
 
     def __post_init__(self) -> None:
-        if self.max_new_tokens is not None and (not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1):
-            raise RequestError(f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}.")
-        if not self.temperature >= 0.0:
-            raise RequestError(f"temperature must be >= 0 (0 is greedy), got {self.temperature!r}.")
-        if not 0.0 < self.top_p <= 1.0:
-            raise RequestError(f"top_p must be in (0, 1] (1 keeps every token), got {self.top_p!r}.")
-        if not isinstance(self.top_k, int):
-            raise RequestError(f"top_k must be an integer (<= 0 keeps every token), got {self.top_k!r}.")
-        if self.logprobs < 0:
-            raise RequestError(f"logprobs must be >= 0, got {self.logprobs!r}.")
-        object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
+        def need(ok: bool, message: str) -> None:
+            if not ok:
+                raise RequestError(message)
+
+        need(self.max_new_tokens is None or (_is_int(self.max_new_tokens) and self.max_new_tokens >= 1),
+             f"max_new_tokens must be an integer >= 1 (or None: up to max_length), got {self.max_new_tokens!r}.")
+        need(_is_real(self.temperature) and math.isfinite(self.temperature) and self.temperature >= 0.0,
+             f"temperature must be a finite number >= 0 (0 is greedy), got {self.temperature!r}.")
+        need(_is_real(self.top_p) and 0.0 < self.top_p <= 1.0,
+             f"top_p must be in (0, 1] (1 keeps every token), got {self.top_p!r}.")
+        need(_is_int(self.top_k), f"top_k must be an integer (<= 0 keeps every token), got {self.top_k!r}.")
+        need(self.seed is None or (_is_int(self.seed) and 0 <= self.seed <= MAX_SEED),
+             f"seed must be an integer in [0, {MAX_SEED}] (or None for a random one), got {self.seed!r}.")
+        need(_is_int(self.logprobs) and 0 <= self.logprobs <= MAX_LOGPROBS,
+             f"logprobs must be an integer in [0, {MAX_LOGPROBS}] (top alternatives per token), got "
+             f"{self.logprobs!r}.")
+        for name in ("ignore_eos", "echo"):
+            need(isinstance(getattr(self, name), (bool, np.bool_)), f"{name} must be True or False, got "
+                 f"{getattr(self, name)!r}.")
+        ids = self.stop_token_ids
+        need(not isinstance(ids, (str, bytes)) and all(_is_int(t) and t >= 0 for t in ids),
+             f"stop_token_ids must be token ids (integers >= 0), got {ids!r}.")
+        object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in ids))
 
     @property
     def greedy(self) -> bool:
@@ -63,12 +93,27 @@ class TextGenerationRequest:
     sampling_params: SamplingParams = field(default_factory=lambda: GREEDY)
 
     def __post_init__(self) -> None:
+        rid = self.request_id
+        if not isinstance(rid, str) or not rid:
+            raise RequestError(f"request_id must be a non-empty string, got {rid!r}.")
         if (self.prompt is None) == (self.messages is None):
-            raise RequestError(f"request {self.request_id}: give exactly one of prompt or messages.")
-        if self.prompt is not None and len(self.prompt) == 0:
-            raise RequestError(f"request {self.request_id}: the prompt is empty; give at least one token or character.")
-        if self.messages is not None and len(self.messages) == 0:
-            raise RequestError(f"request {self.request_id}: messages is empty; give at least one message.")
+            raise RequestError(f"request {rid}: give exactly one of prompt or messages.")
+        if not isinstance(self.sampling_params, SamplingParams):
+            raise RequestError(f"request {rid}: sampling_params must be a SamplingParams, got "
+                               f"{type(self.sampling_params).__name__}.")
+        if self.prompt is not None:
+            if not isinstance(self.prompt, str) and not all(_is_int(t) for t in self.prompt):
+                raise RequestError(f"request {rid}: a prompt is a string or a sequence of token ids (integers).")
+            if len(self.prompt) == 0:
+                raise RequestError(f"request {rid}: the prompt is empty; give at least one token or character.")
+        if self.messages is not None:
+            if len(self.messages) == 0:
+                raise RequestError(f"request {rid}: messages is empty; give at least one message.")
+            for i, m in enumerate(self.messages):
+                if not isinstance(m, dict) or not isinstance(m.get("role"), str) or \
+                        not isinstance(m.get("content"), (str, list)):
+                    raise RequestError(f"request {rid}: message {i} must be a dict with a 'role' string and a "
+                                       f"'content' string (or list of parts), got {m!r:.200}.")
 
 
 @dataclass

@@ -38,7 +38,7 @@ class Scheduler:
         self.pipeline = pipeline
         self.kv = pipeline.model.kv_manager
         self.max_batch_size = pipeline.model.max_batch_size  # rows per replica
-        self.replicas = getattr(pipeline.model, "replicas", 1)
+        self.replicas = pipeline.model.replicas
         self.prefill_chunk_size = prefill_chunk_size or config.prefill_chunk_size
         self.max_num_steps = max_num_steps or pipeline.max_num_steps
         self.async_scheduling = config.async_scheduling
@@ -62,9 +62,10 @@ class Scheduler:
             raise RequestError(f"request id {ctx.request_id!r} is already in flight.")
         # prompt + max_new_tokens <= max_length was checked, and the pool holds one max_length
         # sequence (the model refuses to build otherwise): every valid request fits alone.
-        if ctx.sampling_params.echo and ctx.prompt_length > self.prefill_chunk_size:
+        if row.echo_pending and ctx.prompt_length > self.prefill_chunk_size:
             raise RequestError(f"request {ctx.request_id}: echo needs the whole prompt ({ctx.prompt_length} tokens) in "
-                               f"one prefill chunk (prefill_chunk_size={self.prefill_chunk_size}).")
+                               f"one prefill chunk (prefill_chunk_size={self.prefill_chunk_size}): raise "
+                               "prefill_chunk_size or shorten the prompt.")
         return row
 
     def _enqueue(self, row: GenerationRow) -> GenerationRow:
@@ -157,7 +158,8 @@ class Scheduler:
             load = [len(self._rows_on(r)) for r in range(self.replicas)]
             replica = min((r for r in range(self.replicas) if load[r] < self.max_batch_size),
                           key=lambda r: (load[r], -self.kv.replica_free_pages(r)))
-            ctx.cache_length = self.kv.claim(ctx.request_id, ctx.tokens, replica=replica)  # > 0 on a prefix hit
+            # > 0 on a prefix hit; echo computes the whole prompt, so it takes no cached pages
+            ctx.cache_length = self.kv.claim(ctx.request_id, None if row.echo_pending else ctx.tokens, replica=replica)
             if self.kv.pages_short(ctx.request_id, len(ctx.tokens)):
                 self.kv.release(ctx.request_id)
                 ctx.cache_length = 0
@@ -177,6 +179,8 @@ class Scheduler:
                 continue
             replica = self.kv.replica_of(row.ctx.request_id)
             n = min(row.ctx.pending, budget)
+            if row.echo_pending and n < row.ctx.pending:  # echo's prompt runs whole, in a later step
+                continue
             widest = max(per_replica[replica] + 1, max(per_replica))
             if not self.pipeline.model.prefill_fits(widest, max([n] + [r.ctx.chunk for r in batch])):
                 break
@@ -224,6 +228,11 @@ class Scheduler:
     def run(self, requests: Iterable[TextGenerationRequest], *, use_tqdm: bool = False) -> list[TextGenerationOutput]:
         """Every request to completion; each is validated before anything runs."""
         rows = [self.check(r) for r in requests]  # all valid before any is queued
+        ids = [r.ctx.request_id for r in rows]
+        if len(set(ids)) != len(ids):
+            twice = sorted({i for i in ids if ids.count(i) > 1})
+            raise RequestError(f"request ids {twice[:5]} appear more than once in one run: give each request "
+                               "its own id.")
         rows = [self._enqueue(r) for r in rows]
         bar = tqdm(total=len(rows), desc="generating", unit="req", disable=not use_tqdm)
         try:
@@ -239,13 +248,11 @@ class Scheduler:
     def stream(self, request: TextGenerationRequest) -> Iterator[str]:
         """Yield one request's text as it is generated."""
         row = self.add(request)
-        shown = ""
         try:
             while not row.done:
                 self.step()
-                piece = self.pipeline.stream_text(row, shown)
+                piece = self.pipeline.stream_text(row)
                 if piece:
-                    shown += piece
                     yield piece
         finally:
             self._drop_all()

@@ -3,13 +3,20 @@
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 
 import numpy as np
 import pytest
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ["MAXLIKE_CACHE_DIR"] = tempfile.mkdtemp(prefix="maxlike-test-cache-")  # never the user's cache
+TEST_CACHE = tempfile.mkdtemp(prefix="maxlike-test-cache-")
+os.environ["MAXLIKE_CACHE_DIR"] = TEST_CACHE  # never the user's cache
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """The suite's cache folder goes with the run (subprocesses inherit it and are done by now)."""
+    shutil.rmtree(TEST_CACHE, ignore_errors=True)
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
@@ -127,6 +134,13 @@ def build_model(path: str, *, return_logits="last_token", return_hidden_states="
     session = InferenceSession()
     return DecoderPipelineModel(config, session, session.devices, config.kv_cache, None, None,
                                 ReturnLogits(return_logits), ReturnHiddenStates(return_hidden_states), progress=False)
+
+
+def held(model, ctx):
+    """`ctx` holding KV pages for its whole length (what the scheduler does for a request), for
+    tests that drive a PipelineModel by hand."""
+    model.kv_manager.claim(ctx.request_id, total_tokens=ctx.max_length)
+    return ctx
 
 
 @pytest.fixture(scope="session")

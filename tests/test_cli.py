@@ -27,7 +27,8 @@ def test_list_and_errors(tmp_path):
     r = maxlike("generate", "--model-path", str(tmp_path), "--prompt", "x", "--max-lenght", "5")
     assert r.returncode == 2 and "--max-length" in r.stderr  # argparse suggests the right flag
     r = maxlike("serve")
-    assert r.returncode == 2 and "not built yet" in r.stderr
+    assert r.returncode == 2 and "not part of this version" in r.stderr
+    assert "later issue" not in maxlike("--help").stdout + maxlike("serve", "--help").stdout
     r = maxlike("warm-cache", "--target", "tpu:v5e:2x2")  # this environment has no libtpu
     assert r.returncode == 1 and "needs libtpu, which is not installed: pip install 'maxlike[tpu]'" in r.stderr
     r = maxlike("warm-cache", "--target", "tpu")
@@ -58,3 +59,28 @@ def test_benchmark_command(tiny_llama):
     assert r.returncode == 0, r.stderr
     lines = [x for x in r.stdout.splitlines() if x.startswith("maxlike batch")]
     assert len(lines) == 2 and "decode" in lines[0] and "prefill" in lines[0]
+
+
+def test_flags_take_their_types_from_the_config_fields(tiny_llama):
+    """Each PipelineConfig field's flag parses to the field's declared type."""
+    from maxlike.entrypoints.cli import build_parser, config_from_args, flag_options
+
+    args = build_parser().parse_args([
+        "generate", "--prompt", "x", "--model-path", tiny_llama[0], "--max-length", "64",
+        "--device-memory-utilization", "0.5", "--weight-path", "model.safetensors", "other.safetensors",
+        "--no-weights-cache", "--enable-prefix-caching", "--devices", "1", "--cache-dtype", "float32",
+        "--host-kv-cache-memory-gib", "1"])
+    config = config_from_args(args)
+    assert config.model.max_length == 64 and type(config.model.max_length) is int
+    assert config.kv_cache.device_memory_utilization == 0.5
+    assert config.kv_cache.host_kv_cache_memory_gib == 1.0 and type(config.kv_cache.host_kv_cache_memory_gib) is float
+    assert config.model.weight_path == ("model.safetensors", "other.safetensors")
+    assert config.weights_cache is False and config.kv_cache.enable_prefix_caching is True
+    assert config.devices == "1" and type(config.devices) is str, "an optional string stays a string"
+    assert config.kv_cache.cache_dtype == "float32"
+    r = maxlike("generate", "--prompt", "x", "--max-length", "sixty")
+    assert r.returncode == 2 and "--max-length: invalid int value: 'sixty'" in r.stderr
+    import pytest
+
+    with pytest.raises(TypeError, match="no command-line form for a config field of type"):
+        flag_options(dict[str, int])

@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import types
-
 import pytest
 
 from maxlike.config import ConfigError
 from maxlike.pipelines import (
     KVCacheConfig,
     PipelineConfig,
-    PipelineModel,
     upper_bounded_default,
 )
 
@@ -75,26 +72,21 @@ def test_upper_bounded_default_has_max_semantics():
         upper_bounded_default(upper_bound=100, default=101)
 
 
-class MistralModel(PipelineModel):  # the seed's example, as written
-    @classmethod
-    def calculate_max_seq_len(cls, pipeline_config, huggingface_config) -> int:
-        try:
-            return upper_bounded_default(
-                upper_bound=huggingface_config.max_seq_len,
-                default=pipeline_config.model.max_length,
-            )
-        except ValueError as e:
-            raise ValueError(
-                "Unable to infer max_length for Mistral, the provided "
-                f"max_length ({pipeline_config.model.max_length}) exceeds the "
-                f"model's max_seq_len ({huggingface_config.max_seq_len})."
-            ) from e
+def test_calculate_max_seq_len_is_the_seeds_upper_bounded_default(tiny_models):
+    """DecoderPipelineModel.calculate_max_seq_len follows the seed's Mistral example: the configured
+    max_length when it is within the model's limit, the limit when none is given, an error above it."""
+    from maxlike.pipelines import DecoderPipelineModel
+    from maxlike.weights import load_hf_config
 
-
-def test_seed_mistral_example_runs_as_written(tiny_models):
     path = tiny_models["mistral"][0]
-    hf = types.SimpleNamespace(max_seq_len=256)
-    assert MistralModel.calculate_max_seq_len(PipelineConfig(model_path=path, max_length=100), hf) == 100
-    assert MistralModel.calculate_max_seq_len(PipelineConfig(model_path=path), hf) == 256
-    with pytest.raises(ValueError, match=r"provided max_length \(300\) exceeds the model's max_seq_len \(256\)"):
-        MistralModel.calculate_max_seq_len(PipelineConfig(model_path=path, max_length=300), hf)
+    hf = load_hf_config(path)  # max_position_embeddings=256
+    calc = DecoderPipelineModel.calculate_max_seq_len
+    assert calc(PipelineConfig(model_path=path, max_length=100), hf) == 100
+    assert calc(PipelineConfig(model_path=path), hf) == 256
+    assert calc(PipelineConfig(model_path=path, max_length=256), hf) == 256
+    with pytest.raises(ValueError, match=r"max_length \(300\) exceeds the model's limit "
+                                         r"\(max_position_embeddings=256\)"):
+        calc(PipelineConfig(model_path=path, max_length=300), hf)
+    # What the seed's example reads exists under those names.
+    config = PipelineConfig(model_path=path, max_length=100)
+    assert (config.model.max_length, config.model.model_path) == (100, path)

@@ -7,13 +7,13 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 
-from conftest import build_model, random_prompt
+from conftest import build_model, held, random_prompt
 from maxlike.pipelines import DecoderPipelineModel, ModelInputs, ReturnHiddenStates
 from maxlike.pipelines.context import TextContext
 
 
 def _prefill(model, n=7, rid="e", extra=4):
-    ctx = TextContext(rid, random_prompt(n, seed=n), n + extra)
+    ctx = held(model, TextContext(rid, random_prompt(n, seed=n), n + extra))
     return ctx, model.prepare_initial_token_inputs([[ctx]])
 
 
@@ -52,7 +52,7 @@ def test_hidden_states_and_variable_logits(tiny_models):
     path, hf = tiny_models["llama"]
     model = build_model(path, return_logits="variable", return_hidden_states="all")
     ctx, inputs = _prefill(model, n=9)
-    inputs = model.prepare_initial_token_inputs([[TextContext("v", ctx.tokens, 13)]], return_n_logits=3)
+    inputs = model.prepare_initial_token_inputs([[held(model, TextContext("v", ctx.tokens, 13))]], return_n_logits=3)
     out = model.execute(inputs)
     with torch.no_grad():
         ref = hf(torch.tensor(ctx.tokens[None], dtype=torch.long), output_hidden_states=True)
@@ -60,7 +60,7 @@ def test_hidden_states_and_variable_logits(tiny_models):
     assert out.logits.shape[1] == 3 and list(out.logit_offsets) == [0, 3]
     assert np.abs(np.asarray(out.logits)[0] - ref.logits[0, -3:].numpy()).max() < 1e-4
     last = build_model(path, return_hidden_states=ReturnHiddenStates.LAST)
-    out = last.execute(last.prepare_initial_token_inputs([[TextContext("l", ctx.tokens, 10)]]))
+    out = last.execute(last.prepare_initial_token_inputs([[held(last, TextContext("l", ctx.tokens, 10))]]))
     assert out.hidden_states.shape == (1, 64)
     assert np.abs(np.asarray(out.hidden_states)[0] - ref.hidden_states[-1][0, -1].numpy()).max() < 1e-4
 
@@ -93,3 +93,37 @@ def test_kv_budget_too_small_says_what_fits(tiny_llama):
                                          r"max_batch_size 1, or max_length <= \d+ with max_batch_size 8"):
         build_model(tiny_llama[0], max_length=256, host_kv_cache_memory_gib=1e-5)
     assert len(jax.live_arrays()) == before, "planned before anything was allocated"
+
+
+def test_the_kv_pool_size_is_stable_on_accelerators(tiny_llama, monkeypatch):
+    """On an accelerator the pool's page count (part of every executable's key) depends on the
+    config and the device's memory size only: not on memory in use nor on whether a warm-up has
+    recorded XLA's activation sizes, so warm-cache then a start with the same flags agree."""
+    import maxlike.pipelines.sizing as sizing
+    from maxlike.engine.session import InferenceSession
+
+    memory = {"bytes_limit": 64 * 2**30, "bytes_in_use": 0}
+    monkeypatch.setattr(InferenceSession, "platform", property(lambda self: "gpu"))
+    monkeypatch.setattr(sizing, "_memory_stats", lambda device: dict(memory))
+
+    def plan():
+        model = build_model(tiny_llama[0], compile_only=True, max_batch_size=64, max_length=256)
+        return model, model.kv_manager.num_pages
+
+    roomy, demand = plan()
+    assert demand == 64 * 16 + 1, "with room to spare: max_batch_size full-length sequences (+ the null page)"
+    # A device that holds about 500 pages besides the weights and the activation estimate:
+    weights = sum(int(np.prod(s.shape)) for s in roomy._specs.values()) * roomy.dtype.itemsize
+    activations = type(roomy)._activation_estimate(roomy.pipeline_config, roomy.huggingface_config)
+    memory["bytes_limit"] = int((weights + activations + 500.5 * roomy.kv_params.page_bytes) / 0.9)
+    first, pages = plan()
+    assert pages == 448, "500 pages rounded down to a multiple of PAGE_COUNT_STEP"
+    first.session.peak_temp_bytes = 123 * 2**20  # as a warm-up would have measured
+    first.record_activation_memory()
+    assert type(first).estimate_activation_memory(first.pipeline_config, first.huggingface_config) == 123 * 2**20
+    memory["bytes_in_use"] = 10 * first.kv_params.page_bytes  # another start: some memory already taken
+    again, same = plan()
+    assert same == pages and again.session.cache_namespace["kv_pages"] == first.session.cache_namespace["kv_pages"]
+    # Not enough left (300 pages' worth): the pool shrinks to what is free.
+    memory["bytes_in_use"] = memory["bytes_limit"] - weights - activations - 300 * first.kv_params.page_bytes
+    assert plan()[1] == 300

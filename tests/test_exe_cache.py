@@ -31,11 +31,17 @@ def test_warm_cache_then_generate_compiles_nothing(tiny_llama, tmp_path):
     assert len(records) == int(r.stdout.split("warm-cache: ")[1].split()[0]) > 10
     ask = ["generate", "--prompt", "hello there", "--max-new-tokens", "8", "--verbose", "--quiet", *common]
     warm = _maxlike(*ask, "--cache-dir", str(tmp_path))
-    cold = _maxlike(*ask, "--no-executable-cache")
+    cold = _maxlike(*ask, "--no-executable-cache", "--no-weights-cache")
     assert warm.returncode == 0 and cold.returncode == 0, warm.stderr[-2000:] + cold.stderr[-2000:]
     assert "compiled 0 executables" in warm.stderr and "loaded 0 " not in warm.stderr
     assert "compiled 0 executables" not in cold.stderr
     assert warm.stdout == cold.stdout
+    # warm-cache converted the weights too (on the host): the first start reads no checkpoint file.
+    assert "converted weights in" in r.stdout and len(glob.glob(str(tmp_path / "weights" / "*"))) == 1
+    assert "weights from the converted-weights cache" in warm.stderr
+    assert "weights from the checkpoint files" in cold.stderr
+    again = _maxlike("warm-cache", "--cache-dir", str(tmp_path), "--quiet", "--no-convert-weights", *common)
+    assert again.returncode == 0 and "weights not converted" in again.stdout
 
 
 def _stats(path, cache, **kw):
@@ -164,3 +170,93 @@ def test_converted_weights_are_restored_without_reading_the_source(tiny_llama, t
     with monkeypatch.context() as m:
         m.setattr(decoder, "read_weights", no_reading)
         assert _stats(tiny_llama[0], tmp_path)[1] == tokens
+
+
+def test_an_unwritable_cache_folder_runs_uncached_with_one_warning(tiny_llama, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        stats, tokens = _stats(tiny_llama[0], blocker / "cache")  # cannot be created: a file is in the way
+    messages = [str(w.message) for w in caught if "cannot be written" in str(w.message)]
+    assert len(messages) == 1 and "running without it" in messages[0], [str(w.message) for w in caught]
+    assert stats.compiled > 0 and stats.cached_bytes == 0
+    assert tokens == _stats(tiny_llama[0], tmp_path / "fine")[1]
+
+
+def test_entries_not_written_by_this_cache_are_refused_before_unpickling(tiny_llama, tmp_path, monkeypatch):
+    import pickle
+
+    first, tokens = _stats(tiny_llama[0], tmp_path)
+    secret = tmp_path / "executables" / ".secret"
+    assert oct(secret.stat().st_mode & 0o777) == "0o600"
+    # Another cache's secret (a folder copied from elsewhere, or a forged entry): nothing is unpickled.
+    secret.write_bytes(os.urandom(32))
+    monkeypatch.setattr(pickle, "loads", lambda *a, **k: (_ for _ in ()).throw(AssertionError("unpickled")))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        stats, again = _stats(tiny_llama[0], tmp_path)
+    refused = [str(w.message) for w in caught if "not written by this cache" in str(w.message)]
+    assert len(refused) == first.compiled and stats.loaded == 0 and again == tokens
+    monkeypatch.undo()
+    assert _stats(tiny_llama[0], tmp_path)[0].loaded == first.compiled, "entries rewritten under the new secret load"
+    # A secret others can read or write is not trusted: everything compiles.
+    secret.chmod(0o644)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        stats, _ = _stats(tiny_llama[0], tmp_path)
+    assert stats.loaded == 0 and any("not private to this user" in str(w.message) for w in caught)
+
+
+def _key_of(path, cache, **kw):
+    stats, _ = _stats(path, cache, **kw)
+    return stats
+
+
+@pytest.mark.parametrize("change", ["xla_flags", "jax_option", "plugin", "outside_architecture_code"])
+def test_what_changes_programs_changes_the_key(tiny_llama, tmp_path, monkeypatch, request, change):
+    from maxlike.engine import exe_cache
+
+    first, _ = _stats(tiny_llama[0], tmp_path)
+    assert _stats(tiny_llama[0], tmp_path)[0].compiled == 0
+    if change == "xla_flags":
+        monkeypatch.setenv("XLA_FLAGS", os.environ.get("XLA_FLAGS", "") + " --xla_cpu_enable_fast_math=false")
+    elif change == "jax_option":
+        import jax
+
+        before = jax.config.jax_default_matmul_precision
+        jax.config.update("jax_default_matmul_precision", "highest")
+        request.addfinalizer(lambda: jax.config.update("jax_default_matmul_precision", before))
+    elif change == "plugin":
+        monkeypatch.setattr(exe_cache, "_plugin_versions", lambda: (("jax-cuda12-plugin", "0.0.fake"),))
+    if change != "outside_architecture_code":
+        assert _stats(tiny_llama[0], tmp_path)[0].compiled == first.compiled, f"{change} must miss"
+        return
+    # An architecture registered from outside maxlike: its source file is part of the key.
+    import importlib.util
+
+    module = tmp_path / "outside_arch.py"
+    source = ("import graphs.llama as L\n"
+              "def forward(*a, **k):\n    return L.forward(*a, **k)\n"
+              "ARCH = L._arch('LlamaForCausalLM', ('llama',)).__class__(**{**L._arch('LlamaForCausalLM', "
+              "('llama',)).__dict__, 'forward': forward})\n")
+
+    def outside_stats():
+        spec = importlib.util.spec_from_file_location("outside_arch", module)
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        from maxlike.engine import InferenceSession
+        from maxlike.pipelines.decoder import DecoderPipelineModel
+
+        config = PipelineConfig(model_path=tiny_llama[0], max_length=64, max_batch_size=2, cache_dir=str(tmp_path))
+        session = InferenceSession(cache_dir=str(tmp_path / "executables"))
+        model = DecoderPipelineModel(config, session, session.devices, config.kv_cache, None, mod.ARCH,
+                                     "last_token", progress=False)
+        model.compile_bucket(1, 1, 1, 1)
+        return session.stats
+
+    module.write_text(source)
+    assert outside_stats().compiled > 0
+    assert outside_stats().compiled == 0, "the same outside code loads"
+    module.write_text(source + "# changed\n")
+    assert outside_stats().compiled > 0, "changed outside code misses"

@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from maxlike.entrypoints import LLM
 from maxlike.interfaces import SamplingParams
 from maxlike.pipelines import PipelineConfig, sampling
 
+SAMPLE = jax.jit(sampling.sample)  # (eager, every call would trace the sampler's branches again)
+
 
 def _sample(logits, **kw):
     params = [SamplingParams(**kw)] * logits.shape[0]
     inputs = sampling.SamplingInputs.build(params, list(range(logits.shape[0])), logits.shape[0])
-    return np.asarray(sampling.sample(jnp.asarray(logits), inputs, jnp.arange(logits.shape[0])))
+    return np.asarray(SAMPLE(jnp.asarray(logits), inputs, jnp.arange(logits.shape[0])))
 
 
 def test_top_k_and_top_p_restrict_the_draw():
@@ -97,3 +101,70 @@ def test_stream_yields_the_whole_text(tiny_llm):
     params = SamplingParams(top_k=1, max_new_tokens=10)
     pieces = list(tiny_llm.stream(TextGenerationRequest("s", prompt="streaming", sampling_params=params)))
     assert "".join(pieces) == tiny_llm.generate(["streaming"], max_new_tokens=10, use_tqdm=False)[0]
+
+
+def _draws(logits_row: np.ndarray, n: int, **kw) -> np.ndarray:
+    """`n` draws from one row of logits, each with its own seed, in one batch."""
+    logits = np.repeat(logits_row[None], n, axis=0).astype(np.float32)
+    params = sampling.SamplingInputs.build([SamplingParams(**kw)] * n, list(range(n)), n)
+    return np.asarray(SAMPLE(jnp.asarray(logits), params, jnp.zeros(n, jnp.int32)))
+
+
+def _expected(logits_row, top_k=-1, top_p=1.0, temperature=1.0):
+    """The distribution written out: softmax(logits / T), cut to the top k, then to the smallest
+    prefix whose mass (before each token) stays below top_p, renormalised."""
+    z = logits_row / temperature
+    order = np.argsort(-z)
+    p = np.exp(z[order] - z.max())
+    if top_k > 0:
+        p[top_k:] = 0
+    p /= p.sum()
+    before = np.cumsum(p) - p
+    p[before >= top_p] = 0
+    out = np.zeros_like(p)
+    out[order] = p / p.sum()
+    return out
+
+
+@pytest.mark.parametrize("kw", [{}, {"top_k": 3}, {"top_p": 0.8}, {"top_k": 4, "top_p": 0.7},
+                                {"temperature": 0.5, "top_p": 0.9}, {"top_k": 300}])
+def test_draws_follow_the_written_out_distribution(kw):
+    rng = np.random.default_rng(1)
+    row = np.full(400, -30.0)  # 400 tokens, 8 of them likely: the rest must never be drawn
+    row[rng.choice(400, 8, replace=False)] = rng.normal(size=8) * 1.5
+    n = 6000
+    freq = np.bincount(_draws(row, n, **kw), minlength=400) / n
+    want = _expected(row, **kw)
+    assert np.abs(freq - want).max() < 0.025, (np.round(freq[want > 0], 3), np.round(want[want > 0], 3))
+    assert freq[want == 0].sum() == 0
+
+
+def test_a_row_draws_the_same_token_whatever_its_batch_needs():
+    """The sampler sorts the vocabulary only when a row needs it; a top-k row draws the same
+    token whether or not another row in its batch forces the sort."""
+    rng = np.random.default_rng(2)
+    vocab = 1000
+    logits = rng.normal(size=(2, vocab)).astype(np.float32) * 2
+    topk = SamplingParams(top_k=20)
+    for seed in range(20):
+        for other in (SamplingParams(top_k=20), SamplingParams(top_k=900), SamplingParams(top_p=0.999),
+                      SamplingParams(temperature=0.0), SamplingParams()):
+            params = sampling.SamplingInputs.build([topk, other], [seed, 99], 2)
+            got = np.asarray(SAMPLE(jnp.asarray(logits), params, jnp.asarray([7, 7])))
+            alone = np.asarray(SAMPLE(jnp.asarray(logits[:1]), sampling.SamplingInputs.build(
+                [topk], [seed], 1), jnp.asarray([7])))
+            assert got[0] == alone[0], (seed, other)
+
+
+def test_streaming_feeds_each_token_to_the_detokenizer_once(tiny_llm, monkeypatch):
+    from maxlike.interfaces import TextGenerationRequest
+    from maxlike.pipelines.detokenize import IncrementalDetokenizer
+
+    fed = []
+    original = IncrementalDetokenizer.step
+    monkeypatch.setattr(IncrementalDetokenizer, "step", lambda self, ids: (fed.append(len(ids)), original(self, ids))[1])
+    params = SamplingParams(temperature=1.0, seed=5, max_new_tokens=60, ignore_eos=True)
+    pieces = list(tiny_llm.stream(TextGenerationRequest("inc", prompt="bytes", sampling_params=params)))
+    expect = tiny_llm.generate_outputs(["bytes"], sampling_params=params, use_tqdm=False)[0]
+    assert "".join(pieces) == expect.text
+    assert sum(fed) == len(expect.token_ids) == 60, "every token decoded once, none again"

@@ -75,3 +75,116 @@ def test_kv_write_variants_agree(tokens):
     expect[slots.reshape(-1)] = new.reshape(-1, 2, 8)
     np.testing.assert_array_equal(accel.reshape(24, 2, 8)[4:], expect[4:])
     np.testing.assert_array_equal(cpu[1:], accel[1:])  # page 0 (null) may differ: nothing reads it
+
+
+def test_misuse_of_pages_is_an_error_that_names_the_request():
+    kv = manager(6, caching=False)
+    with pytest.raises(ValueError, match="request 'ghost' holds no KV pages"):
+        kv.release("ghost")
+    with pytest.raises(ValueError, match="request 'ghost' holds no KV pages"):
+        kv.reserve("ghost", 4)
+    kv.claim("a", total_tokens=8)
+    with pytest.raises(ValueError, match="request 'a' already holds KV pages"):
+        kv.claim("a")
+    with pytest.raises(OutOfPagesError):
+        kv.claim("b", total_tokens=100)
+    assert not kv.contains("b") and kv.free_pages == 3, "a failed claim holds nothing"
+    pages = kv.pages_of("a")
+    allocator, _ = kv.replica_state(0)
+    with pytest.raises(ValueError, match=r"pages \[(\d+), \1\] are released twice"):
+        allocator.release(pages[:1] + pages[:1])
+    kv.release("a")
+    with pytest.raises(ValueError, match=r"are released twice or are not pages of this pool"):
+        allocator.release(pages[:1])
+    with pytest.raises(ValueError, match=r"not pages of this pool \(1\.\.5\)"):
+        allocator.release([0])
+
+
+def _check_invariants(kv: PagedKVCacheManager, contents: dict[str, list]) -> None:
+    """Every page is free, cached or held; a page two requests hold is a cached, shared one with
+    the same tokens in both; free + in use = the pool."""
+    allocator, cache = kv.replica_state(0)
+    free = allocator.free_ids()
+    cached = cache.cached_pages() if cache else {}
+    holders: dict[int, list[str]] = {}
+    for rid in kv.requests():
+        for i, page in enumerate(kv.pages_of(rid)):
+            holders.setdefault(page, []).append((rid, i))
+    assert len(free) == len(set(free)) and 0 not in free
+    assert not set(free) & set(holders) and not set(free) & set(cached), "a free page is also in use"
+    assert set(free) | set(holders) | set(cached) == set(range(1, kv.num_pages)), "a page went missing"
+    for page, owners in holders.items():
+        if len(owners) > 1:
+            assert page in cached, f"page {page} is shared by {owners} but not a cached page"
+            blocks = {tuple(contents[rid][i * 4:(i + 1) * 4]) for rid, i in owners}
+            assert len(blocks) == 1, f"page {page} holds different tokens for {owners}"
+        if page in cached:
+            assert cached[page] >= len(owners)
+    unheld = [p for p, refs in cached.items() if refs == 0]
+    assert kv.free_pages == len(free) + len(unheld)
+    assert kv.free_pages + kv.pages_in_use == kv.num_pages - 1
+
+
+@pytest.mark.parametrize("caching", [False, True])
+def test_allocator_invariants_hold_under_random_use(caching):
+    """Thousands of claims, growths, commits, preemptions (release mid-sequence) and finishes,
+    with prompts that share prefixes: the invariants hold after every operation."""
+    rng = np.random.default_rng(0)
+    kv = manager(40, caching=caching)  # 39 usable pages of 4 tokens
+    prefixes = [rng.integers(0, 50, size=12).tolist() for _ in range(3)]
+    live: dict[str, list] = {}  # request -> its tokens so far
+    written: dict[str, int] = {}
+    for step in range(4000):
+        op = rng.random()
+        if op < 0.3 or not live:
+            rid = f"r{step}"
+            tokens = (prefixes[rng.integers(3)] if rng.random() < 0.6 else []) + \
+                rng.integers(0, 50, size=int(rng.integers(1, 10))).tolist()
+            try:
+                cached = kv.claim(rid, tokens, total_tokens=len(tokens))
+            except OutOfPagesError:
+                continue
+            live[rid], written[rid] = tokens, cached
+        else:
+            rid = list(live)[int(rng.integers(len(live)))]
+            if op < 0.65:  # write what is reserved, offer full pages to the cache, grow by a few tokens
+                written[rid] = len(live[rid])
+                kv.commit(rid, live[rid], written[rid])
+                grown = live[rid] + rng.integers(0, 50, size=int(rng.integers(1, 6))).tolist()
+                if kv.pages_short(rid, len(grown)) == 0:
+                    kv.reserve(rid, len(grown))
+                    live[rid] = grown
+            else:  # finish or preempt: either way every page goes back
+                kv.release(rid)
+                del live[rid], written[rid]
+        _check_invariants(kv, live)
+    for rid in list(live):
+        kv.release(rid)
+    _check_invariants(kv, {})
+    assert kv.pages_in_use == 0
+
+
+def test_a_hand_written_loop_cannot_step_past_its_pages(tiny_llama):
+    from conftest import build_model
+    from maxlike.pipelines.context import TextContext
+
+    model = build_model(tiny_llama[0])
+    ctx = TextContext("loop", np.arange(3, 18, dtype=np.int32), 18)  # 15 prompt tokens
+    with pytest.raises(ValueError, match="request 'loop' holds no KV pages: claim them"):
+        model.prepare_initial_token_inputs([[ctx]])
+    model.kv_manager.claim("loop", total_tokens=16)  # one page of 16 tokens
+    other = TextContext("other", np.arange(3, 40, dtype=np.int32), 40)
+    model.kv_manager.claim("other", total_tokens=16)
+    with pytest.raises(ValueError, match=r"request 'other' holds KV pages for 16 tokens but this step writes up to "
+                                         r"token 37: reserve them first"):
+        model.prepare_initial_token_inputs([[ctx, other]])
+    inputs = model.prepare_initial_token_inputs([[ctx]])  # writes tokens 0..14
+    out = model.execute(inputs)
+    tokens = jax.numpy.argmax(out.next_token_logits, axis=-1).astype(jax.numpy.int32)
+    inputs = model.prepare_next_token_inputs(tokens, inputs)  # token 15: the page's last slot
+    model.execute(inputs)
+    with pytest.raises(ValueError, match=r"request 'loop': the next step would write token 17 but its page table "
+                                         r"holds 16: reserve more pages"):
+        model.prepare_next_token_inputs(tokens, inputs)
+    with pytest.raises(ValueError, match="request 'loop'.*would write token 18 but its page table holds 16"):
+        model.execute_decode_loop(inputs, 3, 4, None, np.full((1, model.stop_slots), -1), np.array([5]))

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 import numpy as np
+import pytest
 import torch
 
-from conftest import build_model, random_prompt
+from conftest import build_model, held, random_prompt
 from maxlike.pipelines.context import TextContext
 
 
@@ -14,7 +15,7 @@ def test_log_probabilities_match_hf(tiny_models):
     path, hf = tiny_models["llama"]
     model = build_model(path, return_logits="all")
     prompts = [random_prompt(n, seed=n) for n in (7, 12)]
-    ctxs = [TextContext(f"lp{i}", p, len(p) + 4) for i, p in enumerate(prompts)]
+    ctxs = [held(model, TextContext(f"lp{i}", p, len(p) + 4)) for i, p in enumerate(prompts)]
     inputs = model.prepare_initial_token_inputs([ctxs])
     out = model.execute(inputs)
     sampled = jnp.argmax(out.next_token_logits, axis=-1).astype(jnp.int32)
@@ -49,3 +50,87 @@ def test_logprobs_through_the_pipeline(tiny_llm):
     for step, tok in zip(out.log_probabilities, out.token_ids):
         assert tok in step.top_log_probabilities[0]
         assert max(step.top_log_probabilities[0].values()) == step.token_log_probabilities[0]  # greedy = argmax
+
+
+def _echo_llm(path, **kw):
+    from maxlike.entrypoints import LLM
+    from maxlike.pipelines import PipelineConfig
+
+    kw = {"max_length": 128, "max_batch_size": 4, **kw}
+    return LLM(PipelineConfig(model_path=path, enable_echo=True, **kw), progress=False)
+
+
+def _echo_params(new=4):
+    from maxlike.interfaces import SamplingParams
+
+    return SamplingParams(top_k=1, max_new_tokens=new, logprobs=2, echo=True, ignore_eos=True)
+
+
+def test_echo_covers_the_whole_prompt_even_on_a_prefix_cache_hit(tiny_models):
+    path, hf = tiny_models["llama"]
+    llm = _echo_llm(path, enable_prefix_caching=True)
+    prompt = random_prompt(110, seed=3).tolist()
+    first, second = (llm.generate_outputs([prompt], sampling_params=_echo_params(), use_tqdm=False)[0]
+                     for _ in range(2))
+    with torch.no_grad():  # HF's log-softmax over prompt + generated tokens
+        ref = torch.log_softmax(hf(torch.tensor([prompt + first.token_ids[:-1]])).logits[0], -1).numpy()
+    targets = prompt[1:] + first.token_ids
+    for out in (first, second):
+        lps = [lp for step in out.log_probabilities for lp in step.token_log_probabilities]
+        assert len(lps) == 110 + 4 - 1, "one per prompt token (the token after it), then one per new token"
+        np.testing.assert_allclose(lps, ref[np.arange(len(targets)), targets], atol=1e-4)
+    assert llm.pipeline.model.kv_manager.prefix_cache.stats.hit_tokens == 0, "echo requests compute their prompt"
+    plain = llm.generate_outputs([prompt], sampling_params=_echo_params().replace(echo=False), use_tqdm=False)[0]
+    assert llm.pipeline.model.kv_manager.prefix_cache.stats.hit_tokens > 0, "others still use the cache"
+    assert plain.token_ids == first.token_ids
+
+
+def test_echo_is_not_repeated_after_a_preemption(tiny_llama):
+    from maxlike.interfaces import SamplingParams
+
+    page_bytes = 2 * 2 * 16 * 2 * 16 * 4  # K+V x layers x page tokens x kv heads x head dim x fp32
+    small = _echo_llm(tiny_llama[0], max_batch_size=8, host_kv_cache_memory_gib=(12 + 1.5) * page_bytes / 2**30,
+                      max_num_steps=4)
+    preempted = []
+    original = small.scheduler._preempt
+    small.scheduler._preempt = lambda row: (preempted.append(row.ctx.request_id), original(row))[1]
+    prompts = [random_prompt(40, seed=i).tolist() for i in range(4)]
+    params = [SamplingParams(top_k=1, max_new_tokens=60, ignore_eos=True)] * 3 + [_echo_params(new=60)]
+    outs = small.generate_outputs(prompts, sampling_params=params, use_tqdm=False)
+    echo_id = outs[3].request_id
+    assert echo_id in preempted, "the echo request (the newest) was preempted and recomputed"
+    alone = _echo_llm(tiny_llama[0]).generate_outputs([prompts[3]], sampling_params=_echo_params(new=60),
+                                                      use_tqdm=False)[0]
+    got = [lp for step in outs[3].log_probabilities for lp in step.token_log_probabilities]
+    want = [lp for step in alone.log_probabilities for lp in step.token_log_probabilities]
+    assert len(got) == len(want) == 40 + 60 - 1
+    np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+def test_echo_without_enable_echo_fails_alone_at_admission(tiny_llm):
+    from maxlike.interfaces import RequestError, SamplingParams, TextGenerationRequest
+
+    sched = tiny_llm.scheduler
+    ok = [sched.add(TextGenerationRequest(f"fine{i}", prompt="hello", sampling_params=SamplingParams(
+        top_k=1, max_new_tokens=5))) for i in range(2)]
+    sched.step()
+    with pytest.raises(RequestError, match="echo with logprobs needs the prompt's logits: load the model with "
+                                           "enable_echo=True"):
+        sched.add(TextGenerationRequest("echo", prompt="hello", sampling_params=_echo_params()))
+    while sched.has_work:
+        sched.step()
+    assert all(r.done and len(r.ctx.generated) == 5 for r in ok)
+
+
+def test_every_logprob_and_echo_executable_is_warm(tiny_llama):
+    from maxlike.interfaces import SamplingParams
+
+    llm = _echo_llm(tiny_llama[0], max_batch_size=2, max_length=64, warmup=True, forbid_compile=True)
+    stats = llm.pipeline.model.session.stats
+    warm = stats.compiled + stats.loaded
+    params = [SamplingParams(top_k=1, max_new_tokens=3, logprobs=n, echo=n % 2 == 1) for n in (1, 3, 6, 20)]
+    outs = llm.generate_outputs([random_prompt(n, seed=n).tolist() for n in (5, 20, 33, 9)], sampling_params=params,
+                                use_tqdm=False)
+    assert stats.compiled + stats.loaded == warm, "no compile after warm-up"
+    assert [len(o.log_probabilities[-1].top_log_probabilities[0]) for o in outs][0] in (1, 2)
+    assert len(outs[1].log_probabilities[0].token_log_probabilities) == 20  # echo: the whole prompt

@@ -41,6 +41,9 @@ MESH_SCRIPT = textwrap.dedent("""
         # One prefill step over all prompts, spread over the replicas, for the logits.
         ctxs = [TextContext(f"x{i}", p, 40) for i, p in enumerate(prompts)]
         batches = [ctxs[r::dp] for r in range(dp)]
+        for r, b in enumerate(batches):
+            for c in b:
+                model.kv_manager.claim(c.request_id, replica=r, total_tokens=c.max_length)
         out = model.execute(model.prepare_initial_token_inputs(batches))
         per = out.next_token_logits.shape[0] // dp
         rows = {c.request_id: r * per + j for r, b in enumerate(batches) for j, c in enumerate(b)}

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import TINY_KINDS, build_model, random_prompt
+from conftest import TINY_KINDS, build_model, held, random_prompt
 from maxlike.pipelines.context import TextContext
 
 TOL = 1e-4
@@ -23,7 +23,7 @@ def test_prefill_and_decode_logits_match_hf(tiny_models, name):
     path, hf = tiny_models[name]
     model = build_model(path, return_logits="all")
     prompt = random_prompt(11, seed=1)
-    ctx = TextContext("r", prompt, max_length=len(prompt) + 16)
+    ctx = held(model, TextContext("r", prompt, max_length=len(prompt) + 16))
     inputs = model.prepare_initial_token_inputs([[ctx]])
     out = model.execute(inputs)
     seq = list(prompt)
@@ -65,7 +65,7 @@ def test_batch_of_different_lengths_equals_each_alone(tiny_models):
     prompts = [random_prompt(n, seed=n) for n in (5, 17, 9)]
 
     def run(batch_prompts, tag):
-        ctxs = [TextContext(f"{tag}{i}", p, len(p) + 8) for i, p in enumerate(batch_prompts)]
+        ctxs = [held(model, TextContext(f"{tag}{i}", p, len(p) + 8)) for i, p in enumerate(batch_prompts)]
         inputs = model.prepare_initial_token_inputs([ctxs])
         logits = []
         for _ in range(8):

@@ -128,9 +128,9 @@ def test_forbid_compile_after_warmup_with_a_mixed_workload(tiny_llama):
     warm = session.stats.compiled + session.stats.loaded  # (the suite shares one executable cache)
     buckets = llm.pipeline.model.step_buckets()
     decode = sum(1 for _, tokens, _ in buckets if tokens == 1)
-    # per bucket a step and an input unpacker, 2 samplers per batch size, and per decode bucket
-    # prepare_next and the greedy and sampled decode loops
-    assert warm == 2 * len(buckets) + 2 * 3 + 3 * decode
+    # per bucket a step and an input unpacker; per batch size 2 samplers and 2 log-prob executables
+    # (top-n buckets 5 and 20); per decode bucket prepare_next and the greedy and sampled decode loops
+    assert warm == 2 * len(buckets) + 4 * 3 + 3 * decode
     rng = np.random.default_rng(1)
     prompts, params = [], []
     for i in range(200):
@@ -138,9 +138,13 @@ def test_forbid_compile_after_warmup_with_a_mixed_workload(tiny_llama):
         greedy = i % 2 == 0
         params.append(SamplingParams(top_k=1 if greedy else int(rng.integers(0, 50)), temperature=0.9,
                                      top_p=float(rng.uniform(0.5, 1.0)), seed=i,
+                                     logprobs=int(rng.integers(0, 21)) if i % 5 == 0 else 0,
                                      max_new_tokens=int(rng.integers(1, 128 - len(prompts[-1]) + 1))))
     outs = llm.generate_outputs(prompts, sampling_params=params, use_tqdm=False)
     assert session.stats.compiled + session.stats.loaded == warm, "nothing compiled after warm-up"
     assert all(1 <= len(o.token_ids) <= p.max_new_tokens for o, p in zip(outs, params))
+    for o, p in zip(outs, params):  # every top-n from 1 to 20 served by the warm buckets, cut to its n
+        assert len(o.log_probabilities) == (len(o.token_ids) if p.logprobs else 0)
+        assert all(p.logprobs <= len(lp.top_log_probabilities[0]) <= p.logprobs + 1 for lp in o.log_probabilities)
     with pytest.raises(CompileForbiddenError, match="after warm-up"):
         session.compile("other", lambda x: x + 1, (np.zeros(3),))

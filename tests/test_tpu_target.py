@@ -22,10 +22,15 @@ TOPOLOGY = "tpu:v5e:2x2"
 
 
 def _tpu_env() -> dict:
-    site = os.path.abspath(os.environ.get("MAXLIKE_TPU_SITE") or os.path.join(ROOT, ".venv", "tpu-site"))
+    """`make test` installs libtpu and names it (MAXLIKE_TPU_SITE): there its absence is a failure.
+    Elsewhere (a bare `pytest`) these tests skip, saying how to run them."""
+    named = os.environ.get("MAXLIKE_TPU_SITE")
+    if not named:
+        pytest.skip("compiling for a TPU slice needs libtpu in its own folder: `make test` installs it and "
+                    "sets MAXLIKE_TPU_SITE (or point MAXLIKE_TPU_SITE at a folder holding the libtpu that matches jax)")
+    site = os.path.abspath(named)
     if not os.path.isdir(os.path.join(site, "libtpu")):
-        pytest.fail(f"libtpu is not installed at {site}: run `make test` (it installs it there) or point "
-                    "MAXLIKE_TPU_SITE at a folder holding the libtpu package that matches jax.")
+        pytest.fail(f"libtpu is not installed at MAXLIKE_TPU_SITE={site}: run `make test` (it installs it there).")
     return dict(os.environ, PYTHONPATH=os.pathsep.join([site, ROOT]))
 
 
@@ -87,3 +92,15 @@ def test_bad_targets_are_named(tiny_llama, tmp_path):
     result = warm_cache(tmp_path, "--model-path", tiny_llama[0], "--target", "tpu:v5e:2x2",
                         "--tensor-parallel-degree", "3")
     assert result.returncode == 1 and "does not divide the 4 selected devices" in result.stderr
+
+
+def test_outside_make_test_these_skip_and_the_suite_cleans_its_cache(tmp_path):
+    """Without MAXLIKE_TPU_SITE (a bare pytest) the TPU-target tests skip with the reason; the
+    suite's temporary cache folder is removed when the run ends."""
+    env = {k: v for k, v in os.environ.items() if k not in ("MAXLIKE_TPU_SITE", "MAXLIKE_CACHE_DIR")}
+    env["TMPDIR"] = str(tmp_path)
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider",
+                        os.path.join(ROOT, "tests", "test_tpu_target.py"), "-k", "bad_targets"],
+                       capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
+    assert "1 skipped" in r.stdout and "make test` installs it" in r.stdout, r.stdout[-2000:]
+    assert not [p for p in os.listdir(tmp_path) if p.startswith("maxlike-test-cache-")]

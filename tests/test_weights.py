@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import build_model, random_prompt, tiny_hf_model
+from conftest import build_model, held, random_prompt, tiny_hf_model
+from ggml_reference import REFERENCE
 from gguf_util import write_llama_gguf
 from maxlike.weights import WeightsError, read_weights
 from maxlike.weights.gguf_file import SUPPORTED
@@ -24,7 +25,7 @@ def _plain_llama():
 
 
 def _logits(model, prompt):
-    ctx = TextContext("w", prompt, len(prompt) + 1)
+    ctx = held(model, TextContext("w", prompt, len(prompt) + 1))
     out = model.execute(model.prepare_initial_token_inputs([[ctx]]))
     model.kv_manager.release("w")
     return np.asarray(out.next_token_logits)[0]
@@ -32,7 +33,7 @@ def _logits(model, prompt):
 
 def _specs(path):
     m = build_model(path)
-    return m, m._specs
+    return m, m.arch.weight_specs(m.config), m.arch.checkpoint_names(m.config)
 
 
 def test_sharded_safetensors_with_index_equal_single_file(tiny_models, tmp_path):
@@ -81,34 +82,45 @@ def test_gguf_quantized_weights_dequantize(tmp_path, qtype, tol):
     path = tmp_path / f"tiny-{qtype}.gguf"
     state = {k: v.numpy() for k, v in hf.state_dict().items()}
     write_llama_gguf(path, hf.config, state, qtype=qtype)
-    model, specs = _specs(str(path))
-    weights = read_weights(str(path), specs, np.float32, progress=False)
-    for name, spec in specs.items():
-        expected = spec.convert(state[spec.hf_name])
+    model, specs, names = _specs(str(path))
+    weights = read_weights(str(path), specs, names, np.float32, progress=False)
+    for name in specs:
+        expected = names[name].convert(state[names[name].hf_name])
         scale = np.abs(expected).max()
         assert np.abs(weights[name] - expected).max() <= tol * scale + 1e-6, name
 
 
-@pytest.mark.parametrize("qtype, fp16_offsets", [("Q4_K", (0, 2)), ("Q5_K", (0, 2)), ("Q6_K", (208,))])
-def test_gguf_k_quants_read_with_the_right_shape(tmp_path, qtype, fp16_offsets):
-    """K-quant blocks (256 values) built by hand: our reader equals gguf's dequantize, shaped [rows, cols]."""
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K"])
+def test_gguf_quant_blocks_match_ggml_reference(tmp_path, qtype):
+    """Random quantized blocks read by our GGUF reader equal llama.cpp's dequantization.
+
+    The reference (tests/ggml_reference.py) is ggml's block layouts and dequantize_row_*
+    written out in numpy, independent of the `gguf` package our reader uses. It follows the
+    C code's float32 operation order, so we ask for bit-exact equality.
+    """
+    values, nbytes, fp16_offsets, dequantize = REFERENCE[qtype]
     kind = gguf.GGMLQuantizationType[qtype]
-    block, nbytes = gguf.GGML_QUANT_SIZES[kind]
-    rows, cols = 4, 512
-    raw = np.random.RandomState(0).randint(0, 256, size=(rows, cols // block, nbytes)).astype(np.uint8)
-    for off in fp16_offsets:  # sane fp16 scales (random bits may be inf/NaN)
-        raw[..., off : off + 2] = np.frombuffer(np.float16(0.01).tobytes(), np.uint8)
-    raw = raw.reshape(rows, -1)
+    assert gguf.GGML_QUANT_SIZES[kind] == (values, nbytes)  # our layout agrees with the file's block size
+    rows, cols = 8, 512  # several blocks per row, and rows != cols so a transposed read is caught
+    rng = np.random.RandomState(0)
+    raw = rng.randint(0, 256, size=(rows, cols // values, nbytes)).astype(np.uint8)
+    # Random bits in the fp16 fields may be inf/NaN: write sane values instead, different per
+    # field (d vs dmin/m) and per block, so a reader swapping or sharing them is caught.
+    for i, off in enumerate(fp16_offsets):
+        sane = (rng.uniform(0.002, 0.02, size=raw.shape[:2]) * (-1) ** rng.randint(0, 2, raw.shape[:2]) / (i + 1))
+        raw[..., off : off + 2] = sane.astype("<f2")[..., None].view(np.uint8)
+    expected = dequantize(raw.reshape(-1, nbytes)).reshape(rows, cols)
     hf = _plain_llama()
-    path = tmp_path / f"k-{qtype}.gguf"
+    path = tmp_path / f"blocks-{qtype}.gguf"
     write_llama_gguf(path, hf.config, {k: v.numpy() for k, v in hf.state_dict().items()},
-                     extra_tensors={"extra.weight": (raw, kind)})
+                     extra_tensors={"extra.weight": (raw.reshape(rows, -1), kind)})
     from maxlike.weights.gguf_file import open_checked
 
     got = open_checked(str(path)).read("extra.weight")
-    assert got.shape == (rows, cols)
-    np.testing.assert_array_equal(got, gguf.quants.dequantize(raw, kind))
+    assert got.shape == (rows, cols)  # ggml lists dims fastest-first; we read [rows, cols]
+    assert got.dtype == np.float32
     assert np.isfinite(got).all()
+    np.testing.assert_array_equal(got, expected)
 
 
 def test_gguf_unsupported_quant_type_is_named(tmp_path):

@@ -180,9 +180,7 @@ def session_for(pipeline_config, *, q_heads: int, kv_heads: int, vocab: int, int
 
 def executable_cache_dir(pipeline_config) -> str | None:
     """Where serialized executables live: `cache_dir`, else maxlike's cache folder; None when disabled."""
-    import os
-
-    from maxlike.weights.loader import cache_root
+    from maxlike.cache_files import cache_root
 
     if not pipeline_config.executable_cache:
         return None

@@ -19,6 +19,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 
+from maxlike.cache_files import jsonable, read_json, write_json
 from maxlike.engine import exe_cache
 from maxlike.engine.exe_cache import ExecutableCache
 from maxlike.sharding import MESH_AXES
@@ -124,6 +125,14 @@ class InferenceSession:
     def platform(self) -> str:
         return self.devices[0].platform
 
+    @functools.cached_property
+    def platform_version(self) -> str:
+        """The backend's own version string (CUDA runtime and driver, libtpu build, ...)."""
+        try:
+            return str(self.devices[0].client.platform_version)
+        except Exception:  # noqa: BLE001 - a compile target's devices have no client here
+            return ""
+
     def compile(
         self,
         name: str,
@@ -197,7 +206,7 @@ class InferenceSession:
         model has set `cache_namespace`, before the slow part of its setup (the weights)."""
         if self.cache is None or self.target is not None or self._prefetch_thread is not None:
             return
-        self._listed = list((exe_cache.read_json(self._startup_list()) or {}).get("digests", []))
+        self._listed = list((read_json(self._startup_list()) or {}).get("digests", []))
         if not self._listed:
             return
         devices = list(self.mesh.devices.flat)
@@ -224,7 +233,7 @@ class InferenceSession:
             return None
         self.wait_prefetch()
         record_key, exe = self._prefetched.pop(digest, (None, None))
-        return exe if exe is not None and record_key == exe_cache.jsonable(parts) else None
+        return exe if exe is not None and record_key == jsonable(parts) else None
 
     def _remember(self, digest: str) -> None:
         if len(self._first_used) >= self.FIRST_USED or digest in self._first_used:
@@ -232,7 +241,7 @@ class InferenceSession:
         self._first_used.append(digest)
         if self._first_used != self._listed[:len(self._first_used)]:  # this start differs from the last
             try:
-                exe_cache.write_json(self._startup_list(), {"digests": self._first_used})
+                write_json(self._startup_list(), {"digests": self._first_used})
             except OSError:
                 pass
 
@@ -250,7 +259,8 @@ class InferenceSession:
             "out_shardings": repr(jax.tree.map(lambda s: _sharding_key(s, 0), out_shardings)),
             "mesh": repr(tuple(mesh.shape.items())), "devices": repr(tuple(d.id for d in mesh.devices.flat)),
             "backend": self.platform, "device_kind": self.devices[0].device_kind,
-            **exe_cache.versions(), "source": exe_cache.source_hash(), **self.cache_namespace,
+            "platform_version": self.platform_version, **exe_cache.versions(), **exe_cache.program_settings(),
+            "source": exe_cache.source_hash(), **self.cache_namespace,
         }
 
     def executables(self, name: str | None = None) -> list[Any]:

@@ -1,7 +1,8 @@
-"""The `maxlike` command: generate, list, benchmark, warm-cache (serve comes later).
+"""The `maxlike` command: generate, list, benchmark, warm-cache, serve.
 
 Every PipelineConfig field is a flag in kebab case (`--max-length`,
 `--kv-cache-page-size`, ...), so one config reads the same as flags or kwargs.
+Each flag's type comes from the field's declared type.
 """
 
 from __future__ import annotations
@@ -10,34 +11,70 @@ import argparse
 import logging
 import sys
 import time
+import types
+import typing
 from typing import Any
 
 from maxlike.config import ConfigError, PipelineConfig
 
 
-def _flag_type(field) -> dict[str, Any]:
-    ann = str(field.type)
-    if ann.startswith("bool"):
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser that remembers its option strings (to suggest one for a mistyped flag)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        self.flags: list[str] = []  # set first: the base class adds --help
+        self.commands: dict[str, _Parser] = {}
+        super().__init__(*args, **kwargs)
+
+    def add_argument(self, *args, **kwargs):
+        self.flags += [a for a in args if a.startswith("-")]
+        return super().add_argument(*args, **kwargs)
+
+    def add_argument_group(self, *args, **kwargs):
+        group = super().add_argument_group(*args, **kwargs)
+        add = group.add_argument
+
+        def add_and_remember(*names, **options):
+            self.flags += [a for a in names if a.startswith("-")]
+            return add(*names, **options)
+
+        group.add_argument = add_and_remember
+        return group
+
+    def suggest(self, unknown: list[str]) -> str:
+        import difflib
+
+        hints = []
+        for flag in (u.split("=")[0] for u in unknown if u.startswith("-")):
+            close = difflib.get_close_matches(flag, self.flags, n=1)
+            hints.append(f"{flag} (did you mean {close[0]}?)" if close else flag)
+        return ", ".join(hints) or " ".join(unknown)
+
+
+def flag_options(annotation: Any) -> dict[str, Any]:
+    """argparse options for a config field of this (resolved) type: `bool` -> --x/--no-x,
+    `tuple[T, ...]` -> one or more T, `int | None` -> an int (None is the flag's absence)."""
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType) and len(args) == 1:
+        annotation = args[0]
+    if annotation is bool:
         return {"action": argparse.BooleanOptionalAction}
-    if ann.startswith("tuple"):
-        return {"nargs": "+"}
-    if "int" in ann:
-        return {"type": int}
-    if "float" in ann:
-        return {"type": float}
-    return {"type": str}
+    if typing.get_origin(annotation) is tuple:
+        return {"nargs": "+", "type": typing.get_args(annotation)[0]}
+    if annotation in (int, float, str):
+        return {"type": annotation}
+    raise TypeError(f"no command-line form for a config field of type {annotation!r}")
 
 
 def add_config_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("pipeline config (PipelineConfig fields)")
-    for name, field in PipelineConfig.flag_fields().items():
-        group.add_argument("--" + name.replace("_", "-"), dest=name, default=None, **_flag_type(field))
+    for name, annotation in PipelineConfig.flag_types().items():
+        group.add_argument("--" + name.replace("_", "-"), dest=name, default=None, **flag_options(annotation))
 
 
 def config_from_args(args: argparse.Namespace, *, default_model: bool = False) -> PipelineConfig:
     values = {k: v for k, v in vars(args).items() if k in PipelineConfig.flag_fields() and v is not None}
-    if "weight_path" in values:
-        values["weight_path"] = tuple(values["weight_path"])
+    values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}  # nargs gives lists
     if not values.get("model_path") and default_model:
         from maxlike.entrypoints.llm import default_model_path
 
@@ -78,10 +115,12 @@ def cmd_generate(args) -> int:
     if lead:
         print()
     if args.verbose:
-        stats = llm.pipeline.model.session.stats.as_dict()
+        model = llm.pipeline.model
+        stats = model.session.stats.as_dict()
         print(f"[maxlike] load {t1 - t0:.1f}s, generate {time.perf_counter() - t1:.1f}s, "
               f"compiled {stats['compiled']} executables in {stats['compile_seconds']:.1f}s, loaded {stats['loaded']} "
-              f"from the executable cache in {stats['load_seconds']:.1f}s", file=sys.stderr)
+              f"from the executable cache in {stats['load_seconds']:.1f}s, weights from the "
+              f"{getattr(model, 'weights_source', 'model')}", file=sys.stderr)
     return 0
 
 
@@ -126,20 +165,26 @@ def cmd_warm_cache(args) -> int:
           f"({stats.compiled} compiled in {stats.compile_seconds:.1f}s, {stats.loaded} already cached), "
           f"{stats.cached_bytes / 2**20:.1f} MiB written to {executable_cache_dir(config)} "
           f"in {time.perf_counter() - t0:.1f}s")
+    convert = getattr(pipeline.model, "convert_weights", None)
+    if not args.convert_weights or not config.weights_cache or convert is None:
+        print("warm-cache: weights not converted (--no-convert-weights or --no-weights-cache)")
+        return 0
+    t0 = time.perf_counter()
+    folder = convert(progress=not args.quiet)  # on the host: nothing is placed on a device
+    print(f"warm-cache: converted weights in {folder} ({time.perf_counter() - t0:.1f}s)" if folder else
+          "warm-cache: the converted weights could not be cached (see the warning above)")
     return 0
 
 
-def cmd_not_built(name: str, issue: str):
-    def run(args) -> int:
-        print(f"maxlike {name}: not built yet ({issue}).", file=sys.stderr)
-        return 2
-
-    return run
+def cmd_serve(args) -> int:
+    print("maxlike serve: the OpenAI-compatible server is not part of this version of maxlike; use the "
+          "Python API (maxlike.entrypoints.LLM) or maxlike generate.", file=sys.stderr)
+    return 2
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="maxlike", description="LLM inference on JAX/XLA with MAX's pipeline API.")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = _Parser(prog="maxlike", description="LLM inference on JAX/XLA with MAX's pipeline API.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     gen = sub.add_parser("generate", help="generate text for one prompt (streams to stdout)")
     gen.add_argument("--prompt", required=True)
@@ -168,25 +213,16 @@ def build_parser() -> argparse.ArgumentParser:
     warm.add_argument("--target", help="cpu or gpu (this machine's backend, the default), or tpu:<topology> such "
                       "as tpu:v5e:2x2 to compile for a TPU slice this machine lacks (needs maxlike[tpu])")
     warm.add_argument("--quiet", action="store_true", help="no progress bars")
+    warm.add_argument("--convert-weights", action=argparse.BooleanOptionalAction, default=True,
+                      help="also read and convert the weights into the converted-weights cache, on the host "
+                      "(default: on), so the first start after warm-cache reads no checkpoint")
     add_config_flags(warm)
     warm.set_defaults(run=cmd_warm_cache)
 
-    for name, issue in (("serve", "the OpenAI-compatible server is a later issue"),):
-        p = sub.add_parser(name, help=f"(not built yet: {issue})")
-        p.set_defaults(run=cmd_not_built(name, issue))
+    serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server (not part of this version)")
+    serve.set_defaults(run=cmd_serve)
+    parser.commands = {"generate": gen, "list": lst, "benchmark": bench, "warm-cache": warm, "serve": serve}
     return parser
-
-
-def _unknown_flags(parser: argparse.ArgumentParser, command: str, unknown: list[str]) -> None:
-    import difflib
-
-    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[command]
-    known = [o for a in sub._actions for o in a.option_strings]
-    hints = []
-    for flag in (u.split("=")[0] for u in unknown if u.startswith("-")):
-        close = difflib.get_close_matches(flag, known, n=1)
-        hints.append(f"{flag} (did you mean {close[0]}?)" if close else flag)
-    sub.error(f"unrecognized arguments: {', '.join(hints) or ' '.join(unknown)}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -194,7 +230,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
     if unknown:
-        _unknown_flags(parser, args.command, unknown)
+        command = parser.commands[args.command]
+        command.error(f"unrecognized arguments: {command.suggest(unknown)}")
     try:
         return args.run(args)
     except (ConfigError, ValueError, RuntimeError) as e:  # NotImplementedError is a RuntimeError

@@ -55,25 +55,36 @@ class KVCacheInputs:
 
 
 class BlockAllocator:
-    """Free list of page ids; page 0 is never handed out."""
+    """Free list of page ids; page 0 is never handed out, and a page is freed only once."""
 
     def __init__(self, num_pages: int):
         self.num_pages = num_pages
         self._free = list(range(num_pages - 1, NULL_PAGE, -1))
+        self._is_free = set(self._free)
 
     @property
     def free(self) -> int:
         return len(self._free)
+
+    def free_ids(self) -> list[int]:
+        """The free page ids (a copy)."""
+        return list(self._free)
 
     def allocate(self, n: int) -> list[int]:
         if n > len(self._free):
             raise OutOfPagesError(f"needs {n} KV pages, {len(self._free)} free")
         out = self._free[-n:][::-1] if n else []
         del self._free[len(self._free) - n :]
+        self._is_free.difference_update(out)
         return out
 
     def release(self, pages: list[int]) -> None:
+        bad = [p for p in pages if p in self._is_free or not NULL_PAGE < p < self.num_pages]
+        if bad or len(set(pages)) != len(pages):
+            raise ValueError(f"pages {bad or sorted(pages)} are released twice or are not pages of this pool "
+                             f"(1..{self.num_pages - 1}): a page is freed once, by its owner.")
         self._free.extend(reversed(pages))
+        self._is_free.update(pages)
 
 
 class _Replica:
@@ -138,10 +149,11 @@ class PagedKVCacheManager:
         return [(zeros(), zeros()) for _ in range(self.params.num_layers)]
 
     # -- bookkeeping -------------------------------------------------------
-    def claim(self, request_id: str, tokens=None, replica: int | None = None) -> int:
+    def claim(self, request_id: str, tokens=None, replica: int | None = None, total_tokens: int | None = None) -> int:
         """Start holding pages for `request_id` (on `replica`, default the one with the
         most free pages); returns the number of leading `tokens` whose keys and values
-        are already cached (0 without prefix caching)."""
+        are already cached (0 without prefix caching). With `total_tokens`, pages for that
+        many tokens are reserved too (all or nothing: OutOfPagesError leaves no claim)."""
         if request_id in self._pages:
             raise ValueError(f"request {request_id!r} already holds KV pages.")
         if replica is None:
@@ -151,6 +163,12 @@ class PagedKVCacheManager:
         self._pages[request_id] = pages
         self._replica_of[request_id] = replica
         self._chain[request_id] = (len(pages), last)
+        if total_tokens is not None:
+            try:
+                self.reserve(request_id, total_tokens)
+            except OutOfPagesError:
+                self.release(request_id)
+                raise
         return len(pages) * self.params.page_size
 
     def contains(self, request_id: str) -> bool:
@@ -159,9 +177,16 @@ class PagedKVCacheManager:
     def replica_of(self, request_id: str) -> int:
         return self._replica_of[request_id]
 
+    def _held(self, request_id: str) -> list[int]:
+        try:
+            return self._pages[request_id]
+        except KeyError:
+            raise ValueError(f"request {request_id!r} holds no KV pages (never claimed, or already released).") \
+                from None
+
     def reserve(self, request_id: str, total_tokens: int) -> None:
         """Make sure `request_id` owns pages for `total_tokens` tokens."""
-        pages, rep = self._pages[request_id], self._replicas[self._replica_of[request_id]]
+        pages, rep = self._held(request_id), self._replicas[self._replica_of[request_id]]
         need = self.params.pages_for(total_tokens) - len(pages)
         if need > 0:
             short = need - rep.allocator.free
@@ -171,7 +196,7 @@ class PagedKVCacheManager:
 
     def pages_short(self, request_id: str, total_tokens: int) -> int:
         """How many more pages `request_id` needs for `total_tokens` than its replica can give (0: it fits)."""
-        need = self.params.pages_for(total_tokens) - len(self._pages[request_id])
+        need = self.params.pages_for(total_tokens) - len(self._held(request_id))
         return max(0, need - self._replicas[self._replica_of[request_id]].free_pages)
 
     def commit(self, request_id: str, tokens, cache_length: int) -> None:
@@ -187,6 +212,8 @@ class PagedKVCacheManager:
         self._chain[request_id] = (done, key)
 
     def release(self, request_id: str) -> None:
+        """Give back every page `request_id` holds (cached ones stay cached for others)."""
+        self._held(request_id)
         pages = self._pages.pop(request_id)
         del self._chain[request_id]
         rep = self._replicas[self._replica_of.pop(request_id)]
@@ -209,7 +236,20 @@ class PagedKVCacheManager:
         return table
 
     def num_pages_of(self, request_id: str) -> int:
-        return len(self._pages[request_id])
+        return len(self._held(request_id))
+
+    def pages_of(self, request_id: str) -> list[int]:
+        """The page ids `request_id` holds, in sequence order (a copy)."""
+        return list(self._held(request_id))
+
+    def requests(self) -> list[str]:
+        """Every request holding pages."""
+        return list(self._pages)
+
+    def replica_state(self, replica: int) -> tuple[BlockAllocator, PrefixCache | None]:
+        """A replica's allocator and prefix cache (for inspection)."""
+        rep = self._replicas[replica]
+        return rep.allocator, rep.prefix_cache
 
     def replica_free_pages(self, replica: int) -> int:
         return self._replicas[replica].free_pages

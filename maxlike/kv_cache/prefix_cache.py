@@ -70,6 +70,10 @@ class PrefixCache:
         self._refs[page] += 1
         self._unused.pop(page, None)
 
+    def cached_pages(self) -> dict[int, int]:
+        """Every page the cache holds -> how many requests hold it too (0: evictable)."""
+        return {page: self._refs.get(page, 0) for page in self._key_of_page}
+
     def owns(self, page: int) -> bool:
         return page in self._key_of_page
 

@@ -8,6 +8,8 @@ KV pool donated and returned updated.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import os
 from functools import partial
 from typing import Sequence
 
@@ -16,22 +18,22 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
+from maxlike.cache_files import cache_root, defining_files, files_hash
 from maxlike.config import ConfigError
-from maxlike.interfaces import LogProbabilities
-from maxlike.kv_cache import KVCacheInputs, PagedKVCacheManager
-from maxlike.pipelines import memory, sampling
+from maxlike.kv_cache import NULL_PAGE, KVCacheInputs, PagedKVCacheManager
+from maxlike.pipelines import logprobs, memory, sampling
 from maxlike.pipelines.context import TextContext
-from maxlike.pipelines.model import ModelInputs, ModelOutputs, PipelineModel, ReturnHiddenStates, ReturnLogits
-from maxlike.pipelines.sizing import DecoderSizing, _architecture
+from maxlike.pipelines.model import ModelInputs, ModelOutputs, ReturnHiddenStates, ReturnLogits
+from maxlike.pipelines.serving import LOGPROB_BUCKETS, MAX_LOGPROBS, BucketShapes, ServingModel, logprob_bucket
+from maxlike.pipelines.sizing import DecoderSizing
 from maxlike.sharding import named_sharding, replicated
 from maxlike.weights import converted, read_weights
-from maxlike.weights.loader import cache_root
 
 MIN_PREFILL_BUCKET = 16
 STOP_SLOTS = 8  # stop ids per row the on-device decode loop checks; any further ones stop on the host
 
 
-class DecoderPipelineModel(DecoderSizing, PipelineModel[TextContext]):
+class DecoderPipelineModel(DecoderSizing, ServingModel):
     """One decoder for every `graphs/` architecture (found through the registry)."""
 
     def __init__(self, pipeline_config, session, devices, kv_cache_config, weights, adapter, return_logits,
@@ -39,8 +41,9 @@ class DecoderPipelineModel(DecoderSizing, PipelineModel[TextContext]):
         super().__init__(pipeline_config, session, devices, kv_cache_config, weights, adapter, return_logits,
                          return_hidden_states)
         hf = self.huggingface_config
-        self.arch = adapter if adapter is not None else _architecture(hf)
-        self.config = self.arch.config_from_hf(hf)
+        self.arch, self.config = (adapter, adapter.config_from_hf(hf)) if adapter is not None else \
+            self._graph_and_config(hf)
+        self.stop_slots = STOP_SLOTS
         self.max_length = self.calculate_max_seq_len(pipeline_config, hf)
         window = getattr(self.config, "sliding_window", None)
         if window is not None and window < self.max_length:
@@ -50,13 +53,14 @@ class DecoderPipelineModel(DecoderSizing, PipelineModel[TextContext]):
             )
         mesh = session.mesh
         self.replicas, self.tensor_parallel_degree = mesh.shape["data"], mesh.shape["tensor"]
-        source_specs = self.arch.weight_specs(self.config)
+        source_config = self.config
         # KV heads fewer than the tensor degree are repeated so every device holds the one its queries use.
         self.kv_repeat = max(1, self.tensor_parallel_degree // self.config.kv_heads)
         if self.kv_repeat > 1:
             self.config = dataclasses.replace(self.config, kv_heads=self.config.kv_heads * self.kv_repeat)
         specs = self.arch.weight_specs(self.config)
         self._specs = specs
+        self.weights_source = "none (compile-only)"  # or where `params` came from
         self.kv_params, self.max_batch_size, num_pages = self._plan_kv_cache(specs)
         self.compile_only = pipeline_config.compile_only
         session.cache_namespace.update(self._cache_identity(num_pages))
@@ -73,30 +77,26 @@ class DecoderPipelineModel(DecoderSizing, PipelineModel[TextContext]):
             self.kv_manager.pool = [(pool, pool) for _ in range(self.kv_params.num_layers)]
         else:
             try:
-                self.params = self._load_params(weights, source_specs, specs, progress)
+                self.params = self._load_params(weights, source_config, progress)
             finally:
                 session.wait_prefetch()
         self._replicated = replicated(mesh)
         self._by_row = named_sharding(mesh, ("batch",))  # step inputs: rows split over the replicas
 
-    def _load_params(self, weights, source_specs, specs, progress: bool) -> dict[str, jax.Array]:
+    def _load_params(self, weights, source_config, progress: bool) -> dict[str, jax.Array]:
         """Weights on the mesh: restored from the converted-weights cache when it holds this
         model's conversion, else read, converted and placed shard by shard (then cached)."""
-        cfg, mesh = self.pipeline_config, self.session.mesh
+        mesh, specs = self.session.mesh, self._specs
         shardings = {name: named_sharding(mesh, spec.axes) for name, spec in specs.items()}
-        checkpoint = None
-        if weights is None and cfg.weights_cache and jax.process_count() == 1:
-            conversion = (self.arch.name, str(self.dtype), self.kv_repeat,
-                          tuple((name, spec.shape) for name, spec in specs.items()))
-            checkpoint = converted.checkpoint_dir(cfg.cache_dir or cache_root(), cfg.model.model_path,
-                                                  cfg.model.weight_path, conversion)
+        checkpoint = self._weights_checkpoint() if weights is None else None
+        if checkpoint is not None:
             abstract = {name: jax.ShapeDtypeStruct(spec.shape, self.dtype, sharding=shardings[name])
                         for name, spec in specs.items()}
             params = converted.restore(checkpoint, abstract)
             if params is not None:
+                self.weights_source = "converted-weights cache"
                 return params
-        host = weights if weights is not None else read_weights(
-            cfg.model.model_path, source_specs, self.dtype, progress=progress, weight_path=cfg.model.weight_path)
+        host = weights if weights is not None else self._read_weights(source_config, progress)
         # Every file was checked and read, and the KV cache planned, before the first device allocation.
         params = {name: _place_sharded(self._repeat_kv(host[name], specs[name]), shardings[name], self.dtype)
                   for name in tqdm(specs, desc="placing weights", unit="tensor", disable=not progress)}
@@ -105,16 +105,51 @@ class DecoderPipelineModel(DecoderSizing, PipelineModel[TextContext]):
             converted.save(checkpoint, params)
         return params
 
-    def _cache_identity(self, num_pages: int) -> dict[str, str]:
-        """What makes this model's programs differ from another's (the executable cache's key parts)."""
-        import hashlib
+    def _read_weights(self, source_config, progress: bool) -> dict[str, np.ndarray]:
+        """Host arrays in our layout and dtype (KV heads not yet repeated for the mesh)."""
+        cfg = self.pipeline_config
+        self.weights_source = "checkpoint files"
+        return read_weights(cfg.model.model_path, self.arch.weight_specs(source_config),
+                            self.arch.checkpoint_names(source_config), self.dtype, progress=progress,
+                            weight_path=cfg.model.weight_path)
 
+    def _weights_checkpoint(self) -> str | None:
+        """This conversion's folder in the converted-weights cache (None when the cache is off)."""
+        cfg = self.pipeline_config
+        if not cfg.weights_cache or jax.process_count() > 1:
+            return None
+        conversion = (self.arch.name, str(self.dtype), self.kv_repeat,
+                      tuple((name, spec.shape) for name, spec in self._specs.items()))
+        return converted.checkpoint_dir(cfg.cache_dir or cache_root(), cfg.model.model_path, cfg.model.weight_path,
+                                        conversion, code=self.arch.functions())
+
+    def convert_weights(self, progress: bool = True) -> str | None:
+        """Compile-only: read and convert the weights into the converted-weights cache, on the
+        host (nothing is placed on a device), unless they are there already. Returns the
+        checkpoint folder, or None when the cache is off or could not be written."""
+        checkpoint = self._weights_checkpoint()
+        if checkpoint is None or os.path.isdir(checkpoint):
+            return checkpoint
+        host = self._read_weights(self.arch.config_from_hf(self.huggingface_config), progress)
+        host = {name: self._repeat_kv(host[name], spec) for name, spec in self._specs.items()}
+        return checkpoint if converted.save(checkpoint, host) else None
+
+    def _cache_identity(self, num_pages: int) -> dict[str, str]:
+        """What makes this model's programs differ from another's (the executable cache's key parts).
+        `code` hashes the architecture's and this class's source wherever they live, so an
+        architecture registered from outside maxlike misses the cache when its code changes."""
         program = repr((type(self).__name__, self.arch.name, self.config, str(self.dtype), self.kv_params, num_pages,
                         self.replicas, self.max_batch_size, self.max_length, self._max_prefill_tokens,
                         self.return_logits, self.return_hidden_states))
+        classes = [c for c in type(self).__mro__ if c.__module__ not in ("builtins", "abc", "typing")]
         return {"model": hashlib.sha256(program.encode()).hexdigest()[:16], "architecture": self.arch.name,
+                "code": files_hash(defining_files(*self.arch.functions(), *classes)),
                 "dtype": str(self.dtype), "max_batch_size": str(self.max_batch_size),
                 "max_length": str(self.max_length), "kv_pages": str(num_pages)}
+
+    @property
+    def vocab_size(self) -> int:
+        return self.config.vocab_size
 
     def _check_runnable(self) -> None:
         if self.compile_only:
@@ -162,9 +197,13 @@ class DecoderPipelineModel(DecoderSizing, PipelineModel[TextContext]):
     def prepare_initial_token_inputs(self, replica_batches: Sequence[Sequence[TextContext]],
                                      kv_cache_inputs: KVCacheInputs | None = None,
                                      return_n_logits: int = 1) -> ModelInputs:
-        """One step's inputs. `replica_batches[r]` runs on data-parallel replica r (its
-        contexts' KV pages live there); each is padded to the same bucket of rows and
-        the rows laid out replica by replica."""
+        """One step's inputs. `replica_batches[r]` runs on data-parallel replica r; each is
+        padded to the same bucket of rows and the rows laid out replica by replica.
+
+        Every context must already hold KV pages on its replica for the tokens this step
+        writes (`kv_manager.claim(request_id, total_tokens=...)`, then `reserve` as it
+        grows): nothing is claimed here, so a failure changes nothing.
+        """
         self._check_runnable()
         if len(replica_batches) != self.replicas:
             raise ValueError(f"this model runs {self.replicas} replica(s); got {len(replica_batches)} replica batches.")
@@ -174,15 +213,10 @@ class DecoderPipelineModel(DecoderSizing, PipelineModel[TextContext]):
                              f"1), got {sizes}.")
         kv = self.kv_manager
         page = self.kv_params.page_size
+        seen: set[str] = set()
         for r, replica_batch in enumerate(replica_batches):
             for ctx in replica_batch:
-                if not kv.contains(ctx.request_id):  # unmanaged use: hold pages for the whole sequence
-                    kv.claim(ctx.request_id, replica=r)
-                    kv.reserve(ctx.request_id, ctx.max_length)
-                if kv.replica_of(ctx.request_id) != r:
-                    raise ValueError(f"request {ctx.request_id!r} holds pages on replica "
-                                     f"{kv.replica_of(ctx.request_id)}, not {r}.")
-                kv.reserve(ctx.request_id, ctx.cache_length + len(ctx.next_tokens))
+                self._check_pages(ctx, r, seen)
         per_replica = self._bucket_batch(max(sizes))
         batch: list[TextContext | None] = []
         for replica_batch in replica_batches:
@@ -209,7 +243,7 @@ class DecoderPipelineModel(DecoderSizing, PipelineModel[TextContext]):
         slots = np.zeros((rows, t), np.int32)
         logit_idx = np.zeros((rows, n_logits), np.int32)
         starts = np.zeros((rows,), np.int32)
-        counts = []
+        counts, ends, capacity = [0] * rows, [0] * rows, [0] * rows
         for r, ctx in enumerate(batch):
             if ctx is None:
                 continue
@@ -222,12 +256,31 @@ class DecoderPipelineModel(DecoderSizing, PipelineModel[TextContext]):
             logit_idx[r, n_logits - k:] = np.arange(n - k, n)
             logit_idx[r, : n_logits - k] = n - k
             starts[r] = start
-            counts.append(k)
-        return self._place(dict(tokens=tokens, positions=positions, slots=slots, logit_indices=logit_idx,
-                                input_lengths=np.asarray(lengths, np.int32), page_table=np.asarray(table, np.int32),
-                                cache_lengths=starts), tuple(c.request_id for c in live), tuple(counts))
+            counts[r], ends[r] = k, start + n
+            capacity[r] = min(kv.num_pages_of(ctx.request_id), width) * page
+        inputs = self._place(dict(tokens=tokens, positions=positions, slots=slots, logit_indices=logit_idx,
+                                  input_lengths=np.asarray(lengths, np.int32), page_table=np.asarray(table, np.int32),
+                                  cache_lengths=starts))
+        return inputs.replace(request_ids=tuple(c.request_id for c in live), logit_counts=tuple(counts),
+                              row_ids=tuple(ids), written_end=tuple(ends), capacity=tuple(capacity))
 
-    def _place(self, host: dict[str, np.ndarray], request_ids: tuple = (), logit_counts: tuple = ()) -> ModelInputs:
+    def _check_pages(self, ctx: TextContext, replica: int, seen: set[str]) -> None:
+        """A context may step only once per batch, on its replica, within the pages it holds."""
+        rid, kv = ctx.request_id, self.kv_manager
+        if rid in seen:
+            raise ValueError(f"request {rid!r} appears twice in one batch.")
+        seen.add(rid)
+        if not kv.contains(rid):
+            raise ValueError(f"request {rid!r} holds no KV pages: claim them before preparing its inputs, e.g. "
+                             f"model.kv_manager.claim({rid!r}, total_tokens=ctx.max_length).")
+        if kv.replica_of(rid) != replica:
+            raise ValueError(f"request {rid!r} holds pages on replica {kv.replica_of(rid)}, not {replica}.")
+        need, held = ctx.cache_length + len(ctx.next_tokens), kv.num_pages_of(rid) * self.kv_params.page_size
+        if need > held:
+            raise ValueError(f"request {rid!r} holds KV pages for {held} tokens but this step writes up to token "
+                             f"{need}: reserve them first (model.kv_manager.reserve({rid!r}, {need})).")
+
+    def _place(self, host: dict[str, np.ndarray]) -> ModelInputs:
         """Host int32 arrays -> ModelInputs on the mesh: one transfer of one packed buffer,
         unpacked on device (one transfer per array costs ~30x more host time)."""
         self._check_runnable()
@@ -240,7 +293,6 @@ class DecoderPipelineModel(DecoderSizing, PipelineModel[TextContext]):
             tokens=a["tokens"], positions=a["positions"], slots=a["slots"], logit_indices=a["logit_indices"],
             input_lengths=a["input_lengths"],
             kv_cache_inputs=KVCacheInputs(page_table=a["page_table"], cache_lengths=a["cache_lengths"]),
-            request_ids=request_ids, logit_counts=logit_counts,
         )
 
     def unpack_executable(self, layout: tuple, packed):
@@ -257,12 +309,15 @@ class DecoderPipelineModel(DecoderSizing, PipelineModel[TextContext]):
 
     def zero_inputs(self, rows: int, tokens: int, width: int) -> ModelInputs:
         """Inputs of one bucket (rows per replica) that touch only the null page (for warm-up)."""
-        return self._place({name: np.zeros(shape, np.int32) for name, shape in self.bucket_layout(rows, tokens, width)})
+        inputs = self._place({name: np.zeros(shape, np.int32) for name, shape in self.bucket_layout(rows, tokens, width)})
+        padding = (None,) * (rows * self.replicas)
+        return inputs.replace(logit_counts=(0,) * len(padding), row_ids=padding, written_end=(0,) * len(padding),
+                              capacity=(0,) * len(padding))
 
-    def compile_bucket(self, rows: int, tokens: int, width: int, max_num_steps: int) -> dict:
+    def compile_bucket(self, rows: int, tokens: int, width: int, max_num_steps: int) -> BucketShapes:
         """Compile (not run) this bucket's model executables from abstract inputs: the input
-        unpacker, the step, and for decode buckets the decode loops and prepare_next.
-        Returns the step's abstract next-token logits, for the samplers."""
+        unpacker, the step, the log-probabilities and, for decode buckets, the decode loops and
+        prepare_next. Returns the step's abstract next-token logits, for the samplers."""
         layout = self.bucket_layout(rows, tokens, width)
         i32 = np.dtype(np.int32)
         packed = jax.ShapeDtypeStruct((sum(int(np.prod(shape)) for _, shape in layout),), i32,
@@ -270,28 +325,49 @@ class DecoderPipelineModel(DecoderSizing, PipelineModel[TextContext]):
         self.unpack_executable(layout, packed)
         arrays = {name: jax.ShapeDtypeStruct(shape, i32, sharding=self._by_row) for name, shape in layout}
         step = self._step_executable(arrays)
-        logits_sharding = step.output_shardings[0]["next_token_logits"]
+        out_shardings = step.output_shardings[0]
         total = layout[0][1][0]
-        logits = jax.ShapeDtypeStruct((total, self.config.vocab_size), np.dtype(np.float32), sharding=logits_sharding)
+        f32 = np.dtype(np.float32)
+        logits = jax.ShapeDtypeStruct((total, self.vocab_size), f32, sharding=out_shardings["next_token_logits"])
+        sampled = jax.ShapeDtypeStruct((total,), i32, sharding=self._replicated)  # what the samplers return
+        for top_n in self._logprob_buckets():
+            self._logprobs_executable(top_n, logits, sampled)
+            if tokens > 1 and self.return_logits == ReturnLogits.ALL:
+                all_logits = jax.ShapeDtypeStruct((total, tokens, self.vocab_size), f32,
+                                                  sharding=out_shardings["logits"])
+                self._echo_logprobs_executable(top_n, all_logits, arrays["tokens"], arrays["logit_indices"], sampled)
         if tokens == 1:
             rep = lambda shape: jax.ShapeDtypeStruct(shape, i32)  # noqa: E731  (host arrays go straight in)
             if max_num_steps > 1:
-                self._next_inputs_executable(jax.ShapeDtypeStruct((total,), i32, sharding=self._replicated), arrays)
+                self._next_inputs_executable(sampled, arrays)
             for params in (None, sampling.SamplingInputs.abstract(total)):
-                self._loop_executable(arrays, params, rep((total, STOP_SLOTS)), rep((total,)), rep(()),
+                self._loop_executable(arrays, params, rep((total, self.stop_slots)), rep((total,)), rep(()),
                                       max_num_steps)
-        return {"logits": logits, "positions": jax.ShapeDtypeStruct((total,), i32, sharding=self._by_row)}
+        return BucketShapes(logits=logits, positions=jax.ShapeDtypeStruct((total,), i32, sharding=self._by_row))
 
     def prepare_next_token_inputs(self, next_tokens: jax.Array, prev_model_inputs: ModelInputs) -> ModelInputs:
+        """The next decode step's inputs, built on device from `next_tokens` [B]; refused when
+        a row's next token falls outside the pages in its page table."""
         prev = prev_model_inputs
         self._check_runnable()
+        self._check_room(prev, 1)
         arrays = self._next_inputs_executable(next_tokens, prev.arrays())(next_tokens, prev.arrays())
         return ModelInputs(
             tokens=arrays["tokens"], positions=arrays["positions"], slots=arrays["slots"],
             logit_indices=arrays["logit_indices"], input_lengths=arrays["input_lengths"],
             kv_cache_inputs=KVCacheInputs(arrays["page_table"], arrays["cache_lengths"]),
-            request_ids=prev.request_ids, logit_counts=(1,) * len(prev.request_ids),
+            request_ids=prev.request_ids, logit_counts=tuple(int(r is not None) for r in prev.row_ids),
+            row_ids=prev.row_ids, written_end=tuple(e + (r is not None) for r, e in zip(prev.row_ids, prev.written_end)),
+            capacity=prev.capacity,
         )
+
+    def _check_room(self, inputs: ModelInputs, steps: int) -> None:
+        """`steps` more tokens after `inputs`' own must land in pages each row's table holds."""
+        for rid, end, capacity in zip(inputs.row_ids, inputs.written_end, inputs.capacity):
+            if rid is not None and end + steps > capacity:
+                raise ValueError(f"request {rid!r}: the next step would write token {end + steps} but its page "
+                                 f"table holds {capacity}: reserve more pages (kv_manager.reserve) and prepare its "
+                                 "inputs again (prepare_initial_token_inputs).")
 
     def _next_inputs_executable(self, next_tokens, arrays: dict):
         key = (next_tokens.shape, tuple((k, v.shape) for k, v in arrays.items()))
@@ -373,13 +449,14 @@ class DecoderPipelineModel(DecoderSizing, PipelineModel[TextContext]):
         """`num_steps` decode steps in one call, sampling on device: tokens [max_steps, B]
         and the last tokens sampled [B], both left on the device.
 
-        stop_ids [B, STOP_SLOTS] (-1 padded) and budgets [B] (tokens each row may
+        stop_ids [B, stop_slots] (-1 padded) and budgets [B] (tokens each row may
         still make) let the loop end as soon as every row has finished. One
         executable per (decode bucket, max_steps, greedy or sampled).
         """
         self._check_runnable()
         if not 1 <= num_steps <= max_steps:
             raise ValueError(f"num_steps must be in [1, {max_steps}], got {num_steps}.")
+        self._check_room(model_inputs, num_steps - 1)  # the loop's first step runs these inputs themselves
         arrays = model_inputs.arrays()
         # Small host arrays go straight into the call: cheaper than a device_put each.
         host = (np.asarray(stop_ids, np.int32), np.asarray(budgets, np.int32), np.int32(num_steps))
@@ -396,51 +473,39 @@ class DecoderPipelineModel(DecoderSizing, PipelineModel[TextContext]):
 
     # -- log probabilities ---------------------------------------------------
     def compute_log_probabilities(self, session, model_inputs, model_outputs, next_tokens, batch_top_n, batch_echo):
-        """MAX's semantics: top-n dicts always hold the sampled token; with echo,
-        one entry per input token (the log-prob of the token after it, the last
-        being the sampled one)."""
+        """MAX's semantics: top-n dicts always hold the sampled token; with echo, one entry
+        per input token of this step (the log-prob of the token after it, the last being the
+        sampled one). batch_top_n and batch_echo run over the rows of the inputs' arrays;
+        top-n is at most MAX_LOGPROBS and computed by a bucketed executable."""
         if not any(batch_top_n):
             return [None] * len(batch_top_n)
-        if any(batch_echo) and self.return_logits != ReturnLogits.ALL:
+        if max(batch_top_n) > MAX_LOGPROBS or min(batch_top_n) < 0:
+            raise ValueError(f"top-n log-probabilities must be in [0, {MAX_LOGPROBS}], got {max(batch_top_n)}.")
+        echo = any(e and n for e, n in zip(batch_echo, batch_top_n))
+        if echo and self.return_logits != ReturnLogits.ALL:
             raise ValueError("logprobs with echo need every prompt logit: build the model with ReturnLogits.ALL "
                              "(PipelineConfig(enable_echo=True)).")
-        top_n = max(batch_top_n)
-        echo = any(batch_echo)
-        logits = model_outputs.logits if echo else model_outputs.next_token_logits[:, None, :]
-        targets = _echo_targets(model_inputs, next_tokens) if echo else next_tokens[:, None]
-        exe = session.compile(f"logprobs_top{top_n}", partial(_log_probs, top_n), (logits, targets),
-                              out_shardings=self._replicated)
-        chosen, top_vals, top_ids = jax.device_get(exe(logits, targets))
-        results: list[LogProbabilities | None] = []
-        for r, (n, want_echo) in enumerate(zip(batch_top_n, batch_echo)):
-            if n == 0:
-                results.append(None)
-                continue
-            count = model_inputs.logit_counts[r] if want_echo else 1
-            cols = range(chosen.shape[1] - count, chosen.shape[1])
-            tokens = np.asarray(targets[r]) if echo else np.asarray(next_tokens)[r : r + 1]
-            token_lp, top_lp = [], []
-            for c in cols:
-                token_lp.append(float(chosen[r, c]))
-                d = {int(top_ids[r, c, j]): float(top_vals[r, c, j]) for j in range(n)}
-                d[int(tokens[c])] = float(chosen[r, c])
-                top_lp.append(d)
-            results.append(LogProbabilities(token_lp, top_lp))
-        return results
+        top_n = logprob_bucket(max(batch_top_n), self.vocab_size)
+        if echo:
+            args = (model_outputs.logits, model_inputs.tokens, model_inputs.logit_indices, next_tokens)
+            results = self._echo_logprobs_executable(top_n, *args)(*args)
+            columns = [model_inputs.logit_counts[r] if e else 1 for r, e in enumerate(batch_echo)]
+        else:
+            results = self._logprobs_executable(top_n, model_outputs.next_token_logits, next_tokens)(
+                model_outputs.next_token_logits, next_tokens)
+            columns = [1] * len(batch_top_n)
+        return logprobs.assemble(results, list(batch_top_n), columns)
 
+    def _logprob_buckets(self) -> list[int]:
+        return sorted({logprob_bucket(n, self.vocab_size) for n in LOGPROB_BUCKETS})
 
-def _echo_targets(inputs: ModelInputs, next_tokens: jax.Array) -> jax.Array:
-    """[B, N]: the token following each returned position (the sampled one last)."""
-    idx = inputs.logit_indices  # right-aligned input positions
-    following = jnp.take_along_axis(inputs.tokens, jnp.minimum(idx + 1, inputs.tokens.shape[1] - 1), axis=1)
-    return following.at[:, -1].set(next_tokens)
+    def _logprobs_executable(self, top_n: int, logits, next_tokens):
+        return self.session.compile(f"logprobs_top{top_n}", partial(logprobs.next_token, top_n),
+                                    (logits, next_tokens), out_shardings=self._replicated)
 
-
-def _log_probs(top_n: int, logits: jax.Array, targets: jax.Array):
-    lp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)  # [B, N, V]
-    chosen = jnp.take_along_axis(lp, targets[..., None], axis=-1)[..., 0]
-    top_vals, top_ids = jax.lax.top_k(lp, top_n)
-    return chosen, top_vals, top_ids
+    def _echo_logprobs_executable(self, top_n: int, logits, tokens, logit_indices, next_tokens):
+        return self.session.compile(f"echo_logprobs_top{top_n}", partial(logprobs.echo, top_n),
+                                    (logits, tokens, logit_indices, next_tokens), out_shardings=self._replicated)
 
 
 def _place_sharded(array, sharding, dtype) -> jax.Array:
@@ -460,11 +525,15 @@ def _unpack(layout: tuple, packed: jax.Array) -> dict:
 
 
 def _next_inputs(page_size: int, next_tokens: jax.Array, prev: dict) -> dict:
-    """Device-side: the decode inputs that follow `prev`, one token per row."""
+    """Device-side: the decode inputs that follow `prev`, one token per row. A position past
+    the page table (refused on the host before any call) writes to the null page, never into
+    a page the row does not own."""
     lengths = prev["cache_lengths"] + prev["input_lengths"]  # [B] tokens now in the cache
     live = prev["input_lengths"] > 0  # padding rows stay on the null page
     pos = jnp.where(live, lengths, 0)[:, None]  # [B, 1]
-    page = jnp.take_along_axis(prev["page_table"], pos // page_size, axis=1, mode="clip")
+    index = pos // page_size
+    inside = index < prev["page_table"].shape[1]
+    page = jnp.where(inside, jnp.take_along_axis(prev["page_table"], index, axis=1, mode="clip"), NULL_PAGE)
     return {
         "tokens": next_tokens.astype(jnp.int32)[:, None],
         "positions": pos,

@@ -53,6 +53,13 @@ class ModelInputs:
     tokens/positions/slots [B, T] (padded to buckets; padding writes to the
     null page); logit_indices [B, N] right-aligned positions whose logits are
     returned; input_lengths [B] real tokens per row.
+
+    Host metadata (never part of the compiled signature): `request_ids` of the
+    real rows; per row of the arrays (padding included) its request id or None
+    (`row_ids`), how many logits it returns (`logit_counts`), one past the last
+    position this step writes (`written_end`) and how many tokens the pages in
+    its page table hold (`capacity`): a later step that would write past them
+    is refused instead of writing into pages the row does not own.
     """
 
     tokens: jax.Array
@@ -63,6 +70,9 @@ class ModelInputs:
     kv_cache_inputs: KVCacheInputs
     request_ids: tuple = struct.field(pytree_node=False, default=())
     logit_counts: tuple = struct.field(pytree_node=False, default=())
+    row_ids: tuple = struct.field(pytree_node=False, default=())
+    written_end: tuple = struct.field(pytree_node=False, default=())
+    capacity: tuple = struct.field(pytree_node=False, default=())
 
     @property
     def batch_size(self) -> int:
@@ -173,8 +183,7 @@ class PipelineModel(ABC, Generic[BaseContextType]):
         for compilation).
         """
         if self._signal_buffers is None:
-            compile_only = getattr(self.pipeline_config, "compile_only", False)
-            if len(self.devices) <= 1 or compile_only:
+            if len(self.devices) <= 1 or self.pipeline_config.compile_only:
                 self._signal_buffers = []
             else:
                 local = [d for d in self.devices if d.process_index == jax.process_index()]  # multi-host: ours only

@@ -1,4 +1,9 @@
-"""PIPELINE_REGISTRY: architectures by HF name, and the factory that builds pipelines."""
+"""PIPELINE_REGISTRY: architectures by HF name, and the factory that builds pipelines.
+
+This module knows no model class: `maxlike.pipelines` registers the built-in
+architectures (graphs.ARCHITECTURES with DecoderPipelineModel) when it is
+imported, and users may register their own.
+"""
 
 from __future__ import annotations
 
@@ -14,7 +19,7 @@ class SupportedArchitecture:
 
     name: str
     graph: Any  # graphs.Architecture
-    pipeline_model: type = None  # type: ignore[assignment]
+    pipeline_model: type  # a ServingModel subclass
     task: str = "text_generation"
     supported_encodings: tuple[str, ...] = ("float32", "bfloat16", "float16")
     example_repo_ids: tuple[str, ...] = field(default_factory=tuple)
@@ -50,6 +55,7 @@ class PipelineRegistry:
         """Build (tokenizer, TextGenerationPipeline) for a config, as MAX's registry does."""
         from maxlike.engine.mesh import session_for
         from maxlike.pipelines.model import ReturnLogits
+        from maxlike.pipelines.serving import ServingModel
         from maxlike.pipelines.text_generation import TextGenerationPipeline
         from maxlike.weights import load_hf_config, load_tokenizer
 
@@ -65,6 +71,10 @@ class PipelineRegistry:
             pipeline_config, session, session.devices, pipeline_config.kv_cache, None, arch.graph, return_logits,
             progress=progress,
         )
+        if not isinstance(model, ServingModel):
+            raise ConfigError(f"{type(model).__name__} (registered for {arch.name}) is not a ServingModel: "
+                              "TextGenerationPipeline serves only models that implement maxlike.pipelines."
+                              "serving.ServingModel.")
         pipeline = TextGenerationPipeline(pipeline_config, model, tokenizer)
         if pipeline_config.warmup:
             pipeline.warmup(progress=progress)
@@ -72,14 +82,4 @@ class PipelineRegistry:
         return tokenizer, pipeline
 
 
-def _build_registry() -> PipelineRegistry:
-    import graphs
-    from maxlike.pipelines.decoder import DecoderPipelineModel
-
-    reg = PipelineRegistry()
-    for graph in graphs.ARCHITECTURES:
-        reg.register(SupportedArchitecture(graph.name, graph, DecoderPipelineModel))
-    return reg
-
-
-PIPELINE_REGISTRY = _build_registry()
+PIPELINE_REGISTRY = PipelineRegistry()  # maxlike.pipelines registers graphs.ARCHITECTURES on import

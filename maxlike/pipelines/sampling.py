@@ -1,7 +1,18 @@
 """On-device token sampling: greedy, temperature, top-k, top-p, per-request seeds.
 
-Each request's key is fold_in(PRNGKey(seed), position), so a sampled request
-draws the same tokens whatever batch it runs in.
+A draw is the Gumbel-max trick over the tokens a row allows: the token with the
+largest logit / temperature + Gumbel noise, where each token's noise comes from
+fold_in(fold_in(PRNGKey(seed), position), token id). The noise of a token does
+not depend on which other tokens are looked at, so a row draws the same token
+whichever path computes it and whatever batch it runs in.
+
+Paths, picked on device per batch (`lax.cond`, one executable), so that the
+vocabulary is sorted only when a row needs it:
+- rows with neither top-k nor top-p draw over every token (no sort);
+- the others draw among the CANDIDATES best tokens (`lax.top_k`) when their
+  allowed set lies inside them: top_k <= CANDIDATES, or top-p alone whose
+  nucleus those candidates already cover;
+- otherwise (a larger top-k, a wider nucleus) the whole vocabulary is sorted.
 """
 
 from __future__ import annotations
@@ -46,18 +57,58 @@ def greedy(logits: jax.Array) -> jax.Array:
     return jnp.argmax(logits, axis=-1).astype(jnp.int32)
 
 
+CANDIDATES = 256  # best tokens looked at before sorting the whole vocabulary is needed
+
+
 def sample(logits: jax.Array, params: SamplingInputs, positions: jax.Array) -> jax.Array:
     """logits [B, V]; positions [B] (the position the new token will take) -> tokens [B]."""
-    vocab = logits.shape[-1]
-    temp = jnp.where(params.temperature > 0, params.temperature, 1.0)
-    vals, idx = jax.lax.top_k(logits.astype(jnp.float32) / temp[:, None], vocab)  # sorted, descending
-    rank = jnp.arange(vocab)[None, :]
-    k = jnp.where(params.top_k > 0, params.top_k, vocab)[:, None]
-    vals = jnp.where(rank < k, vals, -jnp.inf)
-    probs = jax.nn.softmax(vals, axis=-1)
-    mass_before = jnp.cumsum(probs, axis=-1) - probs
-    vals = jnp.where(mass_before < params.top_p[:, None], vals, -jnp.inf)  # rank 0 always kept
+    b, vocab = logits.shape
+    sampled = params.temperature > 0
+    x = logits.astype(jnp.float32) / jnp.where(sampled, params.temperature, 1.0)[:, None]
     keys = jax.vmap(lambda s, p: jax.random.fold_in(jax.random.PRNGKey(s), p))(params.seed, positions)
-    choice = jax.vmap(jax.random.categorical)(keys, vals)
-    drawn = jnp.take_along_axis(idx, choice[:, None], axis=-1)[:, 0]
-    return jnp.where(params.temperature > 0, drawn, greedy(logits)).astype(jnp.int32)
+    k = jnp.where(params.top_k > 0, jnp.minimum(params.top_k, vocab), vocab)  # [B]
+    top_p = params.top_p[:, None]
+    whole = (k >= vocab) & (params.top_p >= 1.0)  # every token allowed
+    c = min(CANDIDATES, vocab)
+
+    def draw(vals, ids, allowed):
+        """The allowed id with the largest vals + its own Gumbel noise (vals, ids, allowed [B, N])."""
+        noise = jax.vmap(lambda key, row: jax.vmap(lambda t: jax.random.gumbel(jax.random.fold_in(key, t)))(row))(
+            keys, ids)
+        pick = jnp.argmax(jnp.where(allowed, vals + noise, -jnp.inf), axis=-1)
+        return jnp.take_along_axis(ids, pick[:, None], axis=-1)[:, 0]
+
+    def nucleus(vals, rank, lse):
+        """Allowed tokens among descending `vals`: within top-k, and the mass before them < top_p."""
+        in_k = rank < k[:, None]
+        probs = jnp.where(in_k, jnp.exp(vals - lse[:, None]), 0.0)
+        return in_k & (jnp.cumsum(probs, axis=-1) - probs < top_p)  # the best token is always kept
+
+    def limited_rows(_):
+        # The candidates: top-k's mass is normalised over the top k, top-p alone's over the whole vocabulary.
+        vals, ids = jax.lax.top_k(x, c)
+        rank = jnp.arange(c)[None, :]
+        lse = jnp.where(k <= c, jax.nn.logsumexp(jnp.where(rank < k[:, None], vals, -jnp.inf), axis=-1),
+                        jax.nn.logsumexp(x, axis=-1))
+        covered = (k <= c) | ((k >= vocab) & (jnp.sum(jnp.exp(vals - lse[:, None]), axis=-1) >= params.top_p))
+
+        def by_candidates(_):
+            return draw(vals, ids, nucleus(vals, rank, lse))
+
+        def by_sort(_):
+            sorted_vals, sorted_ids = jax.lax.top_k(x, vocab)
+            full_rank = jnp.arange(vocab)[None, :]
+            full_lse = jax.nn.logsumexp(jnp.where(full_rank < k[:, None], sorted_vals, -jnp.inf), axis=-1)
+            return draw(sorted_vals, sorted_ids, nucleus(sorted_vals, full_rank, full_lse))
+
+        return jax.lax.cond(jnp.any(sampled & ~whole & ~covered), by_sort, by_candidates, None)
+
+    def every_token_rows(_):  # these rows always come here: bulk noise, no per-token keys needed
+        return jax.vmap(lambda key, row: jnp.argmax(row + jax.random.gumbel(key, (vocab,))))(keys, x).astype(jnp.int32)
+
+    def nothing(_):
+        return jnp.zeros((b,), jnp.int32)
+
+    limited = jax.lax.cond(jnp.any(sampled & ~whole), limited_rows, nothing, None)
+    everything = jax.lax.cond(jnp.any(sampled & whole), every_token_rows, nothing, None)
+    return jnp.where(sampled, jnp.where(whole, everything, limited), greedy(logits)).astype(jnp.int32)

@@ -9,21 +9,20 @@ import os
 
 import jax
 
+from maxlike.cache_files import read_json, write_json
 from maxlike.config import ConfigError
 from maxlike.engine import exe_cache
 from maxlike.kv_cache import KVCacheParams
 from maxlike.pipelines import memory
 from maxlike.pipelines.model import upper_bounded_default
+from maxlike.pipelines.registry import PIPELINE_REGISTRY
 
 log = logging.getLogger("maxlike")
 
 DEFAULT_MAX_BATCH = 8
-
-
-def _architecture(huggingface_config):
-    from maxlike.pipelines.registry import PIPELINE_REGISTRY
-
-    return PIPELINE_REGISTRY.retrieve_architecture(huggingface_config).graph
+# On accelerators the pool's page count is rounded down to a multiple of this, so that it is a
+# stable function of the config and the device kind (it is part of every executable's key).
+PAGE_COUNT_STEP = 64
 
 
 class DecoderSizing:
@@ -31,7 +30,10 @@ class DecoderSizing:
 
     @classmethod
     def calculate_max_seq_len(cls, pipeline_config, huggingface_config) -> int:
-        limit = huggingface_config.max_position_embeddings
+        limit = getattr(huggingface_config, "max_position_embeddings", None)
+        if limit is None:
+            raise ConfigError("the model config has no 'max_position_embeddings', so the longest sequence it "
+                              "supports is unknown: check the checkpoint's config.json.")
         try:
             return upper_bounded_default(upper_bound=limit, default=pipeline_config.model.max_length)
         except ValueError as e:
@@ -42,7 +44,7 @@ class DecoderSizing:
 
     @staticmethod
     def _graph_and_config(huggingface_config):
-        arch = _architecture(huggingface_config)
+        arch = PIPELINE_REGISTRY.retrieve_architecture(huggingface_config).graph
         return arch, arch.config_from_hf(huggingface_config)
 
     @classmethod
@@ -61,7 +63,7 @@ class DecoderSizing:
         once a warm-up or warm-cache has compiled them for this configuration, else
         an estimate from shapes."""
         path = cls._activation_profile(pipeline_config, huggingface_config)
-        measured = exe_cache.read_json(path) if path else None
+        measured = read_json(path) if path else None
         if measured and measured.get("temp_bytes"):
             return int(measured["temp_bytes"])
         return cls._activation_estimate(pipeline_config, huggingface_config)
@@ -97,7 +99,7 @@ class DecoderSizing:
                     c.max_batch_size, c.max_num_steps, c.prefill_chunk_size, c.kv_cache.kv_cache_page_size,
                     c.kv_cache.cache_dtype, c.sampling.enable_echo, c.devices, count, c.compile_target,
                     c.data_parallel_degree, c.tensor_parallel_degree, platform, exe_cache.versions(),
-                    exe_cache.source_hash()))
+                    exe_cache.program_settings(), exe_cache.source_hash()))
         return os.path.join(folder, "activations", hashlib.sha256(key.encode()).hexdigest()[:24] + ".json")
 
     def record_activation_memory(self) -> None:
@@ -105,38 +107,44 @@ class DecoderSizing:
         for `estimate_activation_memory` to use from now on."""
         path = self._activation_profile(self.pipeline_config, self.huggingface_config)
         if path and self.session.peak_temp_bytes:
-            exe_cache.write_json(path, {
-                "temp_bytes": self.session.peak_temp_bytes, "buckets": len(self.step_buckets()),
-                "estimate_from_shapes": self._activation_estimate(self.pipeline_config, self.huggingface_config)})
+            try:
+                write_json(path, {
+                    "temp_bytes": self.session.peak_temp_bytes, "buckets": len(self.step_buckets()),
+                    "estimate_from_shapes": self._activation_estimate(self.pipeline_config, self.huggingface_config)})
+            except OSError:  # an unwritable cache: the executable cache has warned about it
+                pass
 
     def _plan_kv_cache(self, specs) -> tuple[KVCacheParams, int, int]:
         """(page layout, max batch size per replica, pages per replica), or a ConfigError
         saying what fits.
 
-        CPU: a configured host budget, split over the replicas. Accelerators: one
-        device's free memory x device_memory_utilization, less its share of the
-        weights and a step's activations, over its share of a page (its KV heads).
+        CPU: a configured host budget, split over the replicas. Accelerators: one device's
+        memory (`bytes_limit`) x device_memory_utilization, less its share of the weights
+        and the shape-based activation estimate, over its share of a page, rounded down to
+        a multiple of PAGE_COUNT_STEP: a function of the config and the device kind only,
+        so every start with the same flags builds the same programs (and finds them in the
+        executable cache). Only when memory already in use leaves no room for that is the
+        pool shrunk to what is free.
         """
         cfg = self.kv_cache_config
         layers, kv_heads, head_dim = self.arch.kv_shape(self.config)
         dtype = self.dtype if cfg.cache_dtype == "auto" else memory.resolve_dtype(cfg.cache_dtype, self.session.platform)
         params = KVCacheParams(layers, kv_heads, head_dim, cfg.kv_cache_page_size, str(dtype))
-        tp = self.tensor_parallel_degree
+        pages_per_seq = params.pages_for(self.max_length)
         if self.session.platform == "cpu":
-            budget, page_bytes = cfg.host_kv_cache_memory_gib * 2**30 / self.replicas, params.page_bytes
+            budget_pages = int(cfg.host_kv_cache_memory_gib * 2**30 / self.replicas // params.page_bytes)
         else:
             stats = _memory_stats(self.devices[0])
             if "bytes_limit" not in stats:  # a compile target's devices are not here: size for the demand
                 batch = self.pipeline_config.max_batch_size or DEFAULT_MAX_BATCH
                 log.info("device memory of %s is unknown here: KV pool sized for %d sequences of %d tokens",
                          self.devices[0].device_kind, batch, self.max_length)
-                return params, batch, batch * params.pages_for(self.max_length) + 1
-            free = stats.get("bytes_limit", 0) * cfg.device_memory_utilization - stats.get("bytes_in_use", 0)
-            budget = (free - memory.weights_bytes(specs, self.dtype) / tp
-                      - self.estimate_activation_memory(self.pipeline_config, self.huggingface_config))
-            page_bytes = params.page_bytes / tp
-        budget_pages = max(0, int(budget // page_bytes))
-        pages_per_seq = params.pages_for(self.max_length)
+                return params, batch, batch * pages_per_seq + 1
+            budget_pages = device_page_budget(
+                stats, utilization=cfg.device_memory_utilization,
+                weights_bytes=memory.weights_bytes(specs, self.dtype) / self.tensor_parallel_degree,
+                activation_bytes=self._activation_estimate(self.pipeline_config, self.huggingface_config),
+                page_bytes=params.page_bytes / self.tensor_parallel_degree)
         if budget_pages < pages_per_seq + 1:  # + the reserved null page
             fit = max(0, budget_pages - 1) * params.page_size
             raise ConfigError(
@@ -147,6 +155,24 @@ class DecoderSizing:
             )
         batch = self.pipeline_config.max_batch_size or min(DEFAULT_MAX_BATCH, (budget_pages - 1) // pages_per_seq)
         return params, batch, min(budget_pages, batch * pages_per_seq + 1)
+
+
+def device_page_budget(stats: dict, *, utilization: float, weights_bytes: float, activation_bytes: float,
+                       page_bytes: float) -> int:
+    """KV pages one accelerator holds: from its memory size (not from what is in use, which
+    differs between a warm-cache run and a serving start), rounded down to PAGE_COUNT_STEP."""
+    budget = stats["bytes_limit"] * utilization - weights_bytes - activation_bytes
+    pages = max(0, int(budget // page_bytes))
+    stable = pages // PAGE_COUNT_STEP * PAGE_COUNT_STEP if pages >= 2 * PAGE_COUNT_STEP else pages
+    # Our own weights are not placed yet when the pool is planned: anything in use is someone else's.
+    free_pages = int((stats["bytes_limit"] - stats.get("bytes_in_use", 0) - weights_bytes - activation_bytes)
+                     // page_bytes)
+    if free_pages < stable:
+        log.warning("%d MiB of device memory is already in use: the KV pool shrinks from %d to %d pages, so "
+                    "executables cached for the full pool do not match this start.",
+                    stats.get("bytes_in_use", 0) // 2**20, stable, max(free_pages, 0))
+        return max(free_pages, 0)
+    return stable
 
 
 def _platform(pipeline_config) -> str:

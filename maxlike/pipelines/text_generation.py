@@ -26,8 +26,9 @@ from maxlike.interfaces import (
 )
 from maxlike.pipelines import sampling
 from maxlike.pipelines.context import TextContext
-from maxlike.pipelines.decoder import STOP_SLOTS
-from maxlike.pipelines.model import PipelineModel
+from maxlike.pipelines.detokenize import IncrementalDetokenizer
+from maxlike.pipelines.model import ReturnLogits
+from maxlike.pipelines.serving import LOGPROB_BUCKETS, ServingModel
 from maxlike.sharding import replicated
 
 
@@ -38,9 +39,12 @@ class GenerationRow:
     ctx: TextContext
     max_new: int
     stops: frozenset[int]
+    echo_pending: bool = False  # its prompt's log-probabilities are still to come (first step only)
     done: bool = False
     finish_reason: str = "length"
     logprobs: list[LogProbabilities] = field(default_factory=list)
+    detokenizer: IncrementalDetokenizer | None = None  # while its text is streamed
+    streamed: int = 0  # generated tokens fed to the detokenizer so far
 
 
 @dataclass(eq=False)
@@ -56,6 +60,7 @@ class Launch:
     last: Any = None  # decode loop only: [B] the tokens sampled last, on device
     params: sampling.SamplingInputs | None = None
     stop_ids: np.ndarray | None = None
+    logprobs: list[dict[int, LogProbabilities]] = field(default_factory=list)  # per step: row -> its log-probs
 
 
 def _scatter(index: list[int], total: int, values: list, fill) -> list:
@@ -67,7 +72,7 @@ def _scatter(index: list[int], total: int, values: list, fill) -> list:
 
 
 class TextGenerationPipeline:
-    def __init__(self, pipeline_config: PipelineConfig, pipeline_model: PipelineModel, tokenizer: Any) -> None:
+    def __init__(self, pipeline_config: PipelineConfig, pipeline_model: ServingModel, tokenizer: Any) -> None:
         self.pipeline_config = pipeline_config
         self.model = pipeline_model
         self.tokenizer = tokenizer
@@ -88,29 +93,40 @@ class TextGenerationPipeline:
 
     # -- requests -> contexts ------------------------------------------------
     def encode(self, request: TextGenerationRequest) -> list[int]:
+        rid = request.request_id
         if request.messages is not None:
             if not getattr(self.tokenizer, "chat_template", None):
-                raise RequestError(f"request {request.request_id}: this model's tokenizer has no chat template; "
+                raise RequestError(f"request {rid}: this model's tokenizer has no chat template; "
                                    "send a plain prompt instead of messages.")
-            out = self.tokenizer.apply_chat_template(request.messages, add_generation_prompt=True, tokenize=True)
+            try:
+                out = self.tokenizer.apply_chat_template(request.messages, add_generation_prompt=True, tokenize=True)
+            except Exception as e:  # noqa: BLE001 - jinja2's TemplateError, the template's raise_exception, ...
+                raise RequestError(f"request {rid}: the model's chat template refused these messages: "
+                                   f"{type(e).__name__}: {e}") from None
             ids = out["input_ids"] if hasattr(out, "keys") else out
         elif isinstance(request.prompt, str):
             ids = self.tokenizer.encode(request.prompt)
         else:
             ids = [int(t) for t in request.prompt]
-            vocab = self.model.config.vocab_size
-            bad = [t for t in ids if not 0 <= t < vocab]
-            if bad:
-                raise RequestError(f"request {request.request_id}: token ids {bad[:5]} are outside the "
-                                   f"vocabulary [0, {vocab}).")
+            self._check_ids(rid, "token ids", ids)
         if not ids:
-            raise RequestError(f"request {request.request_id}: the prompt encodes to no tokens; give a non-empty prompt.")
+            raise RequestError(f"request {rid}: the prompt encodes to no tokens; give a non-empty prompt.")
         return list(ids)
+
+    def _check_ids(self, request_id: str, what: str, ids) -> None:
+        vocab = self.model.vocab_size
+        bad = [t for t in ids if not 0 <= t < vocab]
+        if bad:
+            raise RequestError(f"request {request_id}: {what} {bad[:5]} are outside the vocabulary [0, {vocab}).")
 
     def make_context(self, request: TextGenerationRequest) -> TextContext:
         """Validate and encode one request; a RequestError names the problem and the fix."""
-        ids = self.encode(request)
         params = request.sampling_params
+        if params.echo and params.logprobs and self.model.return_logits != ReturnLogits.ALL:
+            raise RequestError(f"request {request.request_id}: echo with logprobs needs the prompt's logits: load "
+                               "the model with enable_echo=True (PipelineConfig, --enable-echo).")
+        self._check_ids(request.request_id, "stop_token_ids", params.stop_token_ids)
+        ids = self.encode(request)
         n, limit = len(ids), self.max_length
         if n >= limit:
             raise RequestError(f"request {request.request_id}: the prompt has {n} tokens but max_length is {limit}, "
@@ -127,7 +143,7 @@ class TextGenerationPipeline:
         ctx = self.make_context(request)
         p = ctx.sampling_params
         stops = frozenset(p.stop_token_ids) | (frozenset() if p.ignore_eos else self.eos_token_ids)
-        return GenerationRow(ctx, ctx.max_length - ctx.prompt_length, stops)
+        return GenerationRow(ctx, ctx.max_length - ctx.prompt_length, stops, echo_pending=p.echo and p.logprobs > 0)
 
     # -- one scheduled batch ---------------------------------------------------------
     def execute(self, rows: list["GenerationRow"], num_steps: int = 1) -> int:
@@ -156,9 +172,10 @@ class TextGenerationPipeline:
         top_n = [r.ctx.sampling_params.logprobs if s else 0 for r, s in zip(rows, sampling_rows)]
         launch = Launch(rows, chunks, sampling_rows, steps, index=index, params=params)
         if decoding and not any(top_n):  # logprobs need each step's logits: one call per step
-            launch.stop_ids = np.full((total, STOP_SLOTS), -1, np.int32)
+            slots = self.model.stop_slots
+            launch.stop_ids = np.full((total, slots), -1, np.int32)
             for i, r in zip(index, rows):
-                ids = sorted(r.stops)[:STOP_SLOTS]
+                ids = sorted(r.stops)[:slots]
                 launch.stop_ids[i, : len(ids)] = ids
             return self._launch_loop(launch, inputs, budgets)
         launch.tokens = self._host_steps(launch, inputs, top_n)
@@ -215,29 +232,29 @@ class TextGenerationPipeline:
             r.ctx.chunk = None
             if not samples:
                 r.ctx.cache_length += n
-        sampled = [r for r, s in zip(launch.rows, launch.sampling_rows) if s]
-        for step_tokens in tokens:
-            self._commit(sampled, [t for t, s in zip(step_tokens, launch.sampling_rows) if s])
+        sampled = [j for j, s in enumerate(launch.sampling_rows) if s]
+        for step, step_tokens in enumerate(tokens):
+            found = launch.logprobs[step] if launch.logprobs else {}
+            for j in sampled:
+                self._commit(launch.rows[j], int(step_tokens[j]), found.get(j))
         return len(tokens)
 
     def _host_steps(self, launch: "Launch", inputs, top_n: list[int]) -> np.ndarray:
         """One call per step (log-probabilities need each step's logits): tokens [steps, B]."""
         model, session, rows, total = self.model, self.model.session, launch.rows, inputs.tokens.shape[0]
         top_n = _scatter(launch.index, total, top_n, 0)
-        echo = _scatter(launch.index, total, [r.ctx.sampling_params.echo and r.ctx.cache_length == 0
-                                              for r in rows], False)
+        # Echo is the request's first step: its whole prompt runs in it (the scheduler sees to that).
+        echo = _scatter(launch.index, total, [r.echo_pending for r in rows], False)
         pending = []
-        for _ in range(launch.steps):
+        for step in range(launch.steps):
             out = model.execute(inputs)
             tokens = self._sample(out, inputs, launch.params)
-            if any(top_n):
+            if any(top_n):  # kept with the step's tokens: a row that stops earlier takes none of the rest
                 results = model.compute_log_probabilities(session, inputs, out, tokens, top_n, echo)
-                for r, i in zip(rows, launch.index):
-                    if results[i] is not None:
-                        r.logprobs.append(results[i])
+                launch.logprobs.append({j: results[i] for j, i in enumerate(launch.index) if results[i] is not None})
                 echo = [False] * total
             pending.append(tokens)
-            if launch.steps > 1:
+            if step + 1 < launch.steps:
                 inputs = model.prepare_next_token_inputs(tokens, inputs)
         return np.stack(jax.device_get(pending))
 
@@ -261,26 +278,32 @@ class TextGenerationPipeline:
         """Compile (and run once, on the null page) every executable of the bucket set.
         A compile-only model is compiled, not run."""
         model = self.model
-        if getattr(model, "compile_only", False):
+        if model.compile_only:
             self.compile_all(progress=progress)
             return
+        session = model.session
         sampled: set[int] = set()
         for rows, tokens, width in tqdm(model.step_buckets(), desc="compiling", unit="bucket", disable=not progress):
             inputs = model.zero_inputs(rows, tokens, width)
             total = inputs.tokens.shape[0]  # rows on every replica
             out = model.execute(inputs)
+            greedy = self._sample(out, inputs, None)
             if rows not in sampled:
                 sampled.add(rows)
-                self._sample(out, inputs, None)
                 self._sample(out, inputs, sampling.SamplingInputs.build([], [], total))
+                for n in LOGPROB_BUCKETS:
+                    model.compute_log_probabilities(session, inputs, out, greedy, [n] * total, [False] * total)
+            if tokens > 1 and model.return_logits == ReturnLogits.ALL:
+                for n in LOGPROB_BUCKETS:
+                    model.compute_log_probabilities(session, inputs, out, greedy, [n] * total, [True] * total)
             if tokens == 1:
                 if self.max_num_steps > 1:
-                    model.prepare_next_token_inputs(jnp.zeros((total,), jnp.int32), inputs)
-                stops, budgets = np.full((total, STOP_SLOTS), -1, np.int32), np.zeros((total,), np.int32)
+                    model.prepare_next_token_inputs(greedy, inputs)
+                stops, budgets = np.full((total, model.stop_slots), -1, np.int32), np.zeros((total,), np.int32)
                 for params in (None, sampling.SamplingInputs.build([], [], total)):
                     model.execute_decode_loop(inputs, 1, self.max_num_steps, params, stops, budgets)
         jax.block_until_ready(model.kv_manager.pool)
-        self._record_activation_memory()
+        model.record_activation_memory()
 
     def compile_all(self, *, progress: bool = True) -> None:
         """Compile every executable of the bucket set from abstract inputs (nothing runs)."""
@@ -290,42 +313,48 @@ class TextGenerationPipeline:
             shapes = model.compile_bucket(rows, tokens, width, self.max_num_steps)
             if rows not in sampled:
                 sampled.add(rows)
-                total = shapes["logits"].shape[0]
-                self._sampler(shapes["logits"], None, None)
-                self._sampler(shapes["logits"], sampling.SamplingInputs.abstract(total), shapes["positions"])
-        self._record_activation_memory()
+                total = shapes.logits.shape[0]
+                self._sampler(shapes.logits, None, None)
+                self._sampler(shapes.logits, sampling.SamplingInputs.abstract(total), shapes.positions)
+        model.record_activation_memory()
 
-    def _record_activation_memory(self) -> None:
-        record = getattr(self.model, "record_activation_memory", None)
-        if record is not None:
-            record()
+    def stream_text(self, row: "GenerationRow") -> str:
+        """The new text of `row` since the last call: incremental (each token is decoded once),
+        never half a character, a final stop token left out; joined, the pieces are its output text."""
+        if row.detokenizer is None:
+            row.detokenizer = IncrementalDetokenizer(self.tokenizer, skip_special_tokens=True)
+        generated = row.ctx.generated
+        end = len(generated) - (1 if self._ends_with_stop(row) else 0)
+        piece = row.detokenizer.step(generated[row.streamed:end]) if end > row.streamed else ""
+        row.streamed = max(row.streamed, end)
+        return piece + row.detokenizer.finish() if row.done else piece
 
-    def stream_text(self, row: "GenerationRow", shown: str) -> str:
-        """The new text of `row` since `shown` (held back while a character is incomplete)."""
-        text = self._decode(row.ctx.generated, row)
-        if len(text) > len(shown) and (row.done or not text.endswith("\ufffd")):
-            return text[len(shown):]
-        return ""
+    @staticmethod
+    def _ends_with_stop(row: "GenerationRow") -> bool:
+        ids = row.ctx.generated
+        return row.finish_reason == "stop" and len(ids) > 0 and int(ids[-1]) in row.stops
 
-    def _commit(self, rows: list["GenerationRow"], tokens) -> None:
-        for r, tok in zip(rows, tokens):
-            if r.done:
-                continue
-            if tok < 0:
-                raise RuntimeError(f"request {r.ctx.request_id}: the decode loop ended before this row finished.")
-            ctx = r.ctx
-            ctx.cache_length = len(ctx.tokens)
-            ctx.tokens = np.append(ctx.tokens, np.int32(tok))
-            if int(tok) in r.stops:
-                r.done, r.finish_reason = True, "stop"
-            elif len(ctx.generated) >= r.max_new:
-                r.done, r.finish_reason = True, "length"
+    @staticmethod
+    def _commit(r: "GenerationRow", tok: int, logprobs: LogProbabilities | None) -> None:
+        """One sampled token (and its log-probs) into a row, unless the row has finished."""
+        if r.done:
+            return
+        if tok < 0:
+            raise RuntimeError(f"request {r.ctx.request_id}: the decode loop ended before this row finished.")
+        ctx = r.ctx
+        ctx.cache_length = len(ctx.tokens)
+        ctx.tokens = np.append(ctx.tokens, np.int32(tok))
+        if logprobs is not None:
+            r.logprobs.append(logprobs)
+            r.echo_pending = False
+        if tok in r.stops:
+            r.done, r.finish_reason = True, "stop"
+        elif len(ctx.generated) >= r.max_new:
+            r.done, r.finish_reason = True, "length"
 
     def _decode(self, ids: np.ndarray, row: "GenerationRow") -> str:
         ids = [int(t) for t in ids]
-        if row.finish_reason == "stop" and ids and ids[-1] in row.stops:
-            ids = ids[:-1]
-        return self.tokenizer.decode(ids, skip_special_tokens=True)
+        return self.tokenizer.decode(ids[:-1] if self._ends_with_stop(row) else ids, skip_special_tokens=True)
 
     def output(self, row: "GenerationRow") -> TextGenerationOutput:
         ctx = row.ctx

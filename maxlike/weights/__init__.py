@@ -4,9 +4,9 @@ Every file is checked (headers, sizes, tensor types) before any tensor is
 read, so a bad file fails before anything is allocated on a device.
 """
 
+from maxlike.cache_files import cache_root
+from maxlike.weights.errors import WeightsError
 from maxlike.weights.loader import (
-    cache_root,
-    WeightsError,
     load_hf_config,
     load_tokenizer,
     read_weights,

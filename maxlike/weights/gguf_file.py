@@ -7,13 +7,9 @@ import os
 
 import numpy as np
 
+from maxlike.weights.errors import WeightsError
+
 SUPPORTED = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K")
-
-
-def _error(msg: str) -> Exception:
-    from maxlike.weights.loader import WeightsError
-
-    return WeightsError(msg)
 
 
 def _reader(path: str):
@@ -22,7 +18,7 @@ def _reader(path: str):
     try:
         return gguf.GGUFReader(path)
     except Exception as e:  # the gguf package raises ValueError, IndexError, struct errors...
-        raise _error(f"GGUF file {path!r} is truncated or corrupt ({type(e).__name__}: {e}). Re-download it.") from None
+        raise WeightsError(f"GGUF file {path!r} is truncated or corrupt ({type(e).__name__}: {e}). Re-download it.") from None
 
 
 def check_file(path: str):
@@ -41,12 +37,12 @@ def _checked(path: str, mtime_ns: int, size: int):
     for t in reader.tensors:
         name = t.tensor_type.name
         if name not in SUPPORTED:
-            raise _error(
+            raise WeightsError(
                 f"GGUF tensor {t.name!r} in {path!r} is quantized as {name}, which maxlike does not read. "
                 f"Supported types: {', '.join(SUPPORTED)}. Use a GGUF quantized to one of those."
             )
         if t.data_offset + t.n_bytes > size:
-            raise _error(f"GGUF file {path!r} is truncated: tensor {t.name!r} ends past the end of the file. "
+            raise WeightsError(f"GGUF file {path!r} is truncated: tensor {t.name!r} ends past the end of the file. "
                          "Re-download it.")
     return reader
 

@@ -94,6 +94,11 @@ class LeanTokenizer:
 
         return cls(Tokenizer.from_file(path), settings, template)
 
+    @property
+    def backend_tokenizer(self):
+        """The `tokenizers.Tokenizer` underneath (as transformers' fast tokenizers name it)."""
+        return self._tok
+
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
 

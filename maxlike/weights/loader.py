@@ -11,21 +11,13 @@ from typing import Any, Mapping
 import numpy as np
 from tqdm.auto import tqdm
 
+from maxlike.cache_files import cache_root, read_json, write_json
 from maxlike.weights import gguf_file, safetensors_dir
-
-
-class WeightsError(ValueError):
-    """A checkpoint is missing, truncated, corrupt or of a kind we do not read."""
+from maxlike.weights.errors import WeightsError
 
 
 def weights_format(model_path: str) -> str:
     return "gguf" if model_path.endswith(".gguf") else "safetensors"
-
-
-def cache_root() -> str:
-    """maxlike's cache folder: $MAXLIKE_CACHE_DIR, else ~/.cache/maxlike."""
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.environ.get("MAXLIKE_CACHE_DIR") or os.path.join(base, "maxlike")
 
 
 def _identity(path: str) -> tuple[str, int, int]:
@@ -89,7 +81,6 @@ def _config(where: str, kw: dict, model_path: str) -> Any:
     JSON under the cache folder and read back as an HFConfigView (no transformers import)."""
     import hashlib
 
-    from maxlike.engine.exe_cache import read_json, write_json
     from maxlike.weights.lean import HFConfigView
 
     saved = None
@@ -170,10 +161,11 @@ def _write_hf_folder_with_transformers(model_path: str, folder: str) -> None:
 
 
 def read_weights(
-    model_path: str, specs: Mapping[str, Any], dtype: Any, *, progress: bool = True,
+    model_path: str, specs: Mapping[str, Any], names: Mapping[str, Any], dtype: Any, *, progress: bool = True,
     weight_path: tuple[str, ...] = (),
 ) -> dict[str, np.ndarray]:
-    """Read, convert and cast every weight in `specs` to host arrays of `dtype`.
+    """Read, convert and cast every weight in `specs` (graphs.WeightSpec: our shape) from the
+    checkpoint tensors `names` maps it to (graphs.Source) into host arrays of `dtype`.
 
     `weight_path` names the checkpoint files explicitly (safetensors files, or
     one .gguf), relative to `model_path`'s folder; by default they are found
@@ -181,15 +173,12 @@ def read_weights(
     types, names).
     """
     fmt = weights_format(model_path)
-    folder = os.path.dirname(os.path.abspath(model_path)) if fmt == "gguf" else model_path
-    files = [p if os.path.isabs(p) else os.path.join(folder, p) for p in weight_path]
+    files = checkpoint_files(model_path, weight_path)
     if fmt == "gguf":
-        if len(files) > 1:
-            raise WeightsError(f"a GGUF model reads one file; weight_path names {len(files)}.")
-        reader = gguf_file.open_checked(files[0] if files else model_path)
+        reader = gguf_file.open_checked(files[0])
     else:
         reader = safetensors_dir.open_checked(model_path, files)
-    source_names = {name: (s.gguf_name if fmt == "gguf" else s.hf_name) for name, s in specs.items()}
+    source_names = {name: (names[name].gguf_name if fmt == "gguf" else names[name].hf_name) for name in specs}
     missing = [src for src in source_names.values() if src not in reader]
     if missing:
         raise WeightsError(
@@ -198,10 +187,11 @@ def read_weights(
         )
     out: dict[str, np.ndarray] = {}
     for name, spec in tqdm(specs.items(), desc="loading weights", unit="tensor", disable=not progress):
+        source = names[name]
         arr = reader.read(source_names[name])
-        if fmt == "gguf" and spec.gguf_convert is not None:
-            arr = spec.gguf_convert(arr)
-        arr = spec.convert(arr)
+        if fmt == "gguf" and source.gguf_convert is not None:
+            arr = source.gguf_convert(arr)
+        arr = source.convert(arr)
         if tuple(arr.shape) != tuple(spec.shape):
             raise WeightsError(
                 f"tensor {source_names[name]!r} in {model_path!r} has shape {arr.shape} after conversion, "
@@ -209,3 +199,17 @@ def read_weights(
             )
         out[name] = np.ascontiguousarray(arr, dtype=dtype)
     return out
+
+
+def checkpoint_files(model_path: str, weight_path: tuple[str, ...] = ()) -> list[str]:
+    """The files the weights are read from: `weight_path` (relative to `model_path`'s folder) when
+    given, else the .gguf itself; for a safetensors directory with no weight_path, [] (its index or
+    its *.safetensors files are found when it is opened)."""
+    gguf = weights_format(model_path) == "gguf"
+    folder = os.path.dirname(os.path.abspath(model_path)) if gguf else model_path
+    files = [p if os.path.isabs(p) else os.path.join(folder, p) for p in weight_path]
+    if gguf:
+        if len(files) > 1:
+            raise WeightsError(f"a GGUF model reads one file; weight_path names {len(files)}.")
+        return files or [model_path]
+    return files

@@ -9,11 +9,7 @@ import struct
 import numpy as np
 from safetensors import safe_open
 
-
-def _error(msg: str) -> Exception:
-    from maxlike.weights.loader import WeightsError
-
-    return WeightsError(msg)
+from maxlike.weights.errors import WeightsError
 
 
 def _check_header(path: str) -> list[str]:
@@ -22,22 +18,22 @@ def _check_header(path: str) -> list[str]:
     with open(path, "rb") as f:
         head = f.read(8)
         if len(head) < 8:
-            raise _error(f"safetensors file {path!r} is truncated or corrupt ({size} bytes): re-download it.")
+            raise WeightsError(f"safetensors file {path!r} is truncated or corrupt ({size} bytes): re-download it.")
         (n,) = struct.unpack("<Q", head)
         if n > size - 8:
-            raise _error(f"safetensors file {path!r} is truncated or corrupt: its header claims {n} bytes "
+            raise WeightsError(f"safetensors file {path!r} is truncated or corrupt: its header claims {n} bytes "
                          f"but the file has {size}. Re-download it.")
         try:
             header = json.loads(f.read(n))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise _error(f"safetensors file {path!r} is corrupt: unreadable header ({e}). Re-download it.") from None
+            raise WeightsError(f"safetensors file {path!r} is corrupt: unreadable header ({e}). Re-download it.") from None
     data_bytes = size - 8 - n
     for name, meta in header.items():
         if name == "__metadata__":
             continue
         end = meta["data_offsets"][1]
         if end > data_bytes:
-            raise _error(f"safetensors file {path!r} is truncated: tensor {name!r} ends at byte {end} of the "
+            raise WeightsError(f"safetensors file {path!r} is truncated: tensor {name!r} ends at byte {end} of the "
                          f"data section, which has only {data_bytes}. Re-download it.")
     return [k for k in header if k != "__metadata__"]
 
@@ -68,13 +64,13 @@ def open_checked(model_dir: str, files: list[str] | None = None) -> SafetensorsR
     else:
         paths = sorted(p for p in os.listdir(model_dir) if p.endswith(".safetensors"))
     if not paths:
-        raise _error(f"{model_dir!r} has no .safetensors files: convert the checkpoint to safetensors "
+        raise WeightsError(f"{model_dir!r} has no .safetensors files: convert the checkpoint to safetensors "
                      "(e.g. save_pretrained(..., safe_serialization=True)) or pass a .gguf file.")
     files: dict[str, str] = {}
     for p in paths:
         full = os.path.join(model_dir, p)
         if not os.path.isfile(full):
-            raise _error(f"weight file {p!r} of {model_dir!r} is missing: re-download the model or fix weight_path.")
+            raise WeightsError(f"weight file {p!r} of {model_dir!r} is missing: re-download the model or fix weight_path.")
         for name in _check_header(full):
             files[name] = full
     return SafetensorsReader(files)

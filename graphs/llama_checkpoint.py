@@ -1,0 +1,61 @@
+"""Where the Llama family's weights live in checkpoints: the HF and GGUF name map.
+
+Kept apart from the math in `llama.py`: this file knows tensor names, HF's
+[out, in] linear layout and llama.cpp's q/k row permutation; `llama.py` knows
+only our own layout (`weight_specs`).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from graphs.base import Source
+
+
+def _unpermute_gguf(heads: int):
+    """llama.cpp interleaves the two RoPE halves of each q/k head's rows; undo it."""
+
+    def undo(w: np.ndarray) -> np.ndarray:
+        rows = w.shape[0]
+        return w.reshape(heads, rows // heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+    return undo
+
+
+def _heads(heads: int, head_dim: int):
+    """An HF [heads * head_dim, in] projection -> our [in, heads, head_dim]."""
+    return lambda a: a.T.reshape(-1, heads, head_dim)
+
+
+def checkpoint_names(cfg) -> dict[str, Source]:
+    """Every weight of `graphs.llama.weight_specs(cfg)`: its HF and GGUF tensor and the conversion."""
+    h, kv, hd = cfg.q_heads, cfg.kv_heads, cfg.head_dim
+    perm_q = _unpermute_gguf(h) if cfg.gguf_qk_permuted else None
+    perm_k = _unpermute_gguf(kv) if cfg.gguf_qk_permuted else None
+    names = {
+        "embed": Source("model.embed_tokens.weight", "token_embd.weight"),
+        "final_norm": Source("model.norm.weight", "output_norm.weight"),
+    }
+    if not cfg.tie_word_embeddings:
+        names["lm_head"] = Source("lm_head.weight", "output.weight")
+    for i in range(cfg.num_layers):
+        p, hf, gg = f"layers.{i}.", f"model.layers.{i}.", f"blk.{i}."
+        names.update({
+            p + "attn_norm": Source(hf + "input_layernorm.weight", gg + "attn_norm.weight"),
+            p + "q": Source(hf + "self_attn.q_proj.weight", gg + "attn_q.weight", _heads(h, hd), perm_q),
+            p + "k": Source(hf + "self_attn.k_proj.weight", gg + "attn_k.weight", _heads(kv, hd), perm_k),
+            p + "v": Source(hf + "self_attn.v_proj.weight", gg + "attn_v.weight", _heads(kv, hd)),
+            p + "o": Source(hf + "self_attn.o_proj.weight", gg + "attn_output.weight",
+                            lambda a: a.T.reshape(h, hd, -1)),
+            p + "mlp_norm": Source(hf + "post_attention_layernorm.weight", gg + "ffn_norm.weight"),
+            p + "gate": Source(hf + "mlp.gate_proj.weight", gg + "ffn_gate.weight", np.transpose),
+            p + "up": Source(hf + "mlp.up_proj.weight", gg + "ffn_up.weight", np.transpose),
+            p + "down": Source(hf + "mlp.down_proj.weight", gg + "ffn_down.weight", np.transpose),
+        })
+        if cfg.qkv_bias:
+            for name, heads, perm in (("q", h, perm_q), ("k", kv, perm_k), ("v", kv, None)):
+                names[p + f"{name}_bias"] = Source(hf + f"self_attn.{name}_proj.bias", gg + f"attn_{name}.bias",
+                                                   lambda a, heads=heads: a.reshape(heads, hd), perm)
+        if cfg.o_bias:
+            names[p + "o_bias"] = Source(hf + "self_attn.o_proj.bias", gg + "attn_output.bias")
+    return names
