@@ -28,6 +28,7 @@ def test_warm_cache_then_generate_compiles_nothing(tiny_llama, tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     assert "compiled in" in r.stdout and "MiB written to" in r.stdout
     records = glob.glob(str(tmp_path / "executables" / "*.json"))
+    assert not glob.glob(str(tmp_path / "executables" / "startup" / "*")), "compile-only order is no start's order"
     assert len(records) == int(r.stdout.split("warm-cache: ")[1].split()[0]) > 10
     ask = ["generate", "--prompt", "hello there", "--max-new-tokens", "8", "--verbose", "--quiet", *common]
     warm = _maxlike(*ask, "--cache-dir", str(tmp_path))

@@ -125,11 +125,11 @@ def test_echo_without_enable_echo_fails_alone_at_admission(tiny_llm):
 def test_every_logprob_and_echo_executable_is_warm(tiny_llama):
     from maxlike.interfaces import SamplingParams
 
-    llm = _echo_llm(tiny_llama[0], max_batch_size=2, max_length=64, warmup=True, forbid_compile=True)
+    llm = _echo_llm(tiny_llama[0], max_batch_size=2, max_length=32, warmup=True, forbid_compile=True)
     stats = llm.pipeline.model.session.stats
     warm = stats.compiled + stats.loaded
     params = [SamplingParams(top_k=1, max_new_tokens=3, logprobs=n, echo=n % 2 == 1) for n in (1, 3, 6, 20)]
-    outs = llm.generate_outputs([random_prompt(n, seed=n).tolist() for n in (5, 20, 33, 9)], sampling_params=params,
+    outs = llm.generate_outputs([random_prompt(n, seed=n).tolist() for n in (5, 20, 17, 9)], sampling_params=params,
                                 use_tqdm=False)
     assert stats.compiled + stats.loaded == warm, "no compile after warm-up"
     assert [len(o.log_probabilities[-1].top_log_probabilities[0]) for o in outs][0] in (1, 2)

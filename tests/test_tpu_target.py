@@ -78,6 +78,7 @@ def test_tiny_llama_tensor_parallel_4(eight_head_models, tmp_path):
     assert again.returncode == 0 and len(_records(tmp_path)) == len(records)  # same keys: replaced, not added
 
 
+@pytest.mark.slow  # about 2 minutes here: `make test-slow`
 def test_smollm2_data_parallel_4(smollm2_path, tmp_path):
     """9 query and 3 KV heads do not split four ways: the four chips are four replicas."""
     result = warm_cache(tmp_path, "--model-path", smollm2_path, "--max-batch-size", "1", "--max-length", "16",

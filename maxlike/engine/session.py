@@ -116,6 +116,7 @@ class InferenceSession:
         self.peak_temp_bytes = 0
         # Warm starts: the executables the last start with this model and mesh used first are
         # loaded in the background (`prefetch`) while the weights load.
+        self._recording = False
         self._first_used: list[str] = []
         self._listed: list[str] = []
         self._prefetched: dict[str, tuple] = {}
@@ -206,6 +207,7 @@ class InferenceSession:
         model has set `cache_namespace`, before the slow part of its setup (the weights)."""
         if self.cache is None or self.target is not None or self._prefetch_thread is not None:
             return
+        self._recording = True  # a start that runs: the executables it uses first are the next start's list
         self._listed = list((read_json(self._startup_list()) or {}).get("digests", []))
         if not self._listed:
             return
@@ -236,7 +238,9 @@ class InferenceSession:
         return exe if exe is not None and record_key == jsonable(parts) else None
 
     def _remember(self, digest: str) -> None:
-        if len(self._first_used) >= self.FIRST_USED or digest in self._first_used:
+        # Only starts that run record their list: a compile-only session (warm-cache) compiles every
+        # bucket in its own order, which says nothing of what a start uses first.
+        if not self._recording or len(self._first_used) >= self.FIRST_USED or digest in self._first_used:
             return
         self._first_used.append(digest)
         if self._first_used != self._listed[:len(self._first_used)]:  # this start differs from the last
