@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 import jax
 import numpy as np
 
+from maxlike.interfaces import MAX_LOGPROBS
 from maxlike.pipelines.context import TextContext
 from maxlike.pipelines.model import ModelInputs, PipelineModel
 
@@ -25,9 +26,8 @@ if TYPE_CHECKING:
     from maxlike.pipelines.sampling import SamplingInputs
 
 # Top-n log-probability buckets: a request's n is served by the smallest bucket that holds it, so
-# every value compiles one of these few executables. 20 is OpenAI's limit for top_logprobs.
-LOGPROB_BUCKETS = (5, 20)
-MAX_LOGPROBS = LOGPROB_BUCKETS[-1]
+# every value compiles one of these few executables (up to MAX_LOGPROBS, OpenAI's limit).
+LOGPROB_BUCKETS = (5, MAX_LOGPROBS)
 
 
 def logprob_bucket(top_n: int, vocab_size: int) -> int:
