@@ -53,7 +53,7 @@ class DecoderPipelineModel(DecoderSizing, ServingModel):
             )
         mesh = session.mesh
         self.replicas, self.tensor_parallel_degree = mesh.shape["data"], mesh.shape["tensor"]
-        source_config = self.config
+        self._source_config = self.config  # as the checkpoint stores it (before KV heads are repeated)
         # KV heads fewer than the tensor degree are repeated so every device holds the one its queries use.
         self.kv_repeat = max(1, self.tensor_parallel_degree // self.config.kv_heads)
         if self.kv_repeat > 1:
@@ -77,13 +77,13 @@ class DecoderPipelineModel(DecoderSizing, ServingModel):
             self.kv_manager.pool = [(pool, pool) for _ in range(self.kv_params.num_layers)]
         else:
             try:
-                self.params = self._load_params(weights, source_config, progress)
+                self.params = self._load_params(weights, progress)
             finally:
                 session.wait_prefetch()
         self._replicated = replicated(mesh)
         self._by_row = named_sharding(mesh, ("batch",))  # step inputs: rows split over the replicas
 
-    def _load_params(self, weights, source_config, progress: bool) -> dict[str, jax.Array]:
+    def _load_params(self, weights, progress: bool) -> dict[str, jax.Array]:
         """Weights on the mesh: restored from the converted-weights cache when it holds this
         model's conversion, else read, converted and placed shard by shard (then cached)."""
         mesh, specs = self.session.mesh, self._specs
@@ -96,7 +96,9 @@ class DecoderPipelineModel(DecoderSizing, ServingModel):
             if params is not None:
                 self.weights_source = "converted-weights cache"
                 return params
-        host = weights if weights is not None else self._read_weights(source_config, progress)
+        if weights is not None:
+            self.weights_source = "weights passed to the model"
+        host = weights if weights is not None else self._read_weights(progress)
         # Every file was checked and read, and the KV cache planned, before the first device allocation.
         params = {name: _place_sharded(self._repeat_kv(host[name], specs[name]), shardings[name], self.dtype)
                   for name in tqdm(specs, desc="placing weights", unit="tensor", disable=not progress)}
@@ -105,9 +107,9 @@ class DecoderPipelineModel(DecoderSizing, ServingModel):
             converted.save(checkpoint, params)
         return params
 
-    def _read_weights(self, source_config, progress: bool) -> dict[str, np.ndarray]:
+    def _read_weights(self, progress: bool) -> dict[str, np.ndarray]:
         """Host arrays in our layout and dtype (KV heads not yet repeated for the mesh)."""
-        cfg = self.pipeline_config
+        cfg, source_config = self.pipeline_config, self._source_config
         self.weights_source = "checkpoint files"
         return read_weights(cfg.model.model_path, self.arch.weight_specs(source_config),
                             self.arch.checkpoint_names(source_config), self.dtype, progress=progress,
@@ -130,7 +132,7 @@ class DecoderPipelineModel(DecoderSizing, ServingModel):
         checkpoint = self._weights_checkpoint()
         if checkpoint is None or os.path.isdir(checkpoint):
             return checkpoint
-        host = self._read_weights(self.arch.config_from_hf(self.huggingface_config), progress)
+        host = self._read_weights(progress)
         host = {name: self._repeat_kv(host[name], spec) for name, spec in self._specs.items()}
         return checkpoint if converted.save(checkpoint, host) else None
 
