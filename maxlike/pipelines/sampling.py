@@ -1,10 +1,13 @@
 """On-device token sampling: greedy, temperature, top-k, top-p, per-request seeds.
 
 A draw is the Gumbel-max trick over the tokens a row allows: the token with the
-largest logit / temperature + Gumbel noise, where each token's noise comes from
-fold_in(fold_in(PRNGKey(seed), position), token id). The noise of a token does
-not depend on which other tokens are looked at, so a row draws the same token
-whichever path computes it and whatever batch it runs in.
+largest logit / temperature + Gumbel noise. A row limited by top-k or top-p
+takes each token's noise from fold_in(fold_in(PRNGKey(seed), position), token
+id): it does not depend on which other tokens are looked at, so the row draws
+the same token whichever path below computes it. A row with neither always
+takes the same path, with noise drawn for the whole vocabulary at once from
+fold_in(PRNGKey(seed), position). Either way a seeded row draws the same token
+whatever batch it runs in.
 
 Paths, picked on device per batch (`lax.cond`, one executable), so that the
 vocabulary is sorted only when a row needs it:
