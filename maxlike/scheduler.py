@@ -43,6 +43,7 @@ class Scheduler:
         self.max_num_steps = max_num_steps or pipeline.max_num_steps
         self.async_scheduling = config.async_scheduling
         self._inflight: Launch | None = None  # a decode block dispatched, its tokens not yet read
+        self._prefilled_last = False  # the last step was a prefill step (the next one decodes, if it can)
         self.waiting: collections.deque[GenerationRow] = collections.deque()
         self.running: list[GenerationRow] = []
         self.stats = SchedulerStats()
@@ -97,13 +98,18 @@ class Scheduler:
         return self._complete(prev)
 
     def _launch(self) -> Launch | None:
-        """Admit, pick a batch, dispatch it."""
+        """Admit, pick a batch, dispatch it. Prefill and decode steps alternate while both
+        have rows, so prompts arriving do not stall the running requests' streams for longer
+        than one prefill chunk (`prefill_chunk_size` tokens)."""
         self._admit()
         prefill = [r for r in self.running if r.ctx.pending > 1]
-        batch = self._prefill_batch(prefill) if prefill else self._decode_batch()
+        decode = [r for r in self.running if r.ctx.pending == 1]
+        prefill_now = bool(prefill) and not (self._prefilled_last and decode)
+        batch = self._prefill_batch(prefill) if prefill_now else self._decode_batch(decode)
+        self._prefilled_last = prefill_now
         if not batch:
             return None
-        if prefill:
+        if prefill_now:
             self.stats.prefill_tokens += sum(r.ctx.chunk for r in batch)
             return self.pipeline.launch(batch, 1)
         return self.pipeline.launch(batch, min(self.max_num_steps, min(r.max_new - len(r.ctx.generated)
@@ -115,6 +121,8 @@ class Scheduler:
         need a preemption."""
         if prev.last is None or any(r.done for r in prev.rows) or (self.waiting and
                                                                    len(self.running) < self.capacity):
+            return None
+        if any(r.ctx.pending > 1 for r in self.running):  # a prompt is mid-prefill: its turn next
             return None
         for r in prev.rows:
             total = len(r.ctx.tokens) - 1 + prev.steps + min(self.max_num_steps,
@@ -192,13 +200,13 @@ class Scheduler:
             budget -= n
         return [r for r in batch if r in self.running]  # a later reservation may have preempted an earlier row
 
-    def _decode_batch(self) -> list[GenerationRow]:
+    def _decode_batch(self, rows: list[GenerationRow]) -> list[GenerationRow]:
         steps = self.max_num_steps
-        for row in list(self.running):
+        for row in rows:
             if row in self.running:
                 ahead = min(steps, row.max_new - len(row.ctx.generated))
                 self._reserve(row, row.ctx.cache_length + ahead)
-        return list(self.running)
+        return [r for r in rows if r in self.running]
 
     def _reserve(self, row: GenerationRow, total_tokens: int) -> bool:
         """Pages for `total_tokens` of `row`, preempting the newest requests if needed."""
@@ -218,6 +226,21 @@ class Scheduler:
         row.ctx.cache_length, row.ctx.chunk = 0, None  # recompute from its tokens so far
         self.waiting.appendleft(row)
         self.stats.preemptions += 1
+
+    def abort(self, request_id: str) -> bool:
+        """Drop a request wherever it is (waiting, running, or in a decode block still on the
+        device): its pages are free when this returns, and it is never stepped again. False if
+        the scheduler does not hold it (finished, or never added)."""
+        row = next((r for r in [*self.running, *self.waiting] if r.ctx.request_id == request_id), None)
+        if row is None:
+            return False
+        row.done, row.finish_reason = True, "abort"  # an in-flight block's tokens for it are ignored
+        if row in self.running:
+            self._finish(row)  # the block's writes land in freed pages ahead of any later step
+        else:
+            self.waiting.remove(row)
+            del self._arrival[request_id]
+        return True
 
     def _finish(self, row: GenerationRow) -> None:
         self.running.remove(row)

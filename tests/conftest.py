@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import tempfile
 
 import numpy as np
@@ -159,6 +160,13 @@ def tiny_llm(tiny_llama):
     from maxlike.pipelines import PipelineConfig
 
     return LLM(PipelineConfig(model_path=tiny_llama[0], max_length=128, max_batch_size=4), progress=False)
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1 (servers in tests listen there only)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def random_prompt(n: int, seed: int, vocab: int = 320) -> np.ndarray:

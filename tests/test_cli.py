@@ -26,8 +26,10 @@ def test_list_and_errors(tmp_path):
     assert r.returncode == 1 and "does not exist: pass a Hugging Face model directory" in r.stderr
     r = maxlike("generate", "--model-path", str(tmp_path), "--prompt", "x", "--max-lenght", "5")
     assert r.returncode == 2 and "--max-length" in r.stderr  # argparse suggests the right flag
-    r = maxlike("serve")
-    assert r.returncode == 2 and "not part of this version" in r.stderr
+    r = maxlike("serve", "--max-queued-requests", "0")
+    assert r.returncode == 1 and "--max-queued-requests must be >= 1, got 0" in r.stderr
+    r = maxlike("serve", "--model-path", str(tmp_path / "missing"))  # fails before it listens
+    assert r.returncode == 1 and "does not exist: pass a Hugging Face model directory" in r.stderr
     assert "later issue" not in maxlike("--help").stdout + maxlike("serve", "--help").stdout
     r = maxlike("warm-cache", "--target", "tpu:v5e:2x2")  # this environment has no libtpu
     assert r.returncode == 1 and "needs libtpu, which is not installed: pip install 'maxlike[tpu]'" in r.stderr

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import textwrap
 
 import pytest
+
+from conftest import free_port
 
 HERE = os.path.dirname(__file__)
 
@@ -89,12 +90,6 @@ def test_tensor_and_data_parallel_equal_one_device(eight_head_models, kind):
         assert r["pool"][0] == dp and r["pool"][3] == max(2, tp), "a KV pool per replica, KV heads repeated to tp"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 HOST_SCRIPT = textwrap.dedent("""
     import json, os, sys
     os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
@@ -122,7 +117,7 @@ HOST_SCRIPT = textwrap.dedent("""
 
 
 def _two_processes(path: str, env: dict) -> list[dict]:
-    port = _free_port()
+    port = free_port()
     procs = [subprocess.Popen([sys.executable, "-c", HOST_SCRIPT, HERE, path, str(port), str(i), "2"],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for i in range(2)]
     results = []
@@ -186,7 +181,7 @@ def test_unreachable_coordinator_fails_in_bounded_time(tiny_llama):
             print("ConfigError:", e)
     """)
     t = time.perf_counter()
-    r = subprocess.run([sys.executable, "-c", script, HERE, tiny_llama[0], str(_free_port())],
+    r = subprocess.run([sys.executable, "-c", script, HERE, tiny_llama[0], str(free_port())],
                        capture_output=True, text=True, timeout=120)
     assert "ConfigError: could not join the multi-host job" in r.stdout, r.stderr[-2000:]
     assert "within 5s" in r.stdout and time.perf_counter() - t < 90

@@ -1,4 +1,4 @@
-"""The `maxlike` command: generate, list, benchmark, warm-cache, serve.
+"""The `maxlike` command: generate, list, benchmark, warm-cache, serve, bench-serve.
 
 Every PipelineConfig field is a flag in kebab case (`--max-length`,
 `--kv-cache-page-size`, ...), so one config reads the same as flags or kwargs.
@@ -177,9 +177,25 @@ def cmd_warm_cache(args) -> int:
 
 
 def cmd_serve(args) -> int:
-    print("maxlike serve: the OpenAI-compatible server is not part of this version of maxlike; use the "
-          "Python API (maxlike.entrypoints.LLM) or maxlike generate.", file=sys.stderr)
-    return 2
+    from maxlike.serve.app import ServerSettings
+    from maxlike.serve.server import default_served_name, serve
+
+    if args.max_queued_requests is not None and args.max_queued_requests < 1:
+        raise ConfigError(f"--max-queued-requests must be >= 1, got {args.max_queued_requests}.")
+    if args.warmup is None:
+        args.warmup = True  # every bucket compiled (or loaded) before /health answers 200
+    config = config_from_args(args, default_model=True)
+    names = tuple(args.served_model_name or [default_served_name(config)])
+    settings = ServerSettings(served_names=names, api_key=args.api_key or None,
+                              max_queued_requests=args.max_queued_requests)
+    return serve(config, settings, host=args.host, port=args.port, shutdown_grace_s=args.shutdown_grace,
+                 progress=not args.quiet, log_level="warning" if args.quiet else "info")
+
+
+def cmd_bench_serve(args) -> int:
+    from maxlike.serve.benchmark import main_from_args
+
+    return main_from_args(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -219,9 +235,29 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_flags(warm)
     warm.set_defaults(run=cmd_warm_cache)
 
-    serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server (not part of this version)")
+    serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/chat/completions, /v1/completions)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 for "
+                       "every interface)")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--served-model-name", nargs="+", help="the name(s) clients pass as `model` (default: the "
+                       "model folder's or file's name)")
+    serve.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every endpoint but /health")
+    serve.add_argument("--max-queued-requests", type=int, help="answer 503 (Retry-After) while this many "
+                       "requests wait for a batch row (default: no limit)")
+    serve.add_argument("--shutdown-grace", type=float, default=30.0, help="seconds SIGTERM waits for running "
+                       "requests to finish (default 30)")
+    serve.add_argument("--quiet", action="store_true", help="no progress bars, warnings-only logs")
+    add_config_flags(serve)  # --warmup/--no-warmup among them: on by default here
     serve.set_defaults(run=cmd_serve)
-    parser.commands = {"generate": gen, "list": lst, "benchmark": bench, "warm-cache": warm, "serve": serve}
+
+    bench_serve = sub.add_parser("bench-serve", help="load-test any OpenAI-compatible server (TTFT, TPOT, ITL, "
+                                 "throughput)")
+    from maxlike.serve.benchmark import add_arguments
+
+    add_arguments(bench_serve)
+    bench_serve.set_defaults(run=cmd_bench_serve)
+    parser.commands = {"generate": gen, "list": lst, "benchmark": bench, "warm-cache": warm, "serve": serve,
+                       "bench-serve": bench_serve}
     return parser
 
 
