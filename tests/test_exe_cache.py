@@ -23,7 +23,7 @@ def _maxlike(*args):
 
 
 def test_warm_cache_then_generate_compiles_nothing(tiny_llama, tmp_path):
-    common = ["--model-path", tiny_llama[0], "--max-batch-size", "2", "--max-length", "64"]
+    common = ["--model-path", tiny_llama[0], "--max-batch-size", "2", "--max-length", "32"]
     r = _maxlike("warm-cache", "--cache-dir", str(tmp_path), "--quiet", *common)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "compiled in" in r.stdout and "MiB written to" in r.stdout
@@ -115,7 +115,7 @@ def test_compile_only_allocates_nothing_and_refuses_to_run(tiny_llama, tmp_path)
 
     from maxlike.pipelines import PIPELINE_REGISTRY
 
-    config = PipelineConfig(model_path=tiny_llama[0], max_length=64, max_batch_size=2, compile_only=True,
+    config = PipelineConfig(model_path=tiny_llama[0], max_length=32, max_batch_size=2, compile_only=True,
                             cache_dir=str(tmp_path))
     _, pipeline = PIPELINE_REGISTRY.retrieve(config, progress=False)
     model = pipeline.model

@@ -122,7 +122,7 @@ def test_prefix_caching_shares_a_system_prompt(tiny_llama):
 def test_forbid_compile_after_warmup_with_a_mixed_workload(tiny_llama):
     from maxlike.engine.session import CompileForbiddenError
 
-    llm = LLM(PipelineConfig(model_path=tiny_llama[0], max_length=128, max_batch_size=4, prefill_chunk_size=64,
+    llm = LLM(PipelineConfig(model_path=tiny_llama[0], max_length=128, max_batch_size=2, prefill_chunk_size=64,
                              max_num_steps=3, warmup=True, forbid_compile=True), progress=False)
     session = llm.pipeline.model.session
     warm = session.stats.compiled + session.stats.loaded  # (the suite shares one executable cache)
@@ -130,7 +130,7 @@ def test_forbid_compile_after_warmup_with_a_mixed_workload(tiny_llama):
     decode = sum(1 for _, tokens, _ in buckets if tokens == 1)
     # per bucket a step and an input unpacker; per batch size 2 samplers and 2 log-prob executables
     # (top-n buckets 5 and 20); per decode bucket prepare_next and the greedy and sampled decode loops
-    assert warm == 2 * len(buckets) + 4 * 3 + 3 * decode
+    assert warm == 2 * len(buckets) + 4 * 2 + 3 * decode  # batch sizes 1 and 2
     rng = np.random.default_rng(1)
     prompts, params = [], []
     for i in range(200):
@@ -148,3 +148,50 @@ def test_forbid_compile_after_warmup_with_a_mixed_workload(tiny_llama):
         assert all(p.logprobs <= len(lp.top_log_probabilities[0]) <= p.logprobs + 1 for lp in o.log_probabilities)
     with pytest.raises(CompileForbiddenError, match="after warm-up"):
         session.compile("other", lambda x: x + 1, (np.zeros(3),))
+
+
+def test_abort_frees_a_request_wherever_it_is(tiny_llama, tiny_llm):
+    """Aborting a running request (its decode block possibly still on the device) and a waiting one
+    frees their pages at once; the others finish with the tokens they would have had alone."""
+    prompts = [random_prompt(5 + 3 * i, seed=200 + i).tolist() for i in range(10)]
+    params = SamplingParams(top_k=1, ignore_eos=True, max_new_tokens=20)
+    llm = small_pool_llm(tiny_llama[0], pages=60, max_num_steps=4, async_scheduling=True)
+    sched, kv = llm.scheduler, llm.pipeline.model.kv_manager
+    rows = [sched.add(TextGenerationRequest(f"r{i}", prompt=p, sampling_params=params)) for i, p in enumerate(prompts)]
+    while not any(len(r.ctx.generated) >= 2 for r in rows[:8]):
+        sched.step()
+    assert len(sched.running) == 8 and len(sched.waiting) == 2
+    assert sched.abort("r1") and sched.abort("r9")
+    assert not sched.abort("r1") and not sched.abort("unknown")
+    assert "r1" not in kv.requests() and "r9" not in kv.requests()
+    assert rows[1].finish_reason == "abort" and rows[9] not in sched.waiting
+    while sched.has_work:
+        sched.step()
+    for i in (0, 2, 3, 4, 5, 6, 7, 8):
+        alone = tiny_llm.generate_outputs([prompts[i]], sampling_params=[params], use_tqdm=False)[0]
+        assert rows[i].ctx.generated.tolist() == alone.token_ids
+    assert len(rows[1].ctx.generated) < 20 and len(rows[9].ctx.generated) == 0
+    assert kv.free_pages == kv.num_pages - 1 and kv.requests() == []
+
+
+def test_a_long_prefill_does_not_stall_running_streams(tiny_llama):
+    """While a long prompt is prefilled chunk by chunk, the running request gets a token between chunks."""
+    llm = small_pool_llm(tiny_llama[0], pages=60, prefill_chunk_size=16)
+    sched = llm.scheduler
+    params = SamplingParams(top_k=1, ignore_eos=True, max_new_tokens=40)
+    a = sched.add(TextGenerationRequest("a", prompt=random_prompt(4, seed=1).tolist(), sampling_params=params))
+    while len(a.ctx.generated) < 2:
+        sched.step()
+    b = sched.add(TextGenerationRequest("b", prompt=random_prompt(96, seed=2).tolist(),
+                                        sampling_params=params.replace(max_new_tokens=8)))
+    progress = []
+    while b.ctx.pending > 1 or not b.ctx.generated.size:
+        before = (len(a.ctx.generated), b.ctx.cache_length)
+        sched.step()
+        progress.append((len(a.ctx.generated) - before[0], b.ctx.cache_length - before[1]))
+    chunks = sum(1 for _, db in progress if db > 0)
+    assert chunks >= 5, progress  # 96 tokens in chunks of 16
+    assert sum(da for da, _ in progress) >= chunks - 1, progress  # a decode step between every two chunks
+    while sched.has_work:
+        sched.step()
+    assert len(a.ctx.generated) == 40 and len(b.ctx.generated) == 8

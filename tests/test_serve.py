@@ -235,6 +235,26 @@ def test_a_client_that_disconnects_is_aborted_and_its_pages_freed(server, engine
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
 
 
+def test_a_failed_engine_step_fails_its_requests_and_the_server_goes_on(server, engine, monkeypatch):
+    scheduler = engine.llm.scheduler
+    real, failed = scheduler.step, []
+
+    def step_that_fails_once():
+        if not failed:
+            failed.append(True)
+            raise RuntimeError("injected device failure")
+        return real()
+
+    monkeypatch.setattr(scheduler, "step", step_that_fails_once)
+    body = {"model": NAME, "prompt": "fail me", "max_tokens": 4, "temperature": 0}
+    r = httpx.post(server.url + "/v1/completions", json=body, timeout=30)
+    assert r.status_code == 500 and "injected device failure" in r.json()["error"]["message"]
+    assert r.json()["error"]["type"] == "server_error"
+    r = httpx.post(server.url + "/v1/completions", json=body, timeout=30)
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
+    assert _metrics(server.url)["maxlike_kv_cache_pages_in_use"] == 0
+
+
 BAD = [
     ("completions", {"max_tokens": 0}, 400, "'max_tokens' must be at least 1, got 0", "max_tokens"),
     ("completions", {"max_tokens": -3}, 400, "'max_tokens' must be at least 1, got -3", "max_tokens"),
@@ -343,25 +363,17 @@ def test_bench_serve_against_the_server(server):
     assert out["ttft_ms"]["p50"] > 0 and out["output_throughput"] > 0
 
 
-def test_serve_process_health_warmup_and_sigterm_drain(tiny_llama, tmp_path):
-    """`maxlike serve` as a process: /health 503 while warming up, 200 after; SIGTERM lets the running
-    stream finish, then the process exits 0."""
+def test_serve_process_health_warmup_and_sigterm_drain(tiny_llama):
+    """`maxlike serve` as a process: /health 503 while it warms up, 200 after, and no compile after that;
+    SIGTERM lets the running stream finish, then the process exits 0."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    proc = subprocess.Popen([sys.executable, "-m", "maxlike.entrypoints.cli", "serve", "--model-path", tiny_llama[0],
-                             "--port", str(port), "--max-batch-size", "2", "--max-length", "64", "--quiet",
-                             "--served-model-name", NAME, "--shutdown-grace", "20"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=os.environ.copy())
+    proc = _serve_process(tiny_llama[0], port, "--max-batch-size", "1", "--max-length", "32", "--shutdown-grace", "20")
     try:
-        seen, deadline = [], time.time() + 120
-        while time.time() < deadline and 200 not in seen:
-            try:
-                seen.append(httpx.get(url + "/health", timeout=2).status_code)
-            except httpx.TransportError:
-                pass
-            time.sleep(0.05)
+        seen = _wait_ready(url, [proc])
         assert seen and seen[0] == 503 and seen[-1] == 200, seen
-        body = {"model": NAME, "prompt": "drain me", "max_tokens": 40, "temperature": 0, "ignore_eos": True,
+        compiled = _metrics(url)["maxlike_compiles"]
+        body = {"model": NAME, "prompt": "drain me", "max_tokens": 20, "temperature": 0, "ignore_eos": True,
                 "stream": True}
         chunks = []
         with httpx.Client(timeout=60) as http, http.stream("POST", url + "/v1/completions", json=body) as r:
@@ -370,13 +382,65 @@ def test_serve_process_health_warmup_and_sigterm_drain(tiny_llama, tmp_path):
                     continue
                 chunks.append(line)
                 if len(chunks) == 1:
+                    assert _metrics(url)["maxlike_compiles"] == compiled, "warm-up left a bucket to compile"
                     proc.send_signal(signal.SIGTERM)
         assert chunks[-1] == "data: [DONE]"
         finals = [json.loads(c[5:])["choices"] for c in chunks[:-1]]
-        assert finals[-1][0]["finish_reason"] == "length" and len(finals) == 40
+        assert finals[-1][0]["finish_reason"] == "length" and len(finals) == 20
         assert proc.wait(30) == 0
     finally:
         if proc.poll() is None:
             proc.kill()
         out = proc.stdout.read()
     assert "Traceback" not in out, out
+
+
+def _serve_process(path: str, port: int, *extra: str, env=None) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "maxlike.entrypoints.cli", "serve", "--model-path", path,
+                             "--port", str(port), "--quiet", "--served-model-name", NAME, *extra],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env or os.environ.copy())
+
+
+def _wait_ready(url: str, procs, timeout: float = 180) -> list[int]:
+    """The /health answers seen until the first 200."""
+    seen, deadline = [], time.time() + timeout
+    while time.time() < deadline and 200 not in seen:
+        assert all(p.poll() is None for p in procs), [p.stdout.read()[-3000:] for p in procs if p.poll() is not None]
+        try:
+            seen.append(httpx.get(url + "/health", timeout=2).status_code)
+        except httpx.TransportError:
+            pass
+        time.sleep(0.05)
+    return seen
+
+
+@pytest.mark.slow  # about 20 s: `make test-slow`
+def test_multi_host_serving_two_processes(eight_head_models):
+    """Process 0 serves HTTP and broadcasts each step's requests; process 1 runs the same steps (one
+    mesh of 2 x 2 fake CPU devices, tensor parallel 4). Answers equal a one-device LLM's; SIGTERM on
+    process 0 stops both."""
+    from maxlike.config import PipelineConfig
+    from maxlike.entrypoints import LLM
+
+    path, coordinator, port = eight_head_models["llama"], free_port(), free_port()
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    procs = [_serve_process(path, port, "--no-warmup", "--max-batch-size", "2", "--max-length", "64",
+                            "--tensor-parallel-degree", "4", "--coordinator-address", f"127.0.0.1:{coordinator}",
+                            "--num-processes", "2", "--process-id", str(i), env=env) for i in range(2)]
+    url = f"http://127.0.0.1:{port}"
+    try:
+        assert _wait_ready(url, procs)[-1] == 200
+        prompts = ["first prompt", "second one", "and a third"]
+        ref = LLM(PipelineConfig(model_path=path, max_length=64, max_batch_size=2), progress=False)
+        want = ref.generate(prompts, max_new_tokens=6, use_tqdm=False)
+        body = {"model": NAME, "max_tokens": 6, "temperature": 0}
+        with concurrent.futures.ThreadPoolExecutor(3) as pool:
+            got = list(pool.map(lambda p: httpx.post(url + "/v1/completions", json={**body, "prompt": p},
+                                                      timeout=120).json()["choices"][0]["text"], prompts))
+        assert got == want
+        procs[0].send_signal(signal.SIGTERM)
+        assert [p.wait(60) for p in procs] == [0, 0]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()

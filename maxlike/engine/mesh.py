@@ -139,6 +139,9 @@ def initialize_distributed(pipeline_config) -> None:
         # jax aborts the whole process when the coordinator never answers: check first.
         raise ConfigError(f"{where}: nothing accepts connections there. Check that process 0 is running "
                           "there and the port is reachable.")
+    # CPU processes reach each other's devices through gloo (the default CPU client has no
+    # cross-process collectives); GPU and TPU clients do not read this option.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
     try:
         jax.distributed.initialize(coordinator_address=pipeline_config.coordinator_address,
                                    num_processes=pipeline_config.num_processes,

@@ -9,6 +9,7 @@ requests aborted (pages freed at the next engine step).
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import hmac
 import json
 import secrets
@@ -18,7 +19,6 @@ from typing import Any, AsyncIterator
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from maxlike.interfaces import MAX_SEED, RequestError, SamplingParams, TextGenerationRequest
@@ -59,6 +59,7 @@ class OpenAIServer:
         self.engine, self.settings, self.metrics = engine, settings, metrics
         self._rng = secrets.SystemRandom()
         self._token_text: dict[int, str] = {}
+        self._encoder = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="maxlike-tokenize")
         self.created = int(time.time())
 
     # -- helpers -----------------------------------------------------------------
@@ -107,9 +108,11 @@ class OpenAIServer:
             raise APIError(400, str(e)) from None
 
     async def encode(self, rid: str, **prompt) -> list[int]:
-        request = TextGenerationRequest(rid, **prompt)
+        """Token ids, computed off the event loop on one thread: transformers' tokenizers set their
+        truncation state on every call and must not encode from two threads at once."""
         try:
-            return await run_in_threadpool(self.pipeline.encode, request)
+            request = TextGenerationRequest(rid, **prompt)
+            return await asyncio.get_running_loop().run_in_executor(self._encoder, self.pipeline.encode, request)
         except RequestError as e:
             raise APIError(400, str(e)) from None
 
@@ -142,7 +145,11 @@ class OpenAIServer:
     async def _next(self, events: asyncio.Queue, request: Request, subs: list[Submission]) -> Event:
         while True:
             try:
-                return await asyncio.wait_for(events.get(), _POLL_S)
+                ev = await asyncio.wait_for(events.get(), _POLL_S)
+                if ev.kind == "error" and ev.finish_reason == "error":  # the engine failed mid-request
+                    self.abort(subs)
+                    raise APIError(500, f"The engine failed while generating: {ev.error}", type="server_error")
+                return ev
             except asyncio.TimeoutError:
                 if await request.is_disconnected():
                     self.abort(subs)
@@ -178,9 +185,15 @@ class OpenAIServer:
 
     async def events_until_done(self, request: Request, subs: list[Submission],
                                 events: asyncio.Queue) -> AsyncIterator[Event]:
+        """The deltas of every choice until all have finished. An engine failure midway ends the
+        stream with an error event (the status line is sent already), as vLLM does."""
         open_ = len(subs)
         while open_:
-            ev = await self._next(events, request, subs)
+            try:
+                ev = await self._next(events, request, subs)
+            except APIError as e:
+                yield Event("error", error=json.dumps(e.body()))
+                return
             open_ -= ev.finish_reason is not None
             yield ev
 
@@ -278,6 +291,9 @@ def build_app(engine: Engine, settings: ServerSettings, metrics: Metrics) -> Fas
                         yield sse({**chunk, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
                                                          "logprobs": None, "finish_reason": None}]})
                     async for ev in server.events_until_done(request, subs, events):
+                        if ev.kind == "error":
+                            yield f"data: {ev.error}\n\n"
+                            break
                         entries = server.flat_logprobs(ev, ids)
                         yield sse({**chunk, "choices": [{
                             "index": ev.index, "delta": {"content": ev.text} if ev.text else {},
@@ -339,6 +355,9 @@ def build_app(engine: Engine, settings: ServerSettings, metrics: Metrics) -> Fas
                 started = [False] * len(subs)
                 try:
                     async for ev in server.events_until_done(request, subs, events):
+                        if ev.kind == "error":
+                            yield f"data: {ev.error}\n\n"
+                            break
                         text = ev.text
                         if body.echo and not started[ev.index]:
                             text = echo_text(ev.index) + text

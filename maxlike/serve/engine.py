@@ -161,7 +161,11 @@ class Engine:
                     return
                 continue
             t = time.perf_counter()
-            rows = scheduler.step()
+            try:
+                rows = scheduler.step()
+            except Exception as e:  # noqa: BLE001 - a failed step fails its requests, not the server
+                self._fail_all(e)
+                continue
             if self.metrics is not None:
                 self.metrics.on_step(self, len(rows), time.perf_counter() - t)
             for row in rows:
@@ -203,6 +207,18 @@ class Engine:
             self.llm.scheduler.abort(request_id)
             if self.metrics is not None:
                 self.metrics.on_finish("abort", live.row)
+
+    def _fail_all(self, error: Exception) -> None:
+        """A step raised: every request in flight gets an error (its client a 500), the scheduler
+        drops them all (pages freed), and the engine goes on with the next requests."""
+        log.exception("maxlike: an engine step failed; failing the %d requests in flight", len(self._live))
+        for rid, live in list(self._live.items()):
+            self.llm.scheduler.abort(rid)
+            self._send(live.sink, Event("error", live.submission.index, error=f"{type(error).__name__}: {error}",
+                                        finish_reason="error"))
+            if self.metrics is not None:
+                self.metrics.on_finish("error", live.row)
+        self._live.clear()
 
     def _emit(self, live: _Live) -> None:
         """Send what a step added to one request: text (stop strings held back or cut), token ids,

@@ -40,16 +40,18 @@ def llm_factory(config: PipelineConfig, *, progress: bool = True) -> Callable:
 
 
 def broadcast_exchange() -> Callable[[list], list]:
-    """Multi-host: process 0's commands, pickled, to every process (two collectives per step:
-    the length, then the bytes). The peers are processes of one job running maxlike's own code."""
+    """Multi-host: process 0's commands, pickled, to every process (two collectives per step: the
+    size, then the bytes, padded to a power of two so a handful of shapes is ever compiled). The
+    peers are processes of one job running maxlike's own code."""
     from jax.experimental import multihost_utils
 
     def exchange(commands: list) -> list:
-        payload = np.frombuffer(pickle.dumps(commands), np.uint8)
-        n = int(multihost_utils.broadcast_one_to_all(np.int32(payload.size)))
-        buf = payload if payload.size == n else np.zeros(n, np.uint8)
-        data = np.asarray(multihost_utils.broadcast_one_to_all(buf), np.uint8)
-        return pickle.loads(data.tobytes())  # noqa: S301 - from process 0 of this job
+        data = pickle.dumps(commands)
+        size = int(multihost_utils.broadcast_one_to_all(np.int32(len(data))))
+        buf = np.zeros(max(1024, 1 << (size - 1).bit_length()), np.uint8)
+        buf[: len(data)] = np.frombuffer(data, np.uint8)[: buf.size]  # a follower's buffer is ignored
+        got = np.asarray(multihost_utils.broadcast_one_to_all(buf), np.uint8)
+        return pickle.loads(got[:size].tobytes())  # noqa: S301 - from process 0 of this job
 
     return exchange
 
