@@ -2,8 +2,9 @@
 
     .venv/bin/python benchmarks/bench_serve.py [--requests 256] [--concurrency 1 8 32] [--json out.json]
 
-One LLM (SmolLM2-135M by default, warmed up: every bucket compiled or read from the executable
-cache) first runs the whole workload offline (`LLM.generate_outputs`), then serves it over HTTP on
+One LLM (SmolLM2-135M by default) first runs a quarter of the workload untimed (it compiles the
+buckets the workload uses; `--warmup` compiles every bucket instead, minutes at this size), then
+the whole workload offline, timed (`LLM.generate_outputs`), then serves it over HTTP on
 127.0.0.1 (uvicorn in this process, the engine thread owning the same model) to the bench-serve
 client (`maxlike.serve.benchmark`) at each concurrency. Prompts are random token ids (16-512), each
 request makes exactly 64-128 tokens (EOS ignored). Concurrency 1 runs `--solo-requests` requests
@@ -73,7 +74,7 @@ def start_server(llm: LLM):
 def brief(s: dict) -> dict:
     keep = {k: s[k] for k in ("completed", "errors", "duration_s", "request_throughput", "output_throughput")}
     for k in ("ttft_ms", "itl_ms", "tpot_ms"):
-        keep[k] = {q: round(v, 1) for q, v in (s[k] or {}).items()}
+        keep[k] = {q: None if v is None else round(v, 1) for q, v in (s[k] or {}).items()}
     return keep
 
 
@@ -84,35 +85,44 @@ def main() -> None:
     ap.add_argument("--solo-requests", type=int, default=16)
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     ap.add_argument("--max-batch-size", type=int, default=32)
-    ap.add_argument("--max-length", type=int, default=1024)
-    ap.add_argument("--long-prompt", type=int, default=768)
+    ap.add_argument("--max-length", type=int, default=768)
+    ap.add_argument("--warmup", action="store_true", help="compile every bucket first (slow on a CPU)")
+    ap.add_argument("--long-prompt", type=int, default=700)
+    ap.add_argument("--only-long", action="store_true", help="only the long-prompt runs (no offline, no concurrency)")
     ap.add_argument("--long-requests", type=int, default=8)
+    ap.add_argument("--prefill-chunk-size", type=int, default=8192)
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
 
     config = PipelineConfig(model_path=args.model_path or default_model_path(), max_length=args.max_length,
-                            max_batch_size=args.max_batch_size, warmup=True)
+                            max_batch_size=args.max_batch_size, prefill_chunk_size=args.prefill_chunk_size,
+                            warmup=args.warmup)
     t = time.perf_counter()
     llm = LLM(config, progress=True)
     vocab = llm.pipeline.model.vocab_size
     stats = llm.pipeline.model.session.stats
-    warm = stats.compiled
-    print(f"loaded and warmed up in {time.perf_counter() - t:.1f}s", flush=True)
     work = random_workload(args.requests, input_len=(16, 512), output_len=(64, 128), vocab_size=vocab, seed=0)
-    results: dict = {"config": vars(args), "offline": offline(llm, work)}
-    print("offline LLM.generate:", results["offline"], flush=True)
+    if not args.warmup:
+        offline(llm, work[: max(1, len(work) // 4)])
+    warm = stats.compiled
+    print(f"loaded and warmed up in {time.perf_counter() - t:.1f}s ({warm} executables compiled)", flush=True)
+    results: dict = {"config": vars(args)}
+    if not args.only_long:
+        results["offline"] = offline(llm, work)
+        print("offline LLM.generate:", results["offline"], flush=True)
 
     url, server, engine = start_server(llm)
     results["server"] = {}
-    for c in args.concurrency:
+    for c in [] if args.only_long else args.concurrency:
         subset = work[: args.solo_requests] if c == 1 else work
         s = asyncio.run(run_benchmark(url, NAME, subset, concurrency=c, timeout_s=3600))
         results["server"][c] = brief(s)
         print(f"server concurrency {c}:", results["server"][c], flush=True)
-    top = max(args.concurrency)
-    ratio = results["server"][top]["output_throughput"] / results["offline"]["output_tok_s"]
-    results["server_vs_offline_at_max_concurrency"] = ratio
-    print(f"server / LLM.generate output tokens/s at concurrency {top}: {ratio:.3f}", flush=True)
+    if not args.only_long:
+        top = max(args.concurrency)
+        ratio = results["server"][top]["output_throughput"] / results["offline"]["output_tok_s"]
+        results["server_vs_offline_at_max_concurrency"] = ratio
+        print(f"server / LLM.generate output tokens/s at concurrency {top}: {ratio:.3f}", flush=True)
 
     short = random_workload(64, input_len=(16, 64), output_len=(64, 64), vocab_size=vocab, seed=1)
     long = random_workload(args.long_requests, input_len=(args.long_prompt, args.long_prompt), output_len=(4, 4),
@@ -125,6 +135,8 @@ def main() -> None:
 
         return await asyncio.gather(run_benchmark(url, NAME, short, concurrency=8, timeout_s=3600), long_later())
 
+    if args.only_long:  # untimed: compile what these two workloads use
+        asyncio.run(with_long())
     alone = asyncio.run(run_benchmark(url, NAME, short, concurrency=8, timeout_s=3600))
     mixed, longs = asyncio.run(with_long())
     results["itl_short_streams"] = {"alone": brief(alone), "with_long_prompts": brief(mixed), "long": brief(longs)}

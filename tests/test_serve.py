@@ -124,6 +124,8 @@ def test_completions_equal_llm_generate(client, reference):
     r = client.completions.create(model=NAME, prompt=PROMPTS[:2], max_tokens=12, temperature=0)
     assert [c.text for c in r.choices] == [want[0].text, want[1].text]
     assert r.usage.prompt_tokens == len(want[0].prompt_token_ids) + len(want[1].prompt_token_ids)
+    r = client.completions.create(model=NAME, prompt=PROMPTS[0], max_tokens=12, temperature=0, echo=True)
+    assert r.choices[0].text == PROMPTS[0] + want[0].text
 
 
 def test_chat_equals_llm_generate_chat(client, reference):
@@ -271,6 +273,7 @@ BAD = [
     ("completions", {"model": "nope"}, 404, "The model `nope` does not exist", "model"),
     ("completions", {"model": None}, 400, "'model' is required", "model"),
     ("completions", {"model": 5}, 400, "'model' input should be a valid string", "model"),
+    ("completions", {"echo": True, "logprobs": 2}, 400, "load the model with enable_echo=True", None),
     ("chat/completions", {"messages": []}, 400, "'messages' is empty", "messages"),
     ("chat/completions", {"messages": [{"role": "robot", "content": "hi"}]}, 400,
      "messages[0].role 'robot' is not a role", "messages.0.role"),
@@ -294,7 +297,8 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(server):
             err = r.json()["error"]
             assert message in err["message"], (change, err)
             assert err["param"] == param and set(err) == {"message", "type", "param", "code"}
-        r = http.post("/completions", content=b'{"model": "tiny", "prompt": ', headers={"content-type": "application/json"})
+        r = http.post("/completions", content=b'{"model": "tiny", "prompt": ',
+                      headers={"content-type": "application/json"})
         assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"]
         r = http.get("/nothing-here")
         assert r.status_code == 404 and "error" in r.json()

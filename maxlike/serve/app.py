@@ -358,10 +358,9 @@ def build_app(engine: Engine, settings: ServerSettings, metrics: Metrics) -> Fas
                         if ev.kind == "error":
                             yield f"data: {ev.error}\n\n"
                             break
-                        text = ev.text
-                        if body.echo and not started[ev.index]:
-                            text = echo_text(ev.index) + text
-                        lp = logprobs(server.flat_logprobs(ev, ids[ev.index // n]), offsets[ev.index], ev.index, not started[ev.index])
+                        first = not started[ev.index]
+                        text = (echo_text(ev.index) if body.echo and first else "") + ev.text
+                        lp = logprobs(server.flat_logprobs(ev, ids[ev.index // n]), offsets[ev.index], ev.index, first)
                         started[ev.index] = True
                         offsets[ev.index] += len(text)
                         yield sse({**head, "choices": [{"index": ev.index, "text": text, "logprobs": lp,
@@ -404,8 +403,8 @@ def _completion_logprobs(server: OpenAIServer, entries: list, top: int, offset: 
         text = server.token_text(token, as_ids)
         tokens.append(text)
         token_lps.append(lp)
-        tops.append(None if alts is None else
-                    {server.token_text(t, as_ids): v for t, v in sorted(alts.items(), key=lambda kv: -kv[1])[:max(top, 1)]})
+        ranked = [] if alts is None else sorted(alts.items(), key=lambda kv: -kv[1])[:max(top, 1)]
+        tops.append(None if alts is None else {server.token_text(t, as_ids): v for t, v in ranked})
         offsets.append(offset)
         offset += len(text)
     return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops, "text_offset": offsets}
