@@ -19,24 +19,37 @@ def test_generate_streams_the_same_text_as_llm(tiny_llm, tiny_llama):
     assert "compiled" in r.stderr
 
 
-def test_list_and_errors(tmp_path):
-    r = maxlike("list")
-    assert r.returncode == 0 and "LlamaForCausalLM" in r.stdout and "Qwen2ForCausalLM" in r.stdout
-    r = maxlike("generate", "--model-path", str(tmp_path / "missing"), "--prompt", "x")
-    assert r.returncode == 1 and "does not exist: pass a Hugging Face model directory" in r.stderr
-    r = maxlike("generate", "--model-path", str(tmp_path), "--prompt", "x", "--max-lenght", "5")
-    assert r.returncode == 2 and "--max-length" in r.stderr  # argparse suggests the right flag
-    r = maxlike("serve", "--max-queued-requests", "0")
-    assert r.returncode == 1 and "--max-queued-requests must be >= 1, got 0" in r.stderr
-    r = maxlike("serve", "--model-path", str(tmp_path / "missing"))  # fails before it listens
-    assert r.returncode == 1 and "does not exist: pass a Hugging Face model directory" in r.stderr
-    assert "later issue" not in maxlike("--help").stdout + maxlike("serve", "--help").stdout
-    r = maxlike("warm-cache", "--target", "tpu:v5e:2x2")  # this environment has no libtpu
+def cli(capsys, *args: str) -> tuple[int, str, str]:
+    """`maxlike ARGS` in this process (for commands that fail or finish before loading a model):
+    (exit status, stdout, stderr)."""
+    from maxlike.entrypoints.cli import main
+
+    try:
+        rc = main(list(args))
+    except SystemExit as e:  # argparse: --help, usage errors
+        rc = e.code
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def test_list_and_errors(tmp_path, capsys):
+    rc, out, _ = cli(capsys, "list")
+    assert rc == 0 and "LlamaForCausalLM" in out and "Qwen2ForCausalLM" in out
+    rc, _, err = cli(capsys, "generate", "--model-path", str(tmp_path / "missing"), "--prompt", "x")
+    assert rc == 1 and "does not exist: pass a Hugging Face model directory" in err
+    rc, _, err = cli(capsys, "generate", "--model-path", str(tmp_path), "--prompt", "x", "--max-lenght", "5")
+    assert rc == 2 and "--max-length" in err  # argparse suggests the right flag
+    rc, _, err = cli(capsys, "serve", "--max-queued-requests", "0")
+    assert rc == 1 and "--max-queued-requests must be >= 1, got 0" in err
+    rc, _, err = cli(capsys, "serve", "--model-path", str(tmp_path / "missing"))  # fails before it listens
+    assert rc == 1 and "does not exist: pass a Hugging Face model directory" in err
+    assert "later issue" not in cli(capsys, "--help")[1] + cli(capsys, "serve", "--help")[1]
+    rc, _, err = cli(capsys, "warm-cache", "--target", "tpu")
+    assert rc == 1 and "--target tpu: this machine's backend is cpu" in err
+    rc, _, err = cli(capsys, "generate", "--prompt", "x", "--devices", "4", "--tensor-parallel-degree", "4")
+    assert rc == 1 and "asks for 4 devices but 1 cpu device(s) are present" in err
+    r = maxlike("warm-cache", "--target", "tpu:v5e:2x2")  # own process: whether libtpu is importable
     assert r.returncode == 1 and "needs libtpu, which is not installed: pip install 'maxlike[tpu]'" in r.stderr
-    r = maxlike("warm-cache", "--target", "tpu")
-    assert r.returncode == 1 and "--target tpu: this machine's backend is cpu" in r.stderr
-    r = maxlike("generate", "--prompt", "x", "--devices", "4", "--tensor-parallel-degree", "4")
-    assert r.returncode == 1 and "asks for 4 devices but 1 cpu device(s) are present" in r.stderr
 
 
 def test_examples_run(tiny_llama):

@@ -122,7 +122,7 @@ def test_prefix_caching_shares_a_system_prompt(tiny_llama):
 def test_forbid_compile_after_warmup_with_a_mixed_workload(tiny_llama):
     from maxlike.engine.session import CompileForbiddenError
 
-    llm = LLM(PipelineConfig(model_path=tiny_llama[0], max_length=128, max_batch_size=2, prefill_chunk_size=64,
+    llm = LLM(PipelineConfig(model_path=tiny_llama[0], max_length=64, max_batch_size=2, prefill_chunk_size=32,
                              max_num_steps=3, warmup=True, forbid_compile=True), progress=False)
     session = llm.pipeline.model.session
     warm = session.stats.compiled + session.stats.loaded  # (the suite shares one executable cache)
@@ -134,12 +134,12 @@ def test_forbid_compile_after_warmup_with_a_mixed_workload(tiny_llama):
     rng = np.random.default_rng(1)
     prompts, params = [], []
     for i in range(200):
-        prompts.append(random_prompt(int(rng.integers(1, 110)), seed=i).tolist())
+        prompts.append(random_prompt(int(rng.integers(1, 55)), seed=i).tolist())
         greedy = i % 2 == 0
         params.append(SamplingParams(top_k=1 if greedy else int(rng.integers(0, 50)), temperature=0.9,
                                      top_p=float(rng.uniform(0.5, 1.0)), seed=i,
                                      logprobs=int(rng.integers(0, 21)) if i % 5 == 0 else 0,
-                                     max_new_tokens=int(rng.integers(1, 128 - len(prompts[-1]) + 1))))
+                                     max_new_tokens=int(rng.integers(1, 64 - len(prompts[-1]) + 1))))
     outs = llm.generate_outputs(prompts, sampling_params=params, use_tqdm=False)
     assert session.stats.compiled + session.stats.loaded == warm, "nothing compiled after warm-up"
     assert all(1 <= len(o.token_ids) <= p.max_new_tokens for o, p in zip(outs, params))

@@ -372,12 +372,12 @@ def test_serve_process_health_warmup_and_sigterm_drain(tiny_llama):
     SIGTERM lets the running stream finish, then the process exits 0."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    proc = _serve_process(tiny_llama[0], port, "--max-batch-size", "1", "--max-length", "32", "--shutdown-grace", "20")
+    proc = _serve_process(tiny_llama[0], port, "--max-batch-size", "1", "--max-length", "16", "--shutdown-grace", "20")
     try:
         seen = _wait_ready(url, [proc])
         assert seen and seen[0] == 503 and seen[-1] == 200, seen
         compiled = _metrics(url)["maxlike_compiles"]
-        body = {"model": NAME, "prompt": "drain me", "max_tokens": 20, "temperature": 0, "ignore_eos": True,
+        body = {"model": NAME, "prompt": "drain me", "max_tokens": 8, "temperature": 0, "ignore_eos": True,
                 "stream": True}
         chunks = []
         with httpx.Client(timeout=60) as http, http.stream("POST", url + "/v1/completions", json=body) as r:
@@ -390,7 +390,7 @@ def test_serve_process_health_warmup_and_sigterm_drain(tiny_llama):
                     proc.send_signal(signal.SIGTERM)
         assert chunks[-1] == "data: [DONE]"
         finals = [json.loads(c[5:])["choices"] for c in chunks[:-1]]
-        assert finals[-1][0]["finish_reason"] == "length" and len(finals) == 20
+        assert finals[-1][0]["finish_reason"] == "length" and len(finals) == 8
         assert proc.wait(30) == 0
     finally:
         if proc.poll() is None:

@@ -15,7 +15,7 @@ PROMPTS = [  # (text, chat-templated?)
     ("def fibonacci(n):", False),
     ("Once upon a time, in a land far away,", False),
 ]
-NEW_TOKENS = 48
+NEW_TOKENS = 32
 
 
 @pytest.fixture(scope="module")
