@@ -23,7 +23,6 @@ import json
 import os
 import socket
 import sys
-import threading
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
@@ -53,21 +52,16 @@ def offline(llm: LLM, work: list[BenchRequest]) -> dict:
 
 
 def start_server(llm: LLM):
-    import uvicorn
-
     from maxlike.serve.app import ServerSettings, build_app
     from maxlike.serve.engine import Engine
     from maxlike.serve.metrics import Metrics
+    from maxlike.serve.server import run_in_thread
 
     metrics = Metrics()
     engine = Engine(lambda: llm, metrics=metrics).start()
     engine.ready.wait()
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(build_app(engine, ServerSettings((NAME,)), metrics), host="127.0.0.1",
-                                           port=port, log_level="warning", lifespan="off"))
-    threading.Thread(target=server.run, daemon=True).start()
-    while not server.started:
-        time.sleep(0.05)
+    server = run_in_thread(build_app(engine, ServerSettings((NAME,)), metrics), "127.0.0.1", port)
     return f"http://127.0.0.1:{port}", server, engine
 
 

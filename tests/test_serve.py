@@ -9,7 +9,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 
 import httpx
@@ -25,24 +24,15 @@ class Running:
     """uvicorn serving `build_app(engine, settings)` in a thread (the engine may be shared)."""
 
     def __init__(self, engine, settings, metrics):
-        import uvicorn
-
         from maxlike.serve.app import build_app
+        from maxlike.serve.server import run_in_thread
 
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(uvicorn.Config(build_app(engine, settings, metrics), host="127.0.0.1",
-                                                    port=self.port, log_level="warning", lifespan="off"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        deadline = time.time() + 30
-        while not self.server.started:
-            assert time.time() < deadline, "uvicorn did not start"
-            time.sleep(0.02)
+        self.server = run_in_thread(build_app(engine, settings, metrics), "127.0.0.1", self.port)
 
     def stop(self):
         self.server.should_exit = True
-        self.thread.join(10)
 
 
 @pytest.fixture(scope="module")

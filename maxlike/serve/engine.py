@@ -200,9 +200,7 @@ class Engine:
             self._send(sink, Event("accepted", s.index, prompt_tokens=row.ctx.prompt_length))
 
     def _abort(self, request_id: str) -> None:
-        live = self._live.pop(request_id, None)
-        with self._lock:  # aborted before it reached the scheduler: the add finds no sink
-            self._sinks.pop(request_id, None)
+        live = self._live.pop(request_id, None)  # None: refused or finished already
         if live is not None:
             self.llm.scheduler.abort(request_id)
             if self.metrics is not None:

@@ -39,6 +39,23 @@ def llm_factory(config: PipelineConfig, *, progress: bool = True) -> Callable:
     return load
 
 
+def run_in_thread(app, host: str, port: int, log_level: str = "warning"):
+    """uvicorn serving `app` on a background thread (tests, benchmarks); returns the server once it
+    listens. Stop it with `server.should_exit = True`."""
+    import time
+
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="off"))
+    threading.Thread(target=server.run, daemon=True).start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"uvicorn did not start listening on {host}:{port} within 30 s")
+        time.sleep(0.02)
+    return server
+
+
 def broadcast_exchange() -> Callable[[list], list]:
     """Multi-host: process 0's commands, pickled, to every process (two collectives per step: the
     size, then the bytes, padded to a power of two so a handful of shapes is ever compiled). The
