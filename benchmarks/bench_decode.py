@@ -1,6 +1,7 @@
 """Decode and prefill tokens/s on SmolLM2-135M (CPU): maxlike vs HF transformers, same run.
 
     .venv/bin/python benchmarks/bench_decode.py [--batch-sizes 1 8] [--new-tokens 64] [--prompt-tokens 64]
+        [--layer-forms unrolled scan]
 
 Both run the same GGUF file in fp32 on the same prompts (random token ids),
 greedy, with EOS ignored so every run produces exactly N tokens.
@@ -44,27 +45,34 @@ def main() -> None:
     ap.add_argument("--max-num-steps", type=int, default=1)
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--json", help="write the results here")
+    ap.add_argument("--layer-forms", nargs="+", choices=["unrolled", "scan"], default=["unrolled"],
+                    help="maxlike's layers unrolled and/or as one loop over stacked weights (scan_layers)")
     args = ap.parse_args()
     path = default_model_path()
-    config = PipelineConfig(model_path=path, max_length=512, max_batch_size=max(args.batch_sizes),
-                            max_num_steps=args.max_num_steps)
-    llm, ours = maxlike_generate(config)
+    forms = {}
+    for form in args.layer_forms:
+        config = PipelineConfig(model_path=path, max_length=512, max_batch_size=max(args.batch_sizes),
+                                max_num_steps=args.max_num_steps, scan_layers=form == "scan")
+        llm, forms[form] = maxlike_generate(config)
     vocab = llm.pipeline.model.config.vocab_size
     theirs = None if args.skip_hf else hf_generate(path)
     results = []
     for b in args.batch_sizes:
-        row = {"maxlike": measure(ours, b, args.prompt_tokens, args.new_tokens, vocab)}
+        row = {f"maxlike_{form}": measure(ours, b, args.prompt_tokens, args.new_tokens, vocab)
+               for form, ours in forms.items()}
         if theirs:
             row["hf"] = measure(theirs, b, args.prompt_tokens, args.new_tokens, vocab)
         results.append(row)
-        m = row["maxlike"]
-        line = f"batch {b}: maxlike decode {m['decode_tok_s']:.1f} tok/s, prefill {m['prefill_tok_s']:.0f} tok/s"
-        if theirs:
-            h = row["hf"]
-            line += (f" | HF decode {h['decode_tok_s']:.1f} tok/s, prefill {h['prefill_tok_s']:.0f} tok/s"
-                     f" | decode ratio {m['decode_tok_s'] / h['decode_tok_s']:.2f}x,"
-                     f" prefill ratio {m['prefill_tok_s'] / h['prefill_tok_s']:.2f}x")
-        print(line, flush=True)
+        for form in forms:
+            m = row[f"maxlike_{form}"]
+            line = (f"batch {b}: maxlike ({form}) decode {m['decode_tok_s']:.1f} tok/s, "
+                    f"prefill {m['prefill_tok_s']:.0f} tok/s")
+            if theirs:
+                h = row["hf"]
+                line += (f" | HF decode {h['decode_tok_s']:.1f} tok/s, prefill {h['prefill_tok_s']:.0f} tok/s"
+                         f" | decode ratio {m['decode_tok_s'] / h['decode_tok_s']:.2f}x,"
+                         f" prefill ratio {m['prefill_tok_s'] / h['prefill_tok_s']:.2f}x")
+            print(line, flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable, Protocol
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 
@@ -69,11 +71,12 @@ class Architecture:
     """An architecture: config converter, weight descriptions, name map, forward and head.
 
     config_from_hf(hf_config) -> the frozen config (an ArchConfig)
-    weight_specs(cfg) -> {name: WeightSpec}
+    weight_specs(cfg) -> {name: WeightSpec}, layer weights named "layers.{i}.{kind}"
     checkpoint_names(cfg) -> {name: Source}: one name map for every weight of weight_specs
     kv_shape(cfg) -> (layers, kv_heads, head_dim)
-    forward(cfg, weights, kv, tokens, positions, slots, page_table, *, backend)
-        -> (hidden [B, T, D] after the final norm, kv updated)
+    forward(cfg, weights, kv, tokens, positions, slots, page_table, *, backend, scan)
+        -> (hidden [B, T, D] after the final norm, kv updated); with scan=True the layer
+        weights come stacked (`stacked_specs`) and the layers run through `run_layers`
     lm_head(cfg, weights, hidden [..., D]) -> logits [..., V]
     """
 
@@ -90,3 +93,82 @@ class Architecture:
         """Every function of this architecture (whose source is part of cache keys)."""
         return (self.config_from_hf, self.weight_specs, self.checkpoint_names, self.kv_shape, self.forward,
                 self.lm_head)
+
+
+# -- layers as one loop ------------------------------------------------------
+# Architectures describe their weights per layer ("layers.{i}.{kind}"), which is what
+# checkpoints hold. A model whose layers run as one loop keeps each kind stacked
+# ("layers.{kind}", with a leading "layers" axis); these helpers convert and drive both.
+
+LAYERS = "layers."
+
+
+def _layer_kind(name: str) -> tuple[int, str] | None:
+    """'layers.3.q' -> (3, 'q'); None for a weight outside the layers."""
+    if not name.startswith(LAYERS):
+        return None
+    index, _, kind = name[len(LAYERS):].partition(".")
+    return (int(index), kind) if index.isdigit() and kind else None
+
+
+def stacked_specs(specs: dict[str, WeightSpec]) -> dict[str, WeightSpec]:
+    """Per-layer specs -> one spec per kind with a leading "layers" axis (every layer of a
+    kind must have the same shape: a model whose layers differ cannot loop over them)."""
+    out: dict[str, WeightSpec] = {}
+    layers: dict[str, list[WeightSpec]] = {}
+    for name, spec in specs.items():
+        found = _layer_kind(name)
+        if found is None:
+            out[name] = spec
+        else:
+            layers.setdefault(found[1], []).append(spec)
+    for kind, group in layers.items():
+        if any(s != group[0] for s in group):
+            raise UnsupportedConfigError(f"the layers' {kind!r} weights differ in shape, so they cannot run as one "
+                                         "loop: build this model with scan_layers=False.")
+        out[LAYERS + kind] = WeightSpec((len(group),) + group[0].shape, ("layers",) + group[0].axes)
+    return out
+
+
+def stack_layers(weights: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Host arrays named per layer -> stacked per kind (layer order), the rest unchanged."""
+    out: dict[str, np.ndarray] = {}
+    layers: dict[str, dict[int, np.ndarray]] = {}
+    for name, array in weights.items():
+        found = _layer_kind(name)
+        if found is None:
+            out[name] = array
+        else:
+            layers.setdefault(found[1], {})[found[0]] = array
+    for kind, by_index in layers.items():
+        out[LAYERS + kind] = np.stack([np.asarray(by_index[i]) for i in sorted(by_index)])
+    return out
+
+
+def run_layers(layer: Callable, x, weights: dict, kv: list, num_layers: int, *, scan: bool):
+    """Run `layer(x, layer_weights, k_pages, v_pages, index) -> (x, k_pages, v_pages)`
+    over every layer, `layer_weights` keyed by kind ("q", "attn_norm", ...).
+
+    scan=False: a Python loop (the graph unrolled), per-layer weights and one KV pool
+    pair per layer, `index` 0. scan=True: one `lax.scan` over stacked weights with the
+    stacked KV pool pair in the carry, `index` the layer (the pool is read and written
+    by index, never sliced). Returns (x, kv)."""
+    if not scan:
+        out = []
+        for i in range(num_layers):
+            prefix = f"{LAYERS}{i}."
+            own = {name[len(prefix):]: w for name, w in weights.items() if name.startswith(prefix)}
+            with jax.named_scope(f"layer{i}"):
+                x, k, v = layer(x, own, kv[i][0], kv[i][1], 0)
+            out.append((k, v))
+        return x, out
+    stacked = {name[len(LAYERS):]: w for name, w in weights.items() if _layer_kind(name) is None
+               and name.startswith(LAYERS)}
+
+    def body(carry, xs):
+        (x, k, v), (own, index) = carry, xs
+        with jax.named_scope("layer"):
+            return layer(x, own, k, v, index), None
+
+    (x, k, v), _ = jax.lax.scan(body, (x, kv[0][0], kv[0][1]), (stacked, jnp.arange(num_layers, dtype=jnp.int32)))
+    return x, [(k, v)]

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from graphs.base import Architecture, UnsupportedConfigError, WeightSpec, require
+from graphs.base import Architecture, UnsupportedConfigError, WeightSpec, require, run_layers
 from graphs.llama_checkpoint import checkpoint_names
 from graphs.layers import apply_rope, paged_attention, rms_norm, rope_inv_freq, swiglu, write_kv
 
@@ -121,36 +121,38 @@ def weight_specs(cfg: LlamaConfig) -> dict[str, WeightSpec]:
     return specs
 
 
-def forward(cfg: LlamaConfig, w: dict, kv: list, tokens, positions, slots, page_table, *, backend: str = "cpu"):
-    """tokens/positions/slots [B, T]; page_table [B, P]; kv[i] = (k_pages, v_pages).
-    `backend` (the mesh's platform) picks the op variants that are fast there."""
+def forward(cfg: LlamaConfig, w: dict, kv: list, tokens, positions, slots, page_table, *, backend: str = "cpu",
+            scan: bool = False):
+    """tokens/positions/slots [B, T]; page_table [B, P]; kv: the pool's (k_pages, v_pages)
+    pairs. `backend` (the mesh's platform) picks the op variants that are fast there;
+    `scan` runs the layers as one loop over stacked weights (see graphs.base.run_layers)."""
     inv_freq = cfg.inv_freq
+
+    def layer(x, lw, k_pages, v_pages, index):
+        with jax.named_scope("attention"):
+            h = rms_norm(x, lw["attn_norm"], cfg.rms_norm_eps)
+            q = jnp.einsum("btd,dhk->bthk", h, lw["q"])  # [B, T, H, K]
+            k = jnp.einsum("btd,dhk->bthk", h, lw["k"])  # [B, T, KV, K]
+            v = jnp.einsum("btd,dhk->bthk", h, lw["v"])
+            if cfg.qkv_bias:
+                q, k, v = q + lw["q_bias"], k + lw["k_bias"], v + lw["v_bias"]
+            q = apply_rope(q, positions, inv_freq)
+            k = apply_rope(k, positions, inv_freq)
+            k_pages = write_kv(k_pages, k, slots, index, backend=backend)
+            v_pages = write_kv(v_pages, v, slots, index, backend=backend)
+            a = paged_attention(q, k_pages, v_pages, page_table, positions, index)
+            a = jnp.einsum("bthk,hkd->btd", a, lw["o"])
+            if cfg.o_bias:
+                a = a + lw["o_bias"]
+            x = x + a
+        with jax.named_scope("mlp"):
+            h = rms_norm(x, lw["mlp_norm"], cfg.rms_norm_eps)
+            x = x + swiglu(h, lw["gate"], lw["up"], lw["down"])
+        return x, k_pages, v_pages
+
     x = w["embed"][tokens]  # [B, T, D]
-    new_kv = []
-    for i in range(cfg.num_layers):
-        p = f"layers.{i}."
-        with jax.named_scope(f"layer{i}"):
-            with jax.named_scope("attention"):
-                h = rms_norm(x, w[p + "attn_norm"], cfg.rms_norm_eps)
-                q = jnp.einsum("btd,dhk->bthk", h, w[p + "q"])  # [B, T, H, K]
-                k = jnp.einsum("btd,dhk->bthk", h, w[p + "k"])  # [B, T, KV, K]
-                v = jnp.einsum("btd,dhk->bthk", h, w[p + "v"])
-                if cfg.qkv_bias:
-                    q, k, v = q + w[p + "q_bias"], k + w[p + "k_bias"], v + w[p + "v_bias"]
-                q = apply_rope(q, positions, inv_freq)
-                k = apply_rope(k, positions, inv_freq)
-                k_pages = write_kv(kv[i][0], k, slots, backend=backend)
-                v_pages = write_kv(kv[i][1], v, slots, backend=backend)
-                new_kv.append((k_pages, v_pages))
-                a = paged_attention(q, k_pages, v_pages, page_table, positions)
-                a = jnp.einsum("bthk,hkd->btd", a, w[p + "o"])
-                if cfg.o_bias:
-                    a = a + w[p + "o_bias"]
-                x = x + a
-            with jax.named_scope("mlp"):
-                h = rms_norm(x, w[p + "mlp_norm"], cfg.rms_norm_eps)
-                x = x + swiglu(h, w[p + "gate"], w[p + "up"], w[p + "down"])
-    return rms_norm(x, w["final_norm"], cfg.rms_norm_eps), new_kv
+    x, kv = run_layers(layer, x, w, kv, cfg.num_layers, scan=scan)
+    return rms_norm(x, w["final_norm"], cfg.rms_norm_eps), kv
 
 
 def lm_head(cfg: LlamaConfig, w: dict, hidden: jax.Array) -> jax.Array:

@@ -158,6 +158,9 @@ class PipelineConfig:
     warmup: bool = False  # compile every bucket at load (with a progress bar)
     forbid_compile: bool = False  # after warm-up, any compile is an error
     seed: int = 0
+    # Layers as one loop (`lax.scan`) over stacked weights: executables and compile time that do not
+    # grow with depth. None: per backend (on for TPU; off for CPU and GPU, where unrolled decodes faster).
+    scan_layers: bool | None = None
 
     def __init__(self, **kwargs: Any) -> None:
         own = {f.name for f in fields(PipelineConfig)} - set(_SUBCONFIGS)

@@ -14,6 +14,7 @@ MESH_AXES = ("data", "tensor")
 
 LOGICAL_TO_MESH: dict[str, str | None] = {
     "batch": "data",
+    "layers": None,  # stacked per-layer weights and KV pools
     "vocab": "tensor",
     "embed": None,
     "q_heads": "tensor",

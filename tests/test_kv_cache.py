@@ -69,12 +69,41 @@ def test_kv_write_variants_agree(tokens):
     pages = rng.normal(size=(6, 4, 2, 8)).astype(np.float32)
     new = rng.normal(size=(2, tokens, 2, 8)).astype(np.float32)
     slots = rng.choice(np.arange(4, 24), size=(2, tokens), replace=False).astype(np.int32)  # pages 1-5
-    cpu, accel = (np.asarray(write_kv(jax.numpy.asarray(pages[None]), new, slots, backend=b))[0]
+    cpu, accel = (np.asarray(write_kv(jax.numpy.asarray(pages[None, None]), new, slots, backend=b))[0, 0]
                   for b in ("cpu", "gpu"))
     expect = pages.reshape(24, 2, 8).copy()
     expect[slots.reshape(-1)] = new.reshape(-1, 2, 8)
     np.testing.assert_array_equal(accel.reshape(24, 2, 8)[4:], expect[4:])
     np.testing.assert_array_equal(cpu[1:], accel[1:])  # page 0 (null) may differ: nothing reads it
+
+
+@pytest.mark.parametrize("replicas", [1, 2])
+def test_a_stacked_pool_is_written_and_read_at_a_traced_layer(replicas):
+    """Layers as one loop index one [R, L, N, S, KV, D] pool: only layer `layer`'s slots change,
+    and a gather reads that layer's pages (numpy written out as the reference)."""
+    from graphs.layers import gather_pages, write_kv
+
+    rng = np.random.default_rng(replicas)
+    pages = rng.normal(size=(replicas, 3, 6, 4, 2, 8)).astype(np.float32)
+    new = rng.normal(size=(replicas * 2, 3, 2, 8)).astype(np.float32)
+    slots = np.stack([rng.choice(np.arange(4, 24), size=3, replace=False) for _ in range(replicas * 2)]).astype(np.int32)
+    table = rng.integers(1, 6, size=(replicas * 2, 4)).astype(np.int32)
+
+    @jax.jit
+    def run(pages, layer):
+        written = write_kv(pages, new, slots, layer, backend="gpu")
+        return written, gather_pages(written, table, layer)
+
+    written, gathered = (np.asarray(a) for a in run(jax.numpy.asarray(pages), jax.numpy.int32(1)))
+    expect = pages.copy()
+    for row in range(replicas * 2):
+        r = row // 2  # rows grouped by replica
+        flat = expect[r, 1].reshape(24, 2, 8)
+        flat[slots[row]] = new[row]
+        expect[r, 1] = flat.reshape(6, 4, 2, 8)
+    np.testing.assert_array_equal(written, expect)
+    ref = np.stack([expect[row // 2, 1][table[row]].reshape(16, 2, 8) for row in range(replicas * 2)])
+    np.testing.assert_array_equal(gathered, ref)
 
 
 def test_misuse_of_pages_is_an_error_that_names_the_request():

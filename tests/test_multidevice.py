@@ -32,10 +32,12 @@ MESH_SCRIPT = textwrap.dedent("""
     path, meshes = sys.argv[2], json.loads(sys.argv[3])
     prompts = [random_prompt(n, seed=n).tolist() for n in (5, 17, 9, 30)]
     report = {}
-    for label, (dp, tp) in zip([f"{a}x{b}" + ("-again" if [a, b] in meshes[:i] else "")
-                                 for i, (a, b) in enumerate(meshes)], meshes):
+    for i, mesh in enumerate(meshes):  # [data, tensor] or [data, tensor, 1]: layers as one loop
+        dp, tp, scan = mesh[0], mesh[1], len(mesh) > 2
+        label = f"{dp}x{tp}" + ("-scan" if scan else "") + ("-again" if mesh in meshes[:i] else "")
         llm = LLM(PipelineConfig(model_path=path, max_length=128, max_batch_size=4, devices=str(dp * tp),
-                                 data_parallel_degree=dp, tensor_parallel_degree=tp), progress=False)
+                                 data_parallel_degree=dp, tensor_parallel_degree=tp, scan_layers=scan),
+                  progress=False)
         outs = llm.generate_outputs(prompts, sampling_params=SamplingParams(top_k=1, max_new_tokens=8, ignore_eos=True),
                                     use_tqdm=False)
         model = llm.pipeline.model
@@ -51,7 +53,9 @@ MESH_SCRIPT = textwrap.dedent("""
         logits = np.asarray(out.next_token_logits)[[rows[c.request_id] for c in ctxs]]
         hlo = model.session.executables("step")[0].as_text()
         gathers = [line.split("=")[1].split()[0] for line in hlo.splitlines() if " all-gather(" in line]
-        weights = sorted({str(a.dtype) + str(list(a.shape)).replace(" ", "") for a in model.params.values()})
+        shapes = [(a.dtype, a.shape) for a in model.params.values()]
+        shapes += [(a.dtype, a.shape[1:]) for n, a in model.params.items() if scan and n.startswith("layers.")]
+        weights = sorted({str(d) + str(list(s)).replace(" ", "") for d, s in shapes})  # a layer's slice too
         stats = model.session.stats
         report[label] = dict(compiled=stats.compiled, loaded=stats.loaded,
             tokens=[o.token_ids for o in outs], logits=logits.tolist(), all_reduce=hlo.count(" all-reduce("),
@@ -70,8 +74,8 @@ def _run_meshes(path, meshes):
 
 
 # Qwen2 (tied embeddings, qkv bias) on fewer meshes: Llama covers 4- and 8-way tensor parallel.
-@pytest.mark.parametrize("kind,meshes", [("llama", [[1, 1], [1, 2], [1, 4], [1, 8], [2, 2], [1, 2]]),
-                                         ("qwen2", [[1, 1], [1, 2], [2, 2], [1, 2]])])
+@pytest.mark.parametrize("kind,meshes", [("llama", [[1, 1], [1, 2], [1, 4], [1, 8], [2, 2], [1, 2], [2, 2, 1]]),
+                                         ("qwen2", [[1, 1], [1, 2], [2, 2], [1, 2], [1, 2, 1]])])
 def test_tensor_and_data_parallel_equal_one_device(eight_head_models, kind, meshes):
     import numpy as np
 
@@ -87,9 +91,9 @@ def test_tensor_and_data_parallel_equal_one_device(eight_head_models, kind, mesh
         assert err < 1e-5, f"{name}: logits differ by {err}"
         assert r["all_reduce"] > 0, f"{name}: the sharded step has no all-reduce"
         assert r["gathered_weights"] == [], f"{name}: the step all-gathers whole weights {r['gathered_weights']}"
-        dp, tp = (int(x) for x in name.split("x"))
+        dp, tp = (int(x) for x in name.split("-")[0].split("x"))
         assert r["mesh"] == {"data": dp, "tensor": tp} and r["buffers"] == dp * tp
-        assert r["pool"][0] == dp and r["pool"][3] == max(2, tp), "a KV pool per replica, KV heads repeated to tp"
+        assert r["pool"][0] == dp and r["pool"][4] == max(2, tp), "a KV pool per replica, KV heads repeated to tp"
 
 
 HOST_SCRIPT = textwrap.dedent("""

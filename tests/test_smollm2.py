@@ -29,30 +29,39 @@ def hf_smollm2(smollm2_path):
 
 
 @pytest.fixture(scope="module")
-def smollm2_llm(smollm2_path):
-    from maxlike.entrypoints import LLM
-    from maxlike.pipelines import PipelineConfig
-
-    return LLM(PipelineConfig(model_path=smollm2_path, max_length=512, max_batch_size=8), progress=False)
-
-
-def test_greedy_generation_equals_hf_token_for_token(smollm2_llm, hf_smollm2):
+def hf_reference(hf_smollm2):
+    """(prompt, chat?) -> (prompt ids, HF's greedy tokens), computed once for both loop forms."""
     tok, hf = hf_smollm2
-    outs = []
-    for chat in (True, False):
-        prompts = [p for p, c in PROMPTS if c == chat]
-        outs += smollm2_llm.generate_outputs(prompts, max_new_tokens=NEW_TOKENS, use_tqdm=False, chat=chat)
-    ordered = [p for p, c in PROMPTS if c] + [p for p, c in PROMPTS if not c]
-    chat_flags = [True] * 3 + [False] * 3
-    for out, prompt, chat in zip(outs, ordered, chat_flags):
+    out = {}
+    for prompt, chat in PROMPTS:
         if chat:
             ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
                                           tokenize=True, return_dict=True)["input_ids"]
         else:
             ids = tok.encode(prompt)
-        assert out.prompt_token_ids == list(ids)
         with torch.no_grad():
             ref = hf.generate(torch.tensor([ids]), max_new_tokens=NEW_TOKENS, do_sample=False)[0, len(ids):].tolist()
-        assert out.token_ids == ref, (prompt, out.text, tok.decode(ref))
-        print(f"{prompt!r} -> {out.text!r}")
-    assert outs[0].text.strip(), "the chat answer is empty"
+        out[prompt, chat] = list(ids), ref
+    return out
+
+
+@pytest.mark.parametrize("scan", [False, True], ids=["unrolled", "scan"])
+def test_greedy_generation_equals_hf_token_for_token(smollm2_path, hf_smollm2, hf_reference, scan):
+    """Both layer forms (unrolled, and one loop over stacked weights) against HF."""
+    from maxlike.entrypoints import LLM
+    from maxlike.pipelines import PipelineConfig
+
+    tok, _ = hf_smollm2
+    llm = LLM(PipelineConfig(model_path=smollm2_path, max_length=512, max_batch_size=8, scan_layers=scan),
+              progress=False)
+    assert llm.pipeline.model.scan_layers == scan and len(llm.pipeline.model.kv_manager.pool) == (1 if scan else 30)
+    for chat in (True, False):
+        prompts = [p for p, c in PROMPTS if c == chat]
+        outs = llm.generate_outputs(prompts, max_new_tokens=NEW_TOKENS, use_tqdm=False, chat=chat)
+        for out, prompt in zip(outs, prompts):
+            ids, ref = hf_reference[prompt, chat]
+            assert out.prompt_token_ids == ids
+            assert out.token_ids == ref, (prompt, out.text, tok.decode(ref))
+            print(f"{prompt!r} -> {out.text!r}")
+        if chat:
+            assert outs[0].text.strip(), "the chat answer is empty"

@@ -1,8 +1,10 @@
 """The paged KV pool, its block allocator and per-sequence page tables.
 
-Layout: for every layer a (keys, values) pair of [replicas, pages, page_size,
-kv_heads, head_dim] arrays, kept as separate arrays per layer so the decode step
-never slices a stacked buffer. Each data-parallel replica owns its own pages
+Layout: `pool` is a list of (keys, values) pairs of [replicas, layers, pages,
+page_size, kv_heads, head_dim] arrays. Unrolled models keep one pair per layer
+(layers = 1) so the decode step never slices a stacked buffer; models whose
+layers run as one loop (`stacked`) keep a single pair holding every layer, which
+the loop reads and writes by index in place. Each data-parallel replica owns its own pages
 (the leading axis is sharded over the mesh's data axis) and page ids are local
 to a replica. Page 0 of every replica is reserved: padding tokens write there
 and unused page-table entries point there, so no real sequence ever sees them.
@@ -111,12 +113,13 @@ class PagedKVCacheManager:
     """
 
     def __init__(self, params: KVCacheParams, num_pages: int, mesh: Mesh, allocate: bool = True,
-                 enable_prefix_caching: bool = False, replicas: int = 1):
+                 enable_prefix_caching: bool = False, replicas: int = 1, stacked: bool = False):
         if num_pages < 2:
             raise ValueError("the KV pool needs at least 2 pages (page 0 is reserved).")
         self.params = params
         self.num_pages = num_pages  # per replica
         self.replicas = replicas
+        self.stacked = stacked
         self.mesh = mesh
         self._replicas = [_Replica(num_pages, enable_prefix_caching) for _ in range(replicas)]
         self._pages: dict[str, list[int]] = {}
@@ -135,18 +138,25 @@ class PagedKVCacheManager:
 
     @property
     def pool_sharding(self):
-        return named_sharding(self.mesh, ("batch", "pages", "page_slots", "kv_heads", "head_dim"))
+        return named_sharding(self.mesh, ("batch", "layers", "pages", "page_slots", "kv_heads", "head_dim"))
 
     @property
-    def pool_shape(self) -> tuple[int, int, int, int, int]:
+    def pool_shape(self) -> tuple[int, ...]:
+        """The shape of each array of `pool`."""
         p = self.params
-        return (self.replicas, self.num_pages, p.page_size, p.kv_heads, p.head_dim)
+        layers = p.num_layers if self.stacked else 1
+        return (self.replicas, layers, self.num_pages, p.page_size, p.kv_heads, p.head_dim)
+
+    @property
+    def pool_groups(self) -> int:
+        """How many (keys, values) pairs `pool` holds."""
+        return 1 if self.stacked else self.params.num_layers
 
     def _allocate_pool(self):
         zeros = jax.jit(
             lambda: jnp.zeros(self.pool_shape, self.params.dtype), out_shardings=self.pool_sharding
         )
-        return [(zeros(), zeros()) for _ in range(self.params.num_layers)]
+        return [(zeros(), zeros()) for _ in range(self.pool_groups)]
 
     # -- bookkeeping -------------------------------------------------------
     def claim(self, request_id: str, tokens=None, replica: int | None = None, total_tokens: int | None = None) -> int:

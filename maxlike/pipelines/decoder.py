@@ -29,8 +29,14 @@ from maxlike.pipelines.sizing import DecoderSizing
 from maxlike.sharding import named_sharding, replicated
 from maxlike.weights import converted, read_weights
 
+from graphs.base import stack_layers, stacked_specs
+
 MIN_PREFILL_BUCKET = 16
 STOP_SLOTS = 8  # stop ids per row the on-device decode loop checks; any further ones stop on the host
+# Whether layers run as one loop over stacked weights (PipelineConfig.scan_layers=None), per backend.
+# TPU: a loop cuts each executable 3-16x (DESIGN.md section 8). GPU: an H100 probe streamed a stacked
+# slice at 0.8 vs 2.2 TB/s unrolled, so unrolled until a GPU measures the in-place form. CPU: see README.
+SCAN_LAYERS_DEFAULT = {"tpu": True, "gpu": False, "cpu": False}
 
 
 class DecoderPipelineModel(DecoderSizing, ServingModel):
@@ -58,8 +64,11 @@ class DecoderPipelineModel(DecoderSizing, ServingModel):
         self.kv_repeat = max(1, self.tensor_parallel_degree // self.config.kv_heads)
         if self.kv_repeat > 1:
             self.config = dataclasses.replace(self.config, kv_heads=self.config.kv_heads * self.kv_repeat)
-        specs = self.arch.weight_specs(self.config)
-        self._specs = specs
+        scan = pipeline_config.scan_layers
+        self.scan_layers = SCAN_LAYERS_DEFAULT.get(session.platform, False) if scan is None else scan
+        self._layer_specs = self.arch.weight_specs(self.config)  # per layer, as checkpoints hold them
+        specs = stacked_specs(self._layer_specs) if self.scan_layers else self._layer_specs
+        self._specs = specs  # as `params` holds them
         self.weights_source = "none (compile-only)"  # or where `params` came from
         self.kv_params, self.max_batch_size, num_pages = self._plan_kv_cache(specs)
         self.compile_only = pipeline_config.compile_only
@@ -68,13 +77,13 @@ class DecoderPipelineModel(DecoderSizing, ServingModel):
             session.prefetch()  # executables load in the background while the weights do
         self.kv_manager = PagedKVCacheManager(self.kv_params, num_pages, mesh, replicas=self.replicas,
                                               enable_prefix_caching=kv_cache_config.enable_prefix_caching,
-                                              allocate=not self.compile_only)
+                                              allocate=not self.compile_only, stacked=self.scan_layers)
         if self.compile_only:  # shapes and shardings only: nothing is read or allocated
             self.params = {name: jax.ShapeDtypeStruct(spec.shape, self.dtype, sharding=named_sharding(mesh, spec.axes))
                            for name, spec in specs.items()}
             pool = jax.ShapeDtypeStruct(self.kv_manager.pool_shape, self.kv_params.dtype,
                                         sharding=self.kv_manager.pool_sharding)
-            self.kv_manager.pool = [(pool, pool) for _ in range(self.kv_params.num_layers)]
+            self.kv_manager.pool = [(pool, pool) for _ in range(self.kv_manager.pool_groups)]
         else:
             try:
                 self.params = self._load_params(weights, progress)
@@ -98,9 +107,9 @@ class DecoderPipelineModel(DecoderSizing, ServingModel):
                 return params
         if weights is not None:
             self.weights_source = "weights passed to the model"
-        host = weights if weights is not None else self._read_weights(progress)
+        host = self._to_layout(weights if weights is not None else self._read_weights(progress))
         # Every file was checked and read, and the KV cache planned, before the first device allocation.
-        params = {name: _place_sharded(self._repeat_kv(host[name], specs[name]), shardings[name], self.dtype)
+        params = {name: _place_sharded(host[name], shardings[name], self.dtype)
                   for name in tqdm(specs, desc="placing weights", unit="tensor", disable=not progress)}
         del host
         if checkpoint is not None:
@@ -132,8 +141,7 @@ class DecoderPipelineModel(DecoderSizing, ServingModel):
         checkpoint = self._weights_checkpoint()
         if checkpoint is None or os.path.isdir(checkpoint):
             return checkpoint
-        host = self._read_weights(progress)
-        host = {name: self._repeat_kv(host[name], spec) for name, spec in self._specs.items()}
+        host = self._to_layout(self._read_weights(progress))
         return checkpoint if converted.save(checkpoint, host) else None
 
     def _cache_identity(self, num_pages: int) -> dict[str, str]:
@@ -142,7 +150,7 @@ class DecoderPipelineModel(DecoderSizing, ServingModel):
         architecture registered from outside maxlike misses the cache when its code changes."""
         program = repr((type(self).__name__, self.arch.name, self.config, str(self.dtype), self.kv_params, num_pages,
                         self.replicas, self.max_batch_size, self.max_length, self._max_prefill_tokens,
-                        self.return_logits, self.return_hidden_states))
+                        self.return_logits, self.return_hidden_states, self.scan_layers))
         classes = [c for c in type(self).__mro__ if c.__module__ not in ("builtins", "abc", "typing")]
         return {"model": hashlib.sha256(program.encode()).hexdigest()[:16], "architecture": self.arch.name,
                 "code": files_hash(defining_files(*self.arch.functions(), *classes)),
@@ -157,6 +165,12 @@ class DecoderPipelineModel(DecoderSizing, ServingModel):
         if self.compile_only:
             raise RuntimeError("this model was built compile-only (PipelineConfig(compile_only=True)): it holds no "
                                "weights or KV cache and cannot run; build it again without compile_only to run it.")
+
+    def _to_layout(self, host: dict) -> dict:
+        """Host arrays as the checkpoint gives them (per layer) -> as `params` holds them:
+        KV heads repeated for the mesh, layers stacked when they run as one loop."""
+        host = {name: self._repeat_kv(host[name], spec) for name, spec in self._layer_specs.items()}
+        return stack_layers(host) if self.scan_layers else host
 
     def _repeat_kv(self, array, spec) -> np.ndarray:
         if self.kv_repeat == 1 or "kv_heads" not in spec.axes:
@@ -381,7 +395,7 @@ class DecoderPipelineModel(DecoderSizing, ServingModel):
     def _step(self, params, kv, arrays):
         cfg = self.config
         hidden, kv = self.arch.forward(cfg, params, kv, arrays["tokens"], arrays["positions"], arrays["slots"],
-                                       arrays["page_table"], backend=self.session.platform)
+                                       arrays["page_table"], backend=self.session.platform, scan=self.scan_layers)
         picked = jnp.take_along_axis(hidden, arrays["logit_indices"][..., None], axis=1)  # [B, N, D]
         logits = self.arch.lm_head(cfg, params, picked).astype(jnp.float32)  # [B, N, V]
         out = {"next_token_logits": logits[:, -1]}
