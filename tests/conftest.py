@@ -171,3 +171,23 @@ def free_port() -> int:
 
 def random_prompt(n: int, seed: int, vocab: int = 320) -> np.ndarray:
     return np.random.RandomState(seed).randint(3, vocab, size=n).astype(np.int32)
+
+
+def kinds_written(cache) -> dict[str, int]:
+    """Executables in a cache folder by kind (log-prob sizes together), from their records."""
+    import glob
+    import json
+    import re
+
+    out: dict[str, int] = {}
+    for path in glob.glob(os.path.join(str(cache), "executables", "*.json")):
+        with open(path) as f:
+            name = re.sub(r"_top\d+$", "", json.load(f)["key"]["name"])
+        out[name] = out.get(name, 0) + 1
+    return out
+
+
+def dry_run_counts(stdout: str) -> dict[str, int]:
+    """warm-cache's first line, "N executables (7 step, 7 unpack_inputs, ...)", as a dict."""
+    listed = stdout.split(" executables (")[1].split(")")[0]
+    return {name: int(n) for n, name in (part.split() for part in listed.split(", "))}

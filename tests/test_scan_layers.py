@@ -61,16 +61,18 @@ def _pool_copies(model) -> list[str]:
     return lines
 
 
-def test_the_stacked_pool_is_donated_and_written_in_place(tiny_llama):
+@pytest.mark.parametrize("scan", [True, False], ids=["scan", "unrolled"])
+def test_the_pool_is_donated_and_written_in_place(tiny_llama, scan):
+    """No pool-sized copy in the step or the decode loop (whose sampling is a `cond` on the logits)."""
     from maxlike.entrypoints import LLM
     from maxlike.pipelines import PipelineConfig
 
-    llm = LLM(PipelineConfig(model_path=tiny_llama[0], max_length=128, max_batch_size=2, scan_layers=True,
+    llm = LLM(PipelineConfig(model_path=tiny_llama[0], max_length=128, max_batch_size=2, scan_layers=scan,
                              max_num_steps=4), progress=False)
     model = llm.pipeline.model
     before = model.kv_manager.pool[0][0]
     out = llm.generate_outputs([random_prompt(9, seed=1).tolist()], max_new_tokens=6, use_tqdm=False)[0]
     assert len(out.token_ids) == 6
-    assert before.is_deleted(), "the stacked pool was not donated"
+    assert before.is_deleted(), "the pool was not donated"
     assert model.session.executables("decode_loop") and model.session.executables("step")
     assert _pool_copies(model) == []

@@ -15,6 +15,8 @@ import sys
 
 import pytest
 
+from conftest import dry_run_counts, kinds_written
+
 pytestmark = pytest.mark.tpu_target
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -70,6 +72,7 @@ def test_tiny_llama_tensor_parallel_4(eight_head_models, tmp_path):
                         "--max-batch-size", "1", "--max-length", "32", "--kv-cache-page-size", "16")
     records = _check_one_step_per_bucket(result, tmp_path, "(('data', 1), ('tensor', 4))")
     assert {"step", "decode_loop", "unpack_inputs", "sample", "sample_greedy"} <= {r["key"]["name"] for r in records}
+    assert kinds_written(tmp_path) == dry_run_counts(result.stdout)  # the closed form, for a TPU mesh too
     profile = glob.glob(str(tmp_path / "executables" / "activations" / "*.json"))
     assert len(profile) == 1 and json.load(open(profile[0]))["temp_bytes"] > 0
 

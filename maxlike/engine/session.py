@@ -40,6 +40,7 @@ class CompileStats:
     load_seconds: float = 0.0
     cached_bytes: int = 0  # written to the cache by this session
     prefetched: int = 0  # of the loaded: read in the background while the weights loaded
+    records: list[dict] = field(default_factory=list)  # one per compile: name, seconds, bytes (serialized)
 
     def as_dict(self) -> dict[str, Any]:
         return {"compiled": self.compiled, "compile_seconds": round(self.compile_seconds, 3),
@@ -188,9 +189,12 @@ class InferenceSession:
         log.debug("compiled %s in %.2fs", name, dt)
         self._executables[key] = exe
         memory = self._note_memory(exe)
+        size = 0
         if parts is not None:
             notes = {"memory": memory, **({"target": self.target} if self.target else {})}
-            self.stats.cached_bytes += self.cache.store(parts, exe, dt, notes=notes)
+            size = self.cache.store(parts, exe, dt, notes=notes)
+            self.stats.cached_bytes += size
+        self.stats.records.append({"name": name, "seconds": round(dt, 3), "bytes": size})
         return exe
 
     FIRST_USED = 16  # how many executables a start remembers using first, for the next start to prefetch

@@ -8,7 +8,10 @@ Each flag's type comes from the field's declared type.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import os
+import subprocess
 import sys
 import time
 import types
@@ -157,15 +160,42 @@ def cmd_warm_cache(args) -> int:
         raise ConfigError(f"--target {target}: this machine's backend is {jax.default_backend()}; XLA compiles for "
                           f"{target} only where it is present (TPU slices excepted: --target tpu:<topology>), "
                           "so run warm-cache there.")
+    if args.jobs is not None and args.jobs < 1:
+        raise ConfigError(f"--jobs must be >= 1, got {args.jobs}.")
     t0 = time.perf_counter()
-    _, pipeline = PIPELINE_REGISTRY.retrieve(config, progress=not args.quiet)
-    pipeline.compile_all(progress=not args.quiet)
-    stats = pipeline.model.session.stats
-    print(f"warm-cache: {stats.compiled + stats.loaded} executables for {len(pipeline.model.step_buckets())} buckets "
-          f"({stats.compiled} compiled in {stats.compile_seconds:.1f}s, {stats.loaded} already cached), "
+    _, pipeline = PIPELINE_REGISTRY.retrieve(config, progress=not args.quiet and args.shard is None)
+    model, stats = pipeline.model, pipeline.model.session.stats
+    if args.shard is not None:  # one worker of --jobs: its part of the set, a JSON line for the parent
+        index, count = (int(x) for x in args.shard.split("/"))
+        pipeline.compile_all(progress=False, shard=(index, count))
+        print(json.dumps({"compiled": stats.compiled, "compile_seconds": stats.compile_seconds,
+                          "cached_bytes": stats.cached_bytes, "peak_temp_bytes": model.session.peak_temp_bytes,
+                          "records": stats.records}))
+        return 0
+    counts = model.executable_counts(pipeline.max_num_steps)
+    buckets = len(model.step_buckets())
+    print(f"warm-cache: {buckets} buckets, {sum(counts.values())} executables ("
+          + ", ".join(f"{n} {name}" for name, n in counts.items() if n) + ")", flush=True)
+    if args.dry_run:
+        return 0
+    jobs = min(args.jobs or os.cpu_count() or 1, buckets)
+    if jobs > 1:
+        results = _compile_in_workers(args, jobs)
+        stats.compiled = sum(r["compiled"] for r in results)
+        stats.compile_seconds = sum(r["compile_seconds"] for r in results)
+        stats.cached_bytes = sum(r["cached_bytes"] for r in results)
+        stats.records = [record for r in results for record in r["records"]]
+        model.session.peak_temp_bytes = max(r["peak_temp_bytes"] for r in results)
+        model.record_activation_memory()
+    else:
+        pipeline.compile_all(progress=not args.quiet)
+    print(f"warm-cache: {stats.compiled + stats.loaded} executables for {buckets} buckets "
+          f"({stats.compiled} compiled in {stats.compile_seconds:.1f}s, {stats.loaded} already cached, "
+          f"{jobs} job{'s' if jobs > 1 else ''}), "
           f"{stats.cached_bytes / 2**20:.1f} MiB written to {executable_cache_dir(config)} "
           f"in {time.perf_counter() - t0:.1f}s")
-    convert = getattr(pipeline.model, "convert_weights", None)
+    _print_slowest_and_largest(stats.records)
+    convert = getattr(model, "convert_weights", None)
     if not args.convert_weights or not config.weights_cache or convert is None:
         print("warm-cache: weights not converted (--no-convert-weights or --no-weights-cache)")
         return 0
@@ -174,6 +204,42 @@ def cmd_warm_cache(args) -> int:
     print(f"warm-cache: converted weights in {folder} ({time.perf_counter() - t0:.1f}s)" if folder else
           "warm-cache: the converted weights could not be cached (see the warning above)")
     return 0
+
+
+def _compile_in_workers(args, jobs: int) -> list[dict]:
+    """Split the bucket set over `jobs` processes running this same command (each compile is
+    independent and every cache write atomic); their JSON result lines, or an error naming
+    the worker that failed."""
+    argv = [a for a in args.argv if a != "--quiet"]
+    # Compiling for a TPU topology touches no TPU, so several processes may load libtpu (whose
+    # lockfile otherwise admits one per machine).
+    env = dict(os.environ, ALLOW_MULTIPLE_LIBTPU_LOAD="1")
+    procs = [subprocess.Popen([sys.executable, "-m", "maxlike.entrypoints.cli", *argv, "--quiet", "--jobs", "1",
+                               "--shard", f"{i}/{jobs}"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env=env)
+             for i in range(jobs)]
+    results, failed = [], []
+    for i, proc in enumerate(procs):
+        out, err = proc.communicate()
+        if proc.returncode != 0:
+            failed.append(f"worker {i + 1}/{jobs} exited with {proc.returncode}: {err.strip()[-2000:]}")
+        else:
+            results.append(json.loads(out.strip().splitlines()[-1]))
+    if failed:
+        raise RuntimeError("warm-cache --jobs: " + "; ".join(failed))
+    return results
+
+
+def _print_slowest_and_largest(records: list[dict], top: int = 5) -> None:
+    if not records:
+        return
+    print(f"warm-cache: the slowest and largest of {len(records)} compiles")
+    print(f"  {'executable':<22} {'bucket (rows x tokens x width)':>32} {'seconds':>9} {'MiB':>9}")
+    seen = set()
+    for r in sorted(records, key=lambda r: -r["seconds"])[:top] + sorted(records, key=lambda r: -r["bytes"])[:top]:
+        if id(r) not in seen:
+            seen.add(id(r))
+            print(f"  {r['name']:<22} {r.get('bucket', '-'):>32} {r['seconds']:>9.2f} {r['bytes'] / 2**20:>9.2f}")
 
 
 def cmd_serve(args) -> int:
@@ -229,6 +295,10 @@ def build_parser() -> argparse.ArgumentParser:
     warm.add_argument("--target", help="cpu or gpu (this machine's backend, the default), or tpu:<topology> such "
                       "as tpu:v5e:2x2 to compile for a TPU slice this machine lacks (needs maxlike[tpu])")
     warm.add_argument("--quiet", action="store_true", help="no progress bars")
+    warm.add_argument("--dry-run", action="store_true", help="print the bucket and executable counts, compile nothing")
+    warm.add_argument("--jobs", type=int, help="compile in this many worker processes (default: the number of "
+                      "cores; 1: in this process)")
+    warm.add_argument("--shard", help=argparse.SUPPRESS)  # "i/n": one --jobs worker's part of the bucket set
     warm.add_argument("--convert-weights", action=argparse.BooleanOptionalAction, default=True,
                       help="also read and convert the weights into the converted-weights cache, on the host "
                       "(default: on), so the first start after warm-cache reads no checkpoint")
@@ -265,6 +335,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # what warm-cache --jobs hands its workers
     if unknown:
         command = parser.commands[args.command]
         command.error(f"unrecognized arguments: {command.suggest(unknown)}")

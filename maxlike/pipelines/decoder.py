@@ -208,6 +208,23 @@ class DecoderPipelineModel(DecoderSizing, ServingModel):
         prefill = [(b, t, self._max_width) for b in batches for t in tokens if b * t <= self._max_prefill_tokens]
         return decode + prefill
 
+    def executable_counts(self, max_num_steps: int) -> dict[str, int]:
+        """How many executables of each kind a full warm-up makes, in closed form (the
+        README's formula). With B, W, T the largest batch, page-table width and prefill
+        token buckets (powers of two), nb = log2(B) + 1 batch buckets and nw = log2(W) + 1
+        widths: decode buckets nb * nw, prefill buckets the sum over t = 16, 32, ..., T of
+        log2(min(B, T / t)) + 1, and L log-prob sizes."""
+        nb, nw = self._bucket_batch(self.max_batch_size).bit_length(), self._max_width.bit_length()
+        t_max = self._max_prefill_tokens
+        decode = nb * nw
+        prefill = sum(min(self._bucket_batch(self.max_batch_size), t_max // t).bit_length()
+                      for t in (2**i for i in range(t_max.bit_length())) if t >= MIN_PREFILL_BUCKET)
+        top_n = len(self._logprob_buckets())
+        return {"step": decode + prefill, "unpack_inputs": decode + prefill, "decode_loop": decode,
+                "prepare_next": decode if max_num_steps > 1 else 0, "logprobs": nb * top_n,
+                "echo_logprobs": prefill * top_n if self.return_logits == ReturnLogits.ALL else 0,
+                "sample": nb, "sample_greedy": nb}
+
     # -- input preparation ------------------------------------------------
 
     def prepare_initial_token_inputs(self, replica_batches: Sequence[Sequence[TextContext]],
@@ -330,10 +347,12 @@ class DecoderPipelineModel(DecoderSizing, ServingModel):
         return inputs.replace(logit_counts=(0,) * len(padding), row_ids=padding, written_end=(0,) * len(padding),
                               capacity=(0,) * len(padding))
 
-    def compile_bucket(self, rows: int, tokens: int, width: int, max_num_steps: int) -> BucketShapes:
+    def compile_bucket(self, rows: int, tokens: int, width: int, max_num_steps: int,
+                       per_rows: bool = True) -> BucketShapes:
         """Compile (not run) this bucket's model executables from abstract inputs: the input
-        unpacker, the step, the log-probabilities and, for decode buckets, the decode loops and
-        prepare_next. Returns the step's abstract next-token logits, for the samplers."""
+        unpacker, the step, the log-probabilities (those shared by every bucket of these rows
+        only with `per_rows`) and, for decode buckets, the decode loop and prepare_next.
+        Returns the step's abstract next-token logits, for the samplers."""
         layout = self.bucket_layout(rows, tokens, width)
         i32 = np.dtype(np.int32)
         packed = jax.ShapeDtypeStruct((sum(int(np.prod(shape)) for _, shape in layout),), i32,
@@ -347,7 +366,8 @@ class DecoderPipelineModel(DecoderSizing, ServingModel):
         logits = jax.ShapeDtypeStruct((total, self.vocab_size), f32, sharding=out_shardings["next_token_logits"])
         sampled = jax.ShapeDtypeStruct((total,), i32, sharding=self._replicated)  # what the samplers return
         for top_n in self._logprob_buckets():
-            self._logprobs_executable(top_n, logits, sampled)
+            if per_rows:
+                self._logprobs_executable(top_n, logits, sampled)
             if tokens > 1 and self.return_logits == ReturnLogits.ALL:
                 all_logits = jax.ShapeDtypeStruct((total, tokens, self.vocab_size), f32,
                                                   sharding=out_shardings["logits"])
@@ -356,9 +376,8 @@ class DecoderPipelineModel(DecoderSizing, ServingModel):
             rep = lambda shape: jax.ShapeDtypeStruct(shape, i32)  # noqa: E731  (host arrays go straight in)
             if max_num_steps > 1:
                 self._next_inputs_executable(sampled, arrays)
-            for params in (None, sampling.SamplingInputs.abstract(total)):
-                self._loop_executable(arrays, params, rep((total, self.stop_slots)), rep((total,)), rep(()),
-                                      max_num_steps)
+            self._loop_executable(arrays, sampling.SamplingInputs.abstract(total), rep((total, self.stop_slots)),
+                                  rep((total,)), rep(()), max_num_steps)
         return BucketShapes(logits=logits, positions=jax.ShapeDtypeStruct((total,), i32, sharding=self._by_row))
 
     def prepare_next_token_inputs(self, next_tokens: jax.Array, prev_model_inputs: ModelInputs) -> ModelInputs:
@@ -435,9 +454,17 @@ class DecoderPipelineModel(DecoderSizing, ServingModel):
         """Up to `num_steps` (<= max_steps) decode steps in one `while_loop`: step, sample,
         next inputs. Stops early once every row has sampled a stop id or used its budget.
         Returns tokens [max_steps, B] (-1 where a row had finished or the loop had ended)
-        and the tokens sampled last [B] (the next step's inputs)."""
+        and the tokens sampled last [B] (the next step's inputs).
+
+        Sampling parameters are data: each step's `cond` on the logits alone runs argmax
+        when no row samples, else the sampler, so one executable serves both. (A `cond`
+        around two whole loops made XLA copy the pool into each branch.)"""
         page_size = self.kv_params.page_size
         rows = arrays["tokens"].shape[0]
+        any_sampled = jnp.any(sampling_inputs.temperature > 0)
+
+        def sample(logits, positions):
+            return sampling.sample(logits, sampling_inputs, positions)
 
         def cond(carry):
             i, done = carry[0], carry[1]
@@ -447,10 +474,8 @@ class DecoderPipelineModel(DecoderSizing, ServingModel):
             i, done, kv, arrays, out = carry
             step_out, kv = self._step(params, kv, arrays)
             logits = step_out["next_token_logits"]
-            if sampling_inputs is None:
-                tokens = sampling.greedy(logits)
-            else:
-                tokens = sampling.sample(logits, sampling_inputs, arrays["cache_lengths"] + arrays["input_lengths"])
+            positions = arrays["cache_lengths"] + arrays["input_lengths"]
+            tokens = jax.lax.cond(any_sampled, sample, lambda logits, _: sampling.greedy(logits), logits, positions)
             out = out.at[i].set(jnp.where(done, -1, tokens))
             done = done | jnp.any(tokens[:, None] == stop_ids, axis=1) | (i + 1 >= budgets)
             return i + 1, done, kv, _next_inputs(page_size, tokens, arrays), out
@@ -467,13 +492,15 @@ class DecoderPipelineModel(DecoderSizing, ServingModel):
 
         stop_ids [B, stop_slots] (-1 padded) and budgets [B] (tokens each row may
         still make) let the loop end as soon as every row has finished. One
-        executable per (decode bucket, max_steps, greedy or sampled).
+        executable per (decode bucket, max_steps); sampling_inputs None: every row greedy.
         """
         self._check_runnable()
         if not 1 <= num_steps <= max_steps:
             raise ValueError(f"num_steps must be in [1, {max_steps}], got {num_steps}.")
         self._check_room(model_inputs, num_steps - 1)  # the loop's first step runs these inputs themselves
         arrays = model_inputs.arrays()
+        if sampling_inputs is None:
+            sampling_inputs = sampling.SamplingInputs.build([], [], arrays["tokens"].shape[0])
         # Small host arrays go straight into the call: cheaper than a device_put each.
         host = (np.asarray(stop_ids, np.int32), np.asarray(budgets, np.int32), np.int32(num_steps))
         exe = self._loop_executable(arrays, sampling_inputs, *host, max_steps)
@@ -482,7 +509,7 @@ class DecoderPipelineModel(DecoderSizing, ServingModel):
 
     def _loop_executable(self, arrays: dict, sampling_inputs, stop_ids, budgets, num_steps, max_steps: int):
         args = (self.params, self.kv_manager.pool, arrays, sampling_inputs, stop_ids, budgets, num_steps)
-        key = (max_steps, sampling_inputs is None, tuple((k, v.shape) for k, v in arrays.items()))
+        key = (max_steps, tuple((k, v.shape) for k, v in arrays.items()))
         return self.session.compile("decode_loop", partial(self._decode_loop, max_steps=max_steps), args,
                                     donate_argnums=(1,), key=key,
                                     out_shardings=((self._replicated, self._by_row), self.kv_manager.pool_sharding))

@@ -80,9 +80,16 @@ class ServingModel(PipelineModel[TextContext]):
         """Inputs of one bucket that touch only the null page (for warm-up runs)."""
 
     @abstractmethod
-    def compile_bucket(self, rows: int, tokens: int, width: int, max_num_steps: int) -> BucketShapes:
+    def compile_bucket(self, rows: int, tokens: int, width: int, max_num_steps: int,
+                       per_rows: bool = True) -> BucketShapes:
         """Compile, without running, every model executable of one bucket (its step, input
-        unpacker, log-probabilities and, for decode buckets, the decode loops)."""
+        unpacker, log-probabilities and, for decode buckets, the decode loop); those shared by
+        every bucket of the same rows (next-token log-probabilities) only with `per_rows`."""
+
+    @abstractmethod
+    def executable_counts(self, max_num_steps: int) -> dict[str, int]:
+        """How many executables of each kind (by compile name, log-prob sizes together) a full
+        warm-up makes: known before compiling anything (`warm-cache --dry-run`)."""
 
     @abstractmethod
     def execute_decode_loop(self, model_inputs: ModelInputs, num_steps: int, max_steps: int,

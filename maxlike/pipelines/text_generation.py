@@ -299,23 +299,36 @@ class TextGenerationPipeline:
                 if self.max_num_steps > 1:
                     model.prepare_next_token_inputs(greedy, inputs)
                 stops, budgets = np.full((total, model.stop_slots), -1, np.int32), np.zeros((total,), np.int32)
-                for params in (None, sampling.SamplingInputs.build([], [], total)):
-                    model.execute_decode_loop(inputs, 1, self.max_num_steps, params, stops, budgets)
+                model.execute_decode_loop(inputs, 1, self.max_num_steps, None, stops, budgets)
         jax.block_until_ready(model.kv_manager.pool)
         model.record_activation_memory()
 
-    def compile_all(self, *, progress: bool = True) -> None:
-        """Compile every executable of the bucket set from abstract inputs (nothing runs)."""
+    def compile_all(self, *, progress: bool = True, shard: tuple[int, int] = (0, 1)) -> None:
+        """Compile every executable of the bucket set from abstract inputs (nothing runs).
+        shard (i, n): only buckets i, i + n, ... (with what they share with other buckets of
+        their rows when they are the first of them), so n processes split the set exactly."""
         model = self.model
-        sampled: set[int] = set()
-        for rows, tokens, width in tqdm(model.step_buckets(), desc="compiling", unit="bucket", disable=not progress):
-            shapes = model.compile_bucket(rows, tokens, width, self.max_num_steps)
-            if rows not in sampled:
-                sampled.add(rows)
+        index, count = shard
+        first_of_rows: set[int] = set()
+        buckets = model.step_buckets()
+        todo = []
+        for j, (rows, tokens, width) in enumerate(buckets):
+            per_rows = rows not in first_of_rows
+            first_of_rows.add(rows)
+            if j % count == index:
+                todo.append((rows, tokens, width, per_rows))
+        records = model.session.stats.records
+        for rows, tokens, width, per_rows in tqdm(todo, desc="compiling", unit="bucket", disable=not progress):
+            seen = len(records)
+            shapes = model.compile_bucket(rows, tokens, width, self.max_num_steps, per_rows=per_rows)
+            if per_rows:
                 total = shapes.logits.shape[0]
                 self._sampler(shapes.logits, None, None)
                 self._sampler(shapes.logits, sampling.SamplingInputs.abstract(total), shapes.positions)
-        model.record_activation_memory()
+            for record in records[seen:]:  # for warm-cache's table of the slowest and largest
+                record["bucket"] = f"{rows}x{tokens}x{width}"
+        if count == 1:  # a shard saw only part of the set: whoever splits it records the whole set's peak
+            model.record_activation_memory()
 
     def stream_text(self, row: "GenerationRow") -> str:
         """The new text of `row` since the last call: incremental (each token is decoded once),
