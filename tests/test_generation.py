@@ -168,3 +168,30 @@ def test_streaming_feeds_each_token_to_the_detokenizer_once(tiny_llm, monkeypatc
     expect = tiny_llm.generate_outputs(["bytes"], sampling_params=params, use_tqdm=False)[0]
     assert "".join(pieces) == expect.text
     assert sum(fed) == len(expect.token_ids) == 60, "every token decoded once, none again"
+
+
+def test_sort_free_masks_equal_a_stable_sort_with_ties():
+    """The bisection masks against a stable sort written out in numpy: the k best (ties to the lower
+    id), then the prefix whose mass before each token stays below top_p, on logits full of ties."""
+    rng = np.random.default_rng(5)
+    b, n = 6, 300
+    x = rng.integers(-6, 4, size=(b, n)).astype(np.float32) * 0.75  # ten values: runs of equal logits
+    x[0, :] = 1.0  # one row all tied
+    x[1, 5] = -np.inf
+    k = np.array([1, 7, 40, 300, 123, 2], np.int32)
+    top_p = np.array([0.5, 0.9, 0.3, 1.0, 0.75, 0.999], np.float32)
+    keys = sampling._order_keys(jnp.asarray(x))
+    in_k = np.asarray(jax.jit(sampling.top_k_mask)(keys, jnp.asarray(k)))
+    lse = np.log(np.sum(np.where(in_k, np.exp(x.astype(np.float64)), 0), axis=-1))
+    probs = np.exp(x - lse[:, None]).astype(np.float32)
+    kept = np.asarray(jax.jit(sampling.nucleus_mask)(keys, jnp.asarray(probs), jnp.asarray(in_k), jnp.asarray(top_p)))
+    for r in range(b):
+        order = np.argsort(-x[r], kind="stable")  # equal logits: lower id first
+        want_k = np.zeros(n, bool)
+        want_k[order[: k[r]]] = True
+        assert (in_k[r] == want_k).all(), r
+        p = np.where(want_k, probs[r], 0)[order].astype(np.float64)
+        before = np.cumsum(p) - p
+        want = np.zeros(n, bool)
+        want[order[(before < top_p[r]) & want_k[order]]] = True
+        assert (kept[r] == want).all(), (r, np.flatnonzero(kept[r] != want))

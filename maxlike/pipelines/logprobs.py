@@ -18,8 +18,9 @@ def _top(top_n: int, logits: jax.Array, targets: jax.Array):
     """logits [B, N, V]; targets [B, N] -> (targets, their log-probs [B, N], top values and ids [B, N, top_n])."""
     lp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
     chosen = jnp.take_along_axis(lp, targets[..., None], axis=-1)[..., 0]
-    top_vals, top_ids = jax.lax.top_k(lp, top_n)
-    return targets, chosen, top_vals, top_ids
+    # top_k over a 2-D [B*N, V]: on TPU a 3-D one compiled to a sort (12 s against 0.4 s).
+    top_vals, top_ids = jax.lax.top_k(lp.reshape(-1, lp.shape[-1]), top_n)
+    return targets, chosen, top_vals.reshape(*lp.shape[:-1], top_n), top_ids.reshape(*lp.shape[:-1], top_n)
 
 
 def next_token(top_n: int, logits: jax.Array, next_tokens: jax.Array):
