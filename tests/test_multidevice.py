@@ -40,6 +40,10 @@ MESH_SCRIPT = textwrap.dedent("""
                   progress=False)
         outs = llm.generate_outputs(prompts, sampling_params=SamplingParams(top_k=1, max_new_tokens=8, ignore_eos=True),
                                     use_tqdm=False)
+        drawn = None  # seeded draws where rows are split over replicas (the sampler runs per replica)
+        if dp > 1 or tp == 1:
+            drawn = [o.token_ids for o in llm.generate_outputs(prompts, sampling_params=SamplingParams(
+                temperature=0.9, top_p=0.95, seed=7, max_new_tokens=8, ignore_eos=True), use_tqdm=False)]
         model = llm.pipeline.model
         # One prefill step over all prompts, spread over the replicas, for the logits.
         ctxs = [TextContext(f"x{i}", p, 40) for i, p in enumerate(prompts)]
@@ -58,7 +62,7 @@ MESH_SCRIPT = textwrap.dedent("""
         weights = sorted({str(d) + str(list(s)).replace(" ", "") for d, s in shapes})  # a layer's slice too
         stats = model.session.stats
         report[label] = dict(compiled=stats.compiled, loaded=stats.loaded,
-            tokens=[o.token_ids for o in outs], logits=logits.tolist(), all_reduce=hlo.count(" all-reduce("),
+            tokens=[o.token_ids for o in outs], drawn=drawn, logits=logits.tolist(), all_reduce=hlo.count(" all-reduce("),
             gathered_weights=[g for g in gathers if any(g.startswith(w.replace("float32", "f32")) for w in weights)],
             pool=list(model.kv_manager.pool[0][0].shape), mesh=dict(model.session.mesh.shape),
             buffers=len(model.signal_buffers))
@@ -87,6 +91,7 @@ def test_tensor_and_data_parallel_equal_one_device(eight_head_models, kind, mesh
     assert one["buffers"] == 0
     for name, r in report.items():
         assert r["tokens"] == one["tokens"], f"{name}: greedy tokens differ from one device"
+        assert r["drawn"] in (None, one["drawn"]), f"{name}: seeded draws differ from one device"
         err = float(np.abs(np.asarray(r["logits"]) - np.asarray(one["logits"])).max())
         assert err < 1e-5, f"{name}: logits differ by {err}"
         assert r["all_reduce"] > 0, f"{name}: the sharded step has no all-reduce"

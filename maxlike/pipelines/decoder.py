@@ -463,8 +463,10 @@ class DecoderPipelineModel(DecoderSizing, ServingModel):
         rows = arrays["tokens"].shape[0]
         any_sampled = jnp.any(sampling_inputs.temperature > 0)
 
+        sampler = sampling.sampler_for(self.session.mesh)
+
         def sample(logits, positions):
-            return sampling.sample(logits, sampling_inputs, positions)
+            return sampler(logits, sampling_inputs, positions)
 
         def cond(carry):
             i, done = carry[0], carry[1]

@@ -24,10 +24,13 @@ TPU took 10-15 s to compile per executable. Paths, picked on device per batch
 
 from __future__ import annotations
 
+from typing import Callable
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import struct
+from jax.sharding import PartitionSpec
 
 from maxlike.interfaces import SamplingParams
 
@@ -175,3 +178,13 @@ def sample(logits: jax.Array, params: SamplingInputs, positions: jax.Array) -> j
     limited = jax.lax.cond(jnp.any(sampled & ~whole), limited_rows, nothing, None)
     everything = jax.lax.cond(jnp.any(sampled & whole), every_token_rows, nothing, None)
     return jnp.where(sampled, jnp.where(whole, everything, limited), greedy(logits)).astype(jnp.int32)
+
+
+def sampler_for(mesh) -> Callable:
+    """`sample` for step outputs whose rows are split over the mesh's data axis: each replica
+    samples its own rows (`shard_map`; rows are independent). Left to the partitioner, the
+    split rows made TPU compile the sampler in 9.7 s instead of 4.0."""
+    if mesh.shape["data"] == 1:
+        return sample
+    rows = PartitionSpec("data")
+    return jax.shard_map(sample, mesh=mesh, in_specs=(rows, rows, rows), out_specs=rows, check_vma=False)

@@ -270,8 +270,8 @@ class TextGenerationPipeline:
         if params is None:
             return session.compile("sample_greedy", sampling.greedy, (logits,), key=logits.shape,
                                    out_shardings=everywhere)
-        return session.compile("sample", sampling.sample, (logits, params, positions), key=logits.shape,
-                               out_shardings=everywhere)
+        return session.compile("sample", sampling.sampler_for(session.mesh), (logits, params, positions),
+                               key=logits.shape, out_shardings=everywhere)
 
     def warmup(self, *, progress: bool = True) -> None:
         """Compile (and run once, on the null page) every executable of the bucket set.
