@@ -1,29 +1,30 @@
 """On-device token sampling: greedy, temperature, top-k, top-p, per-request seeds.
 
 A draw is the Gumbel-max trick over the tokens a row allows: the token with the
-largest logit / temperature + Gumbel noise. A row limited by top-k or top-p
-takes each token's noise from fold_in(fold_in(PRNGKey(seed), position), token
-id): it does not depend on which other tokens are looked at, so the row draws
-the same token whichever path below computes it. A row with neither always
-takes the same path, with noise drawn for the whole vocabulary at once from
-fold_in(PRNGKey(seed), position). Either way a seeded row draws the same token
-whatever batch it runs in.
+largest logit / temperature + Gumbel noise. Each token's noise is a hash of the
+row's seed, the position the new token takes and the token id (murmur3's 32-bit
+finaliser, 24 bits of it as the uniform): it does not depend on which other
+tokens are looked at, so a row draws the same token whichever path below
+computes it, and a seeded row the same token whatever batch it runs in. (A hash,
+not jax.random's threefry: that took most of the sampler's compile time, in
+every decode-loop executable.)
 
-Nothing sorts the vocabulary. The allowed set (the k best tokens, ties going to
-the lower id as `lax.top_k` breaks them, then the smallest prefix of that ranking
-whose mass before each token stays below top_p) is found by bisection over the
-logits' bit patterns: counting and summing passes instead of a sort, which on
-TPU took 10-15 s to compile per executable. Paths, picked on device per batch
-(`lax.cond`, one executable):
+The vocabulary is never sorted. Paths, picked on device per batch (`lax.cond`,
+one executable):
 - rows with neither top-k nor top-p draw over every token;
-- the others draw among the CANDIDATES best tokens when their allowed set lies
-  inside them: top_k <= CANDIDATES, or top-p alone whose nucleus those
-  candidates already cover;
-- otherwise (a larger top-k, a wider nucleus) over the whole vocabulary.
+- the others draw among the CANDIDATES best tokens (`lax.top_k`; 64 on TPU) when their
+  allowed set lies inside them: top_k <= CANDIDATES, or top-p alone whose
+  nucleus those candidates already cover;
+- otherwise (a larger top-k, a wider nucleus) over the whole vocabulary, the
+  allowed set (the k best, ties to the lower id as `lax.top_k` breaks them, then
+  the smallest prefix of that ranking whose mass before each token stays below
+  top_p) found by bisection over the logits' bit patterns: counting and summing
+  passes instead of a sort, which took TPU 10-15 s to compile.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import jax
@@ -67,9 +68,10 @@ def greedy(logits: jax.Array) -> jax.Array:
     return jnp.argmax(logits, axis=-1).astype(jnp.int32)
 
 
-# Best tokens looked at before the whole vocabulary is needed. `lax.top_k` up to 64 compiles in
-# 0.3 s for TPU; 128 and more became a sort (5-11 s).
-CANDIDATES = 64
+# Best tokens looked at before the whole vocabulary is needed. For TPU `lax.top_k` up to 64
+# compiled in 0.3 s, 128 and more became a sort (5-11 s); elsewhere 256 costs little.
+CANDIDATES = 256
+TPU_CANDIDATES = 64
 
 
 def _order_keys(x: jax.Array) -> jax.Array:
@@ -130,47 +132,63 @@ def nucleus_mask(keys: jax.Array, probs: jax.Array, allowed: jax.Array, top_p: j
     return allowed & ((keys > floor[:, None]) | _first_of_ties(tied, room))
 
 
-def sample(logits: jax.Array, params: SamplingInputs, positions: jax.Array) -> jax.Array:
+def _mix(h: jax.Array) -> jax.Array:
+    """murmur3's 32-bit finaliser: every input bit flips about half the output bits."""
+    h = h ^ (h >> 16)
+    h = h * jnp.uint32(0x85EBCA6B)
+    h = h ^ (h >> 13)
+    h = h * jnp.uint32(0xC2B2AE35)
+    return h ^ (h >> 16)
+
+
+def gumbel_noise(seed: jax.Array, positions: jax.Array, ids: jax.Array) -> jax.Array:
+    """seed [B] u32, positions [B], ids [B, N] -> standard Gumbel noise [B, N], a pure function
+    of (seed, position, token id)."""
+    row = _mix(_mix(seed.astype(jnp.uint32)) + positions.astype(jnp.uint32) * jnp.uint32(0x9E3779B1))
+    h = _mix(row[:, None] ^ _mix(ids.astype(jnp.uint32) * jnp.uint32(0x27D4EB2F) + jnp.uint32(0x165667B1)))
+    u = (h >> 8).astype(jnp.float32) * (2.0**-24) + 2.0**-25  # in (0, 1)
+    return -jnp.log(-jnp.log(u))
+
+
+def sample(logits: jax.Array, params: SamplingInputs, positions: jax.Array, candidates: int = CANDIDATES) -> jax.Array:
     """logits [B, V]; positions [B] (the position the new token will take) -> tokens [B]."""
     b, vocab = logits.shape
     sampled = params.temperature > 0
     x = logits.astype(jnp.float32) / jnp.where(sampled, params.temperature, 1.0)[:, None]
-    keys = jax.vmap(lambda s, p: jax.random.fold_in(jax.random.PRNGKey(s), p))(params.seed, positions)
     k = jnp.where(params.top_k > 0, jnp.minimum(params.top_k, vocab), vocab)  # [B]
     whole = (k >= vocab) & (params.top_p >= 1.0)  # every token allowed
-    c = min(CANDIDATES, vocab)
+    c = min(candidates, vocab)
+    every_id = jnp.broadcast_to(jnp.arange(vocab, dtype=jnp.int32), (b, vocab))
 
     def draw(vals, ids, allowed):
         """The allowed id with the largest vals + its own Gumbel noise (vals, ids, allowed [B, N])."""
-        noise = jax.vmap(lambda key, row: jax.vmap(lambda t: jax.random.gumbel(jax.random.fold_in(key, t)))(row))(
-            keys, ids)
-        pick = jnp.argmax(jnp.where(allowed, vals + noise, -jnp.inf), axis=-1)
+        noisy = vals + gumbel_noise(params.seed, positions, ids)
+        pick = jnp.argmax(jnp.where(allowed, noisy, -jnp.inf), axis=-1)
         return jnp.take_along_axis(ids, pick[:, None], axis=-1)[:, 0]
 
     def limited_rows(_):
-        vals, ids = jax.lax.top_k(x, c)  # [B, c], ties to the lower id (as every mask here breaks them)
-        vals_order = _order_keys(vals)
-        in_k = top_k_mask(vals_order, jnp.minimum(k, c))  # the global top k when k <= c
+        vals, ids = jax.lax.top_k(x, c)  # [B, c] descending, ties to the lower id
+        in_k = jnp.arange(c)[None, :] < k[:, None]
         # Top-k's mass is normalised over the top k, top-p alone's over the whole vocabulary.
         lse = jnp.where(k <= c, jax.nn.logsumexp(jnp.where(in_k, vals, -jnp.inf), axis=-1),
                         jax.nn.logsumexp(x, axis=-1))
-        probs = jnp.exp(vals - lse[:, None])
+        probs = jnp.where(in_k, jnp.exp(vals - lse[:, None]), 0.0)
         covered = (k <= c) | ((k >= vocab) & (jnp.sum(probs, axis=-1) >= params.top_p))
 
-        def by_candidates(_):
-            return draw(vals, ids, nucleus_mask(vals_order, probs, in_k, params.top_p))
+        def by_candidates(_):  # the mass before each candidate, in rank order
+            return draw(vals, ids, in_k & (jnp.cumsum(probs, axis=-1) - probs < params.top_p[:, None]))
 
         def by_vocabulary(_):
             order = _order_keys(x)
             every_k = top_k_mask(order, k)
             every_lse = jax.nn.logsumexp(jnp.where(every_k, x, -jnp.inf), axis=-1)
             allowed = nucleus_mask(order, jnp.exp(x - every_lse[:, None]), every_k, params.top_p)
-            return draw(x, jnp.broadcast_to(jnp.arange(vocab, dtype=jnp.int32), (b, vocab)), allowed)
+            return draw(x, every_id, allowed)
 
         return jax.lax.cond(jnp.any(sampled & ~whole & ~covered), by_vocabulary, by_candidates, None)
 
-    def every_token_rows(_):  # these rows always come here: bulk noise, no per-token keys needed
-        return jax.vmap(lambda key, row: jnp.argmax(row + jax.random.gumbel(key, (vocab,))))(keys, x).astype(jnp.int32)
+    def every_token_rows(_):
+        return draw(x, every_id, jnp.ones((b, vocab), bool))
 
     def nothing(_):
         return jnp.zeros((b,), jnp.int32)
@@ -184,7 +202,9 @@ def sampler_for(mesh) -> Callable:
     """`sample` for step outputs whose rows are split over the mesh's data axis: each replica
     samples its own rows (`shard_map`; rows are independent). Left to the partitioner, the
     split rows made TPU compile the sampler in 9.7 s instead of 4.0."""
+    tpu = next(iter(mesh.devices.flat)).platform == "tpu"
+    fn = functools.partial(sample, candidates=TPU_CANDIDATES if tpu else CANDIDATES)
     if mesh.shape["data"] == 1:
-        return sample
+        return fn
     rows = PartitionSpec("data")
-    return jax.shard_map(sample, mesh=mesh, in_specs=(rows, rows, rows), out_specs=rows, check_vma=False)
+    return jax.shard_map(fn, mesh=mesh, in_specs=(rows, rows, rows), out_specs=rows, check_vma=False)
