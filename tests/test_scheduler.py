@@ -129,8 +129,8 @@ def test_forbid_compile_after_warmup_with_a_mixed_workload(tiny_llama):
     buckets = llm.pipeline.model.step_buckets()
     decode = sum(1 for _, tokens, _ in buckets if tokens == 1)
     # per bucket a step and an input unpacker; per batch size 2 samplers and 2 log-prob executables
-    # (top-n buckets 5 and 20); per decode bucket prepare_next and the greedy and sampled decode loops
-    assert warm == 2 * len(buckets) + 4 * 2 + 3 * decode  # batch sizes 1 and 2
+    # (top-n buckets 5 and 20); per decode bucket prepare_next and one decode loop (greedy and sampled)
+    assert warm == 2 * len(buckets) + 4 * 2 + 2 * decode  # batch sizes 1 and 2
     rng = np.random.default_rng(1)
     prompts, params = [], []
     for i in range(200):
