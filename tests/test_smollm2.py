@@ -45,7 +45,7 @@ def hf_reference(hf_smollm2):
     return out
 
 
-@pytest.mark.parametrize("scan", [False, True], ids=["unrolled", "scan"])
+@pytest.mark.parametrize("scan", [False, pytest.param(True, marks=pytest.mark.slow)], ids=["unrolled", "scan"])
 def test_greedy_generation_equals_hf_token_for_token(smollm2_path, hf_smollm2, hf_reference, scan):
     """Both layer forms (unrolled, and one loop over stacked weights) against HF."""
     from maxlike.entrypoints import LLM
