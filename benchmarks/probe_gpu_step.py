@@ -3,7 +3,9 @@
     python benchmarks/probe_gpu_step.py [--shape llama-1b]
 
 Batch-1 decode tokens/s (10 steps per call) with a small and a large KV pool
-(a step that copies the pool slows down with its size), the pool-shaped copies
+(a step that copies the pool slows down with its size), layers unrolled and as
+one loop over stacked weights (scan_layers: the GPU default is chosen by this
+figure, still to be measured), the pool-shaped copies
 XLA left in the compiled decode loop, and variants of the KV write and of the
 attention gather, each in the same process on the same weights.
 """
@@ -27,27 +29,27 @@ from maxlike.entrypoints.bench import maxlike_generate, measure  # noqa: E402
 from maxlike.pipelines import PipelineConfig  # noqa: E402
 
 
-def write_kv_plain(pages, new, slots):
-    """The KV write without the extra null-slot write (that one only helps XLA:CPU)."""
-    n, s, kv, d = pages.shape
-    flat = pages.reshape(n * s, kv, d).at[slots.reshape(-1)].set(new.reshape(-1, kv, d).astype(pages.dtype),
-                                                                   mode="promise_in_bounds")
-    return flat.reshape(n, s, kv, d)
+def write_kv_plain(pages, new, slots, layer=0, *, backend="gpu"):
+    """The KV write without the extra null-slot write (that one only helps XLA:CPU); one replica."""
+    _, l, n, s, kv, d = pages.shape
+    flat = pages[0].reshape(l * n * s, kv, d).at[slots.reshape(-1) + layer * n * s].set(
+        new.reshape(-1, kv, d).astype(pages.dtype), mode="promise_in_bounds")
+    return flat.reshape(l, n, s, kv, d)[None]
 
 
-def write_kv_bits(pages, new, slots):
+def write_kv_bits(pages, new, slots, layer=0, *, backend="gpu"):
     """The KV write as a scatter of the values' bits (uint16 for bf16): integer scatters are never
     widened to f32, which XLA:CPU does to a bf16 scatter (converting the whole pool twice)."""
     if pages.dtype.itemsize != 2:
-        return write_kv(pages, new, slots)
+        return write_kv(pages, new, slots, layer, backend=backend)
     bits = jax.lax.bitcast_convert_type(pages, jnp.uint16)
     new_bits = jax.lax.bitcast_convert_type(new.astype(pages.dtype), jnp.uint16)
-    return jax.lax.bitcast_convert_type(write_kv(bits, new_bits, slots), pages.dtype)
+    return jax.lax.bitcast_convert_type(write_kv(bits, new_bits, slots, layer, backend=backend), pages.dtype)
 
 
 def pool_copies(llm) -> int:
     kv = llm.pipeline.model.kv_manager
-    shape = "[%d,%d,%d,%d]" % kv.pool[0][0].shape
+    shape = "[" + ",".join(str(n) for n in kv.pool[0][0].shape) + "]"
     n = 0
     for exe in llm.pipeline.model.session.executables("decode_loop"):
         n += sum(1 for line in exe.as_text().splitlines()
@@ -78,6 +80,8 @@ def main() -> None:
         for dtype in args.dtypes:
             graphs.llama.write_kv = write_kv
             run(path, "as built, small pool", args.new_tokens, dtype, max_batch_size=1)
+            run(path, "layers as one loop (scan), small pool", args.new_tokens, dtype, max_batch_size=1,
+                scan_layers=True)
             run(path, "as built, large pool", args.new_tokens, dtype, max_batch_size=64)
             graphs.llama.write_kv = write_kv_plain
             run(path, "plain KV write, large pool", args.new_tokens, dtype, max_batch_size=64)
