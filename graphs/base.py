@@ -111,17 +111,23 @@ def _layer_kind(name: str) -> tuple[int, str] | None:
     return (int(index), kind) if index.isdigit() and kind else None
 
 
+def _by_kind(named: dict) -> tuple[dict, dict[str, list]]:
+    """{name: value} -> (the values outside the layers by name, {kind: [value per layer, in layer order]})."""
+    others: dict = {}
+    layers: dict[str, dict[int, object]] = {}
+    for name, value in named.items():
+        found = _layer_kind(name)
+        if found is None:
+            others[name] = value
+        else:
+            layers.setdefault(found[1], {})[found[0]] = value
+    return others, {kind: [by_index[i] for i in sorted(by_index)] for kind, by_index in layers.items()}
+
+
 def stacked_specs(specs: dict[str, WeightSpec]) -> dict[str, WeightSpec]:
     """Per-layer specs -> one spec per kind with a leading "layers" axis (every layer of a
     kind must have the same shape: a model whose layers differ cannot loop over them)."""
-    out: dict[str, WeightSpec] = {}
-    layers: dict[str, list[WeightSpec]] = {}
-    for name, spec in specs.items():
-        found = _layer_kind(name)
-        if found is None:
-            out[name] = spec
-        else:
-            layers.setdefault(found[1], []).append(spec)
+    out, layers = _by_kind(specs)
     for kind, group in layers.items():
         if any(s != group[0] for s in group):
             raise UnsupportedConfigError(f"the layers' {kind!r} weights differ in shape, so they cannot run as one "
@@ -132,16 +138,8 @@ def stacked_specs(specs: dict[str, WeightSpec]) -> dict[str, WeightSpec]:
 
 def stack_layers(weights: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Host arrays named per layer -> stacked per kind (layer order), the rest unchanged."""
-    out: dict[str, np.ndarray] = {}
-    layers: dict[str, dict[int, np.ndarray]] = {}
-    for name, array in weights.items():
-        found = _layer_kind(name)
-        if found is None:
-            out[name] = array
-        else:
-            layers.setdefault(found[1], {})[found[0]] = array
-    for kind, by_index in layers.items():
-        out[LAYERS + kind] = np.stack([np.asarray(by_index[i]) for i in sorted(by_index)])
+    out, layers = _by_kind(weights)
+    out.update({LAYERS + kind: np.stack([np.asarray(a) for a in group]) for kind, group in layers.items()})
     return out
 
 

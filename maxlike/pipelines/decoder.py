@@ -214,10 +214,10 @@ class DecoderPipelineModel(DecoderSizing, ServingModel):
         token buckets (powers of two), nb = log2(B) + 1 batch buckets and nw = log2(W) + 1
         widths: decode buckets nb * nw, prefill buckets the sum over t = 16, 32, ..., T of
         log2(min(B, T / t)) + 1, and L log-prob sizes."""
-        nb, nw = self._bucket_batch(self.max_batch_size).bit_length(), self._max_width.bit_length()
-        t_max = self._max_prefill_tokens
+        b_max, t_max = self._bucket_batch(self.max_batch_size), self._max_prefill_tokens
+        nb, nw = b_max.bit_length(), self._max_width.bit_length()
         decode = nb * nw
-        prefill = sum(min(self._bucket_batch(self.max_batch_size), t_max // t).bit_length()
+        prefill = sum(min(b_max, t_max // t).bit_length()
                       for t in (2**i for i in range(t_max.bit_length())) if t >= MIN_PREFILL_BUCKET)
         top_n = len(self._logprob_buckets())
         return {"step": decode + prefill, "unpack_inputs": decode + prefill, "decode_loop": decode,
