@@ -231,6 +231,32 @@ def test_entries_not_written_by_this_cache_are_refused_before_unpickling(tiny_ll
     assert stats.loaded == 0 and any("not private to this user" in str(w.message) for w in caught)
 
 
+def _secret_in(folder, barrier, out):
+    from maxlike.engine.exe_cache import ExecutableCache
+
+    barrier.wait()  # every process asks for the folder's secret at the same moment
+    out.put(ExecutableCache(folder).secret(create=True))
+
+
+def test_processes_starting_together_share_one_whole_secret(tmp_path):
+    """warm-cache --jobs starts its workers at once: each must read the secret one of them made,
+    whole (a worker that read it half-written ran without writing anything)."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("fork")
+    for attempt in range(5):
+        folder, n = str(tmp_path / f"cache{attempt}"), 8
+        barrier, out = ctx.Barrier(n), ctx.Queue()
+        procs = [ctx.Process(target=_secret_in, args=(folder, barrier, out)) for _ in range(n)]
+        for p in procs:
+            p.start()
+        keys = [out.get(timeout=60) for _ in procs]
+        for p in procs:
+            p.join(60)
+        assert all(k is not None and len(k) == 32 for k in keys) and len(set(keys)) == 1
+        assert sorted(os.listdir(folder)) == [".secret"]  # no temporary file left behind
+
+
 def _key_of(path, cache, **kw):
     stats, _ = _stats(path, cache, **kw)
     return stats

@@ -29,6 +29,7 @@ import pickle
 import secrets
 import stat
 import struct
+import tempfile
 import warnings
 from typing import Any
 
@@ -124,12 +125,18 @@ class ExecutableCache:
         path = os.path.join(self.folder, SECRET)
         if create and not os.path.exists(path):
             os.makedirs(self.folder, exist_ok=True)
+            # Written whole under a temporary name, then linked into place (fails if it exists):
+            # a process starting at the same moment (warm-cache --jobs) never reads a half-made secret.
+            fd, tmp = tempfile.mkstemp(dir=self.folder, prefix=".tmp-")
             try:
-                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                os.fchmod(fd, 0o600)
                 with os.fdopen(fd, "wb") as f:
                     f.write(secrets.token_bytes(32))
+                os.link(tmp, path)
             except FileExistsError:  # another process made it first: use theirs
                 pass
+            finally:
+                os.unlink(tmp)
         try:
             fd = os.open(path, os.O_RDONLY)
         except FileNotFoundError:

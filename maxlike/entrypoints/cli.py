@@ -225,6 +225,9 @@ def _compile_in_workers(args, jobs: int) -> list[dict]:
             failed.append(f"worker {i + 1}/{jobs} exited with {proc.returncode}: {err.strip()[-2000:]}")
         else:
             results.append(json.loads(out.strip().splitlines()[-1]))
+            for line in err.splitlines():  # a worker's warnings (e.g. an unwritable cache) reach the user
+                if "Warning: " in line:
+                    print(f"warm-cache worker {i + 1}/{jobs}: {line.strip()}", file=sys.stderr)
     if failed:
         raise RuntimeError("warm-cache --jobs: " + "; ".join(failed))
     return results
