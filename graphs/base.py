@@ -143,6 +143,11 @@ def stack_layers(weights: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return out
 
 
+# Layers per iteration of the scan (lax.scan's `unroll`): 1 is the plain loop. A knob for the
+# GPU probe (benchmarks/probe_gpu_step.py), which runs without the executable cache.
+SCAN_UNROLL = 1
+
+
 def run_layers(layer: Callable, x, weights: dict, kv: list, num_layers: int, *, scan: bool):
     """Run `layer(x, layer_weights, k_pages, v_pages, index) -> (x, k_pages, v_pages)`
     over every layer, `layer_weights` keyed by kind ("q", "attn_norm", ...).
@@ -168,5 +173,6 @@ def run_layers(layer: Callable, x, weights: dict, kv: list, num_layers: int, *, 
         with jax.named_scope("layer"):
             return layer(x, own, k, v, index), None
 
-    (x, k, v), _ = jax.lax.scan(body, (x, kv[0][0], kv[0][1]), (stacked, jnp.arange(num_layers, dtype=jnp.int32)))
+    (x, k, v), _ = jax.lax.scan(body, (x, kv[0][0], kv[0][1]), (stacked, jnp.arange(num_layers, dtype=jnp.int32)),
+                                unroll=SCAN_UNROLL)
     return x, [(k, v)]
