@@ -7,6 +7,7 @@ signature is compiled once and every compile is counted and timed.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
@@ -115,6 +116,9 @@ class InferenceSession:
         # The largest temporary-buffer size (bytes per device) of any executable compiled or
         # loaded, from XLA's memory analysis: a step's real activation memory.
         self.peak_temp_bytes = 0
+        # Matmul precision for everything this session compiles (jax.default_matmul_precision):
+        # "highest" for float32 models, which GPUs would otherwise run as TF32 and TPUs as bf16 passes.
+        self.matmul_precision: str | None = None
         # Warm starts: the executables the last start with this model and mesh used first are
         # loaded in the background (`prefetch`) while the weights load.
         self._recording = False
@@ -181,7 +185,8 @@ class InferenceSession:
         # (XLA:CPU's sort specializes its comparator on the first run: "`LessThan` is not serializable").
         jitted = jax.jit(functools.partial(fn) if parts is not None else fn, donate_argnums=donate_argnums,
                          out_shardings=out_shardings)
-        exe = jitted.lower(*abstract_args).compile()
+        with jax.default_matmul_precision(self.matmul_precision) if self.matmul_precision else contextlib.nullcontext():
+            exe = jitted.lower(*abstract_args).compile()
         dt = time.perf_counter() - t0
         self.stats.compiled += 1
         self.stats.compile_seconds += dt

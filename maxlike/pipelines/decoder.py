@@ -34,8 +34,9 @@ from graphs.base import stack_layers, stacked_specs
 MIN_PREFILL_BUCKET = 16
 STOP_SLOTS = 8  # stop ids per row the on-device decode loop checks; any further ones stop on the host
 # Whether layers run as one loop over stacked weights (PipelineConfig.scan_layers=None), per backend.
-# TPU: a loop cuts each executable 3-16x (DESIGN.md section 8). GPU: an H100 probe streamed a stacked
-# slice at 0.8 vs 2.2 TB/s unrolled, so unrolled until a GPU measures the in-place form. CPU: see README.
+# TPU: a loop cuts each executable 3-16x (DESIGN.md section 8). GPU: on an H200 (Llama-3.2-1B shape,
+# bf16) the loop decodes 369 vs 569 tok/s at batch 1 and 2,844 vs 4,942 at batch 8 (unroll 2: 386 /
+# 2,998), with no layer slice copied (benchmarks/probe_gpu_step.py), so unrolled. CPU: see README.
 SCAN_LAYERS_DEFAULT = {"tpu": True, "gpu": False, "cpu": False}
 
 
@@ -72,6 +73,8 @@ class DecoderPipelineModel(DecoderSizing, ServingModel):
         self.weights_source = "none (compile-only)"  # or where `params` came from
         self.kv_params, self.max_batch_size, num_pages = self._plan_kv_cache(specs)
         self.compile_only = pipeline_config.compile_only
+        # float32 means float32 matmuls on every backend (not TF32 on GPU, not bf16 passes on TPU).
+        session.matmul_precision = "highest" if self.dtype == np.float32 else None
         session.cache_namespace.update(self._cache_identity(num_pages))
         if not self.compile_only:
             session.prefetch()  # executables load in the background while the weights do
@@ -150,7 +153,8 @@ class DecoderPipelineModel(DecoderSizing, ServingModel):
         architecture registered from outside maxlike misses the cache when its code changes."""
         program = repr((type(self).__name__, self.arch.name, self.config, str(self.dtype), self.kv_params, num_pages,
                         self.replicas, self.max_batch_size, self.max_length, self._max_prefill_tokens,
-                        self.return_logits, self.return_hidden_states, self.scan_layers))
+                        self.return_logits, self.return_hidden_states, self.scan_layers,
+                        self.session.matmul_precision))
         classes = [c for c in type(self).__mro__ if c.__module__ not in ("builtins", "abc", "typing")]
         return {"model": hashlib.sha256(program.encode()).hexdigest()[:16], "architecture": self.arch.name,
                 "code": files_hash(defining_files(*self.arch.functions(), *classes)),
