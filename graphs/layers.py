@@ -6,6 +6,7 @@ Plain-XLA reference implementations; every op is a pure function.
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -97,7 +98,27 @@ def paged_attention(
     q [B, T, H, D]; k_pages/v_pages [R, L, N, S, KV, D]; page_table [B, P];
     q_pos [B, T] absolute positions. Key l of a row sits at position l, so the
     causal mask `l <= q_pos` also hides everything not written yet.
+
+    How much of the table is read is data, not shape: the first W pages, W the
+    smallest power of two (or P) covering the furthest query of the step, chosen on
+    device by `lax.switch`. One executable serves every context length, and a short
+    context reads only its own pages.
     """
+    s, p = k_pages.shape[-3], page_table.shape[1]
+    widths = [w for w in (2**i for i in range(p.bit_length())) if w < p] + [p]
+    if len(widths) == 1:
+        return _attend(q, k_pages, v_pages, page_table, q_pos, layer)
+    need = jnp.max(q_pos) // s + 1  # pages the furthest query reaches
+    branch = jnp.sum(need > jnp.asarray(widths[:-1], need.dtype))
+    return jax.lax.switch(branch, [partial(_attend_prefix, w) for w in widths],
+                          q, k_pages, v_pages, page_table, q_pos, layer)
+
+
+def _attend_prefix(width: int, q, k_pages, v_pages, page_table, q_pos, layer):
+    return _attend(q, k_pages, v_pages, page_table[:, :width], q_pos, layer)
+
+
+def _attend(q, k_pages, v_pages, page_table, q_pos, layer):
     b, t, h, d = q.shape
     kv, s = k_pages.shape[-2], k_pages.shape[-3]
     g, p = h // kv, page_table.shape[1]

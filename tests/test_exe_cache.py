@@ -27,16 +27,17 @@ def test_warm_cache_then_generate_compiles_nothing(tiny_llama, tmp_path):
     common = ["--model-path", tiny_llama[0], "--max-batch-size", "2", "--max-length", "32"]
     r = _maxlike("warm-cache", "--cache-dir", str(tmp_path), "--quiet", "--jobs", "2", *common)
     assert r.returncode == 0, r.stderr[-2000:]
-    # The closed form (printed first, as --dry-run does), written out: batches 1, 2 x widths 1, 2 decode
-    # buckets; prefill (16 tokens x 1, 2 rows), (32 x 1); 2 log-prob sizes and 2 samplers per batch bucket.
-    assert dry_run_counts(r.stdout) == {"step": 7, "unpack_inputs": 7, "decode_loop": 4, "logprobs": 4,
+    # The closed form (printed first, as --dry-run does), written out: batches 1, 2 decode buckets (one
+    # page-table width: attention picks the pages it reads on device); prefill (16 tokens x 1, 2 rows),
+    # (32 x 1); 2 log-prob sizes and 2 samplers per batch bucket.
+    assert dry_run_counts(r.stdout) == {"step": 5, "unpack_inputs": 5, "decode_loop": 2, "logprobs": 4,
                                         "sample": 2, "sample_greedy": 2}
     assert "compiled in" in r.stdout and "MiB written to" in r.stdout and "2 jobs" in r.stdout
-    assert "the slowest and largest of 26 compiles" in r.stdout
+    assert "the slowest and largest of 20 compiles" in r.stdout
     records = glob.glob(str(tmp_path / "executables" / "*.json"))
     assert not glob.glob(str(tmp_path / "executables" / "startup" / "*")), "compile-only order is no start's order"
     assert kinds_written(tmp_path) == dry_run_counts(r.stdout)
-    assert len(records) == int(r.stdout.split("warm-cache: ")[2].split()[0]) == 26
+    assert len(records) == int(r.stdout.split("warm-cache: ")[2].split()[0]) == 20
     one = _maxlike("warm-cache", "--cache-dir", str(tmp_path / "one"), "--quiet", "--jobs", "1",
                    "--no-convert-weights", *common)
     assert one.returncode == 0 and "1 job)" in one.stdout, one.stderr[-2000:]

@@ -106,6 +106,34 @@ def test_a_stacked_pool_is_written_and_read_at_a_traced_layer(replicas):
     np.testing.assert_array_equal(gathered, ref)
 
 
+@pytest.mark.parametrize("furthest", [2, 4, 7, 13, 30])  # pages reached: 1, 1, 2, 4, 8 of 8
+def test_attention_reads_as_many_pages_as_the_furthest_query_needs(furthest):
+    """One page-table width for every context: attention picks the prefix of the table it reads
+    on device. Against a dense softmax written out in numpy, for queries reaching 1 to 8 pages
+    (pages past the furthest query hold garbage that must not matter)."""
+    from graphs.layers import paged_attention
+
+    rng = np.random.default_rng(furthest)
+    s, n, kv, g, d, b, t = 4, 20, 2, 3, 8, 3, 2
+    k_pages = rng.normal(size=(1, 1, n, s, kv, d)).astype(np.float32)
+    v_pages = rng.normal(size=(1, 1, n, s, kv, d)).astype(np.float32)
+    table = np.stack([rng.permutation(np.arange(1, n))[:8] for _ in range(b)]).astype(np.int32)
+    q = rng.normal(size=(b, t, kv * g, d)).astype(np.float32)
+    q_pos = np.stack([rng.integers(0, furthest + 1, size=t) for _ in range(b)]).astype(np.int32)
+    q_pos[0, -1] = furthest
+    out = np.asarray(jax.jit(paged_attention)(q, k_pages, v_pages, table, q_pos))
+    for row in range(b):
+        keys = k_pages[0, 0][table[row]].reshape(8 * s, kv, d)
+        values = v_pages[0, 0][table[row]].reshape(8 * s, kv, d)
+        for i in range(t):
+            for h in range(kv * g):
+                seen = q_pos[row, i] + 1
+                logits = keys[:seen, h // g] @ q[row, i, h] / np.sqrt(d)
+                weights = np.exp(logits - logits.max())
+                expect = (weights / weights.sum()) @ values[:seen, h // g]
+                np.testing.assert_allclose(out[row, i, h], expect, rtol=1e-5, atol=1e-5)
+
+
 def test_misuse_of_pages_is_an_error_that_names_the_request():
     kv = manager(6, caching=False)
     with pytest.raises(ValueError, match="request 'ghost' holds no KV pages"):

@@ -1,8 +1,9 @@
 """The generic decoder PipelineModel: serves every architecture in `graphs/`.
 
 Weights are placed with their logical shardings; each step is one compiled
-executable per bucket of (batch, tokens, page-table width, logits), with the
-KV pool donated and returned updated.
+executable per bucket of (batch, tokens), with the KV pool donated and returned
+updated. The page table is always as wide as the longest sequence needs: how much
+of it attention reads is chosen on device (graphs.layers.paged_attention).
 """
 
 from __future__ import annotations
@@ -204,23 +205,22 @@ class DecoderPipelineModel(DecoderSizing, ServingModel):
         return self._bucket_batch(rows) * self._bucket_tokens(max_tokens) <= self._max_prefill_tokens
 
     def step_buckets(self) -> list[tuple[int, int, int]]:
-        """Every (rows, tokens, page-table width) a step can be compiled for: known at setup."""
+        """Every (rows, tokens, page-table width) a step can be compiled for: known at setup.
+        The width is always the largest: attention picks the pages it reads on device."""
         batches = [b for b in (2**i for i in range(self._bucket_batch(self.max_batch_size).bit_length()))]
-        widths = [2**i for i in range(self._max_width.bit_length())]
         tokens = [t for t in (2**i for i in range(self._max_prefill_tokens.bit_length())) if t >= MIN_PREFILL_BUCKET]
-        decode = [(b, 1, w) for b in batches for w in widths]
+        decode = [(b, 1, self._max_width) for b in batches]
         prefill = [(b, t, self._max_width) for b in batches for t in tokens if b * t <= self._max_prefill_tokens]
         return decode + prefill
 
     def executable_counts(self, max_num_steps: int) -> dict[str, int]:
         """How many executables of each kind a full warm-up makes, in closed form (the
-        README's formula). With B, W, T the largest batch, page-table width and prefill
-        token buckets (powers of two), nb = log2(B) + 1 batch buckets and nw = log2(W) + 1
-        widths: decode buckets nb * nw, prefill buckets the sum over t = 16, 32, ..., T of
-        log2(min(B, T / t)) + 1, and L log-prob sizes."""
+        README's formula). With B, T the largest batch and prefill token buckets (powers of
+        two), nb = log2(B) + 1 batch buckets: decode buckets nb, prefill buckets the sum over
+        t = 16, 32, ..., T of log2(min(B, T / t)) + 1, and L log-prob sizes."""
         b_max, t_max = self._bucket_batch(self.max_batch_size), self._max_prefill_tokens
-        nb, nw = b_max.bit_length(), self._max_width.bit_length()
-        decode = nb * nw
+        nb = b_max.bit_length()
+        decode = nb
         prefill = sum(min(b_max, t_max // t).bit_length()
                       for t in (2**i for i in range(t_max.bit_length())) if t >= MIN_PREFILL_BUCKET)
         top_n = len(self._logprob_buckets())
@@ -265,8 +265,7 @@ class DecoderPipelineModel(DecoderSizing, ServingModel):
             raise ValueError(f"a step processes at most {self._max_prefill_tokens} tokens per row, got {max(lengths)}: "
                              "chunk the prompt (TextContext.chunk) or raise prefill_chunk_size.")
         t = self._bucket_tokens(max(lengths))
-        width = self._max_width if t > 1 else memory.bucket(max(kv.num_pages_of(c.request_id) for c in live), 1,
-                                                             self._max_width)
+        width = self._max_width
         if self.return_logits == ReturnLogits.ALL:
             n_logits = t
         elif self.return_logits == ReturnLogits.VARIABLE:
