@@ -106,15 +106,16 @@ def test_a_stacked_pool_is_written_and_read_at_a_traced_layer(replicas):
     np.testing.assert_array_equal(gathered, ref)
 
 
+@pytest.mark.parametrize("t", [1, 2])  # decode, prefill
 @pytest.mark.parametrize("furthest", [2, 4, 7, 13, 30])  # pages reached: 1, 1, 2, 4, 8 of 8
-def test_attention_reads_as_many_pages_as_the_furthest_query_needs(furthest):
-    """One page-table width for every context: attention picks the prefix of the table it reads
-    on device. Against a dense softmax written out in numpy, for queries reaching 1 to 8 pages
-    (pages past the furthest query hold garbage that must not matter)."""
+def test_decode_attention_reads_as_many_pages_as_the_furthest_query_needs(furthest, t):
+    """One page-table width for every context: decode attention picks the prefix of the table it
+    reads on device (prefill reads it all). Against a dense softmax written out in numpy, for
+    queries reaching 1 to 8 pages (pages past the furthest query hold garbage that must not matter)."""
     from graphs.layers import paged_attention
 
     rng = np.random.default_rng(furthest)
-    s, n, kv, g, d, b, t = 4, 20, 2, 3, 8, 3, 2
+    s, n, kv, g, d, b = 4, 20, 2, 3, 8, 3
     k_pages = rng.normal(size=(1, 1, n, s, kv, d)).astype(np.float32)
     v_pages = rng.normal(size=(1, 1, n, s, kv, d)).astype(np.float32)
     table = np.stack([rng.permutation(np.arange(1, n))[:8] for _ in range(b)]).astype(np.int32)
@@ -122,6 +123,8 @@ def test_attention_reads_as_many_pages_as_the_furthest_query_needs(furthest):
     q_pos = np.stack([rng.integers(0, furthest + 1, size=t) for _ in range(b)]).astype(np.int32)
     q_pos[0, -1] = furthest
     out = np.asarray(jax.jit(paged_attention)(q, k_pages, v_pages, table, q_pos))
+    if t == 1:  # the decode form holds one branch per width
+        assert jax.jit(paged_attention).lower(q, k_pages, v_pages, table, q_pos).as_text().count("case") >= 1
     for row in range(b):
         keys = k_pages[0, 0][table[row]].reshape(8 * s, kv, d)
         values = v_pages[0, 0][table[row]].reshape(8 * s, kv, d)

@@ -98,6 +98,29 @@ def test_bad_targets_are_named(tiny_llama, tmp_path):
     assert result.returncode == 1 and "does not divide the 4 selected devices" in result.stderr
 
 
+def test_a_pool_larger_than_the_chips_fails_before_compiling(tmp_path):
+    """A target's KV pool is sized for max_batch_size x max_length: a Llama-3.1-8B shape at 64 x 8192
+    needs 16 GiB of it per v5e chip (16 GiB) on tensor 4, which is refused with what to lower."""
+    import transformers as tf
+
+    from conftest import byte_tokenizer
+
+    cfg = tf.LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                         num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=131072,
+                         bos_token_id=1, eos_token_id=2)
+    cfg.architectures = ["LlamaForCausalLM"]
+    cfg.save_pretrained(tmp_path / "llama8b")  # compile-only reads no weights
+    byte_tokenizer().save_pretrained(tmp_path / "llama8b")
+    common = ["--model-path", str(tmp_path / "llama8b"), "--tensor-parallel-degree", "4", "--max-length", "8192",
+              "--dry-run"]
+    result = warm_cache(tmp_path, *common, "--max-batch-size", "64")
+    assert result.returncode == 1, result.stdout
+    assert "does not fit a TPU v5 lite chip (16 GiB)" in result.stderr and "16.0 GiB per chip" in result.stderr
+    assert "Lower --max-batch-size or --max-length" in result.stderr
+    fits = warm_cache(tmp_path, *common, "--max-batch-size", "16")
+    assert fits.returncode == 0 and "45 buckets, 120 executables" in fits.stdout, fits.stderr[-2000:]
+
+
 def test_outside_make_test_these_skip_and_the_suite_cleans_its_cache(tmp_path):
     """Without MAXLIKE_TPU_SITE (a bare pytest) the TPU-target tests skip with the reason; the
     suite's temporary cache folder is removed when the run ends."""
