@@ -32,7 +32,7 @@ byte_tokenizer().save_pretrained(f"{out}/llama8b")
 PY
 W="env PYTHONPATH=.venv/tpu-site:. .venv/bin/python -m maxlike.entrypoints.cli warm-cache --target tpu:v5e:2x2 --quiet --no-convert-weights --jobs 1"
 run() { label=$1; dir=$OUT/cache_$2; shift 2; rm -rf "$dir"; echo "== $label"
-  $W --cache-dir "$dir" "$@" 2>&1 | grep "^warm-cache\|^  "; du -sm "$dir/executables" 2>/dev/null | awk '{print "on disk " $1 " MiB"}'; }
+  $W --cache-dir "$dir" "$@" 2>&1 | grep "^warm-cache\|^maxlike\|^  "; du -sm "$dir/executables" 2>/dev/null | awk '{print "on disk " $1 " MiB"}'; }
 run "SmolLM2 DP4 scan" smol_scan --model-path "$SMOL" --max-batch-size 4 --max-length 256
 run "SmolLM2 DP4 unrolled" smol_unrolled --model-path "$SMOL" --max-batch-size 4 --max-length 256 --no-scan-layers
 for n in 2 8 32; do
@@ -40,6 +40,8 @@ for n in 2 8 32; do
 done
 run "tiny 2 layers TP4 scan, batch 4 len 256" tiny_scan --model-path "$OUT/tiny_2" --tensor-parallel-degree 4 --max-batch-size 4 --max-length 256
 run "tiny 2 layers TP4 unrolled, batch 4 len 256" tiny_unrolled --model-path "$OUT/tiny_2" --tensor-parallel-degree 4 --max-batch-size 4 --max-length 256 --no-scan-layers
-run "Llama-3.1-8B shape TP4, batch 64 len 8192 (counts only)" big_dry --model-path "$OUT/llama8b" --tensor-parallel-degree 4 --max-batch-size 64 --max-length 8192 --dry-run
+run "Llama-3.1-8B shape TP4, batch 64 len 8192 (refused: the KV pool alone fills a chip)" big_dry --model-path "$OUT/llama8b" --tensor-parallel-degree 4 --max-batch-size 64 --max-length 8192 --dry-run
 run "Llama-3.1-8B shape TP4 scan, batch 1 len 16" big_scan --model-path "$OUT/llama8b" --tensor-parallel-degree 4 --max-batch-size 1 --max-length 16
 run "Llama-3.1-8B shape TP4 unrolled, batch 1 len 16" big_unrolled --model-path "$OUT/llama8b" --tensor-parallel-degree 4 --max-batch-size 1 --max-length 16 --no-scan-layers
+# The whole set of a serving configuration that fits the slice, in 2 worker processes (about 10 minutes here).
+W="$W --jobs 2" run "Llama-3.1-8B shape TP4 scan, batch 16 len 8192, 2 jobs" big_full --model-path "$OUT/llama8b" --tensor-parallel-degree 4 --max-batch-size 16 --max-length 8192

