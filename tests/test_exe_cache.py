@@ -239,6 +239,7 @@ def _secret_in(folder, barrier, out):
     out.put(ExecutableCache(folder).secret(create=True))
 
 
+@pytest.mark.filterwarnings("ignore:os.fork")  # the forked children only read and write files, never JAX
 def test_processes_starting_together_share_one_whole_secret(tmp_path):
     """warm-cache --jobs starts its workers at once: each must read the secret one of them made,
     whole (a worker that read it half-written ran without writing anything)."""
