@@ -90,8 +90,16 @@ def gather_pages(pages: jax.Array, page_table: jax.Array, layer=0) -> jax.Array:
     return out.reshape(b, p * s, kv, d)  # from [R, B/R, P, S, KV, D]
 
 
+# Backends where decode attention picks the pages it reads on device (a `lax.switch` per layer) and
+# the page table is always full width. Not on GPU: XLA:GPU runs a conditional by reading its branch
+# index on the host (a stream sync per layer and step), so there decode steps keep one executable
+# per power-of-two table width, as `DecoderPipelineModel.step_buckets` lays them out.
+WIDTH_ON_DEVICE = {"cpu": True, "tpu": True, "gpu": False}
+
+
 def paged_attention(
-    q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, page_table: jax.Array, q_pos: jax.Array, layer=0
+    q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, page_table: jax.Array, q_pos: jax.Array, layer=0,
+    *, backend: str = "cpu",
 ) -> jax.Array:
     """Causal grouped-query attention over layer `layer` of a paged KV pool.
 
@@ -99,7 +107,8 @@ def paged_attention(
     q_pos [B, T] absolute positions. Key l of a row sits at position l, so the
     causal mask `l <= q_pos` also hides everything not written yet.
 
-    Decode steps (T = 1) read as much of the table as the step needs, chosen on device:
+    Decode steps (T = 1; backends in WIDTH_ON_DEVICE) read as much of the table as the
+    step needs, chosen on device:
     the first W pages, W the smallest power of two (or P) covering the furthest query,
     by `lax.switch`. One decode executable serves every context length, and a short
     context reads only its own pages. Prefill steps read the whole table: there the
@@ -108,7 +117,7 @@ def paged_attention(
     """
     s, p = k_pages.shape[-3], page_table.shape[1]
     widths = [w for w in (2**i for i in range(p.bit_length())) if w < p] + [p]
-    if len(widths) == 1 or q.shape[1] > 1:
+    if len(widths) == 1 or q.shape[1] > 1 or not WIDTH_ON_DEVICE.get(backend, True):
         return _attend(q, k_pages, v_pages, page_table, q_pos, layer)
     need = jnp.max(q_pos) // s + 1  # pages the furthest query reaches
     branch = jnp.sum(need > jnp.asarray(widths[:-1], need.dtype))

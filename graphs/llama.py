@@ -140,7 +140,7 @@ def forward(cfg: LlamaConfig, w: dict, kv: list, tokens, positions, slots, page_
             k = apply_rope(k, positions, inv_freq)
             k_pages = write_kv(k_pages, k, slots, index, backend=backend)
             v_pages = write_kv(v_pages, v, slots, index, backend=backend)
-            a = paged_attention(q, k_pages, v_pages, page_table, positions, index)
+            a = paged_attention(q, k_pages, v_pages, page_table, positions, index, backend=backend)
             a = jnp.einsum("bthk,hkd->btd", a, lw["o"])
             if cfg.o_bias:
                 a = a + lw["o_bias"]

@@ -87,6 +87,30 @@ def test_multi_step_decode_matches_single_step(tiny_llama):
     assert multi.scheduler.stats.decode_steps == free.index(stop)  # the prefill made the first token
 
 
+def test_width_buckets_and_width_on_device_decode_alike(tiny_llama, monkeypatch):
+    """The two decode layouts (GPU: one executable per power-of-two page-table width; elsewhere a
+    full-width table whose read prefix attention picks on device) give the same tokens for rows
+    whose contexts cross several pages and widths, with the bucket counts the formula says."""
+    import graphs.layers
+
+    def run():
+        llm = LLM(PipelineConfig(model_path=tiny_llama[0], max_length=64, max_batch_size=2, kv_cache_page_size=4,
+                                 max_num_steps=4, executable_cache=False, dtype="float32"), progress=False)
+        outs = llm.generate_outputs(["one", "two three four five six"], max_new_tokens=24, use_tqdm=False,
+                                    sampling_params=[SamplingParams(top_k=1, ignore_eos=True),
+                                                     SamplingParams(temperature=0.8, seed=3, ignore_eos=True)])
+        model = llm.pipeline.model
+        decode = sorted({w for _, t, w in model.step_buckets() if t == 1})
+        return [o.token_ids for o in outs], decode, model.executable_counts(4)["decode_loop"]
+
+    on_device = run()
+    monkeypatch.setitem(graphs.layers.WIDTH_ON_DEVICE, "cpu", False)  # the GPU layout, here
+    buckets = run()
+    assert on_device[0] == buckets[0] and all(len(t) == 24 for t in on_device[0])
+    assert on_device[1] == [16] and buckets[1] == [1, 2, 4, 8, 16]  # 64 tokens in pages of 4
+    assert (on_device[2], buckets[2]) == (2, 10)  # batch buckets 1, 2 x widths
+
+
 def test_more_prompts_than_the_batch_and_chat(tiny_llm):
     prompts = [f"prompt number {i}" for i in range(9)]  # max_batch_size is 4
     batched = tiny_llm.generate(prompts, max_new_tokens=5, use_tqdm=False)

@@ -1,9 +1,10 @@
 """The generic decoder PipelineModel: serves every architecture in `graphs/`.
 
 Weights are placed with their logical shardings; each step is one compiled
-executable per bucket of (batch, tokens), with the KV pool donated and returned
-updated. The page table is always as wide as the longest sequence needs: how much
-of it attention reads is chosen on device (graphs.layers.paged_attention).
+executable per bucket of (batch, tokens) (and page-table width for decode on GPU),
+with the KV pool donated and returned updated. Elsewhere the page table is always
+as wide as the longest sequence needs and decode attention chooses on device how
+much of it to read (graphs.layers.paged_attention).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from maxlike.sharding import named_sharding, replicated
 from maxlike.weights import converted, read_weights
 
 from graphs.base import stack_layers, stacked_specs
+from graphs.layers import WIDTH_ON_DEVICE
 
 MIN_PREFILL_BUCKET = 16
 STOP_SLOTS = 8  # stop ids per row the on-device decode loop checks; any further ones stop on the host
@@ -204,23 +206,32 @@ class DecoderPipelineModel(DecoderSizing, ServingModel):
         """Whether a prefill batch of `rows` rows, the longest `max_tokens`, stays in a bucket."""
         return self._bucket_batch(rows) * self._bucket_tokens(max_tokens) <= self._max_prefill_tokens
 
+    @property
+    def _decode_widths(self) -> list[int]:
+        """Page-table widths of decode buckets: the full width alone where attention picks the
+        pages it reads on device (graphs.layers.WIDTH_ON_DEVICE), else every power of two."""
+        if WIDTH_ON_DEVICE.get(self.session.platform, True):
+            return [self._max_width]
+        return [2**i for i in range(self._max_width.bit_length())]
+
     def step_buckets(self) -> list[tuple[int, int, int]]:
         """Every (rows, tokens, page-table width) a step can be compiled for: known at setup.
-        The width is always the largest: attention picks the pages it reads on device."""
+        Prefill steps read the full table; decode steps see `_decode_widths`."""
         batches = [b for b in (2**i for i in range(self._bucket_batch(self.max_batch_size).bit_length()))]
         tokens = [t for t in (2**i for i in range(self._max_prefill_tokens.bit_length())) if t >= MIN_PREFILL_BUCKET]
-        decode = [(b, 1, self._max_width) for b in batches]
+        decode = [(b, 1, w) for b in batches for w in self._decode_widths]
         prefill = [(b, t, self._max_width) for b in batches for t in tokens if b * t <= self._max_prefill_tokens]
         return decode + prefill
 
     def executable_counts(self, max_num_steps: int) -> dict[str, int]:
         """How many executables of each kind a full warm-up makes, in closed form (the
         README's formula). With B, T the largest batch and prefill token buckets (powers of
-        two), nb = log2(B) + 1 batch buckets: decode buckets nb, prefill buckets the sum over
-        t = 16, 32, ..., T of log2(min(B, T / t)) + 1, and L log-prob sizes."""
+        two), nb = log2(B) + 1 batch buckets: decode buckets nb x nw (nw = 1, or on GPU
+        log2(W) + 1 table widths), prefill buckets the sum over t = 16, 32, ..., T of
+        log2(min(B, T / t)) + 1, and L log-prob sizes."""
         b_max, t_max = self._bucket_batch(self.max_batch_size), self._max_prefill_tokens
         nb = b_max.bit_length()
-        decode = nb
+        decode = nb * len(self._decode_widths)
         prefill = sum(min(b_max, t_max // t).bit_length()
                       for t in (2**i for i in range(t_max.bit_length())) if t >= MIN_PREFILL_BUCKET)
         top_n = len(self._logprob_buckets())
@@ -265,7 +276,9 @@ class DecoderPipelineModel(DecoderSizing, ServingModel):
             raise ValueError(f"a step processes at most {self._max_prefill_tokens} tokens per row, got {max(lengths)}: "
                              "chunk the prompt (TextContext.chunk) or raise prefill_chunk_size.")
         t = self._bucket_tokens(max(lengths))
-        width = self._max_width
+        widths = self._decode_widths
+        width = widths[-1] if t > 1 else memory.bucket(max(kv.num_pages_of(c.request_id) for c in live), widths[0],
+                                                        widths[-1])
         if self.return_logits == ReturnLogits.ALL:
             n_logits = t
         elif self.return_logits == ReturnLogits.VARIABLE:
