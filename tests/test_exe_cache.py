@@ -25,8 +25,9 @@ def _maxlike(*args):
 
 def test_warm_cache_then_generate_compiles_nothing(tiny_llama, tmp_path):
     common = ["--model-path", tiny_llama[0], "--max-batch-size", "2", "--max-length", "32"]
-    r = _maxlike("warm-cache", "--cache-dir", str(tmp_path), "--quiet", "--jobs", "2", *common)
+    r = _maxlike("warm-cache", "--cache-dir", str(tmp_path), "--jobs", "2", *common)
     assert r.returncode == 0, r.stderr[-2000:]
+    assert "compiling (2 jobs): 100%" in r.stderr and "5/5" in r.stderr  # one bar over both workers' buckets
     # The closed form (printed first, as --dry-run does), written out: batches 1, 2 decode buckets (one
     # page-table width: attention picks the pages it reads on device); prefill (16 tokens x 1, 2 rows),
     # (32 x 1); 2 log-prob sizes and 2 samplers per batch bucket.

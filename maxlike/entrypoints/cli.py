@@ -167,7 +167,8 @@ def cmd_warm_cache(args) -> int:
     model, stats = pipeline.model, pipeline.model.session.stats
     if args.shard is not None:  # one worker of --jobs: its part of the set, a JSON line for the parent
         index, count = (int(x) for x in args.shard.split("/"))
-        pipeline.compile_all(progress=False, shard=(index, count))
+        pipeline.compile_all(progress=False, shard=(index, count),
+                             on_bucket=lambda: print(PROGRESS_LINE, file=sys.stderr, flush=True))
         print(json.dumps({"compiled": stats.compiled, "compile_seconds": stats.compile_seconds,
                           "cached_bytes": stats.cached_bytes, "peak_temp_bytes": model.session.peak_temp_bytes,
                           "records": stats.records}))
@@ -182,7 +183,7 @@ def cmd_warm_cache(args) -> int:
         return 0
     jobs = min(args.jobs or os.cpu_count() or 1, buckets)
     if jobs > 1:
-        results = _compile_in_workers(args, jobs)
+        results = _compile_in_workers(args, jobs, buckets)
         stats.compiled = sum(r["compiled"] for r in results)
         stats.compile_seconds = sum(r["compile_seconds"] for r in results)
         stats.cached_bytes = sum(r["cached_bytes"] for r in results)
@@ -232,10 +233,17 @@ def _check_target_memory(model) -> None:
             "weights. Lower --max-batch-size or --max-length, or compile for a larger slice.")
 
 
-def _compile_in_workers(args, jobs: int) -> list[dict]:
+PROGRESS_LINE = "maxlike-warm-cache: bucket done"  # a --jobs worker's progress, on its stderr
+
+
+def _compile_in_workers(args, jobs: int, buckets: int) -> list[dict]:
     """Split the bucket set over `jobs` processes running this same command (each compile is
-    independent and every cache write atomic); their JSON result lines, or an error naming
-    the worker that failed."""
+    independent and every cache write atomic), with one progress bar over all of them; their
+    JSON result lines, or an error naming the worker that failed."""
+    import threading
+
+    from tqdm.auto import tqdm
+
     argv = [a for a in args.argv if a != "--quiet"]
     # Compiling for a TPU topology touches no TPU, so several processes may load libtpu (whose
     # lockfile otherwise admits one per machine).
@@ -244,9 +252,25 @@ def _compile_in_workers(args, jobs: int) -> list[dict]:
                                "--shard", f"{i}/{jobs}"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                               env=env)
              for i in range(jobs)]
+    bar = tqdm(total=buckets, desc=f"compiling ({jobs} jobs)", unit="bucket", disable=args.quiet)
+    errors: list[list[str]] = [[] for _ in procs]
+
+    def follow(i: int) -> None:  # a worker's stderr: progress ticks, everything else kept
+        for line in procs[i].stderr:
+            if line.strip() == PROGRESS_LINE:
+                bar.update(1)
+            else:
+                errors[i].append(line)
+
+    readers = [threading.Thread(target=follow, args=(i,), daemon=True) for i in range(jobs)]
+    for reader in readers:
+        reader.start()
     results, failed = [], []
     for i, proc in enumerate(procs):
-        out, err = proc.communicate()
+        out = proc.stdout.read()
+        proc.wait()
+        readers[i].join()
+        err = "".join(errors[i])
         if proc.returncode != 0:
             failed.append(f"worker {i + 1}/{jobs} exited with {proc.returncode}: {err.strip()[-2000:]}")
         else:
@@ -254,6 +278,7 @@ def _compile_in_workers(args, jobs: int) -> list[dict]:
             for line in err.splitlines():  # a worker's warnings (e.g. an unwritable cache) reach the user
                 if "Warning: " in line:
                     print(f"warm-cache worker {i + 1}/{jobs}: {line.strip()}", file=sys.stderr)
+    bar.close()
     if failed:
         raise RuntimeError("warm-cache --jobs: " + "; ".join(failed))
     return results

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import numpy as np
@@ -303,10 +303,12 @@ class TextGenerationPipeline:
         jax.block_until_ready(model.kv_manager.pool)
         model.record_activation_memory()
 
-    def compile_all(self, *, progress: bool = True, shard: tuple[int, int] = (0, 1)) -> None:
+    def compile_all(self, *, progress: bool = True, shard: tuple[int, int] = (0, 1),
+                    on_bucket: Callable[[], None] | None = None) -> None:
         """Compile every executable of the bucket set from abstract inputs (nothing runs).
         shard (i, n): only buckets i, i + n, ... (with what they share with other buckets of
-        their rows when they are the first of them), so n processes split the set exactly."""
+        their rows when they are the first of them), so n processes split the set exactly.
+        `on_bucket` is called as each bucket is done (a worker's progress for its parent)."""
         model = self.model
         index, count = shard
         first_of_rows: set[int] = set()
@@ -327,6 +329,8 @@ class TextGenerationPipeline:
                 self._sampler(shapes.logits, sampling.SamplingInputs.abstract(total), shapes.positions)
             for record in records[seen:]:  # for warm-cache's table of the slowest and largest
                 record["bucket"] = f"{rows}x{tokens}x{width}"
+            if on_bucket is not None:
+                on_bucket()
         if count == 1:  # a shard saw only part of the set: whoever splits it records the whole set's peak
             model.record_activation_memory()
 
