@@ -110,9 +110,10 @@ def paged_attention(
     Decode steps (T = 1; backends in WIDTH_ON_DEVICE) read as much of the table as the
     step needs, chosen on device by `lax.switch`: the first W pages, W the smallest
     power of two (or P) covering the furthest query. One decode executable serves every
-    context length, and a short context reads only its own pages. Prefill steps read the whole table: there the
-    branches cost more compile time than they save (a Llama-3.1-8B-shaped 256-token
-    step for TPU: 17.9 s and 12 MiB with them, 6.6 s and 5 MiB without).
+    context length, and a short context reads only its own pages. Prefill steps read
+    the whole table: there the branches cost more compile time than they save (a
+    Llama-3.1-8B-shaped 256-token step for TPU: 17.9 s and 12 MiB with them, 6.6 s and
+    5 MiB without).
     """
     s, p = k_pages.shape[-3], page_table.shape[1]
     widths = [w for w in (2**i for i in range(p.bit_length())) if w < p] + [p]
