@@ -173,8 +173,6 @@ def cmd_warm_cache(args) -> int:
                           "cached_bytes": stats.cached_bytes, "peak_temp_bytes": model.session.peak_temp_bytes,
                           "records": stats.records}))
         return 0
-    if args.shard is None and config.compile_target:
-        _check_target_memory(model)
     counts = model.executable_counts(pipeline.max_num_steps)
     buckets = len(model.step_buckets())
     print(f"warm-cache: {buckets} buckets, {sum(counts.values())} executables ("
@@ -207,30 +205,6 @@ def cmd_warm_cache(args) -> int:
     print(f"warm-cache: converted weights in {folder} ({time.perf_counter() - t0:.1f}s)" if folder else
           "warm-cache: the converted weights could not be cached (see the warning above)")
     return 0
-
-
-# Memory per chip of the TPU kinds a slice can be compiled for (jax's device_kind), and what the
-# runtime leaves to programs (XLA's "available HBM"; v5e: 15.75 of 16 GiB).
-TPU_HBM_GIB = {"TPU v4": 32, "TPU v5 lite": 16, "TPU v5": 95, "TPU v5p": 95, "TPU v6 lite": 32}
-
-
-def _check_target_memory(model) -> None:
-    """A compile target's memory is not here, so its KV pool is sized for max_batch_size x
-    max_length; fail before compiling when that pool and the weights exceed a chip's HBM."""
-    from maxlike.pipelines import memory
-
-    hbm = TPU_HBM_GIB.get(model.devices[0].device_kind)
-    if hbm is None:
-        return
-    tp = model.tensor_parallel_degree
-    pool = model.kv_manager.num_pages * model.kv_params.page_bytes / tp / 2**30
-    weights = memory.weights_bytes(model._specs, model.dtype) / tp / 2**30
-    if pool + weights > hbm * 0.98:
-        raise ConfigError(
-            f"this configuration does not fit a {model.devices[0].device_kind} chip ({hbm} GiB): its KV pool, sized "
-            f"for max_batch_size={model.max_batch_size} x max_length={model.max_length} tokens (a compile "
-            f"target's free memory is not known here), needs {pool:.1f} GiB per chip beside {weights:.1f} GiB of "
-            "weights. Lower --max-batch-size or --max-length, or compile for a larger slice.")
 
 
 PROGRESS_LINE = "maxlike-warm-cache: bucket done"  # a --jobs worker's progress, on its stderr

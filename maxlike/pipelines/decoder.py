@@ -32,9 +32,7 @@ from maxlike.sharding import named_sharding, replicated
 from maxlike.weights import converted, read_weights
 
 from graphs.base import stack_layers, stacked_specs
-from graphs.layers import WIDTH_ON_DEVICE
 
-MIN_PREFILL_BUCKET = 16
 STOP_SLOTS = 8  # stop ids per row the on-device decode loop checks; any further ones stop on the host
 # Whether layers run as one loop over stacked weights (PipelineConfig.scan_layers=None), per backend.
 # TPU: a loop cuts each executable 3-16x (DESIGN.md section 8). GPU: on an H200 (Llama-3.2-1B shape,
@@ -183,62 +181,6 @@ class DecoderPipelineModel(DecoderSizing, ServingModel):
         if self.kv_repeat == 1 or "kv_heads" not in spec.axes:
             return array
         return np.repeat(np.asarray(array), self.kv_repeat, axis=spec.axes.index("kv_heads"))
-
-    # -- buckets ----------------------------------------------------------
-    # Decode steps are bucketed by (rows, page-table width); prefill steps by
-    # (rows, tokens) and always see the full width, so the two sets add up
-    # instead of multiplying. Prefill rows x tokens stay within the chunk budget.
-    def _bucket_batch(self, n: int) -> int:
-        return memory.bucket(n, 1, self.max_batch_size)
-
-    def _bucket_tokens(self, n: int) -> int:
-        return 1 if n == 1 else memory.bucket(n, MIN_PREFILL_BUCKET, self._max_prefill_tokens)
-
-    @property
-    def _max_prefill_tokens(self) -> int:
-        return memory.next_pow2(max(MIN_PREFILL_BUCKET, min(self.max_length, self.pipeline_config.prefill_chunk_size)))
-
-    @property
-    def _max_width(self) -> int:
-        return memory.next_pow2(self.kv_params.pages_for(self.max_length))
-
-    def prefill_fits(self, rows: int, max_tokens: int) -> bool:
-        """Whether a prefill batch of `rows` rows, the longest `max_tokens`, stays in a bucket."""
-        return self._bucket_batch(rows) * self._bucket_tokens(max_tokens) <= self._max_prefill_tokens
-
-    @property
-    def _decode_widths(self) -> list[int]:
-        """Page-table widths of decode buckets: the full width alone where attention picks the
-        pages it reads on device (graphs.layers.WIDTH_ON_DEVICE), else every power of two."""
-        if WIDTH_ON_DEVICE.get(self.session.platform, True):
-            return [self._max_width]
-        return [2**i for i in range(self._max_width.bit_length())]
-
-    def step_buckets(self) -> list[tuple[int, int, int]]:
-        """Every (rows, tokens, page-table width) a step can be compiled for: known at setup.
-        Prefill steps read the full table; decode steps see `_decode_widths`."""
-        batches = [b for b in (2**i for i in range(self._bucket_batch(self.max_batch_size).bit_length()))]
-        tokens = [t for t in (2**i for i in range(self._max_prefill_tokens.bit_length())) if t >= MIN_PREFILL_BUCKET]
-        decode = [(b, 1, w) for b in batches for w in self._decode_widths]
-        prefill = [(b, t, self._max_width) for b in batches for t in tokens if b * t <= self._max_prefill_tokens]
-        return decode + prefill
-
-    def executable_counts(self, max_num_steps: int) -> dict[str, int]:
-        """How many executables of each kind a full warm-up makes, in closed form (the
-        README's formula). With B, T the largest batch and prefill token buckets (powers of
-        two), nb = log2(B) + 1 batch buckets: decode buckets nb x nw (nw = 1, or on GPU
-        log2(W) + 1 table widths), prefill buckets the sum over t = 16, 32, ..., T of
-        log2(min(B, T / t)) + 1, and L log-prob sizes."""
-        b_max, t_max = self._bucket_batch(self.max_batch_size), self._max_prefill_tokens
-        nb = b_max.bit_length()
-        decode = nb * len(self._decode_widths)
-        prefill = sum(min(b_max, t_max // t).bit_length()
-                      for t in (2**i for i in range(t_max.bit_length())) if t >= MIN_PREFILL_BUCKET)
-        top_n = len(self._logprob_buckets())
-        return {"step": decode + prefill, "unpack_inputs": decode + prefill, "decode_loop": decode,
-                "prepare_next": decode if max_num_steps > 1 else 0, "logprobs": nb * top_n,
-                "echo_logprobs": prefill * top_n if self.return_logits == ReturnLogits.ALL else 0,
-                "sample": nb, "sample_greedy": nb}
 
     # -- input preparation ------------------------------------------------
 

@@ -1,5 +1,6 @@
 """How big a decoder is and what its KV cache can hold: sequence length, weights and
-activation memory (XLA's measured figure once known), and the KV page plan."""
+activation memory (XLA's measured figure once known), the KV page plan, and the
+bucket set of step shapes with its executable counts."""
 
 from __future__ import annotations
 
@@ -14,15 +15,21 @@ from maxlike.config import ConfigError
 from maxlike.engine import exe_cache
 from maxlike.kv_cache import KVCacheParams
 from maxlike.pipelines import memory
-from maxlike.pipelines.model import upper_bounded_default
+from maxlike.pipelines.model import ReturnLogits, upper_bounded_default
 from maxlike.pipelines.registry import PIPELINE_REGISTRY
+
+from graphs.layers import WIDTH_ON_DEVICE
 
 log = logging.getLogger("maxlike")
 
 DEFAULT_MAX_BATCH = 8
+MIN_PREFILL_BUCKET = 16
 # On accelerators the pool's page count is rounded down to a multiple of this, so that it is a
 # stable function of the config and the device kind (it is part of every executable's key).
 PAGE_COUNT_STEP = 64
+# HBM per chip of the TPU kinds a slice can be compiled for (jax's device_kind); XLA leaves programs
+# a little less ("available HBM": 15.75 of a v5e's 16 GiB).
+TPU_HBM_GIB = {"TPU v4": 32, "TPU v5 lite": 16, "TPU v5": 95, "TPU v5p": 95, "TPU v6 lite": 32}
 
 
 class DecoderSizing:
@@ -139,6 +146,7 @@ class DecoderSizing:
                 batch = self.pipeline_config.max_batch_size or DEFAULT_MAX_BATCH
                 log.info("device memory of %s is unknown here: KV pool sized for %d sequences of %d tokens",
                          self.devices[0].device_kind, batch, self.max_length)
+                self._check_target_fits(batch, batch * pages_per_seq + 1, params, specs)
                 return params, batch, batch * pages_per_seq + 1
             budget_pages = device_page_budget(
                 stats, utilization=cfg.device_memory_utilization,
@@ -155,6 +163,80 @@ class DecoderSizing:
             )
         batch = self.pipeline_config.max_batch_size or min(DEFAULT_MAX_BATCH, (budget_pages - 1) // pages_per_seq)
         return params, batch, min(budget_pages, batch * pages_per_seq + 1)
+
+    def _check_target_fits(self, batch: int, pages: int, params: KVCacheParams, specs) -> None:
+        """A compile target's KV pool is sized for the demand (its free memory is not known
+        here): refuse, before anything compiles, a pool and weights larger than a chip's HBM."""
+        kind = self.devices[0].device_kind
+        hbm = TPU_HBM_GIB.get(kind)
+        if hbm is None:
+            return
+        tp = self.tensor_parallel_degree
+        pool = pages * params.page_bytes / tp / 2**30
+        weights = memory.weights_bytes(specs, self.dtype) / tp / 2**30
+        if pool + weights > hbm * 0.98:
+            raise ConfigError(
+                f"this configuration does not fit a {kind} chip ({hbm} GiB): its KV pool, sized for max_batch_size="
+                f"{batch} x max_length={self.max_length} tokens (a compile target's free memory is not known "
+                f"here), needs {pool:.1f} GiB per chip beside {weights:.1f} GiB of weights. Lower "
+                "--max-batch-size or --max-length, or compile for a larger slice.")
+
+    # -- the bucket set ---------------------------------------------------
+    # Decode steps are bucketed by rows (and page-table width on GPU: graphs.layers.
+    # WIDTH_ON_DEVICE); prefill steps by (rows, tokens), always with the full width, so
+    # the two sets add up instead of multiplying. Prefill rows x tokens stay within the
+    # chunk budget.
+    def _bucket_batch(self, n: int) -> int:
+        return memory.bucket(n, 1, self.max_batch_size)
+
+    def _bucket_tokens(self, n: int) -> int:
+        return 1 if n == 1 else memory.bucket(n, MIN_PREFILL_BUCKET, self._max_prefill_tokens)
+
+    @property
+    def _max_prefill_tokens(self) -> int:
+        return memory.next_pow2(max(MIN_PREFILL_BUCKET, min(self.max_length, self.pipeline_config.prefill_chunk_size)))
+
+    @property
+    def _max_width(self) -> int:
+        return memory.next_pow2(self.kv_params.pages_for(self.max_length))
+
+    def prefill_fits(self, rows: int, max_tokens: int) -> bool:
+        """Whether a prefill batch of `rows` rows, the longest `max_tokens`, stays in a bucket."""
+        return self._bucket_batch(rows) * self._bucket_tokens(max_tokens) <= self._max_prefill_tokens
+
+    @property
+    def _decode_widths(self) -> list[int]:
+        """Page-table widths of decode buckets: the full width alone where attention picks the
+        pages it reads on device (graphs.layers.WIDTH_ON_DEVICE), else every power of two."""
+        if WIDTH_ON_DEVICE.get(self.session.platform, True):
+            return [self._max_width]
+        return [2**i for i in range(self._max_width.bit_length())]
+
+    def step_buckets(self) -> list[tuple[int, int, int]]:
+        """Every (rows, tokens, page-table width) a step can be compiled for: known at setup.
+        Prefill steps read the full table; decode steps see `_decode_widths`."""
+        batches = [b for b in (2**i for i in range(self._bucket_batch(self.max_batch_size).bit_length()))]
+        tokens = [t for t in (2**i for i in range(self._max_prefill_tokens.bit_length())) if t >= MIN_PREFILL_BUCKET]
+        decode = [(b, 1, w) for b in batches for w in self._decode_widths]
+        prefill = [(b, t, self._max_width) for b in batches for t in tokens if b * t <= self._max_prefill_tokens]
+        return decode + prefill
+
+    def executable_counts(self, max_num_steps: int) -> dict[str, int]:
+        """How many executables of each kind a full warm-up makes, in closed form (the
+        README's formula). With B, T the largest batch and prefill token buckets (powers of
+        two), nb = log2(B) + 1 batch buckets: decode buckets nb x nw (nw = 1, or on GPU
+        log2(W) + 1 table widths), prefill buckets the sum over t = 16, 32, ..., T of
+        log2(min(B, T / t)) + 1, and L log-prob sizes."""
+        b_max, t_max = self._bucket_batch(self.max_batch_size), self._max_prefill_tokens
+        nb = b_max.bit_length()
+        decode = nb * len(self._decode_widths)
+        prefill = sum(min(b_max, t_max // t).bit_length()
+                      for t in (2**i for i in range(t_max.bit_length())) if t >= MIN_PREFILL_BUCKET)
+        top_n = len(self._logprob_buckets())
+        return {"step": decode + prefill, "unpack_inputs": decode + prefill, "decode_loop": decode,
+                "prepare_next": decode if max_num_steps > 1 else 0, "logprobs": nb * top_n,
+                "echo_logprobs": prefill * top_n if self.return_logits == ReturnLogits.ALL else 0,
+                "sample": nb, "sample_greedy": nb}
 
 
 def device_page_budget(stats: dict, *, utilization: float, weights_bytes: float, activation_bytes: float,
