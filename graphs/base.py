@@ -76,7 +76,9 @@ class Architecture:
     kv_shape(cfg) -> (layers, kv_heads, head_dim)
     forward(cfg, weights, kv, tokens, positions, slots, page_table, *, backend, scan)
         -> (hidden [B, T, D] after the final norm, kv updated); with scan=True the layer
-        weights come stacked (`stacked_specs`) and the layers run through `run_layers`
+        weights come stacked (`stacked_specs`) and the layers run through `run_layers`;
+        page_table may be a `graphs.layers.GroupedPageTable` (a mixed step: tokens lie flat
+        as [replicas, N], every op but attention sees them so, and attention takes the table)
     lm_head(cfg, weights, hidden [..., D]) -> logits [..., V]
     """
 

@@ -141,6 +141,10 @@ class PipelineConfig:
     # Dispatch the next decode block before reading the last one's tokens. Off: on an H100 it measured
     # 468 vs 500 tok/s (batch 1, 10 steps per call) and 216 vs 260 (1 step per call); see README.
     async_scheduling: bool = False
+    # MAX's name: while prompts are being prefilled, each step also carries one new token of every
+    # running request (decode rows and one prompt chunk per replica in one step), so arriving prompts
+    # do not pause running streams. Off by default, as in MAX: it adds the mixed steps' buckets.
+    enable_in_flight_batching: bool = False
     devices: str | None = None  # "all" (default), "4" (the first 4), "0,1", "gpu:0,1"
     data_parallel_degree: int | None = None  # replicas; None: what tensor parallelism leaves
     tensor_parallel_degree: int | None = None  # None: the widest split the model allows

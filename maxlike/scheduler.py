@@ -2,7 +2,9 @@
 
 Requests join and leave at any step. Each step is either a prefill step
 (chunks of pending prompts under a token budget) or a decode step over every
-running request (`max_num_steps` tokens per host call). KV pages are claimed as
+running request (`max_num_steps` tokens per host call); with in-flight batching,
+while prompts are pending, a mixed step: one token of every running request and
+one prompt chunk per replica. KV pages are claimed as
 sequences grow; when the pool runs dry the newest request is preempted (its
 pages freed) and later recomputed from its tokens so far, which gives the same
 output: sampling keys depend only on (seed, position).
@@ -29,6 +31,7 @@ class SchedulerStats:
     decode_tokens: int = 0
     preemptions: int = 0
     overlapped: int = 0  # decode blocks dispatched before the previous block's tokens were read
+    mixed_steps: int = 0  # in-flight batching: steps that ran decode rows and a prompt chunk together
 
 
 class Scheduler:
@@ -42,6 +45,7 @@ class Scheduler:
         self.prefill_chunk_size = prefill_chunk_size or config.prefill_chunk_size
         self.max_num_steps = max_num_steps or pipeline.max_num_steps
         self.async_scheduling = config.async_scheduling
+        self.in_flight_batching = config.enable_in_flight_batching
         self._inflight: Launch | None = None  # a decode block dispatched, its tokens not yet read
         self._prefilled_last = False  # the last step was a prefill step (the next one decodes, if it can)
         self.waiting: collections.deque[GenerationRow] = collections.deque()
@@ -98,12 +102,20 @@ class Scheduler:
         return self._complete(prev)
 
     def _launch(self) -> Launch | None:
-        """Admit, pick a batch, dispatch it. Prefill and decode steps alternate while both
-        have rows, so prompts arriving do not stall the running requests' streams for longer
-        than one prefill chunk (`prefill_chunk_size` tokens)."""
+        """Admit, pick a batch, dispatch it. With in-flight batching, while both prompts and
+        running requests have work, each step does both (a mixed step). Without it, prefill
+        and decode steps alternate, so prompts arriving do not stall the running requests'
+        streams for longer than one prefill chunk (`prefill_chunk_size` tokens)."""
         self._admit()
         prefill = [r for r in self.running if r.ctx.pending > 1]
         decode = [r for r in self.running if r.ctx.pending == 1]
+        if self.in_flight_batching and prefill and decode:
+            batch = self._mixed_batch(prefill, decode)
+            chunks = [r.ctx.chunk for r in batch if r.ctx.pending > 1]
+            self.stats.mixed_steps += bool(chunks)
+            self.stats.prefill_tokens += sum(chunks)
+            self._prefilled_last = False
+            return self.pipeline.launch(batch, 1)
         prefill_now = bool(prefill) and not (self._prefilled_last and decode)
         batch = self._prefill_batch(prefill) if prefill_now else self._decode_batch(decode)
         self._prefilled_last = prefill_now
@@ -199,6 +211,23 @@ class Scheduler:
             per_replica[replica] += 1
             budget -= n
         return [r for r in batch if r in self.running]  # a later reservation may have preempted an earlier row
+
+    def _mixed_batch(self, prefill: list[GenerationRow], decode: list[GenerationRow]) -> list[GenerationRow]:
+        """One token of every decode row and a chunk of the oldest pending prompt on each
+        replica: the model runs them as one step (decode rows, then the chunks)."""
+        for row in decode:
+            if row in self.running:
+                self._reserve(row, row.ctx.cache_length + 1)
+        chunks: dict[int, GenerationRow] = {}  # replica -> its chunk's row
+        for row in prefill:
+            replica = self.kv.replica_of(row.ctx.request_id) if row in self.running else None
+            if replica is None or replica in chunks:
+                continue
+            n = min(row.ctx.pending, self.prefill_chunk_size)
+            if self._reserve(row, row.ctx.cache_length + n):
+                row.ctx.chunk = n
+                chunks[replica] = row
+        return [r for r in decode + list(chunks.values()) if r in self.running]
 
     def _decode_batch(self, rows: list[GenerationRow]) -> list[GenerationRow]:
         steps = self.max_num_steps

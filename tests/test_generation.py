@@ -100,7 +100,7 @@ def test_width_buckets_and_width_on_device_decode_alike(tiny_llama, monkeypatch)
                                     sampling_params=[SamplingParams(top_k=1, ignore_eos=True),
                                                      SamplingParams(temperature=0.8, seed=3, ignore_eos=True)])
         model = llm.pipeline.model
-        decode = sorted({w for _, t, w in model.step_buckets() if t == 1})
+        decode = sorted({b.width for b in model.step_buckets() if b.tokens == 1})
         return [o.token_ids for o in outs], decode, model.executable_counts(4)["decode_loop"]
 
     on_device = run()

@@ -19,20 +19,21 @@ def small_pool_llm(path, pages: int, **kw) -> LLM:
                progress=False)
 
 
-@pytest.mark.parametrize("caching", [False, True])
-def test_many_requests_through_a_small_pool_equal_each_alone(tiny_llama, tiny_llm, caching):
+@pytest.mark.parametrize("caching,in_flight", [(False, False), (True, True)])
+def test_many_requests_through_a_small_pool_equal_each_alone(tiny_llama, tiny_llm, caching, in_flight):
     rng = np.random.default_rng(0)
     shared = random_prompt(40, seed=99).tolist()  # some prompts share a prefix: hits, then eviction
     prompts = [(shared if i % 3 == 0 else []) + random_prompt(int(rng.integers(1, 60)), seed=i).tolist()
                for i in range(64)]
     params = [SamplingParams(top_k=1, ignore_eos=True, max_new_tokens=int(rng.integers(1, 30))) for _ in prompts]
     llm = small_pool_llm(tiny_llama[0], pages=24, max_num_steps=4,  # room for ~3 of 8 rows at full length
-                         enable_prefix_caching=caching, async_scheduling=True)
+                         enable_prefix_caching=caching, async_scheduling=True, enable_in_flight_batching=in_flight)
     assert llm.pipeline.model.kv_manager.num_pages == 25
     outs = llm.generate_outputs(prompts, sampling_params=params, use_tqdm=False)
     stats = llm.scheduler.stats
     assert stats.preemptions > 0, "the pool was too small for the load"
     assert stats.overlapped > 0, "decode blocks were dispatched ahead of the host's commits"
+    assert (stats.mixed_steps > 0) == in_flight
     for prompt, p, out in zip(prompts, params, outs):
         alone = tiny_llm.generate_outputs([prompt], sampling_params=[p], use_tqdm=False)[0]
         assert out.token_ids == alone.token_ids
@@ -119,15 +120,18 @@ def test_prefix_caching_shares_a_system_prompt(tiny_llama):
     print(f"prefill tokens {runs[False][1]} -> {runs[True][1]}, hit rate {kv.prefix_cache.stats.hit_rate:.2f}")
 
 
-def test_forbid_compile_after_warmup_with_a_mixed_workload(tiny_llama):
+@pytest.mark.parametrize("in_flight", [False, True])
+def test_forbid_compile_after_warmup_with_a_mixed_workload(tiny_llama, in_flight):
     from maxlike.engine.session import CompileForbiddenError
 
     llm = LLM(PipelineConfig(model_path=tiny_llama[0], max_length=64, max_batch_size=2, prefill_chunk_size=32,
-                             max_num_steps=3, warmup=True, forbid_compile=True), progress=False)
+                             max_num_steps=3, warmup=True, forbid_compile=True, enable_in_flight_batching=in_flight),
+              progress=False)
     session = llm.pipeline.model.session
     warm = session.stats.compiled + session.stats.loaded  # (the suite shares one executable cache)
     buckets = llm.pipeline.model.step_buckets()
-    decode = sum(1 for _, tokens, _ in buckets if tokens == 1)
+    decode = sum(1 for b in buckets if b.tokens == 1)
+    assert sum(b.mixed for b in buckets) == (2 if in_flight else 0)  # 2 rows x chunks of 16 and 32
     # per bucket a step and an input unpacker; per batch size 2 samplers and 2 log-prob executables
     # (top-n buckets 5 and 20); per decode bucket prepare_next and one decode loop (greedy and sampled)
     assert warm == 2 * len(buckets) + 4 * 2 + 2 * decode  # batch sizes 1 and 2
@@ -146,6 +150,7 @@ def test_forbid_compile_after_warmup_with_a_mixed_workload(tiny_llama):
     for o, p in zip(outs, params):  # every top-n from 1 to 20 served by the warm buckets, cut to its n
         assert len(o.log_probabilities) == (len(o.token_ids) if p.logprobs else 0)
         assert all(p.logprobs <= len(lp.top_log_probabilities[0]) <= p.logprobs + 1 for lp in o.log_probabilities)
+    assert (llm.scheduler.stats.mixed_steps > 0) == in_flight
     with pytest.raises(CompileForbiddenError, match="after warm-up"):
         session.compile("other", lambda x: x + 1, (np.zeros(3),))
 
@@ -174,9 +179,11 @@ def test_abort_frees_a_request_wherever_it_is(tiny_llama, tiny_llm):
     assert kv.free_pages == kv.num_pages - 1 and kv.requests() == []
 
 
-def test_a_long_prefill_does_not_stall_running_streams(tiny_llama):
-    """While a long prompt is prefilled chunk by chunk, the running request gets a token between chunks."""
-    llm = small_pool_llm(tiny_llama[0], pages=60, prefill_chunk_size=16)
+@pytest.mark.parametrize("in_flight", [False, True])
+def test_a_long_prefill_does_not_stall_running_streams(tiny_llama, in_flight):
+    """While a long prompt is prefilled chunk by chunk, the running request gets a token between
+    chunks, or with in-flight batching in the same step as each chunk."""
+    llm = small_pool_llm(tiny_llama[0], pages=60, prefill_chunk_size=16, enable_in_flight_batching=in_flight)
     sched = llm.scheduler
     params = SamplingParams(top_k=1, ignore_eos=True, max_new_tokens=40)
     a = sched.add(TextGenerationRequest("a", prompt=random_prompt(4, seed=1).tolist(), sampling_params=params))
@@ -191,7 +198,11 @@ def test_a_long_prefill_does_not_stall_running_streams(tiny_llama):
         progress.append((len(a.ctx.generated) - before[0], b.ctx.cache_length - before[1]))
     chunks = sum(1 for _, db in progress if db > 0)
     assert chunks >= 5, progress  # 96 tokens in chunks of 16
-    assert sum(da for da, _ in progress) >= chunks - 1, progress  # a decode step between every two chunks
+    if in_flight:
+        assert all(da == 1 for da, db in progress if db > 0), progress  # a token with every chunk
+        assert len(progress) == chunks and llm.scheduler.stats.mixed_steps == chunks
+    else:
+        assert sum(da for da, _ in progress) >= chunks - 1, progress  # a decode step between every two chunks
     while sched.has_work:
         sched.step()
     assert len(a.ctx.generated) == 40 and len(b.ctx.generated) == 8

@@ -32,6 +32,7 @@ from maxlike.sharding import named_sharding, replicated
 from maxlike.weights import converted, read_weights
 
 from graphs.base import stack_layers, stacked_specs
+from graphs.layers import GroupedPageTable
 
 STOP_SLOTS = 8  # stop ids per row the on-device decode loop checks; any further ones stop on the host
 # Whether layers run as one loop over stacked weights (PipelineConfig.scan_layers=None), per backend.
@@ -52,6 +53,12 @@ class DecoderPipelineModel(DecoderSizing, ServingModel):
         self.arch, self.config = (adapter, adapter.config_from_hf(hf)) if adapter is not None else \
             self._graph_and_config(hf)
         self.stop_slots = STOP_SLOTS
+        self.in_flight_batching = pipeline_config.enable_in_flight_batching
+        if self.in_flight_batching and (return_logits != ReturnLogits.LAST_TOKEN
+                                        or return_hidden_states == ReturnHiddenStates.ALL):
+            raise ConfigError("enable_in_flight_batching runs one-token rows and prompt chunks in one step, which "
+                              "returns each row's last logits only: it cannot be combined with enable_echo (or "
+                              "every token's logits or hidden states); turn one of them off.")
         self.max_length = self.calculate_max_seq_len(pipeline_config, hf)
         window = getattr(self.config, "sliding_window", None)
         if window is not None and window < self.max_length:
@@ -207,10 +214,17 @@ class DecoderPipelineModel(DecoderSizing, ServingModel):
         for r, replica_batch in enumerate(replica_batches):
             for ctx in replica_batch:
                 self._check_pages(ctx, r, seen)
-        per_replica = self._bucket_batch(max(sizes))
+        mixed = self._mixed_rows(replica_batches)
         batch: list[TextContext | None] = []
-        for replica_batch in replica_batches:
-            batch += list(replica_batch) + [None] * (per_replica - len(replica_batch))
+        if mixed is None:  # rows [B, T], each row's tokens padded to T
+            per_replica = self._bucket_batch(max(sizes))
+            for replica_batch in replica_batches:
+                batch += list(replica_batch) + [None] * (per_replica - len(replica_batch))
+        else:  # per replica: mixed - 1 one-token rows, then its prompt chunk
+            for replica_batch in replica_batches:
+                singles = [c for c in replica_batch if len(c.next_tokens) == 1]
+                chunk = [c for c in replica_batch if len(c.next_tokens) > 1]
+                batch += singles + [None] * (mixed - 1 - len(singles)) + (chunk or [None])
         live = [c for c in batch if c is not None]
         lengths = [len(c.next_tokens) if c is not None else 0 for c in batch]
         rows = len(batch)
@@ -229,9 +243,13 @@ class DecoderPipelineModel(DecoderSizing, ServingModel):
             n_logits = 1
         ids = [c.request_id if c is not None else None for c in batch]
         table = kv.page_table(ids, width) if kv_cache_inputs is None else np.asarray(kv_cache_inputs.page_table)
-        tokens = np.zeros((rows, t), np.int32)
-        positions = np.zeros((rows, t), np.int32)
-        slots = np.zeros((rows, t), np.int32)
+        # Where row i's tokens start: (row, column) of the [B, T] arrays, or in a mixed step
+        # (replica, offset) of its flat [R, mixed - 1 + T] ones (see graphs.layers.GroupedPageTable).
+        place = (lambda i: (i, 0)) if mixed is None else (lambda i: divmod(i, mixed))
+        shape = (rows, t) if mixed is None else (self.replicas, mixed - 1 + t)
+        tokens = np.zeros(shape, np.int32)
+        positions = np.zeros(shape, np.int32)
+        slots = np.zeros(shape, np.int32)
         logit_idx = np.zeros((rows, n_logits), np.int32)
         starts = np.zeros((rows,), np.int32)
         counts, ends, capacity = [0] * rows, [0] * rows, [0] * rows
@@ -240,12 +258,13 @@ class DecoderPipelineModel(DecoderSizing, ServingModel):
                 continue
             n, start = lengths[r], ctx.cache_length
             pos = start + np.arange(n)
-            tokens[r, :n] = ctx.next_tokens
-            positions[r, :n] = pos
-            slots[r, :n] = table[r, pos // page] * page + pos % page
+            a, at = place(r)
+            tokens[a, at : at + n] = ctx.next_tokens
+            positions[a, at : at + n] = pos
+            slots[a, at : at + n] = table[r, pos // page] * page + pos % page
             k = min(n_logits, n)
-            logit_idx[r, n_logits - k:] = np.arange(n - k, n)
-            logit_idx[r, : n_logits - k] = n - k
+            logit_idx[r, n_logits - k:] = at + np.arange(n - k, n)
+            logit_idx[r, : n_logits - k] = at + n - k
             starts[r] = start
             counts[r], ends[r] = k, start + n
             capacity[r] = min(kv.num_pages_of(ctx.request_id), width) * page
@@ -254,6 +273,18 @@ class DecoderPipelineModel(DecoderSizing, ServingModel):
                                   cache_lengths=starts))
         return inputs.replace(request_ids=tuple(c.request_id for c in live), logit_counts=tuple(counts),
                               row_ids=tuple(ids), written_end=tuple(ends), capacity=tuple(capacity))
+
+    def _mixed_rows(self, replica_batches) -> int | None:
+        """Rows per replica of the mixed step that runs this batch (its one-token rows, then
+        one prompt chunk per replica), or None when the batch runs as rows [B, T]: in-flight
+        batching off, no one-token row, or a replica with no chunk or more than one."""
+        if not self.in_flight_batching:
+            return None
+        chunks = [sum(len(c.next_tokens) > 1 for c in b) for b in replica_batches]
+        singles = [len(b) - n for b, n in zip(replica_batches, chunks)]
+        if max(chunks) != 1 or not any(singles):
+            return None
+        return self._bucket_batch(max(singles) + 1)
 
     def _check_pages(self, ctx: TextContext, replica: int, seen: set[str]) -> None:
         """A context may step only once per batch, on its replica, within the pages it holds."""
@@ -290,28 +321,31 @@ class DecoderPipelineModel(DecoderSizing, ServingModel):
         return self.session.compile("unpack_inputs", partial(_unpack, layout), (packed,), key=layout,
                                     out_shardings={name: self._by_row for name, _ in layout})
 
-    def bucket_layout(self, rows: int, tokens: int, width: int) -> tuple:
-        """The step inputs' (name, shape) for a bucket (rows per replica), in `_place`'s order."""
+    def bucket_layout(self, rows: int, tokens: int, width: int, mixed: bool = False) -> tuple:
+        """The step inputs' (name, shape) for a bucket (rows per replica), in `_place`'s order.
+        Mixed: rows - 1 one-token rows and a chunk of `tokens` per replica, laid flat."""
+        flat = (self.replicas, rows - 1 + tokens) if mixed else (rows * self.replicas, tokens)
         rows *= self.replicas
         n_logits = tokens if self.return_logits == ReturnLogits.ALL else 1
-        return (("tokens", (rows, tokens)), ("positions", (rows, tokens)), ("slots", (rows, tokens)),
+        return (("tokens", flat), ("positions", flat), ("slots", flat),
                 ("logit_indices", (rows, n_logits)), ("input_lengths", (rows,)), ("page_table", (rows, width)),
                 ("cache_lengths", (rows,)))
 
-    def zero_inputs(self, rows: int, tokens: int, width: int) -> ModelInputs:
+    def zero_inputs(self, rows: int, tokens: int, width: int, mixed: bool = False) -> ModelInputs:
         """Inputs of one bucket (rows per replica) that touch only the null page (for warm-up)."""
-        inputs = self._place({name: np.zeros(shape, np.int32) for name, shape in self.bucket_layout(rows, tokens, width)})
+        layout = self.bucket_layout(rows, tokens, width, mixed)
+        inputs = self._place({name: np.zeros(shape, np.int32) for name, shape in layout})
         padding = (None,) * (rows * self.replicas)
         return inputs.replace(logit_counts=(0,) * len(padding), row_ids=padding, written_end=(0,) * len(padding),
                               capacity=(0,) * len(padding))
 
     def compile_bucket(self, rows: int, tokens: int, width: int, max_num_steps: int,
-                       per_rows: bool = True) -> BucketShapes:
+                       per_rows: bool = True, mixed: bool = False) -> BucketShapes:
         """Compile (not run) this bucket's model executables from abstract inputs: the input
         unpacker, the step, the log-probabilities (those shared by every bucket of these rows
         only with `per_rows`) and, for decode buckets, the decode loop and prepare_next.
         Returns the step's abstract next-token logits, for the samplers."""
-        layout = self.bucket_layout(rows, tokens, width)
+        layout = self.bucket_layout(rows, tokens, width, mixed)
         i32 = np.dtype(np.int32)
         packed = jax.ShapeDtypeStruct((sum(int(np.prod(shape)) for _, shape in layout),), i32,
                                       sharding=self._replicated)
@@ -319,7 +353,7 @@ class DecoderPipelineModel(DecoderSizing, ServingModel):
         arrays = {name: jax.ShapeDtypeStruct(shape, i32, sharding=self._by_row) for name, shape in layout}
         step = self._step_executable(arrays)
         out_shardings = step.output_shardings[0]
-        total = layout[0][1][0]
+        total = rows * self.replicas
         f32 = np.dtype(np.float32)
         logits = jax.ShapeDtypeStruct((total, self.vocab_size), f32, sharding=out_shardings["next_token_logits"])
         sampled = jax.ShapeDtypeStruct((total,), i32, sharding=self._replicated)  # what the samplers return
@@ -371,9 +405,17 @@ class DecoderPipelineModel(DecoderSizing, ServingModel):
     # -- execution ---------------------------------------------------------
     def _step(self, params, kv, arrays):
         cfg = self.config
-        hidden, kv = self.arch.forward(cfg, params, kv, arrays["tokens"], arrays["positions"], arrays["slots"],
-                                       arrays["page_table"], backend=self.session.platform, scan=self.scan_layers)
-        picked = jnp.take_along_axis(hidden, arrays["logit_indices"][..., None], axis=1)  # [B, N, D]
+        tokens, table, index = arrays["tokens"], arrays["page_table"], arrays["logit_indices"]
+        if tokens.shape[0] != table.shape[0]:  # a mixed step: tokens [R, mixed - 1 + T], rows R x mixed
+            r = tokens.shape[0]
+            per = table.reshape(r, table.shape[0] // r, -1)
+            decode, chunk = per[:, :-1].reshape(-1, per.shape[2]), per[:, -1]
+            table = GroupedPageTable((decode, chunk), (1, tokens.shape[1] - per.shape[1] + 1))
+        hidden, kv = self.arch.forward(cfg, params, kv, tokens, arrays["positions"], arrays["slots"], table,
+                                       backend=self.session.platform, scan=self.scan_layers)
+        # Row i's logits come from hidden row i (mixed: from its replica's flat tokens).
+        picked = jnp.take_along_axis(hidden, index.reshape(hidden.shape[0], -1)[..., None], axis=1)
+        picked = picked.reshape(*index.shape, -1)  # [B, N, D]
         logits = self.arch.lm_head(cfg, params, picked).astype(jnp.float32)  # [B, N, V]
         out = {"next_token_logits": logits[:, -1]}
         if self.return_logits != ReturnLogits.LAST_TOKEN:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from abc import abstractmethod
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import jax
 import numpy as np
@@ -33,6 +33,17 @@ LOGPROB_BUCKETS = (5, MAX_LOGPROBS)
 def logprob_bucket(top_n: int, vocab_size: int) -> int:
     """The executable's top-n for a request's `top_n` (1..MAX_LOGPROBS), capped at the vocabulary."""
     return min(next(b for b in LOGPROB_BUCKETS if top_n <= b), vocab_size)
+
+
+class Bucket(NamedTuple):
+    """One step shape of the bucket set: rows per replica, tokens per row, page-table width.
+    A mixed bucket (in-flight batching) is rows - 1 one-token rows and one prompt chunk of
+    `tokens` per replica, in one step."""
+
+    rows: int
+    tokens: int
+    width: int
+    mixed: bool = False
 
 
 @dataclass(frozen=True)
@@ -68,20 +79,20 @@ class ServingModel(PipelineModel[TextContext]):
         """Logits per row (token ids run over [0, vocab_size))."""
 
     @abstractmethod
-    def step_buckets(self) -> list[tuple[int, int, int]]:
-        """Every (rows per replica, tokens per row, page-table width) a step is compiled for."""
+    def step_buckets(self) -> list[Bucket]:
+        """Every step shape a step is compiled for."""
 
     @abstractmethod
     def prefill_fits(self, rows: int, max_tokens: int) -> bool:
         """Whether a prefill step of `rows` rows per replica, the longest `max_tokens`, is in the bucket set."""
 
     @abstractmethod
-    def zero_inputs(self, rows: int, tokens: int, width: int) -> ModelInputs:
+    def zero_inputs(self, rows: int, tokens: int, width: int, mixed: bool = False) -> ModelInputs:
         """Inputs of one bucket that touch only the null page (for warm-up runs)."""
 
     @abstractmethod
     def compile_bucket(self, rows: int, tokens: int, width: int, max_num_steps: int,
-                       per_rows: bool = True) -> BucketShapes:
+                       per_rows: bool = True, mixed: bool = False) -> BucketShapes:
         """Compile, without running, every model executable of one bucket (its step, input
         unpacker, log-probabilities and, for decode buckets, the decode loop); those shared by
         every bucket of the same rows (next-token log-probabilities) only with `per_rows`."""

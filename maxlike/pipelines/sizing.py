@@ -17,6 +17,7 @@ from maxlike.kv_cache import KVCacheParams
 from maxlike.pipelines import memory
 from maxlike.pipelines.model import ReturnLogits, upper_bounded_default
 from maxlike.pipelines.registry import PIPELINE_REGISTRY
+from maxlike.pipelines.serving import Bucket
 
 from graphs.layers import WIDTH_ON_DEVICE
 
@@ -105,7 +106,7 @@ class DecoderSizing:
         key = repr((arch.name, cfg, c.model.dtype, cls.calculate_max_seq_len(c, huggingface_config),
                     c.max_batch_size, c.max_num_steps, c.prefill_chunk_size, c.kv_cache.kv_cache_page_size,
                     c.kv_cache.cache_dtype, c.sampling.enable_echo, c.devices, count, c.compile_target,
-                    c.data_parallel_degree, c.tensor_parallel_degree, platform, exe_cache.versions(),
+                    c.data_parallel_degree, c.tensor_parallel_degree, c.enable_in_flight_batching, platform, exe_cache.versions(),
                     exe_cache.program_settings(), exe_cache.source_hash()))
         return os.path.join(folder, "activations", hashlib.sha256(key.encode()).hexdigest()[:24] + ".json")
 
@@ -212,28 +213,33 @@ class DecoderSizing:
             return [self._max_width]
         return [2**i for i in range(self._max_width.bit_length())]
 
-    def step_buckets(self) -> list[tuple[int, int, int]]:
-        """Every (rows, tokens, page-table width) a step can be compiled for: known at setup.
-        Prefill steps read the full table; decode steps see `_decode_widths`."""
+    def step_buckets(self) -> list[Bucket]:
+        """Every step shape a step can be compiled for: known at setup. Prefill and mixed
+        steps read the full table; decode steps see `_decode_widths`. Mixed steps (in-flight
+        batching) run up to rows - 1 one-token rows beside one chunk of any token bucket."""
         batches = [b for b in (2**i for i in range(self._bucket_batch(self.max_batch_size).bit_length()))]
         tokens = [t for t in (2**i for i in range(self._max_prefill_tokens.bit_length())) if t >= MIN_PREFILL_BUCKET]
-        decode = [(b, 1, w) for b in batches for w in self._decode_widths]
-        prefill = [(b, t, self._max_width) for b in batches for t in tokens if b * t <= self._max_prefill_tokens]
-        return decode + prefill
+        full = self._max_width
+        decode = [Bucket(b, 1, w) for b in batches for w in self._decode_widths]
+        prefill = [Bucket(b, t, full) for b in batches for t in tokens if b * t <= self._max_prefill_tokens]
+        mixed = [Bucket(b, t, full, True) for b in batches[1:] for t in tokens] if self.in_flight_batching else []
+        return decode + prefill + mixed
 
     def executable_counts(self, max_num_steps: int) -> dict[str, int]:
         """How many executables of each kind a full warm-up makes, in closed form (the
         README's formula). With B, T the largest batch and prefill token buckets (powers of
         two), nb = log2(B) + 1 batch buckets: decode buckets nb x nw (nw = 1, or on GPU
         log2(W) + 1 table widths), prefill buckets the sum over t = 16, 32, ..., T of
-        log2(min(B, T / t)) + 1, and L log-prob sizes."""
+        log2(min(B, T / t)) + 1, mixed buckets (in-flight batching) (nb - 1) x nt with nt
+        token buckets, and L log-prob sizes."""
         b_max, t_max = self._bucket_batch(self.max_batch_size), self._max_prefill_tokens
         nb = b_max.bit_length()
         decode = nb * len(self._decode_widths)
         prefill = sum(min(b_max, t_max // t).bit_length()
                       for t in (2**i for i in range(t_max.bit_length())) if t >= MIN_PREFILL_BUCKET)
         top_n = len(self._logprob_buckets())
-        return {"step": decode + prefill, "unpack_inputs": decode + prefill, "decode_loop": decode,
+        mixed = (nb - 1) * (t_max.bit_length() - MIN_PREFILL_BUCKET.bit_length() + 1) if self.in_flight_batching else 0
+        return {"step": decode + prefill + mixed, "unpack_inputs": decode + prefill + mixed, "decode_loop": decode,
                 "prepare_next": decode if max_num_steps > 1 else 0, "logprobs": nb * top_n,
                 "echo_logprobs": prefill * top_n if self.return_logits == ReturnLogits.ALL else 0,
                 "sample": nb, "sample_greedy": nb}

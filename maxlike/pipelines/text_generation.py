@@ -163,7 +163,7 @@ class TextGenerationPipeline:
         decoding = all(n == 1 for n in chunks) and all(sampling_rows)
         budgets = [r.max_new - len(r.ctx.generated) for r in rows]
         steps = max(1, min(num_steps, self.max_num_steps, min(budgets))) if decoding else 1
-        total = inputs.tokens.shape[0]
+        total = len(inputs.row_ids)
         params = None
         if not all(r.ctx.sampling_params.greedy for r in rows):
             by_row = _scatter(index, total, [(r.ctx.sampling_params, r.ctx.seed) for r in rows], (GREEDY, 0))
@@ -187,10 +187,9 @@ class TextGenerationPipeline:
         for i, ctx in enumerate(contexts):
             groups[kv.replica_of(ctx.request_id) if kv.contains(ctx.request_id) else 0].append(i)
         inputs = model.prepare_initial_token_inputs([[contexts[i] for i in g] for g in groups])
-        per_replica = inputs.tokens.shape[0] // model.replicas
+        at = {rid: j for j, rid in enumerate(inputs.row_ids) if rid is not None}
         order = [i for g in groups for i in g]
-        index = [r * per_replica + j for r, g in enumerate(groups) for j in range(len(g))]
-        return [rows[i] for i in order], inputs, index
+        return [rows[i] for i in order], inputs, [at[contexts[i].request_id] for i in order]
 
     def launch_after(self, prev: "Launch", num_steps: int) -> "Launch | None":
         """The decode block that follows `prev` on the same rows, dispatched before
@@ -215,7 +214,7 @@ class TextGenerationPipeline:
         return self._launch_loop(launch, inputs, budgets)
 
     def _launch_loop(self, launch: "Launch", inputs, budgets: list[int]) -> "Launch":
-        padded = np.asarray(_scatter(launch.index, inputs.tokens.shape[0], budgets, 0), np.int32)
+        padded = np.asarray(_scatter(launch.index, len(inputs.row_ids), budgets, 0), np.int32)
         launch.tokens, launch.last = self.model.execute_decode_loop(
             inputs, launch.steps, self.max_num_steps, launch.params, launch.stop_ids, padded)
         return launch
@@ -240,7 +239,7 @@ class TextGenerationPipeline:
 
     def _host_steps(self, launch: "Launch", inputs, top_n: list[int]) -> np.ndarray:
         """One call per step (log-probabilities need each step's logits): tokens [steps, B]."""
-        model, session, rows, total = self.model, self.model.session, launch.rows, inputs.tokens.shape[0]
+        model, session, rows, total = self.model, self.model.session, launch.rows, len(inputs.row_ids)
         top_n = _scatter(launch.index, total, top_n, 0)
         # Echo is the request's first step: its whole prompt runs in it (the scheduler sees to that).
         echo = _scatter(launch.index, total, [r.echo_pending for r in rows], False)
@@ -282,9 +281,10 @@ class TextGenerationPipeline:
             return
         session = model.session
         sampled: set[int] = set()
-        for rows, tokens, width in tqdm(model.step_buckets(), desc="compiling", unit="bucket", disable=not progress):
-            inputs = model.zero_inputs(rows, tokens, width)
-            total = inputs.tokens.shape[0]  # rows on every replica
+        for rows, tokens, width, mixed in tqdm(model.step_buckets(), desc="compiling", unit="bucket",
+                                               disable=not progress):
+            inputs = model.zero_inputs(rows, tokens, width, mixed)
+            total = len(inputs.row_ids)  # rows on every replica
             out = model.execute(inputs)
             greedy = self._sample(out, inputs, None)
             if rows not in sampled:
@@ -314,21 +314,21 @@ class TextGenerationPipeline:
         first_of_rows: set[int] = set()
         buckets = model.step_buckets()
         todo = []
-        for j, (rows, tokens, width) in enumerate(buckets):
-            per_rows = rows not in first_of_rows
-            first_of_rows.add(rows)
+        for j, bucket in enumerate(buckets):
+            per_rows = bucket.rows not in first_of_rows
+            first_of_rows.add(bucket.rows)
             if j % count == index:
-                todo.append((rows, tokens, width, per_rows))
+                todo.append((bucket, per_rows))
         records = model.session.stats.records
-        for rows, tokens, width, per_rows in tqdm(todo, desc="compiling", unit="bucket", disable=not progress):
+        for (rows, tokens, width, mixed), per_rows in tqdm(todo, desc="compiling", unit="bucket", disable=not progress):
             seen = len(records)
-            shapes = model.compile_bucket(rows, tokens, width, self.max_num_steps, per_rows=per_rows)
+            shapes = model.compile_bucket(rows, tokens, width, self.max_num_steps, per_rows=per_rows, mixed=mixed)
             if per_rows:
                 total = shapes.logits.shape[0]
                 self._sampler(shapes.logits, None, None)
                 self._sampler(shapes.logits, sampling.SamplingInputs.abstract(total), shapes.positions)
             for record in records[seen:]:  # for warm-cache's table of the slowest and largest
-                record["bucket"] = f"{rows}x{tokens}x{width}"
+                record["bucket"] = f"{rows}x{tokens}x{width}" + (" mixed" if mixed else "")
             if on_bucket is not None:
                 on_bucket()
         if count == 1:  # a shard saw only part of the set: whoever splits it records the whole set's peak
