@@ -12,7 +12,10 @@ request makes exactly 64-128 tokens (EOS ignored). Concurrency 1 runs `--solo-re
 
 "Long prompts arriving": the short-prompt streams at concurrency 8 again, while a second client sends
 prompts of --long-prompt tokens (2 at a time); the streams' inter-token latency with and without them
-shows what a prefill costs the running requests.
+shows what a prefill costs the running requests. `--in-flight both` runs that phase twice in one run,
+without and with in-flight batching (each on its own LLM), to compare them:
+
+    .venv/bin/python benchmarks/bench_serve.py --only-long --in-flight both --prefill-chunk-size 256
 """
 
 from __future__ import annotations
@@ -85,12 +88,27 @@ def main() -> None:
     ap.add_argument("--only-long", action="store_true", help="only the long-prompt runs (no offline, no concurrency)")
     ap.add_argument("--long-requests", type=int, default=8)
     ap.add_argument("--prefill-chunk-size", type=int, default=8192)
+    ap.add_argument("--in-flight", choices=["off", "on", "both"], default="off",
+                    help="in-flight batching (decode rows and a prompt chunk in one step); both: the long-prompt "
+                         "phase once without, once with (needs --only-long)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
+    if args.in_flight == "both" and not args.only_long:
+        ap.error("--in-flight both compares the long-prompt phase only: add --only-long.")
+    results: dict = {"config": vars(args)}
+    for in_flight in (False, True) if args.in_flight == "both" else (args.in_flight == "on",):
+        key = "in_flight" if in_flight else "no_in_flight"
+        results[key] = run(args, in_flight)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1, default=str)
 
+
+def run(args, in_flight: bool) -> dict:
     config = PipelineConfig(model_path=args.model_path or default_model_path(), max_length=args.max_length,
                             max_batch_size=args.max_batch_size, prefill_chunk_size=args.prefill_chunk_size,
-                            warmup=args.warmup)
+                            warmup=args.warmup, enable_in_flight_batching=in_flight)
+    print(f"in-flight batching {'on' if in_flight else 'off'}", flush=True)
     t = time.perf_counter()
     llm = LLM(config, progress=True)
     vocab = llm.pipeline.model.vocab_size
@@ -100,7 +118,7 @@ def main() -> None:
         offline(llm, work[: max(1, len(work) // 4)])
     warm = stats.compiled
     print(f"loaded and warmed up in {time.perf_counter() - t:.1f}s ({warm} executables compiled)", flush=True)
-    results: dict = {"config": vars(args)}
+    results: dict = {}
     if not args.only_long:
         results["offline"] = offline(llm, work)
         print("offline LLM.generate:", results["offline"], flush=True)
@@ -138,11 +156,11 @@ def main() -> None:
     print("short streams with long prompts arriving:", brief(mixed), flush=True)
     print("the long prompts:", brief(longs), flush=True)
     results["compiles_after_warmup"] = stats.compiled - warm
+    results["scheduler"] = vars(llm.scheduler.stats)
     print("executables compiled after warm-up (offline run and serving):", stats.compiled - warm, flush=True)
     server.should_exit = True
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=1, default=str)
+    engine.shutdown(timeout=60)
+    return results
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
 
 import jax
@@ -90,6 +90,8 @@ class Architecture:
     kv_shape: Callable[[Any], tuple[int, int, int]]
     forward: Callable
     lm_head: Callable
+    # LoRA: PEFT module name -> (weight kind, input axes); forward applies `adapters` to these
+    lora_targets: dict = field(default_factory=dict)
 
     def functions(self) -> tuple[Callable, ...]:
         """Every function of this architecture (whose source is part of cache keys)."""

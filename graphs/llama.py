@@ -15,7 +15,7 @@ import numpy as np
 
 from graphs.base import Architecture, UnsupportedConfigError, WeightSpec, require, run_layers
 from graphs.llama_checkpoint import checkpoint_names
-from graphs.layers import apply_rope, paged_attention, rms_norm, rope_inv_freq, swiglu, write_kv
+from graphs.layers import apply_rope, lora_delta, paged_attention, rms_norm, rope_inv_freq, swiglu, write_kv
 
 
 @dataclass(frozen=True)
@@ -122,18 +122,30 @@ def weight_specs(cfg: LlamaConfig) -> dict[str, WeightSpec]:
 
 
 def forward(cfg: LlamaConfig, w: dict, kv: list, tokens, positions, slots, page_table, *, backend: str = "cpu",
-            scan: bool = False):
+            scan: bool = False, adapters=None):
     """tokens/positions/slots [B, T]; page_table [B, P]; kv: the pool's (k_pages, v_pages)
     pairs. `backend` (the mesh's platform) picks the op variants that are fast there;
-    `scan` runs the layers as one loop over stacked weights (see graphs.base.run_layers)."""
+    `scan` runs the layers as one loop over stacked weights (see graphs.base.run_layers).
+    adapters [B, T]: each token's LoRA slot (0: none), with the slots' weights in `w` as
+    "{projection}_lora_a" / "_lora_b" per layer (maxlike.pipelines.lora)."""
     inv_freq = cfg.inv_freq
+    onehot = None
+    if adapters is not None:
+        slots_held = w[next(n for n in w if n.endswith("_lora_a"))].shape[1 if scan else 0]
+        onehot = jax.nn.one_hot(adapters - 1, slots_held, dtype=w["embed"].dtype)  # slot 0 -> all zeros
 
     def layer(x, lw, k_pages, v_pages, index):
+        def proj(eq: str, x, name: str, n_in: int = 1):
+            y = jnp.einsum(eq, x, lw[name])
+            if onehot is not None and name + "_lora_a" in lw:
+                y = y + lora_delta(x, lw[name + "_lora_a"], lw[name + "_lora_b"], onehot, n_in)
+            return y
+
         with jax.named_scope("attention"):
             h = rms_norm(x, lw["attn_norm"], cfg.rms_norm_eps)
-            q = jnp.einsum("btd,dhk->bthk", h, lw["q"])  # [B, T, H, K]
-            k = jnp.einsum("btd,dhk->bthk", h, lw["k"])  # [B, T, KV, K]
-            v = jnp.einsum("btd,dhk->bthk", h, lw["v"])
+            q = proj("btd,dhk->bthk", h, "q")  # [B, T, H, K]
+            k = proj("btd,dhk->bthk", h, "k")  # [B, T, KV, K]
+            v = proj("btd,dhk->bthk", h, "v")
             if cfg.qkv_bias:
                 q, k, v = q + lw["q_bias"], k + lw["k_bias"], v + lw["v_bias"]
             q = apply_rope(q, positions, inv_freq)
@@ -141,13 +153,17 @@ def forward(cfg: LlamaConfig, w: dict, kv: list, tokens, positions, slots, page_
             k_pages = write_kv(k_pages, k, slots, index, backend=backend)
             v_pages = write_kv(v_pages, v, slots, index, backend=backend)
             a = paged_attention(q, k_pages, v_pages, page_table, positions, index, backend=backend)
-            a = jnp.einsum("bthk,hkd->btd", a, lw["o"])
+            a = proj("bthk,hkd->btd", a, "o", 2)
             if cfg.o_bias:
                 a = a + lw["o_bias"]
             x = x + a
         with jax.named_scope("mlp"):
             h = rms_norm(x, lw["mlp_norm"], cfg.rms_norm_eps)
-            x = x + swiglu(h, lw["gate"], lw["up"], lw["down"])
+            if onehot is None:
+                x = x + swiglu(h, lw["gate"], lw["up"], lw["down"])
+            else:
+                g, u = proj("btd,df->btf", h, "gate"), proj("btd,df->btf", h, "up")
+                x = x + proj("btf,fd->btd", jax.nn.silu(g) * u, "down")
         return x, k_pages, v_pages
 
     x = w["embed"][tokens]  # [B, T, D]
@@ -160,12 +176,18 @@ def lm_head(cfg: LlamaConfig, w: dict, hidden: jax.Array) -> jax.Array:
     return jnp.einsum("...d,vd->...v", hidden, table)
 
 
+# LoRA: PEFT's module name -> (our weight kind, how many leading axes of it are the input).
+LORA_TARGETS = {"q_proj": ("q", 1), "k_proj": ("k", 1), "v_proj": ("v", 1), "o_proj": ("o", 2),
+                "gate_proj": ("gate", 1), "up_proj": ("up", 1), "down_proj": ("down", 1)}
+
+
 def kv_shape(cfg: LlamaConfig) -> tuple[int, int, int]:
     return cfg.num_layers, cfg.kv_heads, cfg.head_dim
 
 
 def _arch(name: str, model_types: tuple[str, ...]) -> Architecture:
-    return Architecture(name, model_types, config_from_hf, weight_specs, checkpoint_names, kv_shape, forward, lm_head)
+    return Architecture(name, model_types, config_from_hf, weight_specs, checkpoint_names, kv_shape, forward, lm_head,
+                        lora_targets=LORA_TARGETS)
 
 
 LLAMA_FAMILY = (

@@ -120,8 +120,15 @@ class LoRAConfig:
     max_num_loras: int = 1
 
     def __post_init__(self) -> None:
-        if self.enable_lora or self.lora_paths:
-            raise NotImplementedError("LoRA adapters are not built yet in maxlike; leave enable_lora False.")
+        if isinstance(self.lora_paths, str):
+            object.__setattr__(self, "lora_paths", (self.lora_paths,))
+        object.__setattr__(self, "lora_paths", tuple(self.lora_paths))
+        _check(isinstance(self.max_lora_rank, int) and self.max_lora_rank >= 1,
+               f"max_lora_rank must be a positive integer, got {self.max_lora_rank!r}.")
+        _check(isinstance(self.max_num_loras, int) and self.max_num_loras >= 1,
+               f"max_num_loras must be a positive integer, got {self.max_num_loras!r}.")
+        _check(self.enable_lora or not self.lora_paths,
+               "lora_paths were given but LoRA is off: pass enable_lora=True (--enable-lora) to serve them.")
 
 
 _SUBCONFIGS = {"model": ModelConfig, "kv_cache": KVCacheConfig, "sampling": SamplingConfig, "lora": LoRAConfig}

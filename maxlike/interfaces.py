@@ -91,9 +91,13 @@ class TextGenerationRequest:
     prompt: str | Sequence[int] | None = None
     messages: list[dict] | None = None
     sampling_params: SamplingParams = field(default_factory=lambda: GREEDY)
+    lora_name: str | None = None  # a LoRA adapter the model has loaded (None: the base model)
 
     def __post_init__(self) -> None:
         rid = self.request_id
+        if self.lora_name is not None and (not isinstance(self.lora_name, str) or not self.lora_name):
+            raise RequestError(f"request {rid}: lora_name must be an adapter's name (a non-empty string) or None, "
+                               f"got {self.lora_name!r}.")
         if not isinstance(rid, str) or not rid:
             raise RequestError(f"request_id must be a non-empty string, got {rid!r}.")
         if (self.prompt is None) == (self.messages is None):

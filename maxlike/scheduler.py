@@ -67,6 +67,14 @@ class Scheduler:
             raise RequestError(f"request id {ctx.request_id!r} is already in flight.")
         # prompt + max_new_tokens <= max_length was checked, and the pool holds one max_length
         # sequence (the model refuses to build otherwise): every valid request fits alone.
+        if ctx.lora_name is not None:
+            lora = self.pipeline.model.lora_manager
+            if lora is None:
+                raise RequestError(f"request {ctx.request_id}: asks for LoRA adapter {ctx.lora_name!r} but LoRA is "
+                                   "off: load the model with enable_lora=True (--enable-lora) and the adapter.")
+            if ctx.lora_name not in lora.list_adapters():
+                raise RequestError(f"request {ctx.request_id}: unknown LoRA adapter {ctx.lora_name!r}; loaded: "
+                                   f"{lora.list_adapters() or 'none'}.")
         if row.echo_pending and ctx.prompt_length > self.prefill_chunk_size:
             raise RequestError(f"request {ctx.request_id}: echo needs the whole prompt ({ctx.prompt_length} tokens) in "
                                f"one prefill chunk (prefill_chunk_size={self.prefill_chunk_size}): raise "
@@ -178,10 +186,15 @@ class Scheduler:
             load = [len(self._rows_on(r)) for r in range(self.replicas)]
             replica = min((r for r in range(self.replicas) if load[r] < self.max_batch_size),
                           key=lambda r: (load[r], -self.kv.replica_free_pages(r)))
+            if ctx.lora_name is not None and self.pipeline.model.lora_manager.acquire(ctx.lora_name) is None:
+                break  # every adapter slot is held by running requests: wait for one
             # > 0 on a prefix hit; echo computes the whole prompt, so it takes no cached pages
-            ctx.cache_length = self.kv.claim(ctx.request_id, None if row.echo_pending else ctx.tokens, replica=replica)
+            namespace = None if ctx.lora_name is None else self.pipeline.model.lora_manager.namespace(ctx.lora_name)
+            ctx.cache_length = self.kv.claim(ctx.request_id, None if row.echo_pending else ctx.tokens, replica=replica,
+                                             namespace=namespace)
             if self.kv.pages_short(ctx.request_id, len(ctx.tokens)):
                 self.kv.release(ctx.request_id)
+                self._release_adapter(row)
                 ctx.cache_length = 0
                 break
             self.waiting.popleft()
@@ -249,9 +262,14 @@ class Scheduler:
         self.kv.reserve(rid, total_tokens)
         return True
 
+    def _release_adapter(self, row: GenerationRow) -> None:
+        if row.ctx.lora_name is not None:
+            self.pipeline.model.lora_manager.release(row.ctx.lora_name)
+
     def _preempt(self, row: GenerationRow) -> None:
         self.running.remove(row)
         self.kv.release(row.ctx.request_id)
+        self._release_adapter(row)
         row.ctx.cache_length, row.ctx.chunk = 0, None  # recompute from its tokens so far
         self.waiting.appendleft(row)
         self.stats.preemptions += 1
@@ -274,6 +292,7 @@ class Scheduler:
     def _finish(self, row: GenerationRow) -> None:
         self.running.remove(row)
         self.kv.release(row.ctx.request_id)
+        self._release_adapter(row)
         del self._arrival[row.ctx.request_id]
 
     # -- drivers -------------------------------------------------------------------

@@ -60,9 +60,13 @@ def test_model_path_missing_or_not_a_model(tmp_path):
         PipelineConfig(model_path=str(tmp_path / "weights.bin"))
 
 
-def test_unbuilt_features_fail_clearly(tiny_llama):
-    with pytest.raises(NotImplementedError, match="LoRA adapters are not built yet"):
-        PipelineConfig(model_path=tiny_llama[0], enable_lora=True)
+def test_lora_settings_are_checked(tiny_llama):
+    with pytest.raises(ConfigError, match="lora_paths were given but LoRA is off: pass enable_lora=True"):
+        PipelineConfig(model_path=tiny_llama[0], lora_paths=("a=/x",))
+    with pytest.raises(ConfigError, match="max_lora_rank must be a positive integer, got 0"):
+        PipelineConfig(model_path=tiny_llama[0], enable_lora=True, max_lora_rank=0)
+    with pytest.raises(ConfigError, match="max_num_loras must be a positive integer"):
+        PipelineConfig(model_path=tiny_llama[0], enable_lora=True, max_num_loras=-1)
 
 
 def test_upper_bounded_default_has_max_semantics():

@@ -106,8 +106,8 @@ def cmd_generate(args) -> int:
     llm = LLM(config, progress=not args.quiet)
     params = _sampling(args).replace(max_new_tokens=args.max_new_tokens)
     rid = llm.pipeline.next_request_id()
-    req = (TextGenerationRequest(rid, messages=[{"role": "user", "content": args.prompt}], sampling_params=params)
-           if args.chat else TextGenerationRequest(rid, prompt=args.prompt, sampling_params=params))
+    prompt = dict(messages=[{"role": "user", "content": args.prompt}]) if args.chat else dict(prompt=args.prompt)
+    req = TextGenerationRequest(rid, sampling_params=params, lora_name=args.lora, **prompt)
     t1 = time.perf_counter()
     import jax
 
@@ -304,6 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-k", type=int)
     gen.add_argument("--top-p", type=float)
     gen.add_argument("--sampling-seed", type=int)
+    gen.add_argument("--lora", help="generate with this LoRA adapter (a name from --lora-paths; needs --enable-lora)")
     gen.add_argument("--verbose", action="store_true", help="print load/compile statistics to stderr")
     gen.add_argument("--quiet", action="store_true", help="no progress bars")
     add_config_flags(gen)

@@ -33,9 +33,14 @@ class LLM:
         self.tokenizer, self.pipeline = PIPELINE_REGISTRY.retrieve(pipeline_config, progress=progress)
         self.scheduler = Scheduler(self.pipeline)
 
-    def _requests(self, prompts, max_new_tokens, sampling_params, chat: bool) -> list[TextGenerationRequest]:
+    def _requests(self, prompts, max_new_tokens, sampling_params, chat: bool, lora=None) -> list[TextGenerationRequest]:
         if isinstance(prompts, str):
             prompts = [prompts]
+        if lora is None or isinstance(lora, str):
+            lora = [lora] * len(prompts)
+        if len(lora) != len(prompts):
+            raise RequestError(f"got {len(lora)} LoRA adapter names for {len(prompts)} prompts: give one name (or "
+                               "None) for all, or one per prompt.")
         if max_new_tokens is not None and (not isinstance(max_new_tokens, int) or max_new_tokens < 1):
             raise RequestError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}.")
         if sampling_params is None or isinstance(sampling_params, SamplingParams):
@@ -43,25 +48,26 @@ class LLM:
         if len(sampling_params) != len(prompts):
             raise RequestError(f"got {len(sampling_params)} sampling_params for {len(prompts)} prompts.")
         reqs = []
-        for prompt, params in zip(prompts, sampling_params):
+        for prompt, params, adapter in zip(prompts, sampling_params, lora):
             if max_new_tokens is not None:
                 params = params.replace(max_new_tokens=max_new_tokens)
             rid = self.pipeline.next_request_id()
             if len(prompt) == 0:
                 raise RequestError(f"prompt {len(reqs)} is empty; give at least one token or character.")
             if chat:
-                reqs.append(TextGenerationRequest(rid, messages=[{"role": "user", "content": prompt}], sampling_params=params))
+                reqs.append(TextGenerationRequest(rid, messages=[{"role": "user", "content": prompt}],
+                                                  sampling_params=params, lora_name=adapter))
             else:
-                reqs.append(TextGenerationRequest(rid, prompt=prompt, sampling_params=params))
+                reqs.append(TextGenerationRequest(rid, prompt=prompt, sampling_params=params, lora_name=adapter))
         return reqs
 
     def generate_outputs(
         self, prompts: str | Sequence[str] | Sequence[Sequence[int]], max_new_tokens: int | None = None,
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None, use_tqdm: bool = True,
-        chat: bool = False,
+        chat: bool = False, lora: str | Sequence[str | None] | None = None,
     ) -> list[TextGenerationOutput]:
         """Like `generate`, with token ids, finish reasons and log-probabilities."""
-        reqs = self._requests(prompts, max_new_tokens, sampling_params, chat)
+        reqs = self._requests(prompts, max_new_tokens, sampling_params, chat, lora)
         return self.scheduler.run(reqs, use_tqdm=use_tqdm)
 
     def stream(self, request: TextGenerationRequest):
@@ -71,8 +77,11 @@ class LLM:
     def generate(
         self, prompts: str | Sequence[str], max_new_tokens: int | None = None,
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None, use_tqdm: bool = True,
-        chat: bool = False,
+        chat: bool = False, lora: str | Sequence[str | None] | None = None,
     ) -> list[str]:
         """Generated text per prompt. Greedy unless `sampling_params` say otherwise;
-        `chat=True` wraps each prompt as a user message in the model's chat template."""
-        return [o.text for o in self.generate_outputs(prompts, max_new_tokens, sampling_params, use_tqdm, chat)]
+        `chat=True` wraps each prompt as a user message in the model's chat template;
+        `lora` names the LoRA adapter to use (one for all prompts, or one per prompt;
+        None: the base model)."""
+        return [o.text for o in self.generate_outputs(prompts, max_new_tokens, sampling_params, use_tqdm, chat,
+                                                      lora)]

@@ -159,17 +159,20 @@ class PagedKVCacheManager:
         return [(zeros(), zeros()) for _ in range(self.pool_groups)]
 
     # -- bookkeeping -------------------------------------------------------
-    def claim(self, request_id: str, tokens=None, replica: int | None = None, total_tokens: int | None = None) -> int:
+    def claim(self, request_id: str, tokens=None, replica: int | None = None, total_tokens: int | None = None,
+              namespace: str | None = None) -> int:
         """Start holding pages for `request_id` (on `replica`, default the one with the
         most free pages); returns the number of leading `tokens` whose keys and values
-        are already cached (0 without prefix caching). With `total_tokens`, pages for that
+        are already cached (0 without prefix caching), matched only among pages computed
+        under the same `namespace` (its LoRA adapter). With `total_tokens`, pages for that
         many tokens are reserved too (all or nothing: OutOfPagesError leaves no claim)."""
         if request_id in self._pages:
             raise ValueError(f"request {request_id!r} already holds KV pages.")
         if replica is None:
             replica = max(range(self.replicas), key=lambda r: self._replicas[r].free_pages)
         cache = self._replicas[replica].prefix_cache
-        pages, last = ([], 0) if cache is None or tokens is None else cache.match(tokens, self.params.page_size)
+        pages, last = ([], 0) if cache is None or tokens is None else \
+            cache.match(tokens, self.params.page_size, root=cache.root(namespace))
         self._pages[request_id] = pages
         self._replica_of[request_id] = replica
         self._chain[request_id] = (len(pages), last)

@@ -32,17 +32,29 @@ class PrefixCache:
         self._refs: collections.Counter[int] = collections.Counter()
         self._unused: collections.OrderedDict[int, None] = collections.OrderedDict()  # LRU, oldest first
         self._next_id = ROOT + 1
+        self._roots: dict[str, int] = {}  # namespace (a LoRA adapter) -> the key id its chains start from
         self.stats = PrefixCacheStats()
+
+    def root(self, namespace: str | None) -> int:
+        """The key id a sequence's first page follows: ROOT, or one per namespace, so pages
+        computed under one LoRA adapter never match a prompt under another (or none)."""
+        if namespace is None:
+            return ROOT
+        if namespace not in self._roots:
+            self._roots[namespace] = self._next_id
+            self._next_id += 1
+        return self._roots[namespace]
 
     @property
     def evictable(self) -> int:
         return len(self._unused)
 
-    def match(self, tokens, page_size: int) -> tuple[list[int], int]:
-        """Cached pages for the longest full-page prefix of `tokens`, leaving at least one
-        token to compute. Returns (pages, key id of the last one); takes a reference on each."""
+    def match(self, tokens, page_size: int, root: int = ROOT) -> tuple[list[int], int]:
+        """Cached pages for the longest full-page prefix of `tokens` (chains from `root`),
+        leaving at least one token to compute. Returns (pages, key id of the last one, `root`
+        when none); takes a reference on each."""
         usable = (len(tokens) - 1) // page_size
-        pages, parent = [], ROOT
+        pages, parent = [], root
         for i in range(usable):
             hit = self._by_key.get((parent, tuple(tokens[i * page_size : (i + 1) * page_size])))
             if hit is None:

@@ -25,6 +25,7 @@ class TextContext:
     cache_length: int = 0  # tokens already written to the KV cache
     prompt_length: int = 0
     chunk: int | None = None  # process at most this many pending tokens next step (chunked prefill)
+    lora_name: str | None = None  # the LoRA adapter this sequence runs with (None: the base model)
 
     def __post_init__(self) -> None:
         self.tokens = np.asarray(self.tokens, np.int32)

@@ -25,6 +25,7 @@ from maxlike.config import ConfigError
 from maxlike.kv_cache import NULL_PAGE, KVCacheInputs, PagedKVCacheManager
 from maxlike.pipelines import logprobs, memory, sampling
 from maxlike.pipelines.context import TextContext
+from maxlike.pipelines.lora import LoRAManager
 from maxlike.pipelines.model import ModelInputs, ModelOutputs, ReturnHiddenStates, ReturnLogits
 from maxlike.pipelines.serving import LOGPROB_BUCKETS, MAX_LOGPROBS, BucketShapes, ServingModel, logprob_bucket
 from maxlike.pipelines.sizing import DecoderSizing
@@ -84,6 +85,11 @@ class DecoderPipelineModel(DecoderSizing, ServingModel):
         # float32 means float32 matmuls on every backend (not TF32 on GPU, not bf16 passes on TPU).
         session.matmul_precision = "highest" if self.dtype == np.float32 else None
         session.cache_namespace.update(self._cache_identity(num_pages))
+        if pipeline_config.lora.enable_lora:  # adapters are read and checked before the pool or weights exist
+            self._lora_manager = LoRAManager(
+                pipeline_config.lora, layer_specs=self._layer_specs, source_specs=self.arch.weight_specs(
+                    self._source_config), lora_targets=self.arch.lora_targets, mesh=mesh, dtype=self.dtype,
+                kv_repeat=self.kv_repeat, stacked=self.scan_layers, session=session, abstract=self.compile_only)
         if not self.compile_only:
             session.prefetch()  # executables load in the background while the weights do
         self.kv_manager = PagedKVCacheManager(self.kv_params, num_pages, mesh, replicas=self.replicas,
@@ -102,6 +108,11 @@ class DecoderPipelineModel(DecoderSizing, ServingModel):
                 session.wait_prefetch()
         self._replicated = replicated(mesh)
         self._by_row = named_sharding(mesh, ("batch",))  # step inputs: rows split over the replicas
+
+    def _weights(self) -> dict:
+        """What the step reads: the base weights and, with LoRA, the adapter slots."""
+        lora = self._lora_manager
+        return self.params if lora is None else {**self.params, **lora.arrays}
 
     def _load_params(self, weights, progress: bool) -> dict[str, jax.Array]:
         """Weights on the mesh: restored from the converted-weights cache when it holds this
@@ -162,12 +173,17 @@ class DecoderPipelineModel(DecoderSizing, ServingModel):
         program = repr((type(self).__name__, self.arch.name, self.config, str(self.dtype), self.kv_params, num_pages,
                         self.replicas, self.max_batch_size, self.max_length, self._max_prefill_tokens,
                         self.return_logits, self.return_hidden_states, self.scan_layers,
-                        self.session.matmul_precision))
+                        self.session.matmul_precision, self._lora_shape()))
         classes = [c for c in type(self).__mro__ if c.__module__ not in ("builtins", "abc", "typing")]
         return {"model": hashlib.sha256(program.encode()).hexdigest()[:16], "architecture": self.arch.name,
                 "code": files_hash(defining_files(*self.arch.functions(), *classes)),
                 "dtype": str(self.dtype), "max_batch_size": str(self.max_batch_size),
                 "max_length": str(self.max_length), "kv_pages": str(num_pages)}
+
+    def _lora_shape(self) -> tuple | None:
+        """What LoRA adds to the programs: slots and rank (the adapters' values are data)."""
+        lora = self.pipeline_config.lora
+        return (lora.max_num_loras, lora.max_lora_rank, tuple(self.arch.lora_targets)) if lora.enable_lora else None
 
     @property
     def vocab_size(self) -> int:
@@ -268,9 +284,13 @@ class DecoderPipelineModel(DecoderSizing, ServingModel):
             starts[r] = start
             counts[r], ends[r] = k, start + n
             capacity[r] = min(kv.num_pages_of(ctx.request_id), width) * page
-        inputs = self._place(dict(tokens=tokens, positions=positions, slots=slots, logit_indices=logit_idx,
-                                  input_lengths=np.asarray(lengths, np.int32), page_table=np.asarray(table, np.int32),
-                                  cache_lengths=starts))
+        host = dict(tokens=tokens, positions=positions, slots=slots, logit_indices=logit_idx,
+                    input_lengths=np.asarray(lengths, np.int32), page_table=np.asarray(table, np.int32),
+                    cache_lengths=starts)
+        if self._lora_manager is not None:
+            slot_of = self._lora_manager.slot_of
+            host["adapters"] = np.asarray([0 if c is None else slot_of(c.lora_name) for c in batch], np.int32)
+        inputs = self._place(host)
         return inputs.replace(request_ids=tuple(c.request_id for c in live), logit_counts=tuple(counts),
                               row_ids=tuple(ids), written_end=tuple(ends), capacity=tuple(capacity))
 
@@ -315,6 +335,7 @@ class DecoderPipelineModel(DecoderSizing, ServingModel):
             tokens=a["tokens"], positions=a["positions"], slots=a["slots"], logit_indices=a["logit_indices"],
             input_lengths=a["input_lengths"],
             kv_cache_inputs=KVCacheInputs(page_table=a["page_table"], cache_lengths=a["cache_lengths"]),
+            adapters=a.get("adapters"),
         )
 
     def unpack_executable(self, layout: tuple, packed):
@@ -327,9 +348,10 @@ class DecoderPipelineModel(DecoderSizing, ServingModel):
         flat = (self.replicas, rows - 1 + tokens) if mixed else (rows * self.replicas, tokens)
         rows *= self.replicas
         n_logits = tokens if self.return_logits == ReturnLogits.ALL else 1
+        lora = (("adapters", (rows,)),) if self._lora_manager is not None else ()
         return (("tokens", flat), ("positions", flat), ("slots", flat),
                 ("logit_indices", (rows, n_logits)), ("input_lengths", (rows,)), ("page_table", (rows, width)),
-                ("cache_lengths", (rows,)))
+                ("cache_lengths", (rows,))) + lora
 
     def zero_inputs(self, rows: int, tokens: int, width: int, mixed: bool = False) -> ModelInputs:
         """Inputs of one bucket (rows per replica) that touch only the null page (for warm-up)."""
@@ -382,7 +404,7 @@ class DecoderPipelineModel(DecoderSizing, ServingModel):
         return ModelInputs(
             tokens=arrays["tokens"], positions=arrays["positions"], slots=arrays["slots"],
             logit_indices=arrays["logit_indices"], input_lengths=arrays["input_lengths"],
-            kv_cache_inputs=KVCacheInputs(arrays["page_table"], arrays["cache_lengths"]),
+            kv_cache_inputs=KVCacheInputs(arrays["page_table"], arrays["cache_lengths"]), adapters=arrays.get("adapters"),
             request_ids=prev.request_ids, logit_counts=tuple(int(r is not None) for r in prev.row_ids),
             row_ids=prev.row_ids, written_end=tuple(e + (r is not None) for r, e in zip(prev.row_ids, prev.written_end)),
             capacity=prev.capacity,
@@ -406,13 +428,21 @@ class DecoderPipelineModel(DecoderSizing, ServingModel):
     def _step(self, params, kv, arrays):
         cfg = self.config
         tokens, table, index = arrays["tokens"], arrays["page_table"], arrays["logit_indices"]
+        adapters = arrays.get("adapters")  # per row; the graph takes them per token
         if tokens.shape[0] != table.shape[0]:  # a mixed step: tokens [R, mixed - 1 + T], rows R x mixed
             r = tokens.shape[0]
             per = table.reshape(r, table.shape[0] // r, -1)
             decode, chunk = per[:, :-1].reshape(-1, per.shape[2]), per[:, -1]
             table = GroupedPageTable((decode, chunk), (1, tokens.shape[1] - per.shape[1] + 1))
+            if adapters is not None:
+                by_row = adapters.reshape(r, -1)
+                adapters = table.join([by_row[:, :-1].reshape(-1, 1),
+                                       jnp.repeat(by_row[:, -1:], table.tokens[1], axis=1)], r)
+        elif adapters is not None:
+            adapters = jnp.broadcast_to(adapters[:, None], tokens.shape)
+        lora = {} if adapters is None else {"adapters": adapters}
         hidden, kv = self.arch.forward(cfg, params, kv, tokens, arrays["positions"], arrays["slots"], table,
-                                       backend=self.session.platform, scan=self.scan_layers)
+                                       backend=self.session.platform, scan=self.scan_layers, **lora)
         # Row i's logits come from hidden row i (mixed: from its replica's flat tokens).
         picked = jnp.take_along_axis(hidden, index.reshape(hidden.shape[0], -1)[..., None], axis=1)
         picked = picked.reshape(*index.shape, -1)  # [B, N, D]
@@ -433,13 +463,13 @@ class DecoderPipelineModel(DecoderSizing, ServingModel):
     def _step_executable(self, arrays: dict):
         # Weights and pool keep one signature for the model's life: key on the step inputs only.
         key = tuple((k, v.shape, str(v.dtype)) for k, v in arrays.items())
-        return self.session.compile("step", self._step, (self.params, self.kv_manager.pool, arrays),
+        return self.session.compile("step", self._step, (self._weights(), self.kv_manager.pool, arrays),
                                     donate_argnums=(1,), key=key)
 
     def execute(self, model_inputs: ModelInputs) -> ModelOutputs:
         self._check_runnable()
         exe = self.step_executable(model_inputs)
-        out, self.kv_manager.pool = exe(self.params, self.kv_manager.pool, model_inputs.arrays())
+        out, self.kv_manager.pool = exe(self._weights(), self.kv_manager.pool, model_inputs.arrays())
         counts = np.asarray(model_inputs.logit_counts, np.int64)
         offsets = np.concatenate([[0], np.cumsum(counts)])
         return ModelOutputs(
@@ -506,11 +536,11 @@ class DecoderPipelineModel(DecoderSizing, ServingModel):
         # Small host arrays go straight into the call: cheaper than a device_put each.
         host = (np.asarray(stop_ids, np.int32), np.asarray(budgets, np.int32), np.int32(num_steps))
         exe = self._loop_executable(arrays, sampling_inputs, *host, max_steps)
-        out, self.kv_manager.pool = exe(self.params, self.kv_manager.pool, arrays, sampling_inputs, *host)
+        out, self.kv_manager.pool = exe(self._weights(), self.kv_manager.pool, arrays, sampling_inputs, *host)
         return out
 
     def _loop_executable(self, arrays: dict, sampling_inputs, stop_ids, budgets, num_steps, max_steps: int):
-        args = (self.params, self.kv_manager.pool, arrays, sampling_inputs, stop_ids, budgets, num_steps)
+        args = (self._weights(), self.kv_manager.pool, arrays, sampling_inputs, stop_ids, budgets, num_steps)
         key = (max_steps, tuple((k, v.shape) for k, v in arrays.items()))
         return self.session.compile("decode_loop", partial(self._decode_loop, max_steps=max_steps), args,
                                     donate_argnums=(1,), key=key,
@@ -587,4 +617,5 @@ def _next_inputs(page_size: int, next_tokens: jax.Array, prev: dict) -> dict:
         "input_lengths": live.astype(jnp.int32),
         "page_table": prev["page_table"],
         "cache_lengths": lengths,
+        **({"adapters": prev["adapters"]} if "adapters" in prev else {}),
     }

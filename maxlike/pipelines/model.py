@@ -68,6 +68,7 @@ class ModelInputs:
     logit_indices: jax.Array
     input_lengths: jax.Array
     kv_cache_inputs: KVCacheInputs
+    adapters: jax.Array | None = None  # [B] each row's LoRA slot (0: the base model); with LoRA only
     request_ids: tuple = struct.field(pytree_node=False, default=())
     logit_counts: tuple = struct.field(pytree_node=False, default=())
     row_ids: tuple = struct.field(pytree_node=False, default=())
@@ -89,6 +90,7 @@ class ModelInputs:
             "input_lengths": self.input_lengths,
             "page_table": self.kv_cache_inputs.page_table,
             "cache_lengths": self.kv_cache_inputs.cache_lengths,
+            **({} if self.adapters is None else {"adapters": self.adapters}),
         }
 
 
@@ -131,11 +133,7 @@ class PipelineModel(ABC, Generic[BaseContextType]):
         self.return_hidden_states = ReturnHiddenStates(return_hidden_states)
         self._huggingface_config = None
         self._signal_buffers: list[jax.Array] | None = None
-        self._lora_manager = None
-        if pipeline_config.lora.enable_lora:
-            from maxlike.pipelines.lora import LoRAManager
-
-            self._lora_manager = LoRAManager(pipeline_config.lora)
+        self._lora_manager: "LoRAManager | None" = None  # set by a subclass that serves LoRA adapters
 
     # -- sizing ----------------------------------------------------------
     @classmethod

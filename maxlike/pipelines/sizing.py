@@ -242,7 +242,7 @@ class DecoderSizing:
         return {"step": decode + prefill + mixed, "unpack_inputs": decode + prefill + mixed, "decode_loop": decode,
                 "prepare_next": decode if max_num_steps > 1 else 0, "logprobs": nb * top_n,
                 "echo_logprobs": prefill * top_n if self.return_logits == ReturnLogits.ALL else 0,
-                "sample": nb, "sample_greedy": nb}
+                "sample": nb, "sample_greedy": nb, "lora_slot": int(self.pipeline_config.lora.enable_lora)}
 
 
 def device_page_budget(stats: dict, *, utilization: float, weights_bytes: float, activation_bytes: float,

@@ -135,7 +135,8 @@ class TextGenerationPipeline:
             raise RequestError(f"request {request.request_id}: prompt ({n} tokens) + max_new_tokens ({max_new}) "
                                f"exceeds max_length ({limit}): lower max_new_tokens or raise max_length.")
         seed = params.seed if params.seed is not None else int(self._seeds.integers(0, 2**31))
-        return TextContext(request.request_id, np.asarray(ids, np.int32), n + max_new, params, seed)
+        return TextContext(request.request_id, np.asarray(ids, np.int32), n + max_new, params, seed,
+                           lora_name=request.lora_name)
 
     def row(self, request: TextGenerationRequest) -> "GenerationRow":
         """Validate and encode a request into the state the scheduler and `execute` share."""
@@ -300,6 +301,8 @@ class TextGenerationPipeline:
                     model.prepare_next_token_inputs(greedy, inputs)
                 stops, budgets = np.full((total, model.stop_slots), -1, np.int32), np.zeros((total,), np.int32)
                 model.execute_decode_loop(inputs, 1, self.max_num_steps, None, stops, budgets)
+        if model.lora_manager is not None:
+            model.lora_manager.update_executable()
         jax.block_until_ready(model.kv_manager.pool)
         model.record_activation_memory()
 
@@ -320,6 +323,8 @@ class TextGenerationPipeline:
             if j % count == index:
                 todo.append((bucket, per_rows))
         records = model.session.stats.records
+        if model.lora_manager is not None and index == 0:
+            model.lora_manager.update_executable()
         for (rows, tokens, width, mixed), per_rows in tqdm(todo, desc="compiling", unit="bucket", disable=not progress):
             seen = len(records)
             shapes = model.compile_bucket(rows, tokens, width, self.max_num_steps, per_rows=per_rows, mixed=mixed)

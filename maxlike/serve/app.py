@@ -72,11 +72,20 @@ class OpenAIServer:
             raise APIError(503, "The model is still loading; retry when GET /health answers 200.",
                            type="service_unavailable", code="model_loading", headers={"Retry-After": "5"})
 
-    def check_model(self, name: str) -> None:
-        if name not in self.settings.served_names:
-            raise APIError(404, f"The model `{name}` does not exist. This server serves: "
-                           f"{', '.join(self.settings.served_names)} (GET /v1/models lists them).",
-                           param="model", code="model_not_found")
+    def adapters(self) -> list[str]:
+        """The LoRA adapters clients may name as `model` (none while loading or with LoRA off)."""
+        lora = self.engine.llm.pipeline.model.lora_manager if self.engine.llm is not None else None
+        return lora.list_adapters() if lora is not None else []
+
+    def check_model(self, name: str) -> str | None:
+        """The LoRA adapter `model` names (None: the base model); 404 for a name nobody serves."""
+        if name in self.settings.served_names:
+            return None
+        if name in self.adapters():
+            return name
+        raise APIError(404, f"The model `{name}` does not exist. This server serves: "
+                       f"{', '.join([*self.settings.served_names, *self.adapters()])} (GET /v1/models lists them).",
+                       param="model", code="model_not_found")
 
     def check_length(self, prompt_tokens: int, max_new: int | None, what: str) -> None:
         limit = self.pipeline.max_length
@@ -118,15 +127,15 @@ class OpenAIServer:
 
     # -- one generation ----------------------------------------------------------
     async def generate(self, request: Request, rid: str, prompts: list[list[int]], params: SamplingParams, n: int,
-                       stops: tuple[str, ...]) -> tuple[list[Submission], asyncio.Queue]:
+                       stops: tuple[str, ...], lora: str | None = None) -> tuple[list[Submission], asyncio.Queue]:
         """Submit n choices per prompt; wait until the engine has accepted them all (or refused one:
         then the others are aborted and the refusal is a 400)."""
         subs = []
         for i, ids in enumerate(prompts):
             for j in range(n):
                 p = params.replace(seed=(params.seed + j) % (MAX_SEED + 1))
-                subs.append(Submission(TextGenerationRequest(f"{rid}-{len(subs)}", prompt=ids, sampling_params=p),
-                                       stops, index=i * n + j))
+                subs.append(Submission(TextGenerationRequest(f"{rid}-{len(subs)}", prompt=ids, sampling_params=p,
+                                                             lora_name=lora), stops, index=i * n + j))
         limit = self.settings.max_queued_requests
         if limit is not None and self.engine.num_waiting + len(subs) > limit:
             raise APIError(503, f"The server is at capacity: {self.engine.num_waiting} requests are waiting "
@@ -256,14 +265,16 @@ def build_app(engine: Engine, settings: ServerSettings, metrics: Metrics) -> Fas
     @app.get("/v1/models")
     async def models():
         limit = engine.llm.pipeline.max_length if engine.llm is not None else None
-        return {"object": "list", "data": [{"id": name, "object": "model", "created": server.created,
-                                            "owned_by": "maxlike", "max_model_len": limit}
-                                           for name in settings.served_names]}
+        base = [{"id": name, "object": "model", "created": server.created, "owned_by": "maxlike",
+                 "max_model_len": limit} for name in settings.served_names]
+        adapters = [{"id": name, "object": "model", "created": server.created, "owned_by": "maxlike",
+                     "max_model_len": limit, "parent": settings.served_names[0]} for name in server.adapters()]
+        return {"object": "list", "data": base + adapters}
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         body = protocol.parse(protocol.ChatCompletionRequest, await request.body())
-        server.check_model(body.model)
+        lora = server.check_model(body.model)
         server.check_ready()
         max_new, max_name = ((body.max_completion_tokens, "max_completion_tokens")
                              if body.max_completion_tokens is not None else (body.max_tokens, "max_tokens"))
@@ -274,7 +285,7 @@ def build_app(engine: Engine, settings: ServerSettings, metrics: Metrics) -> Fas
         ids = await server.encode(rid, messages=protocol.chat_messages(body.messages))
         server.check_length(len(ids), max_new, "messages")
         params = server.sampling(body, max_new, max(top, 1) if body.logprobs else 0)
-        subs, events = await server.generate(request, rid, [ids], params, body.n, protocol.stop_strings(body))
+        subs, events = await server.generate(request, rid, [ids], params, body.n, protocol.stop_strings(body), lora)
         head = {"id": rid, "created": int(time.time()), "model": body.model}
 
         def logprobs(entries):
@@ -319,7 +330,7 @@ def build_app(engine: Engine, settings: ServerSettings, metrics: Metrics) -> Fas
     @app.post("/v1/completions")
     async def completions(request: Request):
         body = protocol.parse(protocol.CompletionRequest, await request.body())
-        server.check_model(body.model)
+        lora = server.check_model(body.model)
         server.check_ready()
         protocol.check_common(body, body.max_tokens, "max_tokens")
         protocol.check_logprobs(body.logprobs, "logprobs")
@@ -330,7 +341,7 @@ def build_app(engine: Engine, settings: ServerSettings, metrics: Metrics) -> Fas
             server.check_length(len(p), body.max_tokens, "prompt")
         top = body.logprobs
         params = server.sampling(body, body.max_tokens, max(top, 1) if top is not None else 0)
-        subs, events = await server.generate(request, rid, ids, params, body.n, protocol.stop_strings(body))
+        subs, events = await server.generate(request, rid, ids, params, body.n, protocol.stop_strings(body), lora)
         head = {"id": rid, "object": "text_completion", "created": int(time.time()), "model": body.model}
         n = body.n
         prompt_tokens = sum(len(p) for p in ids)
