@@ -147,8 +147,9 @@ def run(args, in_flight: bool) -> dict:
 
         return await asyncio.gather(run_benchmark(url, NAME, short, concurrency=8, timeout_s=3600), long_later())
 
-    if args.only_long:  # untimed: compile what these two workloads use
-        asyncio.run(with_long())
+    if args.only_long and not args.warmup:  # untimed: compile what these two workloads use (some may remain:
+        asyncio.run(with_long())              # batches form by timing; --warmup compiles every bucket first)
+        asyncio.run(run_benchmark(url, NAME, short, concurrency=8, timeout_s=3600))
     alone = asyncio.run(run_benchmark(url, NAME, short, concurrency=8, timeout_s=3600))
     mixed, longs = asyncio.run(with_long())
     results["itl_short_streams"] = {"alone": brief(alone), "with_long_prompts": brief(mixed), "long": brief(longs)}

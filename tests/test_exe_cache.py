@@ -69,20 +69,6 @@ def test_the_count_formula_holds_with_echo_and_multi_step_decode(tiny_llama, tmp
     assert kinds_written(tmp_path) == dry_run_counts(dry.stdout)
 
 
-def test_the_count_formula_holds_with_in_flight_batching(tiny_llama, tmp_path):
-    common = ["--model-path", tiny_llama[0], "--max-batch-size", "4", "--max-length", "32",
-              "--enable-in-flight-batching", "--no-convert-weights", "--quiet", "--cache-dir", str(tmp_path)]
-    dry = _maxlike("warm-cache", "--dry-run", *common)
-    assert dry.returncode == 0, dry.stderr[-2000:]
-    # decode: batches 1, 2, 4; prefill: 16 tokens x 1, 2 rows, 32 x 1; mixed: 2 and 4 rows (1 or 3
-    # one-token rows and a chunk) x chunks of 16 and 32. Mixed rows share the samplers of their batch.
-    assert dry_run_counts(dry.stdout) == {"step": 10, "unpack_inputs": 10, "decode_loop": 3, "logprobs": 6,
-                                          "sample": 3, "sample_greedy": 3}
-    r = _maxlike("warm-cache", "--jobs", "2", *common)
-    assert r.returncode == 0, r.stderr[-2000:]
-    assert kinds_written(tmp_path) == dry_run_counts(dry.stdout)
-
-
 def _stats(path, cache, **kw):
     kw = {"max_length": 64, "max_batch_size": 2, **kw}
     llm = LLM(PipelineConfig(model_path=path, cache_dir=str(cache), **kw), progress=False)

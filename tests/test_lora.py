@@ -107,7 +107,7 @@ def test_slots_evict_the_least_recently_used_idle_adapter_and_compile_nothing(ad
     made = dict(made)
     third = tmp_path / "c"
     shutil.copytree(made["a"][0], third)
-    llm = _llm(path, made, max_num_loras=2, warmup=True, forbid_compile=True, max_batch_size=2)
+    llm = _llm(path, made, max_num_loras=2, warmup=True, forbid_compile=True, max_batch_size=2, max_length=32)
     lora = llm.pipeline.model.lora_manager
     assert lora.load_adapter(f"c={third}") == "c"
     prompt = random_prompt(6, seed=1).tolist()
@@ -125,13 +125,18 @@ def test_slots_evict_the_least_recently_used_idle_adapter_and_compile_nothing(ad
 
 
 def test_requests_wait_for_a_slot_when_every_slot_is_in_use(adapters):
+    """One slot for two adapters; with in-flight batching the adapters ride in mixed steps too."""
     path, _, made = adapters["qwen2"]
-    llm = _llm(path, made, max_num_loras=1)
-    prompts = [random_prompt(4 + i, seed=i).tolist() for i in range(6)]
-    names = ["a", "b", "a", None, "b", "a"]
-    together = llm.generate_outputs(prompts, max_new_tokens=5, lora=names, use_tqdm=False)
-    for prompt, name, out in zip(prompts, names, together):
-        assert out.token_ids == llm.generate_outputs([prompt], max_new_tokens=5, lora=name,
+    from maxlike.interfaces import SamplingParams
+
+    llm = _llm(path, made, max_num_loras=1, enable_in_flight_batching=True, max_batch_size=2)
+    prompts = [random_prompt(4 + 7 * i, seed=i).tolist() for i in range(6)]
+    names = ["a", None, None, "a", "b", None]  # b waits for a's slot, then evicts a
+    params = [SamplingParams(top_k=1, ignore_eos=True, max_new_tokens=n) for n in (3, 8, 4, 6, 5, 4)]
+    together = llm.generate_outputs(prompts, sampling_params=params, lora=names, use_tqdm=False)
+    assert llm.scheduler.stats.mixed_steps > 0, "prompts were prefilled beside running rows"
+    for prompt, name, p, out in zip(prompts, names, params, together):
+        assert out.token_ids == llm.generate_outputs([prompt], sampling_params=p, lora=name,
                                                      use_tqdm=False)[0].token_ids
 
 
@@ -285,3 +290,33 @@ def test_the_server_serves_adapters_by_model_name(adapters):
     finally:
         server.should_exit = True
         engine.shutdown(10)
+
+
+def test_warm_cache_with_lora_and_in_flight_batching_then_any_adapter_compiles_nothing(adapters, tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import dry_run_counts, kinds_written
+
+    path, _, made = adapters["llama"]
+
+    def maxlike(*args):
+        return subprocess.run([sys.executable, "-m", "maxlike.entrypoints.cli", *args], capture_output=True, text=True,
+                              timeout=600, cwd=os.path.join(os.path.dirname(__file__), ".."))
+
+    common = ["--model-path", path, "--max-batch-size", "2", "--max-length", "32", "--enable-lora",
+              "--max-lora-rank", "8", "--max-num-loras", "2", "--enable-in-flight-batching", "--cache-dir", str(tmp_path)]
+    warm = maxlike("warm-cache", "--jobs", "2", "--quiet", "--no-convert-weights", *common)  # no adapter named
+    assert warm.returncode == 0, warm.stderr[-2000:]
+    # decode: batches 1, 2; prefill: 16 tokens x 1, 2 rows, 32 x 1; mixed (in-flight batching): 2 rows (one
+    # one-token row and a chunk) x chunks of 16 and 32, sharing the samplers of batch 2; one LoRA slot update.
+    assert dry_run_counts(warm.stdout) == {"step": 7, "unpack_inputs": 7, "decode_loop": 2, "logprobs": 4,
+                                           "sample": 2, "sample_greedy": 2, "lora_slot": 1}
+    assert kinds_written(tmp_path) == dry_run_counts(warm.stdout)
+    for name in ("a", "b"):
+        run = maxlike("generate", "--prompt", "hello", "--max-new-tokens", "4", "--verbose", "--quiet", "--lora", name,
+                      "--lora-paths", *(f"{n}={f}" for n, (f, _) in made.items()), *common)
+        assert run.returncode == 0, run.stderr[-2000:]
+        assert "compiled 0 executables" in run.stderr, run.stderr[-2000:]
+    bad = maxlike("generate", "--prompt", "hello", "--max-new-tokens", "4", "--lora", "zzz", *common)
+    assert bad.returncode != 0 and "unknown LoRA adapter 'zzz'" in bad.stderr
