@@ -201,14 +201,15 @@ def swiglu(x: jax.Array, gate: jax.Array, up: jax.Array, down: jax.Array) -> jax
 def lora_delta(x: jax.Array, a: jax.Array, b: jax.Array, onehot: jax.Array, n_in: int) -> jax.Array:
     """Each token's LoRA update of one projection, for a batch that mixes adapters.
 
-    x [B, T, *in] (n_in input axes); a [S, *in, R], b [S, R, *out] (S adapter slots,
-    rank R, the adapter's scale folded into b); onehot [B, T, S] picks each token's
-    slot (all zeros: no adapter). Every slot's x @ a is computed and masked, then one
-    contraction over (slot, rank) applies b: dense matmuls, no gather of weights per
-    token. Returns [B, T, *out].
+    x [B, T, *in] (n_in input axes); a [*in, S, R], b [S, R, *out] (S adapter slots,
+    rank R, the adapter's scale folded into b; laid out so both products are plain
+    matmuls, [tokens, in] x [in, S*R] and [tokens, S*R] x [S*R, out]); onehot [B, T, S]
+    picks each token's slot (all zeros: no adapter). Every slot's x @ a is computed and
+    masked, then one contraction over (slot, rank) applies b: dense matmuls, no gather
+    of weights per token. Returns [B, T, *out].
     """
-    bt, s, r = x.shape[:2], a.shape[0], a.shape[-1]
-    xa = jnp.einsum("bti,sir->btsr", x.reshape(*bt, -1), a.reshape(s, -1, r)) * onehot[..., None].astype(x.dtype)
+    bt, (s, r) = x.shape[:2], a.shape[-2:]
+    xa = jnp.einsum("bti,isr->btsr", x.reshape(*bt, -1), a.reshape(-1, s, r)) * onehot[..., None].astype(x.dtype)
     out = jnp.einsum("btsr,sro->bto", xa, b.reshape(s, r, -1))
     return out.reshape(*bt, *b.shape[2:])
 

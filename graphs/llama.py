@@ -131,7 +131,7 @@ def forward(cfg: LlamaConfig, w: dict, kv: list, tokens, positions, slots, page_
     inv_freq = cfg.inv_freq
     onehot = None
     if adapters is not None:
-        slots_held = w[next(n for n in w if n.endswith("_lora_a"))].shape[1 if scan else 0]
+        slots_held = w[next(n for n in w if n.endswith("_lora_a"))].shape[-2]
         onehot = jax.nn.one_hot(adapters - 1, slots_held, dtype=w["embed"].dtype)  # slot 0 -> all zeros
 
     def layer(x, lw, k_pages, v_pages, index):

@@ -68,14 +68,16 @@ def _hf_greedy(model, prompt, n: int) -> list[int]:
     return out[0, len(prompt):].tolist()
 
 
-@pytest.mark.parametrize("kind", ["llama", "qwen2"])
-def test_each_adapter_matches_hf_peft(adapters, kind):
+@pytest.mark.parametrize("kind,scan", [("llama", False), ("qwen2", True)])
+def test_each_adapter_matches_hf_peft(adapters, kind, scan):
+    """Llama with its layers unrolled, Qwen2 with them as one loop (adapter slots stacked too)."""
     from maxlike.interfaces import SamplingParams
     from maxlike.pipelines import TextContext
 
     path, hf, made = adapters[kind]
-    llm = _llm(path, made)
+    llm = _llm(path, made, scan_layers=scan)
     model = llm.pipeline.model
+    assert model.scan_layers == scan
     assert model.lora_manager is not None and model.lora_manager.list_adapters() == ["a", "b"]
     prompt = random_prompt(13, seed=4)
     for name, (_, peft_model) in made.items():  # next-token logits after the prompt

@@ -14,6 +14,7 @@ pinned its requests wait.
 from __future__ import annotations
 
 import collections
+import functools
 import json
 import math
 import os
@@ -58,8 +59,8 @@ def parse_spec(spec: str) -> tuple[str, str]:
 
 def slot_specs(layer_specs: dict, lora_targets: dict, slots: int, rank: int) -> dict:
     """{weight name: (shape, axes)} of the device slots: per layer and targeted projection,
-    `_lora_a` [slots, *input axes, rank] and `_lora_b` [slots, rank, *output axes], sharded
-    as the base weight's input and output axes are."""
+    `_lora_a` [*input axes, slots, rank] and `_lora_b` [slots, rank, *output axes], sharded
+    as the base weight's input and output axes are (graphs.layers.lora_delta)."""
     out = {}
     kinds = {kind: n_in for kind, n_in in lora_targets.values()}
     for name, spec in layer_specs.items():
@@ -67,7 +68,7 @@ def slot_specs(layer_specs: dict, lora_targets: dict, slots: int, rank: int) -> 
         if not name.startswith("layers.") or kind not in kinds:
             continue
         n_in = kinds[kind]
-        out[name + "_lora_a"] = ((slots, *spec.shape[:n_in], rank), (None, *spec.axes[:n_in], None))
+        out[name + "_lora_a"] = ((*spec.shape[:n_in], slots, rank), (*spec.axes[:n_in], None, None))
         out[name + "_lora_b"] = ((slots, rank, *spec.shape[n_in:]), (None, None, *spec.axes[n_in:]))
     return out
 
@@ -113,7 +114,7 @@ def read_adapter(name: str, path: str, *, layer_specs: dict, lora_targets: dict,
                                f"{module} with r={rank} needs {list(want)}: was this adapter trained on another "
                                "model?")
         value = np.asarray(value, np.float32)
-        if part == "A":  # [r, in] -> [*in, max_rank]
+        if part == "A":  # [r, in] -> [*in, max_rank] (a slot of [*in, slots, max_rank])
             a = value.T.reshape(*spec.shape[:n_in], rank)
             arrays[base + "_lora_a"] = np.pad(a, [(0, 0)] * n_in + [(0, max_rank - rank)]).astype(dtype)
         else:  # [out, r] -> [max_rank, *out], scaled
@@ -317,31 +318,39 @@ class LoRAManager:
         """One slot's weights replaced (a target the adapter does not adapt gets zeros)."""
         new = {}
         for name, array in self.arrays.items():
-            shape = array.shape[2:] if self._stacked else array.shape[1:]
-            if self._stacked:
+            shape = _without_slot(name, array.shape, self._stacked)
+            if self._stacked:  # per layer, then stacked
                 kind = name[len("layers."):]
-                layers = array.shape[0]
-                new[name] = np.stack([adapter.arrays.get(f"layers.{i}.{kind}", np.zeros(shape, self._dtype))
-                                      for i in range(layers)])
+                new[name] = np.stack([adapter.arrays.get(f"layers.{i}.{kind}", np.zeros(shape[1:], self._dtype))
+                                      for i in range(shape[0])])
             else:
                 new[name] = adapter.arrays.get(name, np.zeros(shape, self._dtype))
         exe = self.update_executable()
-        self.arrays = exe(self.arrays, new, np.int32(slot - 1))  # slot s (1..slots) is row s - 1 of the arrays
+        self.arrays = exe(self.arrays, new, np.int32(slot - 1))  # slot s (1..slots) is index s - 1 of the arrays
 
     def update_executable(self):
         """The compiled slot update (one for the model's life: compiled at warm-up)."""
         stacked = self._stacked
-        new = {name: jax.ShapeDtypeStruct(a.shape[:1] + a.shape[2:] if stacked else a.shape[1:], a.dtype)
+        new = {name: jax.ShapeDtypeStruct(_without_slot(name, a.shape, stacked), a.dtype)
                for name, a in self.arrays.items()}
         slot = jax.ShapeDtypeStruct((), np.int32)
-        return self._session.compile("lora_slot", _set_slot if not stacked else _set_slot_stacked,
-                                     (self.arrays, new, slot), donate_argnums=(0,),
-                                     out_shardings=dict(self._shardings))
+        return self._session.compile("lora_slot", functools.partial(_set_slot, stacked), (self.arrays, new, slot),
+                                     donate_argnums=(0,), out_shardings=dict(self._shardings))
 
 
-def _set_slot(arrays: dict, new: dict, slot) -> dict:
-    return {name: a.at[slot].set(new[name].astype(a.dtype)) for name, a in arrays.items()}
+def _slot_axis(name: str, ndim: int, stacked: bool) -> int:
+    """Where the slot axis is: A [(layers,) *in, S, R], B [(layers,) S, R, *out]."""
+    return ndim - 2 if name.endswith("_lora_a") else int(stacked)
 
 
-def _set_slot_stacked(arrays: dict, new: dict, slot) -> dict:
-    return {name: a.at[:, slot].set(new[name].astype(a.dtype)) for name, a in arrays.items()}
+def _without_slot(name: str, shape: tuple, stacked: bool) -> tuple:
+    axis = _slot_axis(name, len(shape), stacked)
+    return shape[:axis] + shape[axis + 1:]
+
+
+def _set_slot(stacked: bool, arrays: dict, new: dict, slot) -> dict:
+    out = {}
+    for name, a in arrays.items():
+        index = (slice(None),) * _slot_axis(name, a.ndim, stacked) + (slot,)
+        out[name] = a.at[index].set(new[name].astype(a.dtype))
+    return out
