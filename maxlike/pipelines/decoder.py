@@ -1,8 +1,10 @@
 """The generic decoder PipelineModel: serves every architecture in `graphs/`.
 
 Weights are placed with their logical shardings; each step is one compiled
-executable per bucket of (batch, tokens) (and page-table width for decode on GPU),
-with the KV pool donated and returned updated. Elsewhere the page table is always
+executable per bucket of (batch, tokens) (and page-table width for decode on GPU;
+with in-flight batching also decode rows beside a prompt chunk, see `_mixed_rows`),
+with the KV pool donated and returned updated. With LoRA, the adapter slots
+(maxlike.pipelines.lora) are read beside the weights. Elsewhere the page table is always
 as wide as the longest sequence needs and decode attention chooses on device how
 much of it to read (graphs.layers.paged_attention).
 """
@@ -22,13 +24,14 @@ from tqdm.auto import tqdm
 
 from maxlike.cache_files import cache_root, defining_files, files_hash
 from maxlike.config import ConfigError
-from maxlike.kv_cache import NULL_PAGE, KVCacheInputs, PagedKVCacheManager
+from maxlike.kv_cache import KVCacheInputs, PagedKVCacheManager
 from maxlike.pipelines import logprobs, memory, sampling
 from maxlike.pipelines.context import TextContext
 from maxlike.pipelines.lora import LoRAManager
 from maxlike.pipelines.model import ModelInputs, ModelOutputs, ReturnHiddenStates, ReturnLogits
 from maxlike.pipelines.serving import LOGPROB_BUCKETS, MAX_LOGPROBS, BucketShapes, ServingModel, logprob_bucket
 from maxlike.pipelines.sizing import DecoderSizing
+from maxlike.pipelines.step_inputs import next_inputs, place_sharded, unpack
 from maxlike.sharding import named_sharding, replicated
 from maxlike.weights import converted, read_weights
 
@@ -131,7 +134,7 @@ class DecoderPipelineModel(DecoderSizing, ServingModel):
             self.weights_source = "weights passed to the model"
         host = self._to_layout(weights if weights is not None else self._read_weights(progress))
         # Every file was checked and read, and the KV cache planned, before the first device allocation.
-        params = {name: _place_sharded(host[name], shardings[name], self.dtype)
+        params = {name: place_sharded(host[name], shardings[name], self.dtype)
                   for name in tqdm(specs, desc="placing weights", unit="tensor", disable=not progress)}
         del host
         if checkpoint is not None:
@@ -329,7 +332,7 @@ class DecoderPipelineModel(DecoderSizing, ServingModel):
         layout = tuple((k, v.shape) for k, v in host.items())
         flat = np.concatenate([v.ravel() for v in host.values()])
         packed = jax.device_put(flat, self._replicated) if self._replicated.is_fully_addressable else \
-            _place_sharded(flat, self._replicated, flat.dtype)  # multi-host: each process places its devices' copies
+            place_sharded(flat, self._replicated, flat.dtype)  # multi-host: each process places its devices' copies
         a = self.unpack_executable(layout, packed)(packed)
         return ModelInputs(
             tokens=a["tokens"], positions=a["positions"], slots=a["slots"], logit_indices=a["logit_indices"],
@@ -339,7 +342,7 @@ class DecoderPipelineModel(DecoderSizing, ServingModel):
         )
 
     def unpack_executable(self, layout: tuple, packed):
-        return self.session.compile("unpack_inputs", partial(_unpack, layout), (packed,), key=layout,
+        return self.session.compile("unpack_inputs", partial(unpack, layout), (packed,), key=layout,
                                     out_shardings={name: self._by_row for name, _ in layout})
 
     def bucket_layout(self, rows: int, tokens: int, width: int, mixed: bool = False) -> tuple:
@@ -420,7 +423,7 @@ class DecoderPipelineModel(DecoderSizing, ServingModel):
 
     def _next_inputs_executable(self, next_tokens, arrays: dict):
         key = (next_tokens.shape, tuple((k, v.shape) for k, v in arrays.items()))
-        return self.session.compile("prepare_next", partial(_next_inputs, self.kv_params.page_size),
+        return self.session.compile("prepare_next", partial(next_inputs, self.kv_params.page_size),
                                     (next_tokens, arrays), key=key,
                                     out_shardings=self._by_row)  # the same shardings as prepare_initial's
 
@@ -510,7 +513,7 @@ class DecoderPipelineModel(DecoderSizing, ServingModel):
             tokens = jax.lax.cond(any_sampled, sample, lambda logits, _: sampling.greedy(logits), logits, positions)
             out = out.at[i].set(jnp.where(done, -1, tokens))
             done = done | jnp.any(tokens[:, None] == stop_ids, axis=1) | (i + 1 >= budgets)
-            return i + 1, done, kv, _next_inputs(page_size, tokens, arrays), out
+            return i + 1, done, kv, next_inputs(page_size, tokens, arrays), out
 
         init = (jnp.int32(0), arrays["input_lengths"] == 0, kv, arrays, jnp.full((max_steps, rows), -1, jnp.int32))
         _, _, kv, arrays, out = jax.lax.while_loop(cond, body, init)
@@ -581,41 +584,3 @@ class DecoderPipelineModel(DecoderSizing, ServingModel):
     def _echo_logprobs_executable(self, top_n: int, logits, tokens, logit_indices, next_tokens):
         return self.session.compile(f"echo_logprobs_top{top_n}", partial(logprobs.echo, top_n),
                                     (logits, tokens, logit_indices, next_tokens), out_shardings=self._replicated)
-
-
-def _place_sharded(array, sharding, dtype) -> jax.Array:
-    """A host array onto the mesh shard by shard: each device receives only its slice
-    (and in a multi-host job each process places only its own devices' slices)."""
-    array = np.asarray(array)
-    return jax.make_array_from_callback(array.shape, sharding, lambda index: np.asarray(array[index], dtype))
-
-
-def _unpack(layout: tuple, packed: jax.Array) -> dict:
-    out, at = {}, 0
-    for name, shape in layout:
-        n = int(np.prod(shape))
-        out[name] = packed[at : at + n].reshape(shape)
-        at += n
-    return out
-
-
-def _next_inputs(page_size: int, next_tokens: jax.Array, prev: dict) -> dict:
-    """Device-side: the decode inputs that follow `prev`, one token per row. A position past
-    the page table (refused on the host before any call) writes to the null page, never into
-    a page the row does not own."""
-    lengths = prev["cache_lengths"] + prev["input_lengths"]  # [B] tokens now in the cache
-    live = prev["input_lengths"] > 0  # padding rows stay on the null page
-    pos = jnp.where(live, lengths, 0)[:, None]  # [B, 1]
-    index = pos // page_size
-    inside = index < prev["page_table"].shape[1]
-    page = jnp.where(inside, jnp.take_along_axis(prev["page_table"], index, axis=1, mode="clip"), NULL_PAGE)
-    return {
-        "tokens": next_tokens.astype(jnp.int32)[:, None],
-        "positions": pos,
-        "slots": page * page_size + pos % page_size,
-        "logit_indices": jnp.zeros_like(pos),
-        "input_lengths": live.astype(jnp.int32),
-        "page_table": prev["page_table"],
-        "cache_lengths": lengths,
-        **({"adapters": prev["adapters"]} if "adapters" in prev else {}),
-    }
