@@ -26,6 +26,8 @@ import numpy as np
 from maxlike.config import ConfigError
 from maxlike.sharding import named_sharding
 
+from graphs.base import WeightSpec, stack_layers, stacked_specs
+
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
@@ -57,8 +59,8 @@ def parse_spec(spec: str) -> tuple[str, str]:
     return name, path
 
 
-def slot_specs(layer_specs: dict, lora_targets: dict, slots: int, rank: int) -> dict:
-    """{weight name: (shape, axes)} of the device slots: per layer and targeted projection,
+def slot_specs(layer_specs: dict, lora_targets: dict, slots: int, rank: int) -> dict[str, WeightSpec]:
+    """The device slots' weights, per layer and targeted projection:
     `_lora_a` [*input axes, slots, rank] and `_lora_b` [slots, rank, *output axes], sharded
     as the base weight's input and output axes are (graphs.layers.lora_delta)."""
     out = {}
@@ -68,8 +70,8 @@ def slot_specs(layer_specs: dict, lora_targets: dict, slots: int, rank: int) -> 
         if not name.startswith("layers.") or kind not in kinds:
             continue
         n_in = kinds[kind]
-        out[name + "_lora_a"] = ((*spec.shape[:n_in], slots, rank), (*spec.axes[:n_in], None, None))
-        out[name + "_lora_b"] = ((slots, rank, *spec.shape[n_in:]), (None, None, *spec.axes[n_in:]))
+        out[name + "_lora_a"] = WeightSpec((*spec.shape[:n_in], slots, rank), (*spec.axes[:n_in], None, None))
+        out[name + "_lora_b"] = WeightSpec((slots, rank, *spec.shape[n_in:]), (None, None, *spec.axes[n_in:]))
     return out
 
 
@@ -166,7 +168,7 @@ def _check_config(where: str, cfg: dict, lora_targets: dict, max_rank: int) -> N
     if not targets:
         refuse("target_modules", "is empty.")
     if targets != "all-linear":
-        bad = sorted({m.rsplit(".", 1)[-1] for m in targets} - set(lora_targets))
+        bad = sorted(_targets(cfg, lora_targets) - set(lora_targets))
         if bad:
             refuse("target_modules", f"lists {bad}, which maxlike does not adapt; supported: {sorted(lora_targets)} "
                                      "(embedding and lm_head adapters are not).")
@@ -204,27 +206,20 @@ class LoRAManager:
         self.max_rank, self.slots = lora_config.max_lora_rank, lora_config.max_num_loras
         self._source_specs, self._targets, self._kv_repeat = source_specs, lora_targets, kv_repeat
         self._stacked, self._session, self._dtype = stacked, session, dtype
-        specs = slot_specs(layer_specs, lora_targets, self.slots, self.max_rank)
-        if stacked:  # "layers.{i}.q_lora_a" -> "layers.q_lora_a" [layers, ...]
-            by_kind: dict[str, tuple] = {}
-            count = collections.Counter()
-            for name, (shape, axes) in specs.items():
-                kind = name.split(".", 2)[2]
-                by_kind[kind] = (shape, axes)
-                count[kind] += 1
-            specs = {f"layers.{k}": ((count[k], *shape), ("layers", *axes)) for k, (shape, axes) in by_kind.items()}
+        self._layer_slot_specs = slot_specs(layer_specs, lora_targets, self.slots, self.max_rank)
+        specs = stacked_specs(self._layer_slot_specs) if stacked else self._layer_slot_specs
         self._adapters: dict[str, Adapter] = {}
         self._loads = 0  # adapters loaded so far: each load's prefix-cache namespace is its own
         self._namespace: dict[str, str] = {}
         for spec in lora_config.lora_paths:  # every adapter checked before a device slot is allocated
             self.load_adapter(spec)
-        self._shardings = {name: named_sharding(mesh, axes) for name, (_, axes) in specs.items()}
+        self._shardings = {name: named_sharding(mesh, spec.axes) for name, spec in specs.items()}
         if abstract:
-            self.arrays = {name: jax.ShapeDtypeStruct(shape, dtype, sharding=self._shardings[name])
-                           for name, (shape, _) in specs.items()}
+            self.arrays = {name: jax.ShapeDtypeStruct(spec.shape, dtype, sharding=self._shardings[name])
+                           for name, spec in specs.items()}
         else:
-            self.arrays = {name: jax.device_put(np.zeros(shape, dtype), self._shardings[name])
-                           for name, (shape, _) in specs.items()}
+            self.arrays = {name: jax.device_put(np.zeros(spec.shape, dtype), self._shardings[name])
+                           for name, spec in specs.items()}
         self._slot_of: dict[str, int] = {}  # active adapters -> their slot (1..slots)
         self._pins: collections.Counter[str] = collections.Counter()
         self._recent: collections.OrderedDict[str, None] = collections.OrderedDict()  # active, least recent first
@@ -316,15 +311,10 @@ class LoRAManager:
 
     def _write(self, slot: int, adapter: Adapter) -> None:
         """One slot's weights replaced (a target the adapter does not adapt gets zeros)."""
-        new = {}
-        for name, array in self.arrays.items():
-            shape = _without_slot(name, array.shape, self._stacked)
-            if self._stacked:  # per layer, then stacked
-                kind = name[len("layers."):]
-                new[name] = np.stack([adapter.arrays.get(f"layers.{i}.{kind}", np.zeros(shape[1:], self._dtype))
-                                      for i in range(shape[0])])
-            else:
-                new[name] = adapter.arrays.get(name, np.zeros(shape, self._dtype))
+        new = {name: adapter.arrays.get(name, np.zeros(_without_slot(name, spec.shape, False), self._dtype))
+               for name, spec in self._layer_slot_specs.items()}
+        if self._stacked:
+            new = stack_layers(new)
         exe = self.update_executable()
         self.arrays = exe(self.arrays, new, np.int32(slot - 1))  # slot s (1..slots) is index s - 1 of the arrays
 
