@@ -198,18 +198,24 @@ def swiglu(x: jax.Array, gate: jax.Array, up: jax.Array, down: jax.Array) -> jax
     return jnp.einsum("btf,fe->bte", jax.nn.silu(g) * u, down)
 
 
-def lora_delta(x: jax.Array, a: jax.Array, b: jax.Array, onehot: jax.Array, n_in: int) -> jax.Array:
+def lora_mask(adapters: jax.Array, slots: int, rank: int, dtype) -> jax.Array:
+    """adapters [B, T] (each token's slot, 0: none) -> [B, T, slots * rank]: 1 over the rank
+    entries of the token's own slot, 0 elsewhere (all 0 for slot 0)."""
+    return jnp.repeat(jax.nn.one_hot(adapters - 1, slots, dtype=dtype), rank, axis=-1)
+
+
+def lora_delta(x: jax.Array, a: jax.Array, b: jax.Array, mask: jax.Array, n_in: int) -> jax.Array:
     """Each token's LoRA update of one projection, for a batch that mixes adapters.
 
     x [B, T, *in] (n_in input axes); a [*in, S, R], b [S, R, *out] (S adapter slots,
-    rank R, the adapter's scale folded into b; laid out so both products are plain
-    matmuls, [tokens, in] x [in, S*R] and [tokens, S*R] x [S*R, out]); onehot [B, T, S]
-    picks each token's slot (all zeros: no adapter). Every slot's x @ a is computed and
-    masked, then one contraction over (slot, rank) applies b: dense matmuls, no gather
-    of weights per token. Returns [B, T, *out].
+    rank R, the adapter's scale folded into b); mask [B, T, S*R] from lora_mask. Every
+    slot's x @ a is computed and masked, then one contraction over (slot, rank) applies b:
+    two plain matmuls, [tokens, in] x [in, S*R] and [tokens, S*R] x [S*R, out], with no
+    gather of weights per token. (slot, rank) stay one flat axis: contracting them as two
+    axes let XLA:CPU transpose and copy every b once per step.) Returns [B, T, *out].
     """
-    bt, (s, r) = x.shape[:2], a.shape[-2:]
-    xa = jnp.einsum("bti,isr->btsr", x.reshape(*bt, -1), a.reshape(-1, s, r)) * onehot[..., None].astype(x.dtype)
-    out = jnp.einsum("btsr,sro->bto", xa, b.reshape(s, r, -1))
+    bt, sr = x.shape[:2], mask.shape[-1]
+    xa = jnp.einsum("bti,ij->btj", x.reshape(*bt, -1), a.reshape(-1, sr)) * mask.astype(x.dtype)
+    out = jnp.einsum("btj,jo->bto", xa, b.reshape(sr, -1))
     return out.reshape(*bt, *b.shape[2:])
 

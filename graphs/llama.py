@@ -15,7 +15,7 @@ import numpy as np
 
 from graphs.base import Architecture, UnsupportedConfigError, WeightSpec, require, run_layers
 from graphs.llama_checkpoint import checkpoint_names
-from graphs.layers import apply_rope, lora_delta, paged_attention, rms_norm, rope_inv_freq, swiglu, write_kv
+from graphs.layers import apply_rope, lora_delta, lora_mask, paged_attention, rms_norm, rope_inv_freq, swiglu, write_kv
 
 
 @dataclass(frozen=True)
@@ -129,16 +129,16 @@ def forward(cfg: LlamaConfig, w: dict, kv: list, tokens, positions, slots, page_
     adapters [B, T]: each token's LoRA slot (0: none), with the slots' weights in `w` as
     "{projection}_lora_a" / "_lora_b" per layer (maxlike.pipelines.lora)."""
     inv_freq = cfg.inv_freq
-    onehot = None
+    mask = None
     if adapters is not None:
-        slots_held = w[next(n for n in w if n.endswith("_lora_a"))].shape[-2]
-        onehot = jax.nn.one_hot(adapters - 1, slots_held, dtype=w["embed"].dtype)  # slot 0 -> all zeros
+        slots_held, rank = w[next(n for n in w if n.endswith("_lora_a"))].shape[-2:]
+        mask = lora_mask(adapters, slots_held, rank, w["embed"].dtype)
 
     def layer(x, lw, k_pages, v_pages, index):
         def proj(eq: str, x, name: str, n_in: int = 1):
             y = jnp.einsum(eq, x, lw[name])
-            if onehot is not None and name + "_lora_a" in lw:
-                y = y + lora_delta(x, lw[name + "_lora_a"], lw[name + "_lora_b"], onehot, n_in)
+            if mask is not None and name + "_lora_a" in lw:
+                y = y + lora_delta(x, lw[name + "_lora_a"], lw[name + "_lora_b"], mask, n_in)
             return y
 
         with jax.named_scope("attention"):
@@ -159,7 +159,7 @@ def forward(cfg: LlamaConfig, w: dict, kv: list, tokens, positions, slots, page_
             x = x + a
         with jax.named_scope("mlp"):
             h = rms_norm(x, lw["mlp_norm"], cfg.rms_norm_eps)
-            if onehot is None:
+            if mask is None:
                 x = x + swiglu(h, lw["gate"], lw["up"], lw["down"])
             else:
                 g, u = proj("btd,df->btf", h, "gate"), proj("btd,df->btf", h, "up")

@@ -120,6 +120,17 @@ def test_slots_evict_the_least_recently_used_idle_adapter_and_compile_nothing(ad
         lora.slot_of("a")
     assert alone["c"] == alone["a"] != alone["b"] != alone[None]  # c is a copy of a
     assert llm.generate_outputs([prompt], max_new_tokens=6, lora="a", use_tqdm=False)[0].token_ids == alone["a"]
+    # The decode loop reads the slots in place: no copy or transpose of a LoRA weight per step
+    # (contracting slot and rank as two axes once made XLA:CPU copy every B weight each step).
+    shapes = {tuple(a.shape) for a in lora.arrays.values()}
+    shapes |= {tuple(a.shape[:-2]) + (a.shape[-1], a.shape[-2]) for a in lora.arrays.values()}
+    shapes |= {s[:-3] + (s[-2], s[-3], s[-1]) for s in shapes if len(s) >= 3}
+    loops = llm.pipeline.model.session.executables("decode_loop")
+    assert loops
+    copied = [line for exe in loops for line in exe.as_text().splitlines()
+              if (" copy(" in line or " transpose(" in line)
+              and any("[" + ",".join(map(str, s)) + "]" in line.split("=", 1)[-1].split("(")[0] for s in shapes)]
+    assert not copied, copied[:3]
     lora.unload_adapter("c")
     assert lora.list_adapters() == ["a", "b"]
     with pytest.raises(ConfigError, match="unknown LoRA adapter 'c'; loaded"):
