@@ -86,7 +86,8 @@ def main() -> None:
         logits = jax.device_put(np.asarray(host, np.float32))
         results = {"greedy (argmax)": time_call(jax.jit(sampling.greedy), (logits,), args.calls)}
         for name, params in KINDS.items():
-            inputs = jax.device_put(sampling.SamplingInputs.build([params] * b, list(range(b)), b))
+            inputs = jax.device_put(sampling.SamplingInputs.build([params] * b, list(range(b)), b,
+                                                                 vocab=logits.shape[1], stop_slots=8))
             for suffix, fn in samplers.items():
                 results[name + suffix] = time_call(jax.jit(fn), (logits, inputs, positions), args.calls)
         print(f"{jax.devices()[0].device_kind}, batch {b}, vocab {logits.shape[1]}, {set_name}: "

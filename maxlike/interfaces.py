@@ -16,6 +16,9 @@ class RequestError(ValueError):
 
 MAX_SEED = 2**32 - 1
 MAX_LOGPROBS = 20  # top log-probabilities per position (OpenAI's limit for top_logprobs)
+MAX_LOGIT_BIAS = 300  # logit_bias entries per request (OpenAI's limit)
+MAX_STOP_STRINGS = 4  # OpenAI's limit
+MAX_CHOICES = 16  # n
 
 
 def _is_int(value) -> bool:
@@ -30,11 +33,22 @@ def _is_real(value) -> bool:
 class SamplingParams:
     """Per-request sampling. `top_k=1` or `temperature=0` is greedy.
 
-    top_k <= 0 means the whole vocabulary; top_p is in (0, 1].
+    top_k <= 0 means the whole vocabulary; top_p is in (0, 1]; min_p in [0, 1] keeps the
+    tokens whose probability is at least min_p times the most likely one's (0: off).
     `seed` (0 .. 2**32-1) makes a sampled request reproducible; None draws one.
     `logprobs` (0..20) top alternatives are returned per generated token; with
-    `echo`, per prompt token too. Every field is checked here, with a message
-    naming the field and its allowed range.
+    `echo`, per prompt token too.
+
+    Logit processors, applied on device in this order before temperature:
+    `logit_bias` (token id -> bias added to its logit, at most 300 entries),
+    `min_new_tokens` (stop ids and EOS are masked until that many tokens are made),
+    `repetition_penalty` (HF's: a token seen in the prompt or the output has a positive
+    logit divided by it, a negative one multiplied; 1 is off), and `frequency_penalty` /
+    `presence_penalty` (OpenAI's: logit -= count * frequency + (count > 0) * presence,
+    counting output tokens only; in [-2, 2]).
+    `stop`: strings; the text ends before the first of them, which is not returned.
+    `n`: choices per prompt (LLM.generate and the server), choice j seeded with seed + j.
+    Every field is checked here, with a message naming the field and its allowed range.
     """
 
     max_new_tokens: int | None = None
@@ -46,6 +60,14 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     logprobs: int = 0
     echo: bool = False
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    min_new_tokens: int = 0
+    logit_bias: dict[int, float] | None = field(default=None, hash=False)  # hashing skips it (a dict)
+    stop: tuple[str, ...] = ()
+    n: int = 1
 
     def __post_init__(self) -> None:
         def need(ok: bool, message: str) -> None:
@@ -71,10 +93,54 @@ class SamplingParams:
         need(not isinstance(ids, (str, bytes)) and all(_is_int(t) and t >= 0 for t in ids),
              f"stop_token_ids must be token ids (integers >= 0), got {ids!r}.")
         object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in ids))
+        need(_is_real(self.min_p) and 0.0 <= self.min_p <= 1.0,
+             f"min_p must be in [0, 1] (0 keeps every token), got {self.min_p!r}.")
+        need(_is_real(self.repetition_penalty) and math.isfinite(self.repetition_penalty)
+             and self.repetition_penalty > 0.0,
+             f"repetition_penalty must be a finite number > 0 (1 is off), got {self.repetition_penalty!r}.")
+        for name in ("frequency_penalty", "presence_penalty"):
+            value = getattr(self, name)
+            need(_is_real(value) and -2.0 <= value <= 2.0, f"{name} must be in [-2, 2] (0 is off), got {value!r}.")
+        need(_is_int(self.min_new_tokens) and self.min_new_tokens >= 0,
+             f"min_new_tokens must be an integer >= 0, got {self.min_new_tokens!r}.")
+        need(self.max_new_tokens is None or self.min_new_tokens <= self.max_new_tokens,
+             f"min_new_tokens ({self.min_new_tokens}) must not exceed max_new_tokens ({self.max_new_tokens}).")
+        bias = self.logit_bias
+        if bias is not None:
+            need(isinstance(bias, dict), f"logit_bias must be a dict of token id -> bias, got {type(bias).__name__}.")
+            need(len(bias) <= MAX_LOGIT_BIAS,
+                 f"logit_bias has {len(bias)} entries; at most {MAX_LOGIT_BIAS} are allowed.")
+            clean = {}
+            for tok, b in bias.items():
+                if isinstance(tok, str) and tok.strip().lstrip("-").isdigit():
+                    tok = int(tok)  # JSON object keys are strings
+                need(_is_int(tok) and tok >= 0, f"logit_bias keys must be token ids (integers >= 0), got {tok!r}.")
+                need(_is_real(b) and -100.0 <= b <= 100.0,
+                     f"logit_bias values must be numbers in [-100, 100], got {b!r} for token {tok}.")
+                clean[int(tok)] = float(b)
+            object.__setattr__(self, "logit_bias", clean or None)
+        stop = (self.stop,) if isinstance(self.stop, str) else self.stop
+        need(isinstance(stop, (list, tuple)) and all(isinstance(x, str) and x for x in stop),
+             f"stop must be a string or a list of non-empty strings, got {self.stop!r}.")
+        need(len(stop) <= MAX_STOP_STRINGS, f"stop has {len(stop)} strings; at most {MAX_STOP_STRINGS} are allowed.")
+        object.__setattr__(self, "stop", tuple(stop))
+        need(_is_int(self.n) and 1 <= self.n <= MAX_CHOICES,
+             f"n must be an integer in [1, {MAX_CHOICES}] (choices per prompt), got {self.n!r}.")
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0 or self.top_k == 1
+
+    @property
+    def processed(self) -> bool:
+        """Some logit processor (bias, minimum length, penalty) changes the logits."""
+        return bool(self.logit_bias) or self.min_new_tokens > 0 or self.repetition_penalty != 1.0 \
+            or self.frequency_penalty != 0.0 or self.presence_penalty != 0.0
+
+    @property
+    def plain_greedy(self) -> bool:
+        """The argmax of the model's own logits: no processor, no sampling."""
+        return self.greedy and not self.processed
 
     def replace(self, **kw) -> "SamplingParams":
         return dataclasses.replace(self, **kw)

@@ -156,6 +156,18 @@ def smollm2_path():
 
 
 @pytest.fixture(scope="session")
+def hf_smollm2(smollm2_path):
+    """(tokenizer, model): HF transformers' own reading of the default GGUF, fp32 (loaded once)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    where, name = os.path.dirname(smollm2_path), os.path.basename(smollm2_path)
+    tok = AutoTokenizer.from_pretrained(where, gguf_file=name)
+    model = AutoModelForCausalLM.from_pretrained(where, gguf_file=name, dtype=torch.float32).eval()
+    return tok, model
+
+
+@pytest.fixture(scope="session")
 def tiny_llm(tiny_llama):
     from maxlike.entrypoints import LLM
     from maxlike.pipelines import PipelineConfig

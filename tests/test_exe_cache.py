@@ -123,7 +123,7 @@ def test_an_executable_jax_already_ran_is_still_cached(tmp_path):
     from maxlike.pipelines import sampling
 
     args = (np.random.default_rng(0).normal(size=(3, 320)).astype(np.float32),
-            sampling.SamplingInputs.build([], [], 3), np.zeros(3, np.int32))
+            sampling.SamplingInputs.build([], [], 3, vocab=320, stop_slots=1), np.zeros(3, np.int32))
     first = InferenceSession(cache_dir=str(tmp_path / "a"))
     first.compile("sample", sampling.sample, args)(*args)
     second = InferenceSession(cache_dir=str(tmp_path / "b"))  # another cache: a miss
@@ -131,7 +131,7 @@ def test_an_executable_jax_already_ran_is_still_cached(tmp_path):
         warnings.simplefilter("error")
         exe = second.compile("sample", sampling.sample, args)
     assert second.stats.compiled == 1 and second.stats.cached_bytes > 0
-    np.testing.assert_array_equal(exe(*args), first.executables("sample")[0](*args))
+    np.testing.assert_array_equal(exe(*args)[0], first.executables("sample")[0](*args)[0])
 
 
 def test_compile_only_allocates_nothing_and_refuses_to_run(tiny_llama, tmp_path):

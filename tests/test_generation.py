@@ -16,8 +16,9 @@ SAMPLE = jax.jit(sampling.sample)  # (eager, every call would trace the sampler'
 
 def _sample(logits, **kw):
     params = [SamplingParams(**kw)] * logits.shape[0]
-    inputs = sampling.SamplingInputs.build(params, list(range(logits.shape[0])), logits.shape[0])
-    return np.asarray(SAMPLE(jnp.asarray(logits), inputs, jnp.arange(logits.shape[0])))
+    inputs = sampling.SamplingInputs.build(params, list(range(logits.shape[0])), logits.shape[0],
+                                           vocab=logits.shape[1], stop_slots=1)
+    return np.asarray(SAMPLE(jnp.asarray(logits), inputs, jnp.arange(logits.shape[0]))[0])
 
 
 def test_top_k_and_top_p_restrict_the_draw():
@@ -130,8 +131,9 @@ def test_stream_yields_the_whole_text(tiny_llm):
 def _draws(logits_row: np.ndarray, n: int, **kw) -> np.ndarray:
     """`n` draws from one row of logits, each with its own seed, in one batch."""
     logits = np.repeat(logits_row[None], n, axis=0).astype(np.float32)
-    params = sampling.SamplingInputs.build([SamplingParams(**kw)] * n, list(range(n)), n)
-    return np.asarray(SAMPLE(jnp.asarray(logits), params, jnp.zeros(n, jnp.int32)))
+    params = sampling.SamplingInputs.build([SamplingParams(**kw)] * n, list(range(n)), n, vocab=logits.shape[1],
+                                           stop_slots=1)
+    return np.asarray(SAMPLE(jnp.asarray(logits), params, jnp.zeros(n, jnp.int32))[0])
 
 
 def _expected(logits_row, top_k=-1, top_p=1.0, temperature=1.0):
@@ -173,10 +175,10 @@ def test_a_row_draws_the_same_token_whatever_its_batch_needs():
     for seed in range(20):
         for other in (SamplingParams(top_k=20), SamplingParams(top_k=900), SamplingParams(top_p=0.999),
                       SamplingParams(temperature=0.0), SamplingParams()):
-            params = sampling.SamplingInputs.build([topk, other], [seed, 99], 2)
-            got = np.asarray(SAMPLE(jnp.asarray(logits), params, jnp.asarray([7, 7])))
+            params = sampling.SamplingInputs.build([topk, other], [seed, 99], 2, vocab=vocab, stop_slots=1)
+            got = np.asarray(SAMPLE(jnp.asarray(logits), params, jnp.asarray([7, 7]))[0])
             alone = np.asarray(SAMPLE(jnp.asarray(logits[:1]), sampling.SamplingInputs.build(
-                [topk], [seed], 1), jnp.asarray([7])))
+                [topk], [seed], 1, vocab=vocab, stop_slots=1), jnp.asarray([7]))[0])
             assert got[0] == alone[0], (seed, other)
 
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
@@ -16,16 +14,6 @@ PROMPTS = [  # (text, chat-templated?)
     ("Once upon a time, in a land far away,", False),
 ]
 NEW_TOKENS = 32
-
-
-@pytest.fixture(scope="module")
-def hf_smollm2(smollm2_path):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    where, name = os.path.dirname(smollm2_path), os.path.basename(smollm2_path)
-    tok = AutoTokenizer.from_pretrained(where, gguf_file=name)
-    model = AutoModelForCausalLM.from_pretrained(where, gguf_file=name, dtype=torch.float32).eval()
-    return tok, model
 
 
 @pytest.fixture(scope="module")
@@ -49,6 +37,7 @@ def hf_reference(hf_smollm2):
 def test_greedy_generation_equals_hf_token_for_token(smollm2_path, hf_smollm2, hf_reference, scan):
     """Both layer forms (unrolled, and one loop over stacked weights) against HF."""
     from maxlike.entrypoints import LLM
+    from maxlike.interfaces import SamplingParams
     from maxlike.pipelines import PipelineConfig
 
     tok, _ = hf_smollm2
@@ -65,3 +54,13 @@ def test_greedy_generation_equals_hf_token_for_token(smollm2_path, hf_smollm2, h
             print(f"{prompt!r} -> {out.text!r}")
         if chat:
             assert outs[0].text.strip(), "the chat answer is empty"
+    if not scan:  # HF's repetition penalty, greedy, on the real model (a prompt whose output repeats)
+        ids = tok.encode("1, 2, 3, 1, 2, 3, 1, 2, 3,")
+        params = SamplingParams(top_k=1, repetition_penalty=1.3, max_new_tokens=NEW_TOKENS)
+        got = llm.generate_outputs([ids], sampling_params=params, use_tqdm=False)[0].token_ids
+        with torch.no_grad():
+            ref = hf_smollm2[1].generate(torch.tensor([ids]), max_new_tokens=NEW_TOKENS, do_sample=False,
+                                         repetition_penalty=1.3)[0, len(ids):].tolist()
+        assert got == ref, (tok.decode(got), tok.decode(ref))
+        plain = llm.generate_outputs([ids], max_new_tokens=NEW_TOKENS, use_tqdm=False)[0].token_ids
+        assert plain != got, "the penalty changed nothing: the check proves nothing"

@@ -86,13 +86,28 @@ def config_from_args(args: argparse.Namespace, *, default_model: bool = False) -
 
 
 def _sampling(args):
-    from maxlike.interfaces import GREEDY, SamplingParams
+    """SamplingParams from `maxlike generate`'s flags: greedy unless temperature, top-k, top-p or
+    min-p asks to sample; logit processors apply either way. Bad values: RequestError (exit 2)."""
+    import json
 
-    if args.temperature is None and args.top_k is None and args.top_p is None:
-        return GREEDY.replace(seed=args.sampling_seed)
+    from maxlike.interfaces import GREEDY, RequestError, SamplingParams
+
+    bias = None
+    if args.logit_bias is not None:
+        try:
+            bias = json.loads(args.logit_bias)
+        except json.JSONDecodeError as e:
+            raise RequestError(f"--logit-bias must be a JSON object of token id -> bias, e.g. '{{\"13\": -100}}': "
+                               f"{e}") from None
+    extra = dict(min_p=args.min_p, repetition_penalty=args.repetition_penalty,
+                 frequency_penalty=args.frequency_penalty, presence_penalty=args.presence_penalty,
+                 min_new_tokens=args.min_new_tokens, stop=tuple(args.stop or ()), logit_bias=bias)
+    extra = {k: v for k, v in extra.items() if v is not None}
+    if args.temperature is None and args.top_k is None and args.top_p is None and args.min_p is None:
+        return GREEDY.replace(seed=args.sampling_seed, **extra)
     return SamplingParams(temperature=1.0 if args.temperature is None else args.temperature,
                           top_k=-1 if args.top_k is None else args.top_k,
-                          top_p=1.0 if args.top_p is None else args.top_p, seed=args.sampling_seed)
+                          top_p=1.0 if args.top_p is None else args.top_p, seed=args.sampling_seed, **extra)
 
 
 def cmd_generate(args) -> int:
@@ -303,7 +318,14 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--temperature", type=float)
     gen.add_argument("--top-k", type=int)
     gen.add_argument("--top-p", type=float)
+    gen.add_argument("--min-p", type=float)
     gen.add_argument("--sampling-seed", type=int)
+    gen.add_argument("--repetition-penalty", type=float, help="HF's: > 1 discourages tokens already seen")
+    gen.add_argument("--frequency-penalty", type=float, help="OpenAI's, in [-2, 2]")
+    gen.add_argument("--presence-penalty", type=float, help="OpenAI's, in [-2, 2]")
+    gen.add_argument("--min-new-tokens", type=int, help="stop tokens are masked until this many are made")
+    gen.add_argument("--logit-bias", help="a JSON object of token id -> bias in [-100, 100]")
+    gen.add_argument("--stop", action="append", help="a stop string (repeatable): the text ends before it")
     gen.add_argument("--lora", help="generate with this LoRA adapter (a name from --lora-paths; needs --enable-lora)")
     gen.add_argument("--verbose", action="store_true", help="print load/compile statistics to stderr")
     gen.add_argument("--quiet", action="store_true", help="no progress bars")

@@ -7,7 +7,7 @@ import os
 from typing import Sequence
 
 from maxlike.config import PipelineConfig
-from maxlike.interfaces import GREEDY, RequestError, SamplingParams, TextGenerationOutput, TextGenerationRequest
+from maxlike.interfaces import GREEDY, MAX_SEED, RequestError, SamplingParams, TextGenerationOutput, TextGenerationRequest
 
 
 def default_model_path() -> str:
@@ -48,17 +48,20 @@ class LLM:
         if len(sampling_params) != len(prompts):
             raise RequestError(f"got {len(sampling_params)} sampling_params for {len(prompts)} prompts.")
         reqs = []
-        for prompt, params, adapter in zip(prompts, sampling_params, lora):
+        for i, (prompt, params, adapter) in enumerate(zip(prompts, sampling_params, lora)):
             if max_new_tokens is not None:
                 params = params.replace(max_new_tokens=max_new_tokens)
-            rid = self.pipeline.next_request_id()
             if len(prompt) == 0:
-                raise RequestError(f"prompt {len(reqs)} is empty; give at least one token or character.")
-            if chat:
-                reqs.append(TextGenerationRequest(rid, messages=[{"role": "user", "content": prompt}],
-                                                  sampling_params=params, lora_name=adapter))
-            else:
-                reqs.append(TextGenerationRequest(rid, prompt=prompt, sampling_params=params, lora_name=adapter))
+                raise RequestError(f"prompt {i} is empty; give at least one token or character.")
+            for j in range(params.n):  # n choices: choice j is seeded with seed + j
+                choice = params if j == 0 or params.seed is None else \
+                    params.replace(seed=(params.seed + j) % (MAX_SEED + 1))
+                rid = self.pipeline.next_request_id()
+                if chat:
+                    reqs.append(TextGenerationRequest(rid, messages=[{"role": "user", "content": prompt}],
+                                                      sampling_params=choice, lora_name=adapter))
+                else:
+                    reqs.append(TextGenerationRequest(rid, prompt=prompt, sampling_params=choice, lora_name=adapter))
         return reqs
 
     def generate_outputs(
@@ -79,7 +82,8 @@ class LLM:
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None, use_tqdm: bool = True,
         chat: bool = False, lora: str | Sequence[str | None] | None = None,
     ) -> list[str]:
-        """Generated text per prompt. Greedy unless `sampling_params` say otherwise;
+        """Generated text per prompt (with SamplingParams.n > 1, that prompt's n choices one after
+        another, choice j seeded with seed + j). Greedy unless `sampling_params` say otherwise;
         `chat=True` wraps each prompt as a user message in the model's chat template;
         `lora` names the LoRA adapter to use (one for all prompts, or one per prompt;
         None: the base model)."""

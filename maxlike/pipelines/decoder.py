@@ -111,6 +111,7 @@ class DecoderPipelineModel(DecoderSizing, ServingModel):
                 session.wait_prefetch()
         self._replicated = replicated(mesh)
         self._by_row = named_sharding(mesh, ("batch",))  # step inputs: rows split over the replicas
+        self._greedy_sampling: dict[int, sampling.SamplingInputs] = {}
 
     def _weights(self) -> dict:
         """What the step reads: the base weights and, with LoRA, the adapter slots."""
@@ -393,7 +394,7 @@ class DecoderPipelineModel(DecoderSizing, ServingModel):
             rep = lambda shape: jax.ShapeDtypeStruct(shape, i32)  # noqa: E731  (host arrays go straight in)
             if max_num_steps > 1:
                 self._next_inputs_executable(sampled, arrays)
-            self._loop_executable(arrays, sampling.SamplingInputs.abstract(total), rep((total, self.stop_slots)),
+            self._loop_executable(arrays, self.sampling_abstract(total), rep((total, self.stop_slots)),
                                   rep((total,)), rep(()), max_num_steps)
         return BucketShapes(logits=logits, positions=jax.ShapeDtypeStruct((total,), i32, sharding=self._by_row))
 
@@ -486,44 +487,43 @@ class DecoderPipelineModel(DecoderSizing, ServingModel):
     def _decode_loop(self, params, kv, arrays, sampling_inputs, stop_ids, budgets, num_steps, *, max_steps: int):
         """Up to `num_steps` (<= max_steps) decode steps in one `while_loop`: step, sample,
         next inputs. Stops early once every row has sampled a stop id or used its budget.
-        Returns tokens [max_steps, B] (-1 where a row had finished or the loop had ended)
-        and the tokens sampled last [B] (the next step's inputs).
+        Returns tokens [max_steps, B] (-1 where a row had finished or the loop had ended),
+        the tokens sampled last [B] (the next step's inputs) and the sampling state after
+        them (penalty history, tokens left before min_new_tokens; the next block's input).
 
         Sampling parameters are data: each step's `cond` on the logits alone runs argmax
-        when no row samples, else the sampler, so one executable serves both. (A `cond`
-        around two whole loops made XLA copy the pool into each branch.)"""
+        when no row samples or has a logit processor, else the sampler, so one executable
+        serves both. (A `cond` around two whole loops made XLA copy the pool into each branch.)"""
         page_size = self.kv_params.page_size
         rows = arrays["tokens"].shape[0]
-        any_sampled = jnp.any(sampling_inputs.temperature > 0)
-
+        full_sampler = jnp.any(sampling_inputs.temperature > 0) | sampling.processing(sampling_inputs)
         sampler = sampling.sampler_for(self.session.mesh)
-
-        def sample(logits, positions):
-            return sampler(logits, sampling_inputs, positions)
 
         def cond(carry):
             i, done = carry[0], carry[1]
             return (i < num_steps) & ~jnp.all(done)
 
         def body(carry):
-            i, done, kv, arrays, out = carry
+            i, done, kv, arrays, out, state = carry
             step_out, kv = self._step(params, kv, arrays)
             logits = step_out["next_token_logits"]
             positions = arrays["cache_lengths"] + arrays["input_lengths"]
-            tokens = jax.lax.cond(any_sampled, sample, lambda logits, _: sampling.greedy(logits), logits, positions)
+            tokens, state = jax.lax.cond(full_sampler, sampler, lambda x, st, _: (sampling.greedy(x), st),
+                                         logits, state, positions)
             out = out.at[i].set(jnp.where(done, -1, tokens))
             done = done | jnp.any(tokens[:, None] == stop_ids, axis=1) | (i + 1 >= budgets)
-            return i + 1, done, kv, next_inputs(page_size, tokens, arrays), out
+            return i + 1, done, kv, next_inputs(page_size, tokens, arrays), out, state
 
-        init = (jnp.int32(0), arrays["input_lengths"] == 0, kv, arrays, jnp.full((max_steps, rows), -1, jnp.int32))
-        _, _, kv, arrays, out = jax.lax.while_loop(cond, body, init)
-        return (out, arrays["tokens"][:, 0]), kv
+        init = (jnp.int32(0), arrays["input_lengths"] == 0, kv, arrays, jnp.full((max_steps, rows), -1, jnp.int32),
+                sampling_inputs)
+        _, _, kv, arrays, out, state = jax.lax.while_loop(cond, body, init)
+        return (out, arrays["tokens"][:, 0], state), kv
 
     def execute_decode_loop(self, model_inputs: ModelInputs, num_steps: int, max_steps: int,
                             sampling_inputs: "sampling.SamplingInputs | None", stop_ids: np.ndarray,
-                            budgets: np.ndarray) -> tuple[jax.Array, jax.Array]:
-        """`num_steps` decode steps in one call, sampling on device: tokens [max_steps, B]
-        and the last tokens sampled [B], both left on the device.
+                            budgets: np.ndarray) -> tuple[jax.Array, jax.Array, "sampling.SamplingInputs"]:
+        """`num_steps` decode steps in one call, sampling on device: tokens [max_steps, B],
+        the last tokens sampled [B] and the sampling state after them, all left on the device.
 
         stop_ids [B, stop_slots] (-1 padded) and budgets [B] (tokens each row may
         still make) let the loop end as soon as every row has finished. One
@@ -535,19 +535,40 @@ class DecoderPipelineModel(DecoderSizing, ServingModel):
         self._check_room(model_inputs, num_steps - 1)  # the loop's first step runs these inputs themselves
         arrays = model_inputs.arrays()
         if sampling_inputs is None:
-            sampling_inputs = sampling.SamplingInputs.build([], [], arrays["tokens"].shape[0])
+            sampling_inputs = self.greedy_sampling(arrays["tokens"].shape[0])
         # Small host arrays go straight into the call: cheaper than a device_put each.
         host = (np.asarray(stop_ids, np.int32), np.asarray(budgets, np.int32), np.int32(num_steps))
         exe = self._loop_executable(arrays, sampling_inputs, *host, max_steps)
         out, self.kv_manager.pool = exe(self._weights(), self.kv_manager.pool, arrays, sampling_inputs, *host)
         return out
 
+    def greedy_sampling(self, rows: int) -> "sampling.SamplingInputs":
+        """Sampling inputs under which every row is plain greedy (kept: its [rows, vocab] history is
+        large, and the same every time)."""
+        cached = self._greedy_sampling.get(rows)
+        if cached is None:
+            cached = self._greedy_sampling[rows] = self.place_sampling(
+                sampling.SamplingInputs.build([], [], rows, vocab=self.vocab_size, stop_slots=self.stop_slots))
+        return cached
+
+    def place_sampling(self, host: "sampling.SamplingInputs") -> "sampling.SamplingInputs":
+        """Sampling inputs onto the mesh, replicated (as the decode loop returns them, so a block
+        takes the state the block before it left on the device)."""
+        if self._replicated.is_fully_addressable:
+            return jax.device_put(host, self._replicated)
+        return jax.tree.map(lambda a: place_sharded(a, self._replicated, a.dtype), host)
+
+    def sampling_abstract(self, rows: int) -> "sampling.SamplingInputs":
+        shapes = sampling.SamplingInputs.abstract(rows, self.vocab_size, self.stop_slots)
+        return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=self._replicated), shapes)
+
     def _loop_executable(self, arrays: dict, sampling_inputs, stop_ids, budgets, num_steps, max_steps: int):
         args = (self._weights(), self.kv_manager.pool, arrays, sampling_inputs, stop_ids, budgets, num_steps)
         key = (max_steps, tuple((k, v.shape) for k, v in arrays.items()))
         return self.session.compile("decode_loop", partial(self._decode_loop, max_steps=max_steps), args,
                                     donate_argnums=(1,), key=key,
-                                    out_shardings=((self._replicated, self._by_row), self.kv_manager.pool_sharding))
+                                    out_shardings=((self._replicated, self._by_row, self._replicated),
+                                                   self.kv_manager.pool_sharding))
 
     # -- log probabilities ---------------------------------------------------
     def compute_log_probabilities(self, session, model_inputs, model_outputs, next_tokens, batch_top_n, batch_echo):

@@ -20,6 +20,15 @@ one executable):
   the smallest prefix of that ranking whose mass before each token stays below
   top_p) found by bisection over the logits' bit patterns: counting and summing
   passes instead of a sort, which took TPU 10-15 s to compile.
+min-p then keeps, of a row's allowed set, the tokens within log(min_p) of its best
+logit (after temperature), as HF applies it after top-k and top-p.
+
+Before all that, logit processors change the logits of the rows that ask (`process`,
+skipped by one `lax.cond` when no row does): a sparse logit bias, the ban on stop ids
+until `min_new_tokens`, and the repetition / frequency / presence penalties. The
+penalties read `history` [B, V]: 2 x (times the token was generated) + (1 if the prompt
+holds it), kept on the device and advanced by every sampled token (`advance`), so a
+multi-step decode loop and the block after it need nothing from the host.
 """
 
 from __future__ import annotations
@@ -33,7 +42,7 @@ import numpy as np
 from flax import struct
 from jax.sharding import PartitionSpec
 
-from maxlike.interfaces import SamplingParams
+from maxlike.interfaces import MAX_LOGIT_BIAS, SamplingParams
 
 
 @struct.dataclass
@@ -42,25 +51,59 @@ class SamplingInputs:
     top_k: jax.Array  # [B] i32; <= 0 = whole vocabulary
     top_p: jax.Array  # [B] f32
     seed: jax.Array  # [B] u32
+    min_p: jax.Array  # [B] f32; 0 = off
+    repetition: jax.Array  # [B] f32; 1 = off
+    frequency: jax.Array  # [B] f32
+    presence: jax.Array  # [B] f32
+    bias_ids: jax.Array  # [B, MAX_LOGIT_BIAS] i32 (padding: token 0 with bias 0)
+    bias: jax.Array  # [B, MAX_LOGIT_BIAS] f32
+    min_left: jax.Array  # [B] i32: tokens still to make before `banned` may be sampled
+    banned: jax.Array  # [B, stop_slots] i32: the row's stop ids (-1 padded)
+    history: jax.Array  # [B, V] i32: 2 x generated count + in-prompt bit (penalised rows only)
 
     @staticmethod
-    def build(params: list[SamplingParams], seeds: list[int], rows: int) -> "SamplingInputs":
+    def build(params: list[SamplingParams], seeds: list[int], rows: int, *, vocab: int, stop_slots: int,
+              contexts: list | None = None, stops: list | None = None) -> "SamplingInputs":
+        """Rows past len(params) are padding (greedy, nothing applied). contexts (TextContext per
+        row) and stops (each row's stop ids) feed the penalties and min_new_tokens."""
         pad = rows - len(params)
-        greedy = [0.0 if p.greedy else p.temperature for p in params] + [0.0] * pad
+        f32 = lambda values, fill: np.asarray(list(values) + [fill] * pad, np.float32)  # noqa: E731
+        bias_ids = np.zeros((rows, MAX_LOGIT_BIAS), np.int32)
+        bias = np.zeros((rows, MAX_LOGIT_BIAS), np.float32)
+        min_left = np.zeros((rows,), np.int32)
+        banned = np.full((rows, stop_slots), -1, np.int32)
+        history = np.zeros((rows, vocab), np.int32)
+        for i, p in enumerate(params):
+            if p.logit_bias:
+                bias_ids[i, : len(p.logit_bias)] = list(p.logit_bias)
+                bias[i, : len(p.logit_bias)] = list(p.logit_bias.values())
+            ctx = contexts[i] if contexts is not None else None
+            if ctx is None:
+                continue
+            if p.min_new_tokens > len(ctx.generated):
+                min_left[i] = p.min_new_tokens - len(ctx.generated)
+                ids = sorted(stops[i])[:stop_slots]
+                banned[i, : len(ids)] = ids
+            if p.repetition_penalty != 1.0 or p.frequency_penalty != 0.0 or p.presence_penalty != 0.0:
+                history[i, np.unique(ctx.tokens[: ctx.prompt_length])] = 1
+                history[i] += 2 * np.bincount(ctx.generated, minlength=vocab)[:vocab].astype(np.int32)
         return SamplingInputs(
-            temperature=np.asarray(greedy, np.float32),
+            temperature=f32([0.0 if p.greedy else p.temperature for p in params], 0.0),
             top_k=np.asarray([p.top_k for p in params] + [1] * pad, np.int32),
-            top_p=np.asarray([p.top_p for p in params] + [1.0] * pad, np.float32),
+            top_p=f32([p.top_p for p in params], 1.0),
             seed=np.asarray(list(seeds) + [0] * pad, np.uint32),
+            min_p=f32([p.min_p for p in params], 0.0),
+            repetition=f32([p.repetition_penalty for p in params], 1.0),
+            frequency=f32([p.frequency_penalty for p in params], 0.0),
+            presence=f32([p.presence_penalty for p in params], 0.0),
+            bias_ids=bias_ids, bias=bias, min_left=min_left, banned=banned, history=history,
         )
 
-
     @staticmethod
-    def abstract(rows: int) -> "SamplingInputs":
+    def abstract(rows: int, vocab: int, stop_slots: int) -> "SamplingInputs":
         """Shapes and dtypes only (for compiling without data)."""
-        sds = jax.ShapeDtypeStruct
-        return SamplingInputs(temperature=sds((rows,), np.dtype(np.float32)), top_k=sds((rows,), np.dtype(np.int32)),
-                              top_p=sds((rows,), np.dtype(np.float32)), seed=sds((rows,), np.dtype(np.uint32)))
+        built = SamplingInputs.build([], [], rows, vocab=vocab, stop_slots=stop_slots)
+        return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), built)
 
 
 def greedy(logits: jax.Array) -> jax.Array:
@@ -150,11 +193,50 @@ def gumbel_noise(seed: jax.Array, positions: jax.Array, ids: jax.Array) -> jax.A
     return -jnp.log(-jnp.log(u))
 
 
-def sample(logits: jax.Array, params: SamplingInputs, positions: jax.Array, candidates: int = CANDIDATES) -> jax.Array:
-    """logits [B, V]; positions [B] (the position the new token will take) -> tokens [B]."""
+def processing(params: SamplingInputs) -> jax.Array:
+    """True when some row's logits are changed by a processor (then `process` runs)."""
+    return (jnp.any(params.bias != 0) | jnp.any(params.min_left > 0) | jnp.any(params.repetition != 1.0)
+            | jnp.any(params.frequency != 0.0) | jnp.any(params.presence != 0.0))
+
+
+def process(logits: jax.Array, params: SamplingInputs) -> jax.Array:
+    """The logit processors, in SamplingParams' order: bias, min_new_tokens' ban on stop ids,
+    repetition penalty (HF's), frequency and presence penalties (OpenAI's). logits [B, V] f32."""
+    b, vocab = logits.shape
+    rows = jnp.arange(b)[:, None]
+    x = logits.at[rows, params.bias_ids].add(params.bias)
+    ban = (params.min_left[:, None] > 0) & (params.banned >= 0)
+    x = x.at[rows, jnp.where(ban, params.banned, vocab)].set(-jnp.inf, mode="drop")
+    seen = params.history > 0
+    rep = params.repetition[:, None]
+    x = jnp.where(seen, jnp.where(x > 0, x / rep, x * rep), x)
+    count = (params.history >> 1).astype(jnp.float32)
+    return x - count * params.frequency[:, None] - (count > 0) * params.presence[:, None]
+
+
+def advance(params: SamplingInputs, tokens: jax.Array) -> SamplingInputs:
+    """The state after each row sampled `tokens` [B]: one more of that token in its history,
+    one fewer token to make before its stop ids may come."""
+    b = tokens.shape[0]
+    return params.replace(history=params.history.at[jnp.arange(b), tokens].add(2, mode="drop"),
+                          min_left=jnp.maximum(params.min_left - 1, 0))
+
+
+def sample(logits: jax.Array, params: SamplingInputs, positions: jax.Array,
+           candidates: int = CANDIDATES) -> tuple[jax.Array, SamplingInputs]:
+    """logits [B, V]; positions [B] (the position the new token will take) -> (tokens [B],
+    the sampling state after them)."""
+    logits = logits.astype(jnp.float32)
+    logits = jax.lax.cond(processing(params), process, lambda x, _: x, logits, params)
+    tokens = _draw_tokens(logits, params, positions, candidates)
+    return tokens, advance(params, tokens)
+
+
+def _draw_tokens(logits: jax.Array, params: SamplingInputs, positions: jax.Array, candidates: int) -> jax.Array:
     b, vocab = logits.shape
     sampled = params.temperature > 0
-    x = logits.astype(jnp.float32) / jnp.where(sampled, params.temperature, 1.0)[:, None]
+    x = logits / jnp.where(sampled, params.temperature, 1.0)[:, None]
+    floor = jnp.max(x, axis=-1) + jnp.log(params.min_p)  # min-p: -inf when off
     k = jnp.where(params.top_k > 0, jnp.minimum(params.top_k, vocab), vocab)  # [B]
     whole = (k >= vocab) & (params.top_p >= 1.0)  # every token allowed
     c = min(candidates, vocab)
@@ -163,7 +245,7 @@ def sample(logits: jax.Array, params: SamplingInputs, positions: jax.Array, cand
     def draw(vals, ids, allowed):
         """The allowed id with the largest vals + its own Gumbel noise (vals, ids, allowed [B, N])."""
         noisy = vals + gumbel_noise(params.seed, positions, ids)
-        pick = jnp.argmax(jnp.where(allowed, noisy, -jnp.inf), axis=-1)
+        pick = jnp.argmax(jnp.where(allowed & (vals >= floor[:, None]), noisy, -jnp.inf), axis=-1)
         return jnp.take_along_axis(ids, pick[:, None], axis=-1)[:, 0]
 
     def limited_rows(_):
@@ -207,4 +289,4 @@ def sampler_for(mesh) -> Callable:
     if mesh.shape["data"] == 1:
         return fn
     rows = PartitionSpec("data")
-    return jax.shard_map(fn, mesh=mesh, in_specs=(rows, rows, rows), out_specs=rows, check_vma=False)
+    return jax.shard_map(fn, mesh=mesh, in_specs=(rows, rows, rows), out_specs=(rows, rows), check_vma=False)

@@ -105,10 +105,23 @@ class ServingModel(PipelineModel[TextContext]):
     @abstractmethod
     def execute_decode_loop(self, model_inputs: ModelInputs, num_steps: int, max_steps: int,
                             sampling_inputs: "SamplingInputs | None", stop_ids: np.ndarray,
-                            budgets: np.ndarray) -> tuple[jax.Array, jax.Array]:
+                            budgets: np.ndarray) -> tuple[jax.Array, jax.Array, "SamplingInputs"]:
         """Up to `num_steps` decode steps in one call, sampling on device: (tokens [max_steps, B],
-        -1 where a row had finished; the last tokens sampled [B]), both left on the device.
-        stop_ids [B, stop_slots] (-1 padded); budgets [B] tokens each row may still make."""
+        -1 where a row had finished; the last tokens sampled [B]; the sampling state after them),
+        all left on the device. stop_ids [B, stop_slots] (-1 padded); budgets [B] tokens each row
+        may still make."""
+
+    @abstractmethod
+    def place_sampling(self, host: "SamplingInputs") -> "SamplingInputs":
+        """Host sampling inputs onto the mesh, laid out as the decode loop returns its state."""
+
+    @abstractmethod
+    def greedy_sampling(self, rows: int) -> "SamplingInputs":
+        """Placed sampling inputs under which every one of `rows` rows is plain greedy."""
+
+    @abstractmethod
+    def sampling_abstract(self, rows: int) -> "SamplingInputs":
+        """The shapes and shardings of placed sampling inputs (compiling without data)."""
 
     def record_activation_memory(self) -> None:
         """Called once every bucket has been compiled: keep measured activation sizes (optional)."""

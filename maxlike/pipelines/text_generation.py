@@ -28,6 +28,7 @@ from maxlike.pipelines.context import TextContext
 from maxlike.pipelines.detokenize import IncrementalDetokenizer
 from maxlike.pipelines.model import ReturnLogits
 from maxlike.pipelines.serving import LOGPROB_BUCKETS, ServingModel
+from maxlike.pipelines.stop_strings import StopStrings
 from maxlike.sharding import replicated
 
 
@@ -44,6 +45,9 @@ class GenerationRow:
     logprobs: list[LogProbabilities] = field(default_factory=list)
     detokenizer: IncrementalDetokenizer | None = None  # while its text is streamed
     streamed: int = 0  # generated tokens fed to the detokenizer so far
+    stop_strings: StopStrings | None = None  # with SamplingParams.stop: its text is built token by token
+    shown: str = ""  # with stop strings: the text so far, cut before the first stop string
+    shown_sent: int = 0  # characters of `shown` stream_text has returned
 
 
 @dataclass(eq=False)
@@ -57,7 +61,8 @@ class Launch:
     index: list[int] = field(default_factory=list)  # each row's row in the step's inputs (grouped by replica)
     tokens: Any = None  # [>= steps, B] new tokens (device array for a decode loop)
     last: Any = None  # decode loop only: [B] the tokens sampled last, on device
-    params: sampling.SamplingInputs | None = None
+    params: sampling.SamplingInputs | None = None  # on device; None: every row plain greedy
+    state: sampling.SamplingInputs | None = None  # decode loop only: the sampling state after it
     stop_ids: np.ndarray | None = None
     logprobs: list[dict[int, LogProbabilities]] = field(default_factory=list)  # per step: row -> its log-probs
 
@@ -143,7 +148,11 @@ class TextGenerationPipeline:
         ctx = self.make_context(request)
         p = ctx.sampling_params
         stops = frozenset(p.stop_token_ids) | (frozenset() if p.ignore_eos else self.eos_token_ids)
-        return GenerationRow(ctx, ctx.max_length - ctx.prompt_length, stops, echo_pending=p.echo and p.logprobs > 0)
+        row = GenerationRow(ctx, ctx.max_length - ctx.prompt_length, stops, echo_pending=p.echo and p.logprobs > 0)
+        if p.stop:
+            row.stop_strings = StopStrings(p.stop)
+            row.detokenizer = IncrementalDetokenizer(self.tokenizer, skip_special_tokens=True)
+        return row
 
     # -- one scheduled batch ---------------------------------------------------------
     def execute(self, rows: list["GenerationRow"], num_steps: int = 1) -> int:
@@ -166,9 +175,12 @@ class TextGenerationPipeline:
         steps = max(1, min(num_steps, self.max_num_steps, min(budgets))) if decoding else 1
         total = len(inputs.row_ids)
         params = None
-        if not all(r.ctx.sampling_params.greedy for r in rows):
-            by_row = _scatter(index, total, [(r.ctx.sampling_params, r.ctx.seed) for r in rows], (GREEDY, 0))
-            params = sampling.SamplingInputs.build([p for p, _ in by_row], [seed for _, seed in by_row], total)
+        if not all(r.ctx.sampling_params.plain_greedy for r in rows):
+            by_row = _scatter(index, total, [(r.ctx.sampling_params, r.ctx.seed, r.ctx, r.stops) for r in rows],
+                              (GREEDY, 0, None, ()))
+            params = self.model.place_sampling(sampling.SamplingInputs.build(
+                [b[0] for b in by_row], [b[1] for b in by_row], total, vocab=self.model.vocab_size,
+                stop_slots=self.model.stop_slots, contexts=[b[2] for b in by_row], stops=[b[3] for b in by_row]))
         top_n = [r.ctx.sampling_params.logprobs if s else 0 for r, s in zip(rows, sampling_rows)]
         launch = Launch(rows, chunks, sampling_rows, steps, index=index, params=params)
         if decoding and not any(top_n):  # logprobs need each step's logits: one call per step
@@ -210,13 +222,13 @@ class TextGenerationPipeline:
                              prompt_length=r.ctx.prompt_length) for r in prev.rows]
         rows, inputs, index = self._inputs(prev.rows, ahead)  # same rows, same order and layout as prev
         inputs = inputs.replace(tokens=prev.last[:, None])
-        launch = Launch(rows, prev.chunks, prev.sampling_rows, steps, index=index, params=prev.params,
-                        stop_ids=prev.stop_ids)
+        launch = Launch(rows, prev.chunks, prev.sampling_rows, steps, index=index,
+                        params=None if prev.params is None else prev.state, stop_ids=prev.stop_ids)
         return self._launch_loop(launch, inputs, budgets)
 
     def _launch_loop(self, launch: "Launch", inputs, budgets: list[int]) -> "Launch":
         padded = np.asarray(_scatter(launch.index, len(inputs.row_ids), budgets, 0), np.int32)
-        launch.tokens, launch.last = self.model.execute_decode_loop(
+        launch.tokens, launch.last, launch.state = self.model.execute_decode_loop(
             inputs, launch.steps, self.max_num_steps, launch.params, launch.stop_ids, padded)
         return launch
 
@@ -244,10 +256,10 @@ class TextGenerationPipeline:
         top_n = _scatter(launch.index, total, top_n, 0)
         # Echo is the request's first step: its whole prompt runs in it (the scheduler sees to that).
         echo = _scatter(launch.index, total, [r.echo_pending for r in rows], False)
-        pending = []
+        pending, params = [], launch.params
         for step in range(launch.steps):
             out = model.execute(inputs)
-            tokens = self._sample(out, inputs, launch.params)
+            tokens, params = self._sample(out, inputs, params)
             if any(top_n):  # kept with the step's tokens: a row that stops earlier takes none of the rest
                 results = model.compute_log_probabilities(session, inputs, out, tokens, top_n, echo)
                 launch.logprobs.append({j: results[i] for j, i in enumerate(launch.index) if results[i] is not None})
@@ -257,11 +269,13 @@ class TextGenerationPipeline:
                 inputs = model.prepare_next_token_inputs(tokens, inputs)
         return np.stack(jax.device_get(pending))
 
-    def _sample(self, out, inputs, params: sampling.SamplingInputs | None) -> jax.Array:
-        """Next tokens on device: argmax when every row is greedy (params None), else the full sampler."""
+    def _sample(self, out, inputs, params: sampling.SamplingInputs | None):
+        """Next tokens on device and the sampling state after them: argmax when every row is plain
+        greedy (params None), else the full sampler."""
         positions = inputs.kv_cache_inputs.cache_lengths + inputs.input_lengths
         exe = self._sampler(out.next_token_logits, params, positions)
-        return exe(out.next_token_logits) if params is None else exe(out.next_token_logits, params, positions)
+        return (exe(out.next_token_logits), None) if params is None else \
+            exe(out.next_token_logits, params, positions)
 
     def _sampler(self, logits, params, positions):
         """The sampler executable for these logits (keyed by shape; replicated output, so every
@@ -287,10 +301,10 @@ class TextGenerationPipeline:
             inputs = model.zero_inputs(rows, tokens, width, mixed)
             total = len(inputs.row_ids)  # rows on every replica
             out = model.execute(inputs)
-            greedy = self._sample(out, inputs, None)
+            greedy, _ = self._sample(out, inputs, None)
             if rows not in sampled:
                 sampled.add(rows)
-                self._sample(out, inputs, sampling.SamplingInputs.build([], [], total))
+                self._sample(out, inputs, model.greedy_sampling(total))
                 for n in LOGPROB_BUCKETS:
                     model.compute_log_probabilities(session, inputs, out, greedy, [n] * total, [False] * total)
             if tokens > 1 and model.return_logits == ReturnLogits.ALL:
@@ -331,7 +345,7 @@ class TextGenerationPipeline:
             if per_rows:
                 total = shapes.logits.shape[0]
                 self._sampler(shapes.logits, None, None)
-                self._sampler(shapes.logits, sampling.SamplingInputs.abstract(total), shapes.positions)
+                self._sampler(shapes.logits, model.sampling_abstract(total), shapes.positions)
             for record in records[seen:]:  # for warm-cache's table of the slowest and largest
                 record["bucket"] = f"{rows}x{tokens}x{width}" + (" mixed" if mixed else "")
             if on_bucket is not None:
@@ -341,7 +355,11 @@ class TextGenerationPipeline:
 
     def stream_text(self, row: "GenerationRow") -> str:
         """The new text of `row` since the last call: incremental (each token is decoded once),
-        never half a character, a final stop token left out; joined, the pieces are its output text."""
+        never half a character, a final stop token left out, text that may begin a stop string held
+        back; joined, the pieces are its output text."""
+        if row.stop_strings is not None:
+            piece, row.shown_sent = row.shown[row.shown_sent:], len(row.shown)
+            return piece
         if row.detokenizer is None:
             row.detokenizer = IncrementalDetokenizer(self.tokenizer, skip_special_tokens=True)
         generated = row.ctx.generated
@@ -357,7 +375,8 @@ class TextGenerationPipeline:
 
     @staticmethod
     def _commit(r: "GenerationRow", tok: int, logprobs: LogProbabilities | None) -> None:
-        """One sampled token (and its log-probs) into a row, unless the row has finished."""
+        """One sampled token (and its log-probs) into a row, unless the row has finished. A row
+        with stop strings decodes the token now: a stop string ends it here, its text cut before."""
         if r.done:
             return
         if tok < 0:
@@ -370,8 +389,15 @@ class TextGenerationPipeline:
             r.echo_pending = False
         if tok in r.stops:
             r.done, r.finish_reason = True, "stop"
-        elif len(ctx.generated) >= r.max_new:
+        elif r.stop_strings is not None:
+            shown, hit = r.stop_strings.feed(r.detokenizer.step([tok]))
+            r.shown += shown
+            if hit:
+                r.done, r.finish_reason = True, "stop"
+        if not r.done and len(ctx.generated) >= r.max_new:
             r.done, r.finish_reason = True, "length"
+        if r.done and r.stop_strings is not None and not r.stop_strings.stopped:
+            r.shown += r.stop_strings.feed(r.detokenizer.finish())[0] + r.stop_strings.flush()
 
     def _decode(self, ids: np.ndarray, row: "GenerationRow") -> str:
         ids = [int(t) for t in ids]
@@ -380,7 +406,7 @@ class TextGenerationPipeline:
     def output(self, row: "GenerationRow") -> TextGenerationOutput:
         ctx = row.ctx
         return TextGenerationOutput(
-            request_id=ctx.request_id, text=self._decode(ctx.generated, row),
+            request_id=ctx.request_id, text=row.shown if row.stop_strings is not None else self._decode(ctx.generated, row),
             token_ids=[int(t) for t in ctx.generated], prompt_token_ids=[int(t) for t in ctx.tokens[: ctx.prompt_length]],
             finish_reason=row.finish_reason, log_probabilities=row.logprobs,
         )

@@ -112,7 +112,11 @@ class OpenAIServer:
                 top_p=1.0 if body.top_p is None else body.top_p, top_k=-1 if body.top_k is None else body.top_k,
                 seed=self._rng.randrange(MAX_SEED + 1) if body.seed is None else body.seed,
                 ignore_eos=body.ignore_eos, stop_token_ids=tuple(body.stop_token_ids or ()), logprobs=logprobs,
-                echo=bool(getattr(body, "echo", False)) and logprobs > 0)
+                echo=bool(getattr(body, "echo", False)) and logprobs > 0, stop=protocol.stop_strings(body),
+                min_p=body.min_p or 0.0, repetition_penalty=1.0 if body.repetition_penalty is None else
+                body.repetition_penalty, frequency_penalty=body.frequency_penalty or 0.0,
+                presence_penalty=body.presence_penalty or 0.0, min_new_tokens=body.min_tokens or 0,
+                logit_bias=body.logit_bias)
         except RequestError as e:
             raise APIError(400, str(e)) from None
 
@@ -127,7 +131,7 @@ class OpenAIServer:
 
     # -- one generation ----------------------------------------------------------
     async def generate(self, request: Request, rid: str, prompts: list[list[int]], params: SamplingParams, n: int,
-                       stops: tuple[str, ...], lora: str | None = None) -> tuple[list[Submission], asyncio.Queue]:
+                       lora: str | None = None) -> tuple[list[Submission], asyncio.Queue]:
         """Submit n choices per prompt; wait until the engine has accepted them all (or refused one:
         then the others are aborted and the refusal is a 400)."""
         subs = []
@@ -135,7 +139,7 @@ class OpenAIServer:
             for j in range(n):
                 p = params.replace(seed=(params.seed + j) % (MAX_SEED + 1))
                 subs.append(Submission(TextGenerationRequest(f"{rid}-{len(subs)}", prompt=ids, sampling_params=p,
-                                                             lora_name=lora), stops, index=i * n + j))
+                                                             lora_name=lora), index=i * n + j))
         limit = self.settings.max_queued_requests
         if limit is not None and self.engine.num_waiting + len(subs) > limit:
             raise APIError(503, f"The server is at capacity: {self.engine.num_waiting} requests are waiting "
@@ -285,7 +289,7 @@ def build_app(engine: Engine, settings: ServerSettings, metrics: Metrics) -> Fas
         ids = await server.encode(rid, messages=protocol.chat_messages(body.messages))
         server.check_length(len(ids), max_new, "messages")
         params = server.sampling(body, max_new, max(top, 1) if body.logprobs else 0)
-        subs, events = await server.generate(request, rid, [ids], params, body.n, protocol.stop_strings(body), lora)
+        subs, events = await server.generate(request, rid, [ids], params, body.n, lora)
         head = {"id": rid, "created": int(time.time()), "model": body.model}
 
         def logprobs(entries):
@@ -341,7 +345,7 @@ def build_app(engine: Engine, settings: ServerSettings, metrics: Metrics) -> Fas
             server.check_length(len(p), body.max_tokens, "prompt")
         top = body.logprobs
         params = server.sampling(body, body.max_tokens, max(top, 1) if top is not None else 0)
-        subs, events = await server.generate(request, rid, ids, params, body.n, protocol.stop_strings(body), lora)
+        subs, events = await server.generate(request, rid, ids, params, body.n, lora)
         head = {"id": rid, "object": "text_completion", "created": int(time.time()), "model": body.model}
         n = body.n
         prompt_tokens = sum(len(p) for p in ids)

@@ -8,7 +8,8 @@ puts them on its event loop).
 
 Multi-host: every process runs this loop. Process 0 takes the inbox and `exchange` broadcasts what
 it took to the others before each step, so every process adds, aborts and steps the same requests
-in the same order (stop strings included: each process detokenizes the same tokens the same way).
+in the same order (stop strings included: each process's pipeline detokenizes the same tokens the
+same way).
 """
 
 from __future__ import annotations
@@ -21,17 +22,15 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from maxlike.interfaces import LogProbabilities, RequestError, TextGenerationRequest
-from maxlike.pipelines.stop_strings import StopStrings
 
 log = logging.getLogger("maxlike.serve")
 
 
 @dataclass
 class Submission:
-    """One request for the engine: `stops` are stop strings (the text ends before the first)."""
+    """One request for the engine (stop strings are its SamplingParams.stop)."""
 
     request: TextGenerationRequest
-    stops: tuple[str, ...] = ()
     index: int = 0  # the choice it is, in its HTTP response
 
 
@@ -61,7 +60,6 @@ class _Live:
     submission: Submission
     sink: Sink | None  # None on the other processes of a multi-host job
     row: Any  # GenerationRow
-    stops: StopStrings
     arrival: float
     sent_tokens: int = 0
     sent_logprobs: int = 0
@@ -196,7 +194,7 @@ class Engine:
             except RequestError as e:
                 self._send(sink, Event("error", s.index, error=str(e)))
                 continue
-            self._live[rid] = _Live(s, sink, row, StopStrings(s.stops), time.perf_counter())
+            self._live[rid] = _Live(s, sink, row, time.perf_counter())
             self._send(sink, Event("accepted", s.index, prompt_tokens=row.ctx.prompt_length))
 
     def _abort(self, request_id: str) -> None:
@@ -219,19 +217,13 @@ class Engine:
         self._live.clear()
 
     def _emit(self, live: _Live) -> None:
-        """Send what a step added to one request: text (stop strings held back or cut), token ids,
-        log-probabilities; finish it on a stop string, a stop token or its length."""
+        """Send what a step added to one request: text (the pipeline holds back or cuts stop
+        strings), token ids, log-probabilities, and its finish reason once it is done."""
         row, rid = live.row, live.row.ctx.request_id
         generated = row.ctx.generated
         new_ids = [int(t) for t in generated[live.sent_tokens:]]
-        text, hit = live.stops.feed(self.llm.pipeline.stream_text(row))
-        finish = None
-        if hit:
-            self.llm.scheduler.abort(rid)
-            finish = "stop"
-        elif row.done:
-            text += live.stops.flush()
-            finish = row.finish_reason
+        text = self.llm.pipeline.stream_text(row)
+        finish = row.finish_reason if row.done else None
         if not new_ids and not text and finish is None:
             return
         now = time.perf_counter()

@@ -1,8 +1,9 @@
 """OpenAI's request bodies (the fields maxlike reads) and its error body.
 
 Bodies are parsed strictly (a string is no number) and extra fields are accepted: the MAX / vLLM
-extensions maxlike knows (`top_k`, `ignore_eos`, `stop_token_ids`) are read, the others ignored,
-as those servers do.
+extensions maxlike knows (`top_k`, `min_p`, `repetition_penalty`, `min_tokens`, `ignore_eos`,
+`stop_token_ids`) are read, the others ignored, as those servers do. `response_format` is refused
+(400) until structured output is built, rather than ignored.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from maxlike.interfaces import MAX_LOGPROBS
+from maxlike.interfaces import MAX_CHOICES, MAX_LOGPROBS, MAX_STOP_STRINGS
 
 
 class APIError(Exception):
@@ -42,11 +43,18 @@ class _Body(BaseModel):
     seed: int | None = None
     stop: str | list[str] | None = None
     n: int = 1
+    frequency_penalty: float | None = None
+    presence_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+    response_format: dict[str, Any] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
     # extensions (MAX, vLLM)
     top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    min_tokens: int | None = None
     ignore_eos: bool = False
     stop_token_ids: list[int] | None = None
 
@@ -72,8 +80,6 @@ class CompletionRequest(_Body):
 
 
 ROLES = ("system", "developer", "user", "assistant")
-MAX_STOP_STRINGS = 4  # OpenAI's limit
-MAX_CHOICES = 16
 
 
 def parse(model: type[BaseModel], body: bytes) -> Any:
@@ -110,6 +116,10 @@ def check_common(body: _Body, max_new: int | None, max_name: str) -> None:
     stops = stop_strings(body)
     if len(stops) > MAX_STOP_STRINGS:
         raise APIError(400, f"'stop' takes at most {MAX_STOP_STRINGS} strings, got {len(stops)}.", param="stop")
+    if body.response_format is not None and body.response_format.get("type") != "text":
+        raise APIError(400, f"'response_format' {body.response_format.get('type')!r} is not supported yet: "
+                       "structured output is not built; leave it out (or use {'type': 'text'}).",
+                       param="response_format")
 
 
 def check_logprobs(value: int | None, name: str) -> None:
@@ -119,7 +129,7 @@ def check_logprobs(value: int | None, name: str) -> None:
 
 def stop_strings(body: _Body) -> tuple[str, ...]:
     stop = body.stop
-    return () if stop is None else (stop,) if isinstance(stop, str) else tuple(stop)
+    return tuple(x for x in ((stop,) if isinstance(stop, str) else stop or ()) if x)  # "" stops nothing
 
 
 def chat_messages(messages: list[ChatMessage]) -> list[dict[str, str]]:
