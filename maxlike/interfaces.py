@@ -29,6 +29,37 @@ def _is_real(value) -> bool:
     return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
 
 
+# response_format type -> the field that carries its constraint
+_RESPONSE_FORMATS = {"text": None, "json_object": None, "json_schema": "json_schema", "regex": "regex",
+                     "choice": "choices", "grammar": "grammar"}
+
+
+def check_response_format(response_format) -> dict | None:
+    """The response_format if its shape is right (None for no constraint), else a RequestError.
+    The shapes: maxlike.pipelines.structured."""
+    if response_format is None:
+        return None
+    if not isinstance(response_format, dict) or response_format.get("type") not in _RESPONSE_FORMATS:
+        raise RequestError(f"response_format must be a dict whose 'type' is one of "
+                           f"{', '.join(_RESPONSE_FORMATS)}, got {response_format!r:.200}.")
+    kind = response_format["type"]
+    key = _RESPONSE_FORMATS[kind]
+    if kind == "text":
+        return None
+    if key is not None and key not in response_format:
+        raise RequestError(f"response_format of type {kind!r} needs a {key!r} field.")
+    value = response_format.get(key) if key else None
+    if kind == "json_schema" and not (isinstance(value, dict) and isinstance(value.get("schema"), (dict, bool))):
+        raise RequestError("response_format json_schema must be {'type': 'json_schema', 'json_schema': "
+                           "{'name': ..., 'schema': {...}}}: the schema goes under json_schema.schema.")
+    if kind in ("regex", "grammar") and not (isinstance(value, str) and value):
+        raise RequestError(f"response_format {kind!r} must be a non-empty string.")
+    if kind == "choice" and not (isinstance(value, (list, tuple)) and value and
+                                 all(isinstance(c, str) and c for c in value)):
+        raise RequestError("response_format choices must be a non-empty list of non-empty strings.")
+    return response_format
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """Per-request sampling. `top_k=1` or `temperature=0` is greedy.
@@ -48,6 +79,9 @@ class SamplingParams:
     counting output tokens only; in [-2, 2]).
     `stop`: strings; the text ends before the first of them, which is not returned.
     `n`: choices per prompt (LLM.generate and the server), choice j seeded with seed + j.
+    `response_format`: OpenAI's shapes and maxlike's regex / choice / grammar (see
+    maxlike.pipelines.structured); the output follows it, and ends when it is complete.
+    Log-probabilities are always the model's own distribution, before processors and masks.
     Every field is checked here, with a message naming the field and its allowed range.
     """
 
@@ -68,6 +102,7 @@ class SamplingParams:
     logit_bias: dict[int, float] | None = field(default=None, hash=False)  # hashing skips it (a dict)
     stop: tuple[str, ...] = ()
     n: int = 1
+    response_format: dict | None = field(default=None, hash=False)
 
     def __post_init__(self) -> None:
         def need(ok: bool, message: str) -> None:
@@ -126,6 +161,7 @@ class SamplingParams:
         object.__setattr__(self, "stop", tuple(stop))
         need(_is_int(self.n) and 1 <= self.n <= MAX_CHOICES,
              f"n must be an integer in [1, {MAX_CHOICES}] (choices per prompt), got {self.n!r}.")
+        object.__setattr__(self, "response_format", check_response_format(self.response_format))
 
     @property
     def greedy(self) -> bool:
@@ -135,7 +171,7 @@ class SamplingParams:
     def processed(self) -> bool:
         """Some logit processor (bias, minimum length, penalty) changes the logits."""
         return bool(self.logit_bias) or self.min_new_tokens > 0 or self.repetition_penalty != 1.0 \
-            or self.frequency_penalty != 0.0 or self.presence_penalty != 0.0
+            or self.frequency_penalty != 0.0 or self.presence_penalty != 0.0 or self.response_format is not None
 
     @property
     def plain_greedy(self) -> bool:

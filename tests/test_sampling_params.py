@@ -189,3 +189,86 @@ def test_first_token_draws_follow_the_exact_distribution(smollm2_logits, kw):
     # The bound has teeth: ignoring temperature or the cut-off puts these draws far outside it.
     wrong = _exact(smollm2_logits, **{**kw, "temperature": 1.3})
     assert 0.5 * np.abs(freq - wrong).sum() > _tv_bound(wrong, n)
+
+
+# -- structured output ----------------------------------------------------------------------------
+
+SCHEMAS = [
+    {"type": "object", "properties": {"name": {"type": "string", "maxLength": 8},
+                                      "address": {"type": "object", "properties": {
+                                          "city": {"type": "string", "maxLength": 6},
+                                          "zip": {"type": "integer", "minimum": 0, "maximum": 99999}},
+                                          "required": ["city", "zip"], "additionalProperties": False}},
+     "required": ["name", "address"], "additionalProperties": False},  # nested objects
+    {"type": "object", "properties": {"tags": {"type": "array", "items": {"type": "string", "maxLength": 4},
+                                               "minItems": 1, "maxItems": 3}},
+     "required": ["tags"], "additionalProperties": False},  # arrays
+    {"type": "object", "properties": {"colour": {"enum": ["red", "green", "blue"]},
+                                      "size": {"enum": [1, 2, 3]}},
+     "required": ["colour", "size"], "additionalProperties": False},  # enums
+    {"type": "object", "properties": {"t": {"type": "number", "minimum": -5, "maximum": 5},
+                                      "n": {"type": "integer", "exclusiveMinimum": 10, "maximum": 20}},
+     "required": ["t", "n"], "additionalProperties": False},  # numbers with bounds
+    {"type": "object", "properties": {"a": {"type": "boolean"}, "b": {"type": ["null", "integer"], "maximum": 9},
+                                      "c": {"type": "string", "maxLength": 3}},
+     "required": ["a", "b"], "additionalProperties": False},  # required and optional fields
+]
+
+
+@pytest.mark.parametrize("schema", range(len(SCHEMAS)), ids=["nested", "array", "enum", "bounds", "required"])
+def test_json_schema_outputs_parse_and_validate(looped, schema):
+    import json
+
+    import jsonschema
+
+    fmt = {"type": "json_schema", "json_schema": {"name": "s", "schema": SCHEMAS[schema]}}
+    params = [SamplingParams(temperature=1.0, seed=s, max_new_tokens=100, response_format=fmt) for s in range(20)]
+    outs = looped.generate_outputs(["{"] * 20, sampling_params=params, use_tqdm=False)
+    finished = [o for o in outs if o.finish_reason == "stop"]
+    assert len(finished) >= 18, [o.text for o in outs if o.finish_reason != "stop"]
+    for o in finished:
+        jsonschema.validate(json.loads(o.text), SCHEMAS[schema])
+    assert len({o.text for o in finished}) > 1  # seeded samples, not one forced string
+
+
+def test_regex_choice_and_grammar_outputs_match_and_free_rows_are_unchanged(looped):
+    import re
+
+    free = SamplingParams(temperature=1.0, seed=3, max_new_tokens=12, ignore_eos=True)
+    alone = looped.generate_outputs([PROMPT], sampling_params=free, use_tqdm=False)[0].token_ids
+    formats = [{"type": "regex", "regex": r"[a-f]{3}-\d{2,4}"},
+               {"type": "choice", "choices": ["yes", "no", "maybe so"]},
+               {"type": "grammar", "grammar": 'start: "(" num ("+" num)* ")"\nnum: /[1-9]/'},
+               {"type": "grammar", "grammar": 'root ::= "<" [xyz]+ ">"'}]  # GBNF
+    params = [free] + [SamplingParams(temperature=1.0, seed=s, max_new_tokens=24, response_format=f)
+                       for s, f in enumerate(formats)]
+    outs = looped.generate_outputs([PROMPT] * 5, sampling_params=params, use_tqdm=False)
+    assert outs[0].token_ids == alone  # a free row in a constrained batch draws what it draws alone
+    assert re.fullmatch(r"[a-f]{3}-\d{2,4}", outs[1].text), outs[1].text
+    assert outs[2].text in ("yes", "no", "maybe so") and outs[2].finish_reason == "stop"
+    assert re.fullmatch(r"\([1-9](\+[1-9])*\)", outs[3].text) or outs[3].finish_reason == "length", outs[3].text
+    assert re.fullmatch(r"<[xyz]+>", outs[4].text) or outs[4].finish_reason == "length", outs[4].text
+
+
+@pytest.mark.parametrize("fmt,message", [
+    ({"type": "json_schema", "json_schema": {"schema": {"type": "object", "if": {"required": ["a"]}}}},
+     'not supported: Unimplemented keys: \\["if"\\]'),
+    ({"type": "regex", "regex": "(unclosed"}, "response_format"),
+    ({"type": "grammar", "grammar": "start: missing_rule"}, "response_format"),
+])
+def test_formats_the_engine_cannot_compile_fail_alone(looped, fmt, message):
+    bad = SamplingParams(max_new_tokens=4, response_format=fmt)
+    with pytest.raises(RequestError, match=message):
+        looped.generate_outputs([PROMPT], sampling_params=bad, use_tqdm=False)
+    assert len(looped.generate_outputs([PROMPT], max_new_tokens=4, use_tqdm=False)[0].token_ids) == 4
+
+
+@pytest.mark.parametrize("fmt,message", [
+    ({"type": "xml"}, "response_format must be a dict whose 'type' is one of"),
+    ({"type": "json_schema", "json_schema": {"type": "object"}}, "the schema goes under json_schema.schema"),
+    ({"type": "regex"}, "needs a 'regex' field"),
+    ({"type": "choice", "choices": []}, "choices must be a non-empty list"),
+])
+def test_bad_response_format_shapes_are_clear_errors(fmt, message):
+    with pytest.raises(RequestError, match=message):
+        SamplingParams(response_format=fmt)

@@ -152,6 +152,20 @@ def test_stop_strings_end_the_text_across_token_boundaries(client, reference):
     assert streamed == cut
 
 
+def test_penalties_bias_and_min_tokens_equal_llm_generate(client, reference):
+    from maxlike.interfaces import SamplingParams
+
+    params = SamplingParams(top_k=1, max_new_tokens=16, frequency_penalty=0.8, presence_penalty=0.5,
+                            repetition_penalty=1.2, min_p=0.05, min_new_tokens=6, logit_bias={40: 3.0, 41: -5.0})
+    ref = reference.generate_outputs(["abc"], sampling_params=params, use_tqdm=False)[0]
+    plain = reference.generate_outputs(["abc"], max_new_tokens=16, use_tqdm=False)[0]
+    assert ref.token_ids != plain.token_ids
+    r = client.completions.create(model=NAME, prompt="abc", max_tokens=16, temperature=0, frequency_penalty=0.8,
+                                  presence_penalty=0.5, logit_bias={"40": 3.0, "41": -5.0},
+                                  extra_body={"repetition_penalty": 1.2, "min_p": 0.05, "min_tokens": 6})
+    assert r.choices[0].text == ref.text and r.usage.completion_tokens == len(ref.token_ids)
+
+
 def test_stop_strings_against_a_reference_cut():
     """Any split of a text into pieces: the shown text is the text up to the first stop string."""
     import random
@@ -248,6 +262,13 @@ def test_a_failed_engine_step_fails_its_requests_and_the_server_goes_on(server, 
 
 
 BAD = [
+    ("completions", {"frequency_penalty": 3}, 400, "frequency_penalty must be in [-2, 2] (0 is off), got 3.0", None),
+    ("completions", {"logit_bias": {"5": 250}}, 400, "logit_bias values must be numbers in [-100, 100]", None),
+    ("chat/completions", {"response_format": {"type": "json_schema", "json_schema": {"schema": {
+        "type": "object", "if": {"required": ["a"]}}}}}, 400, 'response_format is not supported: Unimplemented keys: ["if"]',
+     None),
+    ("completions", {"response_format": {"type": "xml"}}, 400, "response_format must be a dict whose 'type' is one of",
+     None),
     ("completions", {"max_tokens": 0}, 400, "'max_tokens' must be at least 1, got 0", "max_tokens"),
     ("completions", {"max_tokens": -3}, 400, "'max_tokens' must be at least 1, got -3", "max_tokens"),
     ("completions", {"temperature": -0.5}, 400, "'temperature' must be >= 0", "temperature"),

@@ -99,7 +99,13 @@ def _sampling(args):
         except json.JSONDecodeError as e:
             raise RequestError(f"--logit-bias must be a JSON object of token id -> bias, e.g. '{{\"13\": -100}}': "
                                f"{e}") from None
-    extra = dict(min_p=args.min_p, repetition_penalty=args.repetition_penalty,
+    fmt = None
+    if args.response_format is not None:
+        try:
+            fmt = json.loads(args.response_format)
+        except json.JSONDecodeError as e:
+            raise RequestError(f"--response-format must be JSON, e.g. '{{\"type\": \"json_object\"}}': {e}") from None
+    extra = dict(response_format=fmt, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
                  frequency_penalty=args.frequency_penalty, presence_penalty=args.presence_penalty,
                  min_new_tokens=args.min_new_tokens, stop=tuple(args.stop or ()), logit_bias=bias)
     extra = {k: v for k, v in extra.items() if v is not None}
@@ -326,6 +332,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--min-new-tokens", type=int, help="stop tokens are masked until this many are made")
     gen.add_argument("--logit-bias", help="a JSON object of token id -> bias in [-100, 100]")
     gen.add_argument("--stop", action="append", help="a stop string (repeatable): the text ends before it")
+    gen.add_argument("--response-format", help='structured output as JSON: {"type": "json_object"}, '
+                     '{"type": "json_schema", "json_schema": {"schema": ...}}, {"type": "regex", "regex": ...}, '
+                     '{"type": "choice", "choices": [...]}, {"type": "grammar", "grammar": ...}')
     gen.add_argument("--lora", help="generate with this LoRA adapter (a name from --lora-paths; needs --enable-lora)")
     gen.add_argument("--verbose", action="store_true", help="print load/compile statistics to stderr")
     gen.add_argument("--quiet", action="store_true", help="no progress bars")

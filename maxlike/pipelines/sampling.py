@@ -24,8 +24,9 @@ min-p then keeps, of a row's allowed set, the tokens within log(min_p) of its be
 logit (after temperature), as HF applies it after top-k and top-p.
 
 Before all that, logit processors change the logits of the rows that ask (`process`,
-skipped by one `lax.cond` when no row does): a sparse logit bias, the ban on stop ids
-until `min_new_tokens`, and the repetition / frequency / presence penalties. The
+skipped by one `lax.cond` when no row does): the token bitmask of structured output
+(filled on the host each step, maxlike.pipelines.structured), a sparse logit bias, the
+ban on stop ids until `min_new_tokens`, and the repetition / frequency / presence penalties. The
 penalties read `history` [B, V]: 2 x (times the token was generated) + (1 if the prompt
 holds it), kept on the device and advanced by every sampled token (`advance`), so a
 multi-step decode loop and the block after it need nothing from the host.
@@ -60,6 +61,7 @@ class SamplingInputs:
     min_left: jax.Array  # [B] i32: tokens still to make before `banned` may be sampled
     banned: jax.Array  # [B, stop_slots] i32: the row's stop ids (-1 padded)
     history: jax.Array  # [B, V] i32: 2 x generated count + in-prompt bit (penalised rows only)
+    allowed: jax.Array  # [B, ceil(V / 32)] i32: bit v of a row set = token v allowed (structured output)
 
     @staticmethod
     def build(params: list[SamplingParams], seeds: list[int], rows: int, *, vocab: int, stop_slots: int,
@@ -97,6 +99,7 @@ class SamplingInputs:
             frequency=f32([p.frequency_penalty for p in params], 0.0),
             presence=f32([p.presence_penalty for p in params], 0.0),
             bias_ids=bias_ids, bias=bias, min_left=min_left, banned=banned, history=history,
+            allowed=np.full((rows, (vocab + 31) // 32), -1, np.int32),
         )
 
     @staticmethod
@@ -196,15 +199,18 @@ def gumbel_noise(seed: jax.Array, positions: jax.Array, ids: jax.Array) -> jax.A
 def processing(params: SamplingInputs) -> jax.Array:
     """True when some row's logits are changed by a processor (then `process` runs)."""
     return (jnp.any(params.bias != 0) | jnp.any(params.min_left > 0) | jnp.any(params.repetition != 1.0)
-            | jnp.any(params.frequency != 0.0) | jnp.any(params.presence != 0.0))
+            | jnp.any(params.frequency != 0.0) | jnp.any(params.presence != 0.0) | jnp.any(params.allowed != -1))
 
 
 def process(logits: jax.Array, params: SamplingInputs) -> jax.Array:
-    """The logit processors, in SamplingParams' order: bias, min_new_tokens' ban on stop ids,
-    repetition penalty (HF's), frequency and presence penalties (OpenAI's). logits [B, V] f32."""
+    """The logit processors, in SamplingParams' order: a structured-output mask, bias,
+    min_new_tokens' ban on stop ids, repetition penalty (HF's), frequency and presence penalties
+    (OpenAI's). logits [B, V] f32."""
     b, vocab = logits.shape
     rows = jnp.arange(b)[:, None]
-    x = logits.at[rows, params.bias_ids].add(params.bias)
+    ids = jnp.arange(vocab, dtype=jnp.int32)
+    bits = jnp.right_shift(params.allowed[:, ids // 32], ids % 32) & 1  # [B, V]
+    x = jnp.where(bits == 1, logits, -jnp.inf).at[rows, params.bias_ids].add(params.bias)
     ban = (params.min_left[:, None] > 0) & (params.banned >= 0)
     x = x.at[rows, jnp.where(ban, params.banned, vocab)].set(-jnp.inf, mode="drop")
     seen = params.history > 0

@@ -29,6 +29,7 @@ from maxlike.pipelines.detokenize import IncrementalDetokenizer
 from maxlike.pipelines.model import ReturnLogits
 from maxlike.pipelines.serving import LOGPROB_BUCKETS, ServingModel
 from maxlike.pipelines.stop_strings import StopStrings
+from maxlike.pipelines.structured import Grammars
 from maxlike.sharding import replicated
 
 
@@ -48,6 +49,7 @@ class GenerationRow:
     stop_strings: StopStrings | None = None  # with SamplingParams.stop: its text is built token by token
     shown: str = ""  # with stop strings: the text so far, cut before the first stop string
     shown_sent: int = 0  # characters of `shown` stream_text has returned
+    matcher: Any = None  # with SamplingParams.response_format: its grammar's state (llguidance)
 
 
 @dataclass(eq=False)
@@ -90,6 +92,7 @@ class TextGenerationPipeline:
         if getattr(tokenizer, "eos_token_id", None) is not None:
             eos.add(tokenizer.eos_token_id)
         self.eos_token_ids = frozenset(int(e) for e in eos)
+        self.grammars = Grammars(tokenizer, pipeline_model.vocab_size, self.eos_token_ids)
 
     @property
     def max_length(self) -> int:
@@ -149,6 +152,8 @@ class TextGenerationPipeline:
         p = ctx.sampling_params
         stops = frozenset(p.stop_token_ids) | (frozenset() if p.ignore_eos else self.eos_token_ids)
         row = GenerationRow(ctx, ctx.max_length - ctx.prompt_length, stops, echo_pending=p.echo and p.logprobs > 0)
+        if p.response_format is not None:
+            row.matcher = self.grammars.matcher(p.response_format, ctx.request_id)
         if p.stop:
             row.stop_strings = StopStrings(p.stop)
             row.detokenizer = IncrementalDetokenizer(self.tokenizer, skip_special_tokens=True)
@@ -172,7 +177,9 @@ class TextGenerationPipeline:
         sampling_rows = [r.ctx.cache_length + n == len(r.ctx.tokens) for r, n in zip(rows, chunks)]
         decoding = all(n == 1 for n in chunks) and all(sampling_rows)
         budgets = [r.max_new - len(r.ctx.generated) for r in rows]
-        steps = max(1, min(num_steps, self.max_num_steps, min(budgets))) if decoding else 1
+        # Structured output: the host fills each step's token mask, so one step per call.
+        constrained = any(r.matcher is not None for r, s in zip(rows, sampling_rows) if s)
+        steps = max(1, min(num_steps, self.max_num_steps, min(budgets))) if decoding and not constrained else 1
         total = len(inputs.row_ids)
         params = None
         if not all(r.ctx.sampling_params.plain_greedy for r in rows):
@@ -183,7 +190,7 @@ class TextGenerationPipeline:
                 stop_slots=self.model.stop_slots, contexts=[b[2] for b in by_row], stops=[b[3] for b in by_row]))
         top_n = [r.ctx.sampling_params.logprobs if s else 0 for r, s in zip(rows, sampling_rows)]
         launch = Launch(rows, chunks, sampling_rows, steps, index=index, params=params)
-        if decoding and not any(top_n):  # logprobs need each step's logits: one call per step
+        if decoding and not any(top_n) and not constrained:  # logprobs need each step's logits
             slots = self.model.stop_slots
             launch.stop_ids = np.full((total, slots), -1, np.int32)
             for i, r in zip(index, rows):
@@ -257,8 +264,12 @@ class TextGenerationPipeline:
         # Echo is the request's first step: its whole prompt runs in it (the scheduler sees to that).
         echo = _scatter(launch.index, total, [r.echo_pending for r in rows], False)
         pending, params = [], launch.params
+        constrained = [(i, r.matcher) for i, r, s in zip(launch.index, rows, launch.sampling_rows)
+                       if s and r.matcher is not None]
         for step in range(launch.steps):
             out = model.execute(inputs)
+            if constrained:  # filled on the host while the device runs the step (steps == 1 here)
+                params = model.place_sampling(params.replace(allowed=self.grammars.fill(constrained, total)))
             tokens, params = self._sample(out, inputs, params)
             if any(top_n):  # kept with the step's tokens: a row that stops earlier takes none of the rest
                 results = model.compute_log_probabilities(session, inputs, out, tokens, top_n, echo)
@@ -387,8 +398,12 @@ class TextGenerationPipeline:
         if logprobs is not None:
             r.logprobs.append(logprobs)
             r.echo_pending = False
-        if tok in r.stops:
-            r.done, r.finish_reason = True, "stop"
+        if r.matcher is not None and tok not in r.stops:
+            if not r.matcher.consume_token(tok):
+                raise RuntimeError(f"request {ctx.request_id}: token {tok} was sampled outside its grammar: "
+                                   f"{r.matcher.get_error()}")
+        if tok in r.stops or (r.matcher is not None and r.matcher.is_stopped()):
+            r.done, r.finish_reason = True, "stop"  # a stop token, or a complete structured output
         elif r.stop_strings is not None:
             shown, hit = r.stop_strings.feed(r.detokenizer.step([tok]))
             r.shown += shown

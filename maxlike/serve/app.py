@@ -116,7 +116,7 @@ class OpenAIServer:
                 min_p=body.min_p or 0.0, repetition_penalty=1.0 if body.repetition_penalty is None else
                 body.repetition_penalty, frequency_penalty=body.frequency_penalty or 0.0,
                 presence_penalty=body.presence_penalty or 0.0, min_new_tokens=body.min_tokens or 0,
-                logit_bias=body.logit_bias)
+                logit_bias=body.logit_bias, response_format=body.response_format)
         except RequestError as e:
             raise APIError(400, str(e)) from None
 

@@ -2,8 +2,8 @@
 
 Bodies are parsed strictly (a string is no number) and extra fields are accepted: the MAX / vLLM
 extensions maxlike knows (`top_k`, `min_p`, `repetition_penalty`, `min_tokens`, `ignore_eos`,
-`stop_token_ids`) are read, the others ignored, as those servers do. `response_format` is refused
-(400) until structured output is built, rather than ignored.
+`stop_token_ids`) are read, the others ignored, as those servers do. `response_format` takes
+OpenAI's shapes and the regex / choice / grammar extensions (maxlike.pipelines.structured).
 """
 
 from __future__ import annotations
@@ -116,10 +116,6 @@ def check_common(body: _Body, max_new: int | None, max_name: str) -> None:
     stops = stop_strings(body)
     if len(stops) > MAX_STOP_STRINGS:
         raise APIError(400, f"'stop' takes at most {MAX_STOP_STRINGS} strings, got {len(stops)}.", param="stop")
-    if body.response_format is not None and body.response_format.get("type") != "text":
-        raise APIError(400, f"'response_format' {body.response_format.get('type')!r} is not supported yet: "
-                       "structured output is not built; leave it out (or use {'type': 'text'}).",
-                       param="response_format")
 
 
 def check_logprobs(value: int | None, name: str) -> None:
