@@ -1,5 +1,6 @@
-"""Decode cost of logit processors: tokens/s with no row penalised, every row penalised (repetition,
-frequency and presence penalties, a logit bias, min_new_tokens), greedy and sampled, in one run.
+"""Decode cost of logit processors and structured output: tokens/s with no row penalised, every row
+penalised (repetition, frequency and presence penalties, a logit bias, min_new_tokens), greedy and
+sampled, and every row under a JSON schema (with the host's mask time per token), in one run.
 
     .venv/bin/python benchmarks/bench_sampling_params.py [--batch 1 8] [--json out.json]
     .venv/bin/python benchmarks/bench_sampling_params.py --repo /path/to/older/checkout --only plain
@@ -37,6 +38,8 @@ from maxlike.entrypoints.llm import default_model_path  # noqa: E402
 from maxlike.interfaces import SamplingParams  # noqa: E402
 from maxlike.pipelines import PipelineConfig  # noqa: E402
 
+JSON = {"type": "json_schema", "json_schema": {"schema": {  # long enough to use every new token
+    "type": "object", "properties": {"story": {"type": "string", "minLength": 400}}, "required": ["story"]}}}
 PENALTIES = dict(repetition_penalty=1.1, frequency_penalty=0.3, presence_penalty=0.3, min_new_tokens=8,
                  logit_bias={13: -2.0, 28: 1.5})
 
@@ -48,6 +51,7 @@ def settings(n: int) -> dict[str, SamplingParams]:
     if args.only == "all":
         out["greedy, all penalties"] = SamplingParams(top_k=1, **base, **PENALTIES)
         out["sampled, all penalties"] = SamplingParams(temperature=0.8, top_p=0.95, seed=1, **base, **PENALTIES)
+        out["sampled, JSON schema"] = SamplingParams(temperature=0.8, top_p=0.95, seed=1, response_format=JSON, **base)
     return out
 
 
@@ -65,6 +69,19 @@ def main() -> None:
         llm = LLM(PipelineConfig(model_path=path, max_length=128, max_batch_size=batch), progress=False)
         prompts = [rng.integers(3, 40000, size=16).tolist() for _ in range(batch)]
         kinds = settings(args.new_tokens)
+        masks = [0.0, 0]  # host seconds filling token masks, masks filled
+        grammars = getattr(llm.pipeline, "grammars", None)
+        if grammars is not None:
+            fill = grammars.fill
+
+            def timed(matchers, rows, fill=fill):
+                t = time.perf_counter()
+                out = fill(matchers, rows)
+                masks[0] += time.perf_counter() - t
+                masks[1] += len(matchers)
+                return out
+
+            grammars.fill = timed
         for params in kinds.values():
             one_pass(llm, prompts, params)  # compiles
         passes = {name: [] for name in kinds}
@@ -75,6 +92,9 @@ def main() -> None:
         for name, r in passes.items():
             print(f"batch {batch:2d}  {name:28s} median {statistics.median(r):7.1f} tok/s  "
                   f"(min {min(r):.1f}, max {max(r):.1f})", flush=True)
+        if masks[1]:
+            results[f"batch {batch}"]["mask_us_per_token"] = masks[0] / masks[1] * 1e6
+            print(f"batch {batch:2d}  host mask time {masks[0] / masks[1] * 1e6:.1f} us per constrained token")
         del llm
     if args.json:
         with open(args.json, "w") as f:

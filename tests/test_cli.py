@@ -68,6 +68,7 @@ def test_examples_run(tiny_llama):
     assert r.returncode == 0 and "mesh: {'data': 1, 'tensor': 4} over 4 devices" in r.stdout, r.stderr[-2000:]
 
 
+@pytest.mark.slow  # about 12 s: `make test-slow`
 def test_benchmark_command(tiny_llama):
     r = maxlike("benchmark", "--model-path", tiny_llama[0], "--batch-sizes", "1", "2", "--max-new-tokens", "4",
                 "--prompt-tokens", "8", "--max-length", "64")

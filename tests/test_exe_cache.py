@@ -76,6 +76,7 @@ def _stats(path, cache, **kw):
     return llm.pipeline.model.session.stats, out
 
 
+@pytest.mark.slow  # about 20 s: `make test-slow`
 def test_every_key_part_misses_and_a_bad_entry_is_recompiled(tiny_llama, tmp_path, monkeypatch):
     from maxlike.engine import exe_cache
 
@@ -265,7 +266,8 @@ def _key_of(path, cache, **kw):
     return stats
 
 
-@pytest.mark.parametrize("change", ["xla_flags", "jax_option", "plugin", "outside_architecture_code"])
+@pytest.mark.parametrize("change", ["xla_flags", pytest.param("jax_option", marks=pytest.mark.slow),
+                                    pytest.param("plugin", marks=pytest.mark.slow), "outside_architecture_code"])
 def test_what_changes_programs_changes_the_key(tiny_llama, tmp_path, monkeypatch, request, change):
     from maxlike.engine import exe_cache
 

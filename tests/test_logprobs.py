@@ -85,6 +85,7 @@ def test_echo_covers_the_whole_prompt_even_on_a_prefix_cache_hit(tiny_models):
     assert plain.token_ids == first.token_ids
 
 
+@pytest.mark.slow  # about 20 s: `make test-slow`
 def test_echo_is_not_repeated_after_a_preemption(tiny_llama):
     from maxlike.interfaces import SamplingParams
 

@@ -56,7 +56,8 @@ class OpenAIPenalties:
         return scores
 
 
-@pytest.mark.parametrize("frequency,presence", [(0.9, 0.0), (0.0, 1.5), (0.6, 0.7), (-0.5, 0.0)])
+@pytest.mark.parametrize("frequency,presence", [pytest.param(0.9, 0.0, marks=pytest.mark.slow),
+                                                pytest.param(0.0, 1.5, marks=pytest.mark.slow), (0.6, 0.7), (-0.5, 0.0)])
 def test_frequency_and_presence_penalties_equal_the_openai_formula(looped, tiny_llama, frequency, presence):
     from transformers import LogitsProcessorList
 

@@ -19,7 +19,7 @@ def small_pool_llm(path, pages: int, **kw) -> LLM:
                progress=False)
 
 
-@pytest.mark.parametrize("caching,in_flight", [(False, False), (True, True)])
+@pytest.mark.parametrize("caching,in_flight", [pytest.param(False, False, marks=pytest.mark.slow), (True, True)])
 def test_many_requests_through_a_small_pool_equal_each_alone(tiny_llama, tiny_llm, caching, in_flight):
     rng = np.random.default_rng(0)
     shared = random_prompt(40, seed=99).tolist()  # some prompts share a prefix: hits, then eviction
@@ -120,7 +120,7 @@ def test_prefix_caching_shares_a_system_prompt(tiny_llama):
     print(f"prefill tokens {runs[False][1]} -> {runs[True][1]}, hit rate {kv.prefix_cache.stats.hit_rate:.2f}")
 
 
-@pytest.mark.parametrize("in_flight", [False, True])
+@pytest.mark.parametrize("in_flight", [pytest.param(False, marks=pytest.mark.slow), True])  # False: test-slow
 def test_forbid_compile_after_warmup_with_a_mixed_workload(tiny_llama, in_flight):
     from maxlike.engine.session import CompileForbiddenError
 
@@ -140,10 +140,18 @@ def test_forbid_compile_after_warmup_with_a_mixed_workload(tiny_llama, in_flight
     for i in range(200):
         prompts.append(random_prompt(int(rng.integers(1, 55)), seed=i).tolist())
         greedy = i % 2 == 0
+        max_new = int(rng.integers(1, 64 - len(prompts[-1]) + 1))
+        extra = {}  # logit processors, min-p, stop strings and structured output ride the same executables
+        if i % 3 == 1:
+            extra = dict(repetition_penalty=1.3, frequency_penalty=0.5, presence_penalty=0.2,
+                         logit_bias={7: 2.0}, min_new_tokens=min(3, max_new), min_p=0.05, stop=("ab",))
+        elif i % 7 == 3:
+            extra = dict(response_format={"type": "regex", "regex": "[a-z]+[0-9]"} if i % 2 else
+                         {"type": "choice", "choices": ["yes", "no"]})
         params.append(SamplingParams(top_k=1 if greedy else int(rng.integers(0, 50)), temperature=0.9,
                                      top_p=float(rng.uniform(0.5, 1.0)), seed=i,
                                      logprobs=int(rng.integers(0, 21)) if i % 5 == 0 else 0,
-                                     max_new_tokens=int(rng.integers(1, 64 - len(prompts[-1]) + 1))))
+                                     max_new_tokens=max_new, **extra))
     outs = llm.generate_outputs(prompts, sampling_params=params, use_tqdm=False)
     assert session.stats.compiled + session.stats.loaded == warm, "nothing compiled after warm-up"
     assert all(1 <= len(o.token_ids) <= p.max_new_tokens for o, p in zip(outs, params))

@@ -166,6 +166,24 @@ def test_penalties_bias_and_min_tokens_equal_llm_generate(client, reference):
     assert r.choices[0].text == ref.text and r.usage.completion_tokens == len(ref.token_ids)
 
 
+def test_response_format_over_the_server(client):
+    import json
+
+    import jsonschema
+
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}, "n": {"type": "integer", "maximum": 99}},
+              "required": ["ok", "n"], "additionalProperties": False}
+    for seed in range(3):
+        r = client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "json please"}],
+                                           max_tokens=40, temperature=1.0, seed=seed, response_format={
+                                               "type": "json_schema", "json_schema": {"name": "x", "schema": schema}})
+        assert r.choices[0].finish_reason == "stop", r.choices[0].message.content
+        jsonschema.validate(json.loads(r.choices[0].message.content), schema)
+    r = client.completions.create(model=NAME, prompt="pick", max_tokens=8, temperature=1.0,
+                                  extra_body={"response_format": {"type": "choice", "choices": ["left", "right"]}})
+    assert r.choices[0].text in ("left", "right")
+
+
 def test_stop_strings_against_a_reference_cut():
     """Any split of a text into pieces: the shown text is the text up to the first stop string."""
     import random
