@@ -40,10 +40,11 @@ MESH_SCRIPT = textwrap.dedent("""
                   progress=False)
         outs = llm.generate_outputs(prompts, sampling_params=SamplingParams(top_k=1, max_new_tokens=8, ignore_eos=True),
                                     use_tqdm=False)
-        drawn = None  # seeded draws where rows are split over replicas (the sampler runs per replica)
+        drawn = None  # seeded draws where rows are split over replicas (the sampler and its penalty state per replica)
         if dp > 1 or tp == 1:
             drawn = [o.token_ids for o in llm.generate_outputs(prompts, sampling_params=SamplingParams(
-                temperature=0.9, top_p=0.95, seed=7, max_new_tokens=8, ignore_eos=True), use_tqdm=False)]
+                temperature=0.9, top_p=0.95, seed=7, max_new_tokens=8, ignore_eos=True, repetition_penalty=1.2,
+                frequency_penalty=0.5, min_p=0.05), use_tqdm=False)]
         model = llm.pipeline.model
         # One prefill step over all prompts, spread over the replicas, for the logits.
         ctxs = [TextContext(f"x{i}", p, 40) for i, p in enumerate(prompts)]
@@ -118,8 +119,8 @@ HOST_SCRIPT = textwrap.dedent("""
     llm = LLM(PipelineConfig(model_path=path, max_length=128, max_batch_size=4, tensor_parallel_degree=4,
                              cache_dir=cache, **multi), progress=False)
     prompts = [random_prompt(n, seed=n).tolist() for n in (5, 17, 9)]
-    outs = llm.generate_outputs(prompts, sampling_params=SamplingParams(top_k=1, max_new_tokens=8, ignore_eos=True),
-                                use_tqdm=False)
+    outs = llm.generate_outputs(prompts, sampling_params=SamplingParams(top_k=1, max_new_tokens=8, ignore_eos=True,
+                                                                        repetition_penalty=1.3), use_tqdm=False)
     stats = llm.pipeline.model.session.stats
     print(json.dumps(dict(tokens=[o.token_ids for o in outs], devices=len(jax.devices()),
                           local=len(jax.local_devices()), process=jax.process_index(), compiled=stats.compiled,
