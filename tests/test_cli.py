@@ -54,6 +54,7 @@ def test_list_and_errors(tmp_path, capsys):
     assert r.returncode == 1 and "needs libtpu, which is not installed: pip install 'maxlike[tpu]'" in r.stderr
 
 
+@pytest.mark.slow  # about 30 s: `make test-slow`
 def test_examples_run(tiny_llama):
     import os
 

@@ -88,6 +88,7 @@ def test_multi_step_decode_matches_single_step(tiny_llama):
     assert multi.scheduler.stats.decode_steps == free.index(stop)  # the prefill made the first token
 
 
+@pytest.mark.slow  # about 13 s: `make test-slow`
 def test_width_buckets_and_width_on_device_decode_alike(tiny_llama, monkeypatch):
     """The two decode layouts (GPU: one executable per power-of-two page-table width; elsewhere a
     full-width table whose read prefix attention picks on device) give the same tokens for rows

@@ -80,7 +80,8 @@ def _run_meshes(path, meshes):
 
 # Qwen2 (tied embeddings, qkv bias) on fewer meshes: Llama covers 4- and 8-way tensor parallel.
 @pytest.mark.parametrize("kind,meshes", [("llama", [[1, 1], [1, 2], [1, 4], [1, 8], [2, 2], [1, 2], [2, 2, 1]]),
-                                         ("qwen2", [[1, 1], [1, 2], [2, 2], [1, 2]])])
+                                         pytest.param("qwen2", [[1, 1], [1, 2], [2, 2], [1, 2]],
+                                                      marks=pytest.mark.slow)])  # about 20 s: `make test-slow`
 def test_tensor_and_data_parallel_equal_one_device(eight_head_models, kind, meshes):
     import numpy as np
 
