@@ -31,7 +31,7 @@ from maxlike.pipelines.lora import LoRAManager
 from maxlike.pipelines.model import ModelInputs, ModelOutputs, ReturnHiddenStates, ReturnLogits
 from maxlike.pipelines.serving import LOGPROB_BUCKETS, MAX_LOGPROBS, BucketShapes, ServingModel, logprob_bucket
 from maxlike.pipelines.sizing import DecoderSizing
-from maxlike.pipelines.step_inputs import next_inputs, place_sharded, unpack
+from maxlike.pipelines.step_inputs import next_inputs, place_replicated, place_sharded, unpack
 from maxlike.sharding import named_sharding, replicated
 from maxlike.weights import converted, read_weights
 
@@ -332,8 +332,7 @@ class DecoderPipelineModel(DecoderSizing, ServingModel):
         self._check_runnable()
         layout = tuple((k, v.shape) for k, v in host.items())
         flat = np.concatenate([v.ravel() for v in host.values()])
-        packed = jax.device_put(flat, self._replicated) if self._replicated.is_fully_addressable else \
-            place_sharded(flat, self._replicated, flat.dtype)  # multi-host: each process places its devices' copies
+        packed = place_replicated(flat, self._replicated)
         a = self.unpack_executable(layout, packed)(packed)
         return ModelInputs(
             tokens=a["tokens"], positions=a["positions"], slots=a["slots"], logit_indices=a["logit_indices"],
@@ -543,20 +542,19 @@ class DecoderPipelineModel(DecoderSizing, ServingModel):
         return out
 
     def greedy_sampling(self, rows: int) -> "sampling.SamplingInputs":
-        """Sampling inputs under which every row is plain greedy (kept: its [rows, vocab] history is
-        large, and the same every time)."""
-        cached = self._greedy_sampling.get(rows)
-        if cached is None:
-            cached = self._greedy_sampling[rows] = self.place_sampling(
+        """Placed inputs under which every row is plain greedy (kept: its [rows, vocab] history is large)."""
+        if rows not in self._greedy_sampling:
+            self._greedy_sampling[rows] = self.place_sampling(
                 sampling.SamplingInputs.build([], [], rows, vocab=self.vocab_size, stop_slots=self.stop_slots))
-        return cached
+        return self._greedy_sampling[rows]
 
     def place_sampling(self, host: "sampling.SamplingInputs") -> "sampling.SamplingInputs":
-        """Sampling inputs onto the mesh, replicated (as the decode loop returns them, so a block
-        takes the state the block before it left on the device)."""
-        if self._replicated.is_fully_addressable:
-            return jax.device_put(host, self._replicated)
-        return jax.tree.map(lambda a: place_sharded(a, self._replicated, a.dtype), host)
+        """Replicated, as the decode loop returns its state. A history with no penalised row reuses
+        the greedy inputs' zeros, already on the device, instead of sending [rows, vocab] again."""
+        zeros = self._greedy_sampling.get(host.history.shape[0])
+        if zeros is not None and isinstance(host.history, np.ndarray) and not host.history.any():
+            host = host.replace(history=zeros.history)
+        return place_replicated(host, self._replicated)
 
     def sampling_abstract(self, rows: int) -> "sampling.SamplingInputs":
         shapes = sampling.SamplingInputs.abstract(rows, self.vocab_size, self.stop_slots)

@@ -17,6 +17,14 @@ def place_sharded(array, sharding, dtype) -> jax.Array:
     return jax.make_array_from_callback(array.shape, sharding, lambda index: np.asarray(array[index], dtype))
 
 
+def place_replicated(tree, sharding):
+    """Host arrays (any pytree) onto the mesh, a full copy on every device; leaves already on the
+    device stay as they are. In a multi-host job each process places its own devices' copies."""
+    if sharding.is_fully_addressable:
+        return jax.device_put(tree, sharding)
+    return jax.tree.map(lambda a: a if isinstance(a, jax.Array) else place_sharded(a, sharding, a.dtype), tree)
+
+
 def unpack(layout: tuple, packed: jax.Array) -> dict:
     out, at = {}, 0
     for name, shape in layout:
