@@ -178,6 +178,10 @@ class SamplingParams:
         """The argmax of the model's own logits: no processor, no sampling."""
         return self.greedy and not self.processed
 
+    def choice(self, j: int) -> "SamplingParams":
+        """The parameters of choice j of n: seeded with seed + j (a random seed each when None)."""
+        return self if j == 0 or self.seed is None else self.replace(seed=(self.seed + j) % (MAX_SEED + 1))
+
     def replace(self, **kw) -> "SamplingParams":
         return dataclasses.replace(self, **kw)
 

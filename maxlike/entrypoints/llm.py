@@ -7,7 +7,7 @@ import os
 from typing import Sequence
 
 from maxlike.config import PipelineConfig
-from maxlike.interfaces import GREEDY, MAX_SEED, RequestError, SamplingParams, TextGenerationOutput, TextGenerationRequest
+from maxlike.interfaces import GREEDY, RequestError, SamplingParams, TextGenerationOutput, TextGenerationRequest
 
 
 def default_model_path() -> str:
@@ -53,9 +53,8 @@ class LLM:
                 params = params.replace(max_new_tokens=max_new_tokens)
             if len(prompt) == 0:
                 raise RequestError(f"prompt {i} is empty; give at least one token or character.")
-            for j in range(params.n):  # n choices: choice j is seeded with seed + j
-                choice = params if j == 0 or params.seed is None else \
-                    params.replace(seed=(params.seed + j) % (MAX_SEED + 1))
+            for j in range(params.n):
+                choice = params.choice(j)
                 rid = self.pipeline.next_request_id()
                 if chat:
                     reqs.append(TextGenerationRequest(rid, messages=[{"role": "user", "content": prompt}],

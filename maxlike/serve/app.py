@@ -137,7 +137,7 @@ class OpenAIServer:
         subs = []
         for i, ids in enumerate(prompts):
             for j in range(n):
-                p = params.replace(seed=(params.seed + j) % (MAX_SEED + 1))
+                p = params.choice(j)
                 subs.append(Submission(TextGenerationRequest(f"{rid}-{len(subs)}", prompt=ids, sampling_params=p,
                                                              lora_name=lora), index=i * n + j))
         limit = self.settings.max_queued_requests
