@@ -105,11 +105,23 @@ class KVCacheConfig:
         _check(self.host_kv_cache_memory_gib > 0, "host_kv_cache_memory_gib must be > 0.")
 
 
+LOGPROBS_MODES = ("raw_logprobs", "raw_logits", "processed_logprobs", "processed_logits")
+
+
 @dataclass(frozen=True)
 class SamplingConfig:
     """Pipeline-wide sampling switches (per-request knobs live in SamplingParams)."""
 
     enable_echo: bool = False  # keep logits for every prompt token (logprobs with echo)
+    # What logprobs hold (vLLM's option and names): raw_* = the model's own distribution; processed_* =
+    # the one each token was drawn from (processors, temperature, top-k, top-p, min-p; the tokens they
+    # leave out at -inf). *_logits: the logits themselves instead of their log-softmax. Echoed prompt
+    # positions are always raw: no sampler looked at them.
+    logprobs_mode: str = "raw_logprobs"
+
+    def __post_init__(self) -> None:
+        _check(self.logprobs_mode in LOGPROBS_MODES,
+               f"logprobs_mode={self.logprobs_mode!r}: use one of {', '.join(LOGPROBS_MODES)}.")
 
 
 @dataclass(frozen=True)

@@ -68,7 +68,7 @@ class SamplingParams:
     tokens whose probability is at least min_p times the most likely one's (0: off).
     `seed` (0 .. 2**32-1) makes a sampled request reproducible; None draws one.
     `logprobs` (0..20) top alternatives are returned per generated token; with
-    `echo`, per prompt token too.
+    `echo`, per prompt token too. Their values follow the pipeline's `logprobs_mode`.
 
     Logit processors, applied on device in this order before temperature:
     `logit_bias` (token id -> bias added to its logit, at most 300 entries),

@@ -123,15 +123,74 @@ def test_echo_without_enable_echo_fails_alone_at_admission(tiny_llm):
     assert all(r.done and len(r.ctx.generated) == 5 for r in ok)
 
 
-def test_every_logprob_and_echo_executable_is_warm(tiny_llama):
+@pytest.mark.parametrize("mode", ["raw_logprobs", "processed_logprobs"])
+def test_every_logprob_and_echo_executable_is_warm(tiny_llama, mode):
     from maxlike.interfaces import SamplingParams
 
-    llm = _echo_llm(tiny_llama[0], max_batch_size=2, max_length=32, warmup=True, forbid_compile=True)
+    llm = _echo_llm(tiny_llama[0], max_batch_size=2, max_length=32, warmup=True, forbid_compile=True,
+                    logprobs_mode=mode)
     stats = llm.pipeline.model.session.stats
     warm = stats.compiled + stats.loaded
-    params = [SamplingParams(top_k=1, max_new_tokens=3, logprobs=n, echo=n % 2 == 1) for n in (1, 3, 6, 20)]
+    params = [SamplingParams(top_k=1 if n < 6 else 40, temperature=0.8, max_new_tokens=3, logprobs=n,
+                             echo=n % 2 == 1) for n in (1, 3, 6, 20)]
     outs = llm.generate_outputs([random_prompt(n, seed=n).tolist() for n in (5, 20, 17, 9)], sampling_params=params,
                                 use_tqdm=False)
     assert stats.compiled + stats.loaded == warm, "no compile after warm-up"
     assert [len(o.log_probabilities[-1].top_log_probabilities[0]) for o in outs][0] in (1, 2)
     assert len(outs[1].log_probabilities[0].token_log_probabilities) == 20  # echo: the whole prompt
+
+
+@pytest.mark.parametrize("mode", ["processed_logprobs", "processed_logits", "raw_logits"])
+def test_logprobs_mode_against_hf_logits_processors(tiny_models, mode):
+    """Each step's values against HF: the model's logits through HF's own processors and warpers,
+    log-softmaxed unless the mode asks for logits. One batch: a row cut by top-p inside its top-k,
+    one by min-p (with a logit bias), and a greedy row that gets its repetition penalty alone."""
+    from transformers.generation import logits_process as hp
+
+    from maxlike.entrypoints import LLM
+    from maxlike.interfaces import SamplingParams
+    from maxlike.pipelines import PipelineConfig
+
+    path, hf = tiny_models["llama"]
+    llm = LLM(PipelineConfig(model_path=path, max_length=64, max_batch_size=3, dtype="float32", logprobs_mode=mode),
+              progress=False)
+    common = dict(max_new_tokens=6, logprobs=20, ignore_eos=True)
+    rows = [  # (params, HF's chain for the processed modes); the tiny model's distribution is nearly flat
+        (SamplingParams(temperature=0.7, top_k=12, top_p=0.5, repetition_penalty=1.3, seed=5, **common),
+         [hp.RepetitionPenaltyLogitsProcessor(1.3), hp.TemperatureLogitsWarper(0.7), hp.TopKLogitsWarper(12),
+          hp.TopPLogitsWarper(0.5)]),
+        (SamplingParams(temperature=0.3, min_p=0.8, logit_bias={7: 2.0}, seed=6, **common),
+         [hp.SequenceBiasLogitsProcessor([[[7], 2.0]]), hp.TemperatureLogitsWarper(0.3), hp.MinPLogitsWarper(0.8)]),
+        (SamplingParams(top_k=1, repetition_penalty=1.3, **{**common, "logprobs": 5}),
+         [hp.RepetitionPenaltyLogitsProcessor(1.3)]),
+    ]
+    prompts = [random_prompt(n, seed=n).tolist() for n in (9, 6, 7)]
+    outs = llm.generate_outputs(prompts, sampling_params=[p for p, _ in rows], use_tqdm=False)
+    processed = mode.startswith("processed")
+    for prompt, out, (params, chain) in zip(prompts, outs, rows):
+        assert len(out.log_probabilities) == len(out.token_ids) == 6
+        excluded = 0
+        for step, (tok, lp) in enumerate(zip(out.token_ids, out.log_probabilities)):
+            ids = torch.tensor([prompt + out.token_ids[:step]])
+            with torch.no_grad():
+                scores = hp.LogitsProcessorList(chain if processed else [])(ids, hf(ids).logits[:, -1].float())
+            ref = (scores if mode.endswith("_logits") else torch.log_softmax(scores, -1))[0].numpy()
+            assert np.isfinite(ref[tok]), "the drawn token is in the distribution it was drawn from"
+            assert abs(lp.token_log_probabilities[0] - ref[tok]) < 1e-4
+            top = lp.top_log_probabilities[0]
+            finite = {t: v for t, v in top.items() if np.isfinite(v)}
+            best = [int(t) for t in np.argsort(-ref, kind="stable")[:params.logprobs] if np.isfinite(ref[t])]
+            assert set(finite) == set(best) | {tok}
+            np.testing.assert_allclose([finite[t] for t in best], ref[best], atol=1e-4)
+            assert all(v == -np.inf for v in top.values() if not np.isfinite(v))
+            excluded += len(top) - len(finite)
+        assert (excluded > 0) == (processed and not params.greedy), "top-20 reaches past the kept tokens"
+
+
+def test_logprobs_mode_is_checked(tiny_llama):
+    from maxlike.config import ConfigError
+    from maxlike.pipelines import PipelineConfig
+
+    with pytest.raises(ConfigError, match="logprobs_mode='processed': use one of raw_logprobs, raw_logits, "
+                                          "processed_logprobs, processed_logits"):
+        PipelineConfig(model_path=tiny_llama[0], logprobs_mode="processed")

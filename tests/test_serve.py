@@ -184,6 +184,46 @@ def test_response_format_over_the_server(client):
     assert r.choices[0].text in ("left", "right")
 
 
+def test_processed_logprobs_over_the_server(config):
+    """logprobs_mode=processed_logprobs: with top_k=3 the three kept tokens' probabilities sum to 1,
+    and the alternatives past them (-inf, which JSON cannot hold) arrive as -9999.0, as from OpenAI."""
+    import math
+
+    import openai
+
+    from maxlike.serve.app import ServerSettings
+    from maxlike.serve.engine import Engine
+    from maxlike.serve.metrics import Metrics
+    from maxlike.serve.server import llm_factory
+
+    metrics = Metrics()
+    eng = Engine(llm_factory(config.replace(logprobs_mode="processed_logprobs"), progress=False),
+                 metrics=metrics).start()
+    assert eng.ready.wait(120) and eng.load_error is None
+    running = Running(eng, ServerSettings(served_names=(NAME,)), metrics)
+    try:
+        client = openai.OpenAI(base_url=running.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+        chat = client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "hi"}], max_tokens=4,
+                                              temperature=1.0, seed=3, logprobs=True, top_logprobs=5,
+                                              extra_body={"top_k": 3, "ignore_eos": True,
+                                                          "return_tokens_as_token_ids": True})
+        entries = chat.choices[0].logprobs.content
+        legacy = client.completions.create(model=NAME, prompt="hi", max_tokens=4, temperature=1.0, seed=3, logprobs=5,
+                                           extra_body={"top_k": 3, "ignore_eos": True,
+                                                       "return_tokens_as_token_ids": True}).choices[0].logprobs
+        tops = [[t.logprob for t in e.top_logprobs] for e in entries] + [list(t.values()) for t in legacy.top_logprobs]
+        assert len(tops) == 8
+        for top in tops:
+            kept = [v for v in top if v > -9999.0]
+            assert len(kept) == 3 and top.count(-9999.0) == 2
+            assert math.isclose(sum(math.exp(v) for v in kept), 1.0, rel_tol=1e-4)
+        for e in entries:
+            assert e.logprob in [t.logprob for t in e.top_logprobs[:3]]
+    finally:
+        running.stop()
+        eng.shutdown(10)
+
+
 def test_stop_strings_against_a_reference_cut():
     """Any split of a text into pieces: the shown text is the text up to the first stop string."""
     import random

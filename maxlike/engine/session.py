@@ -59,7 +59,8 @@ def _sharding_key(sharding: Any, ndim: int) -> Any:
     return (type(sharding).__name__, tuple(sorted(d.id for d in sharding.device_set)))
 
 
-def _signature(tree: Any) -> tuple:
+def signature(tree: Any) -> tuple:
+    """What identifies a compiled program's arguments: tree structure, shapes, dtypes, shardings."""
     leaves, treedef = jax.tree.flatten(tree)
     return (treedef, tuple(
         (tuple(x.shape), str(x.dtype), _sharding_key(getattr(x, "sharding", None), len(x.shape))) for x in leaves))
@@ -154,7 +155,7 @@ class InferenceSession:
         `key`, when given, stands for the signature: the caller promises that
         equal keys mean equal signatures (saves flattening big trees per call).
         """
-        key = (name, _signature(args) if key is None else key)
+        key = (name, signature(args) if key is None else key)
         exe = self._executables.get(key)
         if exe is not None:
             return exe

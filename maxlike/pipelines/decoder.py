@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from maxlike.cache_files import cache_root, defining_files, files_hash
 from maxlike.config import ConfigError
 from maxlike.kv_cache import KVCacheInputs, PagedKVCacheManager
+from maxlike.engine.session import signature
 from maxlike.pipelines import logprobs, memory, sampling
 from maxlike.pipelines.context import TextContext
 from maxlike.pipelines.lora import LoRAManager
@@ -382,13 +383,15 @@ class DecoderPipelineModel(DecoderSizing, ServingModel):
         f32 = np.dtype(np.float32)
         logits = jax.ShapeDtypeStruct((total, self.vocab_size), f32, sharding=out_shardings["next_token_logits"])
         sampled = jax.ShapeDtypeStruct((total,), i32, sharding=self._replicated)  # what the samplers return
+        extra = (self.sampling_abstract(total),) if self.logprobs_mode.startswith("processed") else ()
         for top_n in self._logprob_buckets():
             if per_rows:
-                self._logprobs_executable(top_n, logits, sampled)
+                self._logprobs_executable("logprobs", logprobs.next_token, top_n, (logits, sampled, *extra))
             if tokens > 1 and self.return_logits == ReturnLogits.ALL:
                 all_logits = jax.ShapeDtypeStruct((total, tokens, self.vocab_size), f32,
                                                   sharding=out_shardings["logits"])
-                self._echo_logprobs_executable(top_n, all_logits, arrays["tokens"], arrays["logit_indices"], sampled)
+                args = (all_logits, arrays["tokens"], arrays["logit_indices"], sampled, *extra)
+                self._logprobs_executable("echo_logprobs", logprobs.echo, top_n, args)
         if tokens == 1:
             rep = lambda shape: jax.ShapeDtypeStruct(shape, i32)  # noqa: E731  (host arrays go straight in)
             if max_num_steps > 1:
@@ -569,11 +572,14 @@ class DecoderPipelineModel(DecoderSizing, ServingModel):
                                                    self.kv_manager.pool_sharding))
 
     # -- log probabilities ---------------------------------------------------
-    def compute_log_probabilities(self, session, model_inputs, model_outputs, next_tokens, batch_top_n, batch_echo):
+    def compute_log_probabilities(self, session, model_inputs, model_outputs, next_tokens, batch_top_n, batch_echo,
+                                  sampling_inputs=None):
         """MAX's semantics: top-n dicts always hold the sampled token; with echo, one entry
         per input token of this step (the log-prob of the token after it, the last being the
         sampled one). batch_top_n and batch_echo run over the rows of the inputs' arrays;
-        top-n is at most MAX_LOGPROBS and computed by a bucketed executable."""
+        top-n is at most MAX_LOGPROBS and computed by a bucketed executable. What the values
+        are follows `logprobs_mode`; the processed modes read `sampling_inputs`, the sampler's
+        inputs of this step (None: every row plain greedy)."""
         if not any(batch_top_n):
             return [None] * len(batch_top_n)
         if max(batch_top_n) > MAX_LOGPROBS or min(batch_top_n) < 0:
@@ -583,23 +589,27 @@ class DecoderPipelineModel(DecoderSizing, ServingModel):
             raise ValueError("logprobs with echo need every prompt logit: build the model with ReturnLogits.ALL "
                              "(PipelineConfig(enable_echo=True)).")
         top_n = logprob_bucket(max(batch_top_n), self.vocab_size)
+        extra = ()
+        if self.logprobs_mode.startswith("processed"):
+            extra = (sampling_inputs if sampling_inputs is not None else self.greedy_sampling(len(batch_top_n)),)
         if echo:
-            args = (model_outputs.logits, model_inputs.tokens, model_inputs.logit_indices, next_tokens)
-            results = self._echo_logprobs_executable(top_n, *args)(*args)
+            args = (model_outputs.logits, model_inputs.tokens, model_inputs.logit_indices, next_tokens, *extra)
+            results = self._logprobs_executable("echo_logprobs", logprobs.echo, top_n, args)(*args)
             columns = [model_inputs.logit_counts[r] if e else 1 for r, e in enumerate(batch_echo)]
         else:
-            results = self._logprobs_executable(top_n, model_outputs.next_token_logits, next_tokens)(
-                model_outputs.next_token_logits, next_tokens)
+            args = (model_outputs.next_token_logits, next_tokens, *extra)
+            results = self._logprobs_executable("logprobs", logprobs.next_token, top_n, args)(*args)
             columns = [1] * len(batch_top_n)
         return logprobs.assemble(results, list(batch_top_n), columns)
+
+    @property
+    def logprobs_mode(self) -> str:
+        return self.pipeline_config.sampling.logprobs_mode
 
     def _logprob_buckets(self) -> list[int]:
         return sorted({logprob_bucket(n, self.vocab_size) for n in LOGPROB_BUCKETS})
 
-    def _logprobs_executable(self, top_n: int, logits, next_tokens):
-        return self.session.compile(f"logprobs_top{top_n}", partial(logprobs.next_token, top_n),
-                                    (logits, next_tokens), out_shardings=self._replicated)
-
-    def _echo_logprobs_executable(self, top_n: int, logits, tokens, logit_indices, next_tokens):
-        return self.session.compile(f"echo_logprobs_top{top_n}", partial(logprobs.echo, top_n),
-                                    (logits, tokens, logit_indices, next_tokens), out_shardings=self._replicated)
+    def _logprobs_executable(self, name: str, fn, top_n: int, args: tuple):
+        """The mode is in the key: raw log-probs and raw logits have the same arguments."""
+        return self.session.compile(f"{name}_top{top_n}", partial(fn, top_n, self.logprobs_mode), args,
+                                    key=(self.logprobs_mode, signature(args)), out_shardings=self._replicated)

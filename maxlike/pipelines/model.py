@@ -212,6 +212,9 @@ class PipelineModel(ABC, Generic[BaseContextType]):
         next_tokens: jax.Array,
         batch_top_n: list[int],
         batch_echo: list[bool],
+        sampling_inputs: Any = None,
     ) -> "list[LogProbabilities | None]":
-        """Optional: log probabilities of the sampled (and, with echo, input) tokens."""
+        """Optional: log probabilities of the sampled (and, with echo, input) tokens. maxlike's
+        addition: `sampling_inputs`, the sampler's inputs of the step, for `logprobs_mode`
+        processed_* (the distribution the tokens were drawn from)."""
         raise NotImplementedError(f"{type(self).__name__} does not compute log probabilities.")

@@ -238,12 +238,39 @@ def sample(logits: jax.Array, params: SamplingInputs, positions: jax.Array,
     return tokens, advance(params, tokens)
 
 
+def _tempered(logits: jax.Array, params: SamplingInputs):
+    """(logits / temperature for sampled rows, the min-p floor [B] (-inf when off), top-k [B] in [1, V])."""
+    vocab = logits.shape[-1]
+    x = logits / jnp.where(params.temperature > 0, params.temperature, 1.0)[:, None]
+    floor = jnp.max(x, axis=-1) + jnp.log(params.min_p)
+    return x, floor, jnp.where(params.top_k > 0, jnp.minimum(params.top_k, vocab), vocab)
+
+
+def _truncated(x: jax.Array, k: jax.Array, top_p: jax.Array) -> jax.Array:
+    """The tokens top-k then top-p keep, over the whole vocabulary: x [B, V] -> [B, V] bool."""
+    order = _order_keys(x)
+    in_k = top_k_mask(order, k)
+    lse = jax.nn.logsumexp(jnp.where(in_k, x, -jnp.inf), axis=-1)
+    return nucleus_mask(order, jnp.exp(x - lse[:, None]), in_k, top_p)
+
+
+def processed(logits: jax.Array, params: SamplingInputs, tokens: jax.Array) -> jax.Array:
+    """The distribution each row drew `tokens` [B] from, as logits [B, V] f32: the processors, then
+    for sampled rows temperature, top-k, top-p and min-p, the tokens they leave out at -inf (greedy
+    rows: the processors alone). For `logprobs_mode` processed_*; the whole-vocabulary path for the
+    allowed set, which the candidates path equals up to rounding at the top-p edge: the drawn token
+    is kept whatever that rounding says."""
+    logits = jax.lax.cond(processing(params), process, lambda x, _: x, logits.astype(jnp.float32), params)
+    x, floor, k = _tempered(logits, params)
+    keep = _truncated(x, k, params.top_p) & (x >= floor[:, None])
+    keep |= jnp.arange(x.shape[-1])[None, :] == tokens[:, None]
+    return jnp.where((params.temperature > 0)[:, None] & ~keep, -jnp.inf, x)
+
+
 def _draw_tokens(logits: jax.Array, params: SamplingInputs, positions: jax.Array, candidates: int) -> jax.Array:
     b, vocab = logits.shape
     sampled = params.temperature > 0
-    x = logits / jnp.where(sampled, params.temperature, 1.0)[:, None]
-    floor = jnp.max(x, axis=-1) + jnp.log(params.min_p)  # min-p: -inf when off
-    k = jnp.where(params.top_k > 0, jnp.minimum(params.top_k, vocab), vocab)  # [B]
+    x, floor, k = _tempered(logits, params)
     whole = (k >= vocab) & (params.top_p >= 1.0)  # every token allowed
     c = min(candidates, vocab)
     every_id = jnp.broadcast_to(jnp.arange(vocab, dtype=jnp.int32), (b, vocab))
@@ -267,11 +294,7 @@ def _draw_tokens(logits: jax.Array, params: SamplingInputs, positions: jax.Array
             return draw(vals, ids, in_k & (jnp.cumsum(probs, axis=-1) - probs < params.top_p[:, None]))
 
         def by_vocabulary(_):
-            order = _order_keys(x)
-            every_k = top_k_mask(order, k)
-            every_lse = jax.nn.logsumexp(jnp.where(every_k, x, -jnp.inf), axis=-1)
-            allowed = nucleus_mask(order, jnp.exp(x - every_lse[:, None]), every_k, params.top_p)
-            return draw(x, every_id, allowed)
+            return draw(x, every_id, _truncated(x, k, params.top_p))
 
         return jax.lax.cond(jnp.any(sampled & ~whole & ~covered), by_vocabulary, by_candidates, None)
 

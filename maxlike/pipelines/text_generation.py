@@ -270,9 +270,11 @@ class TextGenerationPipeline:
             out = model.execute(inputs)
             if constrained:  # filled on the host while the device runs the step (steps == 1 here)
                 params = model.place_sampling(params.replace(allowed=self.grammars.fill(constrained, total)))
+            drawn_with = params
             tokens, params = self._sample(out, inputs, params)
             if any(top_n):  # kept with the step's tokens: a row that stops earlier takes none of the rest
-                results = model.compute_log_probabilities(session, inputs, out, tokens, top_n, echo)
+                results = model.compute_log_probabilities(session, inputs, out, tokens, top_n, echo,
+                                                          sampling_inputs=drawn_with)
                 launch.logprobs.append({j: results[i] for j, i in enumerate(launch.index) if results[i] is not None})
                 echo = [False] * total
             pending.append(tokens)

@@ -190,9 +190,11 @@ class OpenAIServer:
     @staticmethod
     def flat_logprobs(ev: Event, prompt: list[int]) -> list[tuple[int, float, dict[int, float]]]:
         """(token, its log-prob, top alternatives) per position of the event's log-probabilities:
-        its new tokens' (after the prompt's, from the second token on, in an echo's first event)."""
-        chosen = [v for lp in ev.logprobs for v in lp.token_log_probabilities]
-        tops = [t for lp in ev.logprobs for t in lp.top_log_probabilities]
+        its new tokens' (after the prompt's, from the second token on, in an echo's first event).
+        -inf (a token the processed distribution excludes) is sent as -9999.0, as OpenAI and vLLM do:
+        JSON has no infinity."""
+        chosen = [max(v, -9999.0) for lp in ev.logprobs for v in lp.token_log_probabilities]
+        tops = [{t: max(v, -9999.0) for t, v in top.items()} for lp in ev.logprobs for top in lp.top_log_probabilities]
         tokens = (list(prompt[1:]) + ev.token_ids)[-len(chosen):] if chosen else []
         return list(zip(tokens, chosen, tops))
 
