@@ -152,25 +152,31 @@ def stack_layers(weights: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 SCAN_UNROLL = 1
 
 
-def run_layers(layer: Callable, x, weights: dict, kv: list, num_layers: int, *, scan: bool):
+def run_layers(layer: Callable, x, weights: dict, kv: list, num_layers: int, *, scan: bool,
+               per_layer: dict[str, tuple[int, ...]] | None = None):
     """Run `layer(x, layer_weights, k_pages, v_pages, index) -> (x, k_pages, v_pages)`
     over every layer, `layer_weights` keyed by kind ("q", "attn_norm", ...).
 
     scan=False: a Python loop (the graph unrolled), per-layer weights and one KV pool
     pair per layer, `index` 0. scan=True: one `lax.scan` over stacked weights with the
     stacked KV pool pair in the carry, `index` the layer (the pool is read and written
-    by index, never sliced). Returns (x, kv)."""
+    by index, never sliced). `per_layer` ({name: one int per layer}, e.g. each layer's
+    attention window) joins layer_weights: Python ints when unrolled (static), the
+    layer's entry of an int32 array under scan. Returns (x, kv)."""
+    per_layer = per_layer or {}
     if not scan:
         out = []
         for i in range(num_layers):
             prefix = f"{LAYERS}{i}."
             own = {name[len(prefix):]: w for name, w in weights.items() if name.startswith(prefix)}
+            own.update({name: int(values[i]) for name, values in per_layer.items()})
             with jax.named_scope(f"layer{i}"):
                 x, k, v = layer(x, own, kv[i][0], kv[i][1], 0)
             out.append((k, v))
         return x, out
     stacked = {name[len(LAYERS):]: w for name, w in weights.items() if _layer_kind(name) is None
                and name.startswith(LAYERS)}
+    stacked.update({name: jnp.asarray(values, jnp.int32) for name, values in per_layer.items()})
 
     def body(carry, xs):
         (x, k, v), (own, index) = carry, xs

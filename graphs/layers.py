@@ -1,4 +1,5 @@
-"""Shared layers: RMSNorm, RoPE, paged grouped-query attention, SwiGLU MLP.
+"""Shared layers: RMSNorm, paged grouped-query attention (causal, optionally windowed), SwiGLU MLP
+(RoPE: graphs.rope).
 
 Plain-XLA reference implementations; every op is a pure function.
 """
@@ -11,7 +12,6 @@ from functools import partial
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 
 def rms_norm(x: jax.Array, w: jax.Array, eps: float) -> jax.Array:
@@ -19,35 +19,6 @@ def rms_norm(x: jax.Array, w: jax.Array, eps: float) -> jax.Array:
     xf = x.astype(jnp.float32)
     xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
     return w * xf.astype(x.dtype)
-
-
-def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None) -> np.ndarray:
-    """Inverse frequencies [head_dim // 2], with Llama 3's long-context scaling."""
-    inv = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / head_dim))
-    inv = inv.astype(np.float32)
-    if scaling is None:
-        return inv
-    factor = scaling["factor"]
-    lo, hi = scaling["low_freq_factor"], scaling["high_freq_factor"]
-    old_ctx = scaling["original_max_position_embeddings"]
-    lo_wavelen, hi_wavelen = old_ctx / lo, old_ctx / hi
-    wavelen = 2 * math.pi / inv
-    # Long wavelengths are slowed by `factor`, short ones kept, the band between blended.
-    scaled = np.where(wavelen > lo_wavelen, inv / factor, inv)
-    smooth = (old_ctx / wavelen - lo) / (hi - lo)
-    blended = (1 - smooth) * scaled / factor + smooth * scaled
-    mid = ~(wavelen < hi_wavelen) & ~(wavelen > lo_wavelen)
-    return np.where(mid, blended, scaled).astype(np.float32)
-
-
-def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.Array:
-    """Rotate halves (HF layout). x [B, T, H, D], positions [B, T]."""
-    angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)  # [B, T, D/2]
-    cos = jnp.concatenate([jnp.cos(angles)] * 2, axis=-1)[:, :, None, :]
-    sin = jnp.concatenate([jnp.sin(angles)] * 2, axis=-1)[:, :, None, :]
-    half = x.shape[-1] // 2
-    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
-    return (x * cos.astype(x.dtype) + rotated * sin.astype(x.dtype)).astype(x.dtype)
 
 
 def write_kv(pages: jax.Array, new: jax.Array, slots: jax.Array, layer=0, *, backend: str = "cpu") -> jax.Array:
@@ -137,7 +108,7 @@ class GroupedPageTable:
 
 def paged_attention(
     q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, page_table, q_pos: jax.Array, layer=0,
-    *, backend: str = "cpu",
+    *, backend: str = "cpu", window=None,
 ) -> jax.Array:
     """Causal grouped-query attention over layer `layer` of a paged KV pool.
 
@@ -145,7 +116,10 @@ def paged_attention(
     q_pos [B, T] absolute positions. Key l of a row sits at position l, so the
     causal mask `l <= q_pos` also hides everything not written yet. With a
     GroupedPageTable, q [R, N, H, D] and q_pos [R, N] hold its groups, each
-    attended as its own batch.
+    attended as its own batch. `window` (sliding-window attention; a static int or
+    a traced scalar, 0 or None: full attention) also hides keys `window` or more
+    positions back: a query sees itself and the window - 1 keys before it (HF's
+    sliding-window mask).
 
     Decode steps (T = 1; backends in WIDTH_ON_DEVICE) read as much of the table as the
     step needs, chosen on device by `lax.switch`: the first W pages, W the smallest
@@ -156,24 +130,24 @@ def paged_attention(
     5 MiB without).
     """
     if isinstance(page_table, GroupedPageTable):
-        parts = [paged_attention(qg, k_pages, v_pages, table, pos, layer, backend=backend)
+        parts = [paged_attention(qg, k_pages, v_pages, table, pos, layer, backend=backend, window=window)
                  for qg, table, pos in zip(page_table.split(q), page_table.tables, page_table.split(q_pos))]
         return GroupedPageTable.join(parts, q.shape[0])
     s, p = k_pages.shape[-3], page_table.shape[1]
     widths = [w for w in (2**i for i in range(p.bit_length())) if w < p] + [p]
     if len(widths) == 1 or q.shape[1] > 1 or not WIDTH_ON_DEVICE.get(backend, True):
-        return _attend(q, k_pages, v_pages, page_table, q_pos, layer)
+        return _attend(q, k_pages, v_pages, page_table, q_pos, layer, window)
     need = jnp.max(q_pos) // s + 1  # pages the furthest query reaches
     branch = jnp.sum(need > jnp.asarray(widths[:-1], need.dtype))
     return jax.lax.switch(branch, [partial(_attend_prefix, w) for w in widths],
-                          q, k_pages, v_pages, page_table, q_pos, layer)
+                          q, k_pages, v_pages, page_table, q_pos, layer, window)
 
 
-def _attend_prefix(width: int, q, k_pages, v_pages, page_table, q_pos, layer):
-    return _attend(q, k_pages, v_pages, page_table[:, :width], q_pos, layer)
+def _attend_prefix(width: int, q, k_pages, v_pages, page_table, q_pos, layer, window):
+    return _attend(q, k_pages, v_pages, page_table[:, :width], q_pos, layer, window)
 
 
-def _attend(q, k_pages, v_pages, page_table, q_pos, layer):
+def _attend(q, k_pages, v_pages, page_table, q_pos, layer, window=None):
     b, t, h, d = q.shape
     kv, s = k_pages.shape[-2], k_pages.shape[-3]
     g, p = h // kv, page_table.shape[1]
@@ -183,7 +157,11 @@ def _attend(q, k_pages, v_pages, page_table, q_pos, layer):
     # head) instead of G x T separate ones (measured 3.5 vs 6.4 ms a layer at 32 rows on CPU).
     q = q.reshape(b, t, kv, g, d).transpose(0, 2, 1, 3, 4).reshape(b, kv, t * g, d)  # [B, KV, T*G, D]
     scores = jnp.einsum("bkqd,blkd->bkql", q, k, preferred_element_type=jnp.float32) / math.sqrt(d)
-    mask = jnp.arange(p * s)[None, None, :] <= q_pos[:, :, None]  # [B, T, P*S]
+    keys = jnp.arange(p * s)[None, None, :]
+    mask = keys <= q_pos[:, :, None]  # [B, T, P*S]
+    if window is not None and not (isinstance(window, int) and window <= 0):
+        reach = jnp.where(window > 0, window, jnp.iinfo(jnp.int32).max // 2)  # a traced 0: full
+        mask &= keys > q_pos[:, :, None] - reach
     mask = jnp.repeat(mask, g, axis=1)[:, None]  # [B, 1, T*G, P*S]
     scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)

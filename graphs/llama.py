@@ -1,7 +1,8 @@
-"""The Llama family: Llama 2/3/3.1/3.2, Mistral, Qwen2, SmolLM2.
+"""The Llama family: Llama 2/3/3.1/3.2, Mistral, Qwen2, Qwen3, SmolLM2.
 
 One decoder; the family members differ only in config (qkv bias, tied
-embeddings, RoPE scaling), so each is a registry entry, not a file.
+embeddings, RoPE scaling, q/k norms, sliding windows), so each is a registry
+entry, not a file.
 """
 
 from __future__ import annotations
@@ -11,11 +12,11 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from graphs.base import Architecture, UnsupportedConfigError, WeightSpec, require, run_layers
+from graphs.layers import lora_delta, lora_mask, paged_attention, rms_norm, swiglu, write_kv
 from graphs.llama_checkpoint import checkpoint_names
-from graphs.layers import apply_rope, lora_delta, lora_mask, paged_attention, rms_norm, rope_inv_freq, swiglu, write_kv
+from graphs.rope import RopeSpec, apply_rope, hf_rope_parameters, rope_from_hf
 
 
 @dataclass(frozen=True)
@@ -28,36 +29,36 @@ class LlamaConfig:
     head_dim: int
     intermediate_size: int
     rms_norm_eps: float
-    rope_theta: float
-    rope_scaling: tuple[tuple[str, float], ...] | None  # llama3 parameters, hashable
+    rope: RopeSpec
     tie_word_embeddings: bool
     qkv_bias: bool
     o_bias: bool
     max_position_embeddings: int
-    sliding_window: int | None  # attention is full up to this many tokens
+    sliding_window: int | None  # the widest window of any layer; None: every layer attends to everything
+    layer_windows: tuple[int, ...]  # per layer: attention reaches this many tokens (itself included); 0: all
+    qk_norm: bool  # Qwen3: RMSNorm over each q and k head before RoPE
     gguf_qk_permuted: bool  # checkpoint format: llama.cpp permutes q/k rows of Llama-arch GGUFs
 
-    @property
-    def inv_freq(self) -> np.ndarray:
-        return rope_inv_freq(self.head_dim, self.rope_theta, dict(self.rope_scaling) if self.rope_scaling else None)
 
-
-def _rope_params(hf: Any) -> tuple[float, tuple | None]:
-    params = dict(getattr(hf, "rope_parameters", None) or getattr(hf, "rope_scaling", None) or {})
-    theta = float(params.get("rope_theta", getattr(hf, "rope_theta", 10000.0)))
-    kind = params.get("rope_type", params.get("type", "default"))
-    if kind == "default":
-        return theta, None
-    if kind == "llama3":
-        keys = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
-        return theta, tuple((k, float(params[k])) for k in keys)
-    raise UnsupportedConfigError(
-        f"RoPE type {kind!r} is not built yet: maxlike supports 'default' and 'llama3' RoPE."
-    )
+def layer_windows(hf: Any, num_layers: int, window: int | None) -> tuple[int, ...]:
+    """Each layer's window from HF's `layer_types` ("sliding_attention" / "full_attention"); without
+    it, every layer slides when the config has a window."""
+    if not window:
+        return (0,) * num_layers
+    types = getattr(hf, "layer_types", None)
+    if types is None:
+        return (int(window),) * num_layers
+    if len(types) != num_layers:
+        raise UnsupportedConfigError(f"layer_types has {len(types)} entries for {num_layers} layers: fix the config.")
+    unknown = sorted(set(types) - {"sliding_attention", "full_attention"})
+    if unknown:
+        raise UnsupportedConfigError(f"layer_types {unknown} are not built: maxlike runs sliding_attention and "
+                                     "full_attention layers.")
+    return tuple(int(window) if t == "sliding_attention" else 0 for t in types)
 
 
 def config_from_hf(hf: Any) -> LlamaConfig:
-    """The one converter from an HF config (Llama, Mistral, Qwen2) to ours."""
+    """The one converter from an HF config (Llama, Mistral, Qwen2, Qwen3) to ours."""
     act = getattr(hf, "hidden_act", "silu")
     if act != "silu":
         raise UnsupportedConfigError(f"hidden_act={act!r} is not built yet: the Llama graph uses SwiGLU (silu).")
@@ -66,30 +67,32 @@ def config_from_hf(hf: Any) -> LlamaConfig:
     model_type = getattr(hf, "model_type", "llama")
     attention_bias = bool(getattr(hf, "attention_bias", False))
     window = getattr(hf, "sliding_window", None)
-    if model_type == "qwen2" and not getattr(hf, "use_sliding_window", False):
+    if model_type in ("qwen2", "qwen3") and not getattr(hf, "use_sliding_window", False):
         window = None
-    theta, scaling = _rope_params(hf)
     arch = (getattr(hf, "architectures", None) or ["the Llama graph"])[0]
     need = {name: require(hf, name, arch) for name in ("vocab_size", "hidden_size", "num_hidden_layers",
                                                        "num_attention_heads", "intermediate_size", "rms_norm_eps",
                                                        "max_position_embeddings")}
     heads = need["num_attention_heads"]
+    head_dim = getattr(hf, "head_dim", None) or need["hidden_size"] // heads
+    windows = layer_windows(hf, need["num_hidden_layers"], window)
     return LlamaConfig(
         vocab_size=need["vocab_size"],
         hidden_size=need["hidden_size"],
         num_layers=need["num_hidden_layers"],
         q_heads=heads,
         kv_heads=getattr(hf, "num_key_value_heads", None) or heads,
-        head_dim=getattr(hf, "head_dim", None) or need["hidden_size"] // heads,
+        head_dim=head_dim,
         intermediate_size=need["intermediate_size"],
         rms_norm_eps=float(need["rms_norm_eps"]),
-        rope_theta=theta,
-        rope_scaling=scaling,
+        rope=rope_from_hf(hf_rope_parameters(hf), head_dim, need["max_position_embeddings"], arch),
         tie_word_embeddings=bool(getattr(hf, "tie_word_embeddings", False)),
         qkv_bias=model_type == "qwen2" or attention_bias,
         o_bias=model_type != "qwen2" and attention_bias,
         max_position_embeddings=need["max_position_embeddings"],
-        sliding_window=int(window) if window else None,
+        sliding_window=max(windows) or None,
+        layer_windows=windows,
+        qk_norm=model_type == "qwen3",
         gguf_qk_permuted=model_type in ("llama", "mistral"),
     )
 
@@ -118,6 +121,9 @@ def weight_specs(cfg: LlamaConfig) -> dict[str, WeightSpec]:
             specs[p + "v_bias"] = WeightSpec((kv, hd), ("kv_heads", "head_dim"))
         if cfg.o_bias:
             specs[p + "o_bias"] = WeightSpec((d,), ("embed",))
+        if cfg.qk_norm:
+            specs[p + "q_norm"] = WeightSpec((hd,), ("head_dim",))
+            specs[p + "k_norm"] = WeightSpec((hd,), ("head_dim",))
     return specs
 
 
@@ -128,7 +134,6 @@ def forward(cfg: LlamaConfig, w: dict, kv: list, tokens, positions, slots, page_
     `scan` runs the layers as one loop over stacked weights (see graphs.base.run_layers).
     adapters [B, T]: each token's LoRA slot (0: none), with the slots' weights in `w` as
     "{projection}_lora_a" / "_lora_b" per layer (maxlike.pipelines.lora)."""
-    inv_freq = cfg.inv_freq
     mask = None
     if adapters is not None:
         slots_held, rank = w[next(n for n in w if n.endswith("_lora_a"))].shape[-2:]
@@ -148,11 +153,14 @@ def forward(cfg: LlamaConfig, w: dict, kv: list, tokens, positions, slots, page_
             v = proj("btd,dhk->bthk", h, "v")
             if cfg.qkv_bias:
                 q, k, v = q + lw["q_bias"], k + lw["k_bias"], v + lw["v_bias"]
-            q = apply_rope(q, positions, inv_freq)
-            k = apply_rope(k, positions, inv_freq)
+            if cfg.qk_norm:
+                q, k = rms_norm(q, lw["q_norm"], cfg.rms_norm_eps), rms_norm(k, lw["k_norm"], cfg.rms_norm_eps)
+            q = apply_rope(q, positions, cfg.rope)
+            k = apply_rope(k, positions, cfg.rope)
             k_pages = write_kv(k_pages, k, slots, index, backend=backend)
             v_pages = write_kv(v_pages, v, slots, index, backend=backend)
-            a = paged_attention(q, k_pages, v_pages, page_table, positions, index, backend=backend)
+            a = paged_attention(q, k_pages, v_pages, page_table, positions, index, backend=backend,
+                                window=lw.get("window"))
             a = proj("bthk,hkd->btd", a, "o", 2)
             if cfg.o_bias:
                 a = a + lw["o_bias"]
@@ -167,7 +175,8 @@ def forward(cfg: LlamaConfig, w: dict, kv: list, tokens, positions, slots, page_
         return x, k_pages, v_pages
 
     x = w["embed"][tokens]  # [B, T, D]
-    x, kv = run_layers(layer, x, w, kv, cfg.num_layers, scan=scan)
+    x, kv = run_layers(layer, x, w, kv, cfg.num_layers, scan=scan,
+                       per_layer={"window": cfg.layer_windows} if cfg.sliding_window else None)
     return rms_norm(x, w["final_norm"], cfg.rms_norm_eps), kv
 
 
@@ -194,4 +203,5 @@ LLAMA_FAMILY = (
     _arch("LlamaForCausalLM", ("llama",)),
     _arch("MistralForCausalLM", ("mistral",)),
     _arch("Qwen2ForCausalLM", ("qwen2",)),
+    _arch("Qwen3ForCausalLM", ("qwen3",)),
 )

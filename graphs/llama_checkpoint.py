@@ -58,4 +58,7 @@ def checkpoint_names(cfg) -> dict[str, Source]:
                                                    lambda a, heads=heads: a.reshape(heads, hd), perm)
         if cfg.o_bias:
             names[p + "o_bias"] = Source(hf + "self_attn.o_proj.bias", gg + "attn_output.bias")
+        if cfg.qk_norm:
+            names[p + "q_norm"] = Source(hf + "self_attn.q_norm.weight", gg + "attn_q_norm.weight")
+            names[p + "k_norm"] = Source(hf + "self_attn.k_norm.weight", gg + "attn_k_norm.weight")
     return names

@@ -73,6 +73,37 @@ def tiny_hf_model(kind: str, *, tie: bool = False, seed: int = 0, llama3_rope: b
     return model
 
 
+WINDOW = 8  # sliding windows in the architecture tests: well inside their prompts and generations
+YARN = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 64}
+
+
+def tiny_arch_model(kind: str, *, seed: int = 0):
+    """A tiny random HF model (fp32, eval) of an architecture beyond TINY_KINDS, shaped to exercise
+    its features: windows shorter than the test prompts, GQA, an explicit head_dim."""
+    import torch
+    import transformers as tf
+
+    common = dict(vocab_size=320, hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=256, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    if kind == "qwen3":  # layer 0 full, layers 1-2 sliding; head_dim 24 != 64 / 4; YaRN RoPE
+        cfg = tf.Qwen3Config(num_hidden_layers=3, head_dim=24, use_sliding_window=True, sliding_window=WINDOW,
+                             max_window_layers=1, rope_parameters=dict(YARN), tie_word_embeddings=True, **common)
+        cls = tf.Qwen3ForCausalLM
+    elif kind == "mistral_window":  # every layer slides
+        cfg = tf.MistralConfig(num_hidden_layers=2, sliding_window=WINDOW, rope_theta=10000.0, **common)
+        cls = tf.MistralForCausalLM
+    else:
+        raise ValueError(kind)
+    cfg._attn_implementation = "eager"
+    torch.manual_seed(seed)
+    model = cls(cfg).eval()
+    with torch.no_grad():  # norms away from 1 so q/k norms (and their weights) matter
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.uniform_(0.5, 1.5)
+    return model
+
+
 def save_tiny(model, path) -> str:
     model.save_pretrained(path)
     byte_tokenizer().save_pretrained(path)
@@ -95,6 +126,16 @@ def tiny_models(tmp_path_factory):
         model = tiny_hf_model(**kw)
         out[name] = (save_tiny(model, tmp_path_factory.mktemp(name)), model)
     return out
+
+
+ARCH_KINDS = ("qwen3", "mistral_window")
+
+
+@pytest.fixture(scope="session")
+def arch_models(tmp_path_factory):
+    """name -> (path, HF torch model) for every ARCH_KINDS model."""
+    return {name: (save_tiny(model := tiny_arch_model(name), tmp_path_factory.mktemp(name)), model)
+            for name in ARCH_KINDS}
 
 
 @pytest.fixture(scope="session")

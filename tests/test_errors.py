@@ -27,17 +27,6 @@ def test_max_length_above_the_model_limit(tiny_llama):
         build_model(tiny_llama[0], max_length=1000)
 
 
-def test_sliding_window_is_not_built_yet(tiny_models, tmp_path):
-    path = tiny_models["mistral"][0]
-    shutil.copytree(path, tmp_path / "m")
-    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
-    cfg["sliding_window"] = 64
-    (tmp_path / "m" / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(ConfigError, match=r"sliding-window attention \(window 64\).*pass max_length <= 64"):
-        build_model(str(tmp_path / "m"), max_length=128)
-    assert build_model(str(tmp_path / "m"), max_length=64).max_length == 64  # full attention is exact there
-
-
 @pytest.mark.parametrize("kwargs, message", [
     ({"top_p": 0.0}, r"top_p must be in \(0, 1\]"),
     ({"top_p": 1.5}, r"top_p must be in \(0, 1\]"),

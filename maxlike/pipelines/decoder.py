@@ -37,6 +37,7 @@ from maxlike.sharding import named_sharding, replicated
 from maxlike.weights import converted, read_weights
 
 from graphs.base import stack_layers, stacked_specs
+from graphs.rope import at_length
 from graphs.layers import GroupedPageTable
 
 STOP_SLOTS = 8  # stop ids per row the on-device decode loop checks; any further ones stop on the host
@@ -65,12 +66,7 @@ class DecoderPipelineModel(DecoderSizing, ServingModel):
                               "returns each row's last logits only: it cannot be combined with enable_echo (or "
                               "every token's logits or hidden states); turn one of them off.")
         self.max_length = self.calculate_max_seq_len(pipeline_config, hf)
-        window = getattr(self.config, "sliding_window", None)
-        if window is not None and window < self.max_length:
-            raise ConfigError(
-                f"this model uses sliding-window attention (window {window}), which maxlike does not build yet; "
-                f"pass max_length <= {window} to run it with full attention."
-            )
+        self.config = at_length(self.config, self.max_length)  # RoPE that depends on the longest sequence
         mesh = session.mesh
         self.replicas, self.tensor_parallel_degree = mesh.shape["data"], mesh.shape["tensor"]
         self._source_config = self.config  # as the checkpoint stores it (before KV heads are repeated)
