@@ -6,8 +6,9 @@ names one itself.
 """
 
 from graphs.base import ArchConfig, Architecture, Source, UnsupportedConfigError, WeightSpec
+from graphs.gemma import GEMMA_FAMILY
 from graphs.llama import LLAMA_FAMILY
 
-ARCHITECTURES: tuple[Architecture, ...] = LLAMA_FAMILY
+ARCHITECTURES: tuple[Architecture, ...] = LLAMA_FAMILY + GEMMA_FAMILY
 
 __all__ = ["ARCHITECTURES", "ArchConfig", "Architecture", "Source", "UnsupportedConfigError", "WeightSpec"]

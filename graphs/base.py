@@ -92,6 +92,7 @@ class Architecture:
     lm_head: Callable
     # LoRA: PEFT module name -> (weight kind, input axes); forward applies `adapters` to these
     lora_targets: dict = field(default_factory=dict)
+    features: str = ""  # what it runs, for `maxlike list`
 
     def functions(self) -> tuple[Callable, ...]:
         """Every function of this architecture (whose source is part of cache keys)."""

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from graphs.base import Architecture, UnsupportedConfigError, WeightSpec, require, run_layers
-from graphs.layers import lora_delta, lora_mask, paged_attention, rms_norm, swiglu, write_kv
+from graphs.layers import adapter_mask, paged_attention, projection, rms_norm, swiglu, write_kv
 from graphs.llama_checkpoint import checkpoint_names
 from graphs.rope import RopeSpec, apply_rope, hf_rope_parameters, rope_from_hf
 
@@ -134,23 +134,14 @@ def forward(cfg: LlamaConfig, w: dict, kv: list, tokens, positions, slots, page_
     `scan` runs the layers as one loop over stacked weights (see graphs.base.run_layers).
     adapters [B, T]: each token's LoRA slot (0: none), with the slots' weights in `w` as
     "{projection}_lora_a" / "_lora_b" per layer (maxlike.pipelines.lora)."""
-    mask = None
-    if adapters is not None:
-        slots_held, rank = w[next(n for n in w if n.endswith("_lora_a"))].shape[-2:]
-        mask = lora_mask(adapters, slots_held, rank, w["embed"].dtype)
+    proj = projection(mask := adapter_mask(w, adapters))
 
     def layer(x, lw, k_pages, v_pages, index):
-        def proj(eq: str, x, name: str, n_in: int = 1):
-            y = jnp.einsum(eq, x, lw[name])
-            if mask is not None and name + "_lora_a" in lw:
-                y = y + lora_delta(x, lw[name + "_lora_a"], lw[name + "_lora_b"], mask, n_in)
-            return y
-
         with jax.named_scope("attention"):
             h = rms_norm(x, lw["attn_norm"], cfg.rms_norm_eps)
-            q = proj("btd,dhk->bthk", h, "q")  # [B, T, H, K]
-            k = proj("btd,dhk->bthk", h, "k")  # [B, T, KV, K]
-            v = proj("btd,dhk->bthk", h, "v")
+            q = proj("btd,dhk->bthk", h, lw, "q")  # [B, T, H, K]
+            k = proj("btd,dhk->bthk", h, lw, "k")  # [B, T, KV, K]
+            v = proj("btd,dhk->bthk", h, lw, "v")
             if cfg.qkv_bias:
                 q, k, v = q + lw["q_bias"], k + lw["k_bias"], v + lw["v_bias"]
             if cfg.qk_norm:
@@ -161,7 +152,7 @@ def forward(cfg: LlamaConfig, w: dict, kv: list, tokens, positions, slots, page_
             v_pages = write_kv(v_pages, v, slots, index, backend=backend)
             a = paged_attention(q, k_pages, v_pages, page_table, positions, index, backend=backend,
                                 window=lw.get("window"))
-            a = proj("bthk,hkd->btd", a, "o", 2)
+            a = proj("bthk,hkd->btd", a, lw, "o", 2)
             if cfg.o_bias:
                 a = a + lw["o_bias"]
             x = x + a
@@ -170,8 +161,8 @@ def forward(cfg: LlamaConfig, w: dict, kv: list, tokens, positions, slots, page_
             if mask is None:
                 x = x + swiglu(h, lw["gate"], lw["up"], lw["down"])
             else:
-                g, u = proj("btd,df->btf", h, "gate"), proj("btd,df->btf", h, "up")
-                x = x + proj("btf,fd->btd", jax.nn.silu(g) * u, "down")
+                g, u = proj("btd,df->btf", h, lw, "gate"), proj("btd,df->btf", h, lw, "up")
+                x = x + proj("btf,fd->btd", jax.nn.silu(g) * u, lw, "down")
         return x, k_pages, v_pages
 
     x = w["embed"][tokens]  # [B, T, D]
@@ -194,14 +185,20 @@ def kv_shape(cfg: LlamaConfig) -> tuple[int, int, int]:
     return cfg.num_layers, cfg.kv_heads, cfg.head_dim
 
 
-def _arch(name: str, model_types: tuple[str, ...]) -> Architecture:
+# What every architecture shares: where tensor parallelism is allowed, the RoPE variants.
+COMMON_FEATURES = ("tensor parallel: degrees dividing the attention heads (KV heads split, or repeated when fewer "
+                   "than the degree); RoPE default, linear, dynamic, llama3, yarn, longrope")
+
+
+def _arch(name: str, model_types: tuple[str, ...], features: str) -> Architecture:
     return Architecture(name, model_types, config_from_hf, weight_specs, checkpoint_names, kv_shape, forward, lm_head,
-                        lora_targets=LORA_TARGETS)
+                        lora_targets=LORA_TARGETS, features=f"{features}; {COMMON_FEATURES}")
 
 
 LLAMA_FAMILY = (
-    _arch("LlamaForCausalLM", ("llama",)),
-    _arch("MistralForCausalLM", ("mistral",)),
-    _arch("Qwen2ForCausalLM", ("qwen2",)),
-    _arch("Qwen3ForCausalLM", ("qwen3",)),
+    _arch("LlamaForCausalLM", ("llama",), "optional attention biases, tied embeddings, LoRA"),
+    _arch("MistralForCausalLM", ("mistral",), "sliding-window attention on every layer"),
+    _arch("Qwen2ForCausalLM", ("qwen2",), "q/k/v biases; sliding window on the layers layer_types names"),
+    _arch("Qwen3ForCausalLM", ("qwen3",), "q/k norms, explicit head_dim; sliding window on the layers "
+                                          "layer_types names"),
 )

@@ -92,15 +92,35 @@ def tiny_arch_model(kind: str, *, seed: int = 0):
     elif kind == "mistral_window":  # every layer slides
         cfg = tf.MistralConfig(num_hidden_layers=2, sliding_window=WINDOW, rope_theta=10000.0, **common)
         cls = tf.MistralForCausalLM
+    elif kind == "gemma2":  # alternating sliding/global layers; soft-caps small enough to bite
+        cfg = tf.Gemma2Config(num_hidden_layers=3, head_dim=16, query_pre_attn_scalar=24, sliding_window=WINDOW,
+                              attn_logit_softcapping=2.0, final_logit_softcapping=3.0, initializer_range=0.1,
+                              **common)
+        cls = tf.Gemma2ForCausalLM
+    elif kind in ("gemma3", "gemma3_mm"):  # q/k norms; local RoPE on sliding layers, linear-scaled global RoPE
+        text = dict(num_hidden_layers=3, head_dim=16, query_pre_attn_scalar=24, sliding_window=WINDOW,
+                    layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+                    rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                                     "full_attention": {"rope_type": "linear", "factor": 8.0,
+                                                        "rope_theta": 1000000.0}},
+                    initializer_range=0.1, **common)
+        if kind == "gemma3":
+            cfg, cls = tf.Gemma3TextConfig(**text), tf.Gemma3ForCausalLM
+        else:  # the text tower of a multimodal checkpoint, with a one-layer vision tower beside it
+            vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                          image_size=64, patch_size=16)
+            cfg = tf.Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4,
+                                  boi_token_index=3, eoi_token_index=4, image_token_index=5)
+            cls = tf.Gemma3ForConditionalGeneration
     else:
         raise ValueError(kind)
     cfg._attn_implementation = "eager"
     torch.manual_seed(seed)
     model = cls(cfg).eval()
-    with torch.no_grad():  # norms away from 1 so q/k norms (and their weights) matter
+    with torch.no_grad():  # norms away from their identity so every norm weight matters
         for name, p in model.named_parameters():
             if name.endswith("norm.weight"):
-                p.uniform_(0.5, 1.5)
+                p.uniform_(-0.5, 0.5) if kind.startswith("gemma") else p.uniform_(0.5, 1.5)
     return model
 
 
@@ -128,7 +148,7 @@ def tiny_models(tmp_path_factory):
     return out
 
 
-ARCH_KINDS = ("qwen3", "mistral_window")
+ARCH_KINDS = ("qwen3", "mistral_window", "gemma2", "gemma3", "gemma3_mm")
 
 
 @pytest.fixture(scope="session")

@@ -1,5 +1,7 @@
 """Architectures beyond the Llama basics against transformers (fp32, eager attention): Qwen3 (q/k
-norms, explicit head_dim, sliding and full layers, YaRN), Mistral with its sliding window.
+norms, explicit head_dim, sliding and full layers, YaRN), Mistral with its sliding window, Gemma 2
+(soft-caps, pre/post norms, GeGLU), Gemma 3 (q/k norms, local and linear-scaled global RoPE), and
+the text tower of a multimodal Gemma 3 checkpoint.
 
 Windows are 8 tokens, so prompts and generations run several windows past them."""
 
@@ -10,6 +12,13 @@ import pytest
 import torch
 
 from conftest import ARCH_KINDS, WINDOW, build_model, held, random_prompt
+
+# Every check runs on the first; the rest run in `make test-slow` (each LLM build costs seconds).
+FULL = ("qwen3", "gemma2", "gemma3")
+
+
+def _kinds(fast: tuple[str, ...]) -> list:
+    return [n if n in fast else pytest.param(n, marks=pytest.mark.slow) for n in ARCH_KINDS]
 from maxlike.pipelines.context import TextContext
 
 PROMPTS = [random_prompt(n, seed=n).tolist() for n in (5, 40, 13)]
@@ -45,36 +54,63 @@ def test_prefill_logits_match_hf(arch_models, name):
     assert np.abs(got - ref).max() < 1e-4
 
 
-@pytest.mark.parametrize("name", ARCH_KINDS)
+@pytest.mark.parametrize("name", _kinds(FULL))
 def test_generation_matches_hf_in_every_layout(arch_models, name):
-    """32 greedy tokens (4 windows) equal HF's generate; the same tokens and log-probs alone and
-    batched, with chunked prefill and 4-token pages, and with the layers as one loop."""
+    """32 greedy tokens (4 windows) equal HF's generate; the same tokens and log-probs for each
+    prompt alone, and batched again with chunked prefill, 4-token pages and the layers as one loop."""
     path, hf = arch_models[name]
-    batched = _greedy(_llm(path), PROMPTS)
+    llm = _llm(path)
+    batched = _greedy(llm, PROMPTS)
     for prompt, (tokens, _) in zip(PROMPTS, batched):
         with torch.no_grad():
             ref = hf.generate(torch.tensor([prompt]), max_new_tokens=NEW, do_sample=False, min_new_tokens=NEW,
                               pad_token_id=0)[0, len(prompt):].tolist()
         assert tokens == ref
-    layouts = {"alone": None, "chunked, 4-token pages": dict(prefill_chunk_size=16, kv_cache_page_size=4),
-               "layers as one loop": dict(scan_layers=True)}
-    for label, kw in layouts.items():
-        llm = _llm(path, **(kw or {}))
-        got = [_greedy(llm, [p])[0] for p in PROMPTS] if kw is None else _greedy(llm, PROMPTS)
+    layouts = {"alone": [_greedy(llm, [p])[0] for p in PROMPTS],
+               "chunked, 4-token pages, layers as one loop": _greedy(
+                   _llm(path, prefill_chunk_size=16, kv_cache_page_size=4, scan_layers=True), PROMPTS)}
+    for label, got in layouts.items():
         for (tokens, lps), (want_tokens, want_lps) in zip(got, batched):
             assert tokens == want_tokens, label
             np.testing.assert_allclose(lps, want_lps, atol=1e-5, err_msg=label)
 
 
-@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n == "mistral_window" else n
-                                  for n in ARCH_KINDS])  # the slow ones (about 20 s each): `make test-slow`
+@pytest.mark.parametrize("name", _kinds(("qwen3", "gemma2")))
 def test_tensor_parallel_equals_one_device(arch_models, name):
-    """Tensor parallel 2 on fake devices, unrolled and with the layers as one loop."""
+    """Tensor parallel 2 on fake devices (with the layers as one loop)."""
     from test_multidevice import _run_meshes
 
-    report = _run_meshes(arch_models[name][0], [[1, 1], [1, 2], [1, 2, 1]])
+    report = _run_meshes(arch_models[name][0], [[1, 1], [1, 2, 1]])
     one = report.pop("1x1")
     for label, r in report.items():
         assert r["tokens"] == one["tokens"], label
         assert np.abs(np.asarray(r["logits"]) - np.asarray(one["logits"])).max() < 1e-5, label
         assert r["gathered_weights"] == [], label
+
+
+def test_bad_configs_are_clear_errors(arch_models, tmp_path):
+    """An unknown rope_type names the field; a Gemma 3 multimodal checkpoint without its language
+    model (text_config removed, so transformers' defaults stand in) fails on the missing tensors
+    before anything is allocated."""
+    import json
+    import shutil
+
+    from graphs.base import UnsupportedConfigError
+    from maxlike.weights.errors import WeightsError
+
+    def edited(name: str, change) -> str:
+        folder = tmp_path / name
+        shutil.copytree(arch_models[name][0], folder)
+        cfg = json.loads((folder / "config.json").read_text())
+        change(cfg)
+        (folder / "config.json").write_text(json.dumps(cfg))
+        return str(folder)
+
+    rope = edited("gemma2", lambda c: c.update(rope_parameters={"rope_type": "su-per", "rope_theta": 10000.0}))
+    with pytest.raises(UnsupportedConfigError, match=r"rope_type='su-per' \(Gemma2ForCausalLM\) is not built: "
+                                                     r"maxlike runs default, linear, dynamic, llama3, yarn, longrope"):
+        build_model(rope)
+    vision_only = edited("gemma3_mm", lambda c: c.pop("text_config"))
+    with pytest.raises(WeightsError, match=r"lacks \d+ tensor\(s\) the model needs.*the checkpoint does not match "
+                                           r"its config"):
+        build_model(vision_only)

@@ -36,7 +36,8 @@ def cli(capsys, *args: str) -> tuple[int, str, str]:
 
 def test_list_and_errors(tmp_path, capsys):
     rc, out, _ = cli(capsys, "list")
-    assert rc == 0 and "LlamaForCausalLM" in out and "Qwen2ForCausalLM" in out
+    assert rc == 0 and "LlamaForCausalLM" in out and "Qwen3ForCausalLM" in out
+    assert "Gemma2ForCausalLM" in out and "attention and final logit soft-caps" in out  # what each one runs
     rc, _, err = cli(capsys, "generate", "--model-path", str(tmp_path / "missing"), "--prompt", "x")
     assert rc == 1 and "does not exist: pass a Hugging Face model directory" in err
     rc, _, err = cli(capsys, "generate", "--model-path", str(tmp_path), "--prompt", "x", "--max-lenght", "5")

@@ -8,6 +8,7 @@ Each flag's type comes from the field's declared type.
 from __future__ import annotations
 
 import argparse
+import textwrap
 import json
 import logging
 import os
@@ -152,7 +153,9 @@ def cmd_list(args) -> int:
     from maxlike.pipelines.registry import PIPELINE_REGISTRY
 
     for name, arch in sorted(PIPELINE_REGISTRY.architectures.items()):
-        print(f"{name:24s} model_type={','.join(arch.graph.model_types)}")
+        print(f"{name:32s} model_type={','.join(arch.graph.model_types)}")
+        if arch.graph.features:
+            print(textwrap.fill(arch.graph.features, 100, initial_indent=" " * 4, subsequent_indent=" " * 4))
     return 0
 
 

@@ -16,6 +16,7 @@ from maxlike.engine import exe_cache
 from maxlike.kv_cache import KVCacheParams
 from maxlike.pipelines import memory
 from maxlike.pipelines.model import ReturnLogits, upper_bounded_default
+from maxlike.weights.lean import text_config_of
 from maxlike.pipelines.registry import PIPELINE_REGISTRY
 from maxlike.pipelines.serving import Bucket
 
@@ -38,7 +39,7 @@ class DecoderSizing:
 
     @classmethod
     def calculate_max_seq_len(cls, pipeline_config, huggingface_config) -> int:
-        limit = getattr(huggingface_config, "max_position_embeddings", None)
+        limit = getattr(text_config_of(huggingface_config), "max_position_embeddings", None)
         if limit is None:
             raise ConfigError("the model config has no 'max_position_embeddings', so the longest sequence it "
                               "supports is unknown: check the checkpoint's config.json.")

@@ -31,6 +31,7 @@ from maxlike.pipelines.serving import LOGPROB_BUCKETS, ServingModel
 from maxlike.pipelines.stop_strings import StopStrings
 from maxlike.pipelines.structured import Grammars
 from maxlike.sharding import replicated
+from maxlike.weights.lean import text_config_of
 
 
 @dataclass(eq=False)
@@ -87,7 +88,8 @@ class TextGenerationPipeline:
         self.max_num_steps = pipeline_config.max_num_steps or (1 if pipeline_model.session.platform == "cpu" else 10)
         self._seeds = np.random.default_rng(pipeline_config.seed)
         self._ids = itertools.count()
-        eos = getattr(pipeline_model.huggingface_config, "eos_token_id", None)
+        hf = pipeline_model.huggingface_config
+        eos = getattr(hf, "eos_token_id", None) or getattr(text_config_of(hf), "eos_token_id", None)
         eos = set(eos if isinstance(eos, (list, tuple)) else [eos] if eos is not None else [])
         if getattr(tokenizer, "eos_token_id", None) is not None:
             eos.add(tokenizer.eos_token_id)

@@ -40,6 +40,15 @@ class HFConfigView:
         return f"HFConfigView(model_type={self._values.get('model_type')!r})"
 
 
+def text_config_of(hf: Any) -> Any:
+    """The language model's config: a multimodal config's `text_config` (as transformers'
+    `get_text_config()` finds it), else the config itself."""
+    if hasattr(hf, "get_text_config"):
+        return hf.get_text_config()
+    text = getattr(hf, "text_config", None)
+    return HFConfigView(text) if isinstance(text, dict) else hf
+
+
 # tokenizer_config.json keys that change nothing LeanTokenizer does (clean-up must also be off).
 _KNOWN_KEYS = {
     "added_tokens_decoder", "backend", "bos_token", "chat_template", "clean_up_tokenization_spaces", "eos_token",

@@ -178,7 +178,8 @@ def read_weights(
         reader = gguf_file.open_checked(files[0])
     else:
         reader = safetensors_dir.open_checked(model_path, files)
-    source_names = {name: (names[name].gguf_name if fmt == "gguf" else names[name].hf_name) for name in specs}
+    source_names = {name: (names[name].gguf_name if fmt == "gguf" else _text_tower(names[name].hf_name, reader))
+                    for name in specs}
     missing = [src for src in source_names.values() if src not in reader]
     if missing:
         raise WeightsError(
@@ -199,6 +200,25 @@ def read_weights(
             )
         out[name] = np.ascontiguousarray(arr, dtype=dtype)
     return out
+
+
+# Where a multimodal checkpoint (Gemma 3, ...) keeps its language model's tensors: under the
+# language_model prefix, as transformers 5 saves them ("model.language_model.layers...") or as
+# older checkpoints on the Hub do ("language_model.model.layers...").
+_TEXT_TOWER = (("model.", ("model.language_model.", "language_model.model.")),
+               ("lm_head.", ("language_model.lm_head.",)))
+
+
+def _text_tower(name: str, reader) -> str:
+    """An HF tensor name as the checkpoint has it: itself, or where a multimodal checkpoint keeps it."""
+    if name in reader:
+        return name
+    for prefix, places in _TEXT_TOWER:
+        if name.startswith(prefix):
+            for place in places:
+                if place + name[len(prefix):] in reader:
+                    return place + name[len(prefix):]
+    return name
 
 
 def checkpoint_files(model_path: str, weight_path: tuple[str, ...] = ()) -> list[str]:
