@@ -1,4 +1,4 @@
-"""The Llama family: Llama 2/3/3.1/3.2, Mistral, Qwen2, Qwen3, SmolLM2.
+"""The Llama family: Llama 2/3/3.1/3.2, Mistral, Qwen2, Qwen3, Phi-3/3.5, SmolLM2.
 
 One decoder; the family members differ only in config (qkv bias, tied
 embeddings, RoPE scaling, q/k norms, sliding windows), so each is a registry
@@ -37,6 +37,7 @@ class LlamaConfig:
     sliding_window: int | None  # the widest window of any layer; None: every layer attends to everything
     layer_windows: tuple[int, ...]  # per layer: attention reaches this many tokens (itself included); 0: all
     qk_norm: bool  # Qwen3: RMSNorm over each q and k head before RoPE
+    fused_checkpoint: bool  # Phi-3: the checkpoint holds qkv_proj and gate_up_proj (split at load)
     gguf_qk_permuted: bool  # checkpoint format: llama.cpp permutes q/k rows of Llama-arch GGUFs
 
 
@@ -93,6 +94,7 @@ def config_from_hf(hf: Any) -> LlamaConfig:
         sliding_window=max(windows) or None,
         layer_windows=windows,
         qk_norm=model_type == "qwen3",
+        fused_checkpoint=model_type == "phi3",
         gguf_qk_permuted=model_type in ("llama", "mistral"),
     )
 
@@ -201,4 +203,6 @@ LLAMA_FAMILY = (
     _arch("Qwen2ForCausalLM", ("qwen2",), "q/k/v biases; sliding window on the layers layer_types names"),
     _arch("Qwen3ForCausalLM", ("qwen3",), "q/k norms, explicit head_dim; sliding window on the layers "
                                           "layer_types names"),
+    _arch("Phi3ForCausalLM", ("phi3",), "fused qkv_proj and gate_up_proj split at load, LongRoPE (short and long "
+                                        "factors), sliding window"),
 )

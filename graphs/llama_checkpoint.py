@@ -27,6 +27,25 @@ def _heads(heads: int, head_dim: int):
     return lambda a: a.T.reshape(-1, heads, head_dim)
 
 
+def _rows(start: int, stop: int, then):
+    return lambda a: then(a[start:stop])
+
+
+def _fused(cfg, p: str, hf: str, gg: str) -> dict[str, Source]:
+    """Phi-3's fused projections (HF and llama.cpp keep them fused alike), split into ours."""
+    h, kv, hd, f = cfg.q_heads, cfg.kv_heads, cfg.head_dim, cfg.intermediate_size
+    q, k = h * hd, kv * hd
+    qkv, gate_up = (hf + "self_attn.qkv_proj.weight", gg + "attn_qkv.weight"), (hf + "mlp.gate_up_proj.weight",
+                                                                                 gg + "ffn_up.weight")
+    return {
+        p + "q": Source(*qkv, _rows(0, q, _heads(h, hd))),
+        p + "k": Source(*qkv, _rows(q, q + k, _heads(kv, hd))),
+        p + "v": Source(*qkv, _rows(q + k, q + 2 * k, _heads(kv, hd))),
+        p + "gate": Source(*gate_up, _rows(0, f, np.transpose)),
+        p + "up": Source(*gate_up, _rows(f, 2 * f, np.transpose)),
+    }
+
+
 def checkpoint_names(cfg) -> dict[str, Source]:
     """Every weight of `graphs.llama.weight_specs(cfg)`: its HF and GGUF tensor and the conversion."""
     h, kv, hd = cfg.q_heads, cfg.kv_heads, cfg.head_dim
@@ -52,6 +71,8 @@ def checkpoint_names(cfg) -> dict[str, Source]:
             p + "up": Source(hf + "mlp.up_proj.weight", gg + "ffn_up.weight", np.transpose),
             p + "down": Source(hf + "mlp.down_proj.weight", gg + "ffn_down.weight", np.transpose),
         })
+        if cfg.fused_checkpoint:  # Phi-3: rows of qkv_proj are q, then k, then v; gate_up_proj's gate, then up
+            names.update(_fused(cfg, p, hf, gg))
         if cfg.qkv_bias:
             for name, heads, perm in (("q", h, perm_q), ("k", kv, perm_k), ("v", kv, None)):
                 names[p + f"{name}_bias"] = Source(hf + f"self_attn.{name}_proj.bias", gg + f"attn_{name}.bias",

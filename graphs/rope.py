@@ -77,6 +77,7 @@ def rope_from_hf(params: dict, head_dim: int, max_position_embeddings: int, arch
     """One HF rope parameters dict (`config.rope_parameters`, or one layer type's entry of it)
     -> RopeSpec; an unknown rope_type or a missing parameter is an error naming it."""
     kind = params.get("rope_type", params.get("type", "default")) or "default"
+    kind = "longrope" if kind == "su" else kind  # LongRoPE's first name (Phi-3 configs)
     if kind not in _KEYS:
         raise UnsupportedConfigError(f"rope_type={kind!r} ({architecture}) is not built: maxlike runs "
                                      f"{', '.join(_KEYS)}.")

@@ -112,6 +112,13 @@ def tiny_arch_model(kind: str, *, seed: int = 0):
             cfg = tf.Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4,
                                   boi_token_index=3, eoi_token_index=4, image_token_index=5)
             cls = tf.Gemma3ForConditionalGeneration
+    elif kind == "phi3":  # fused projections; LongRoPE past a 4-token original context (long factors, cos/sin x 2)
+        half = 8  # head_dim 16 / 2
+        cfg = tf.Phi3Config(num_hidden_layers=2, sliding_window=WINDOW, original_max_position_embeddings=4,
+                            rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0,
+                                             "short_factor": [1.0 + 0.05 * i for i in range(half)],
+                                             "long_factor": [1.0 + 0.5 * i for i in range(half)]}, **common)
+        cls = tf.Phi3ForCausalLM
     else:
         raise ValueError(kind)
     cfg._attn_implementation = "eager"
@@ -148,7 +155,7 @@ def tiny_models(tmp_path_factory):
     return out
 
 
-ARCH_KINDS = ("qwen3", "mistral_window", "gemma2", "gemma3", "gemma3_mm")
+ARCH_KINDS = ("qwen3", "mistral_window", "gemma2", "gemma3", "gemma3_mm", "phi3")
 
 
 @pytest.fixture(scope="session")

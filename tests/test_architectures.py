@@ -14,7 +14,7 @@ import torch
 from conftest import ARCH_KINDS, WINDOW, build_model, held, random_prompt
 
 # Every check runs on the first; the rest run in `make test-slow` (each LLM build costs seconds).
-FULL = ("qwen3", "gemma2", "gemma3")
+FULL = ("qwen3", "gemma2", "gemma3", "phi3")
 
 
 def _kinds(fast: tuple[str, ...]) -> list:
@@ -34,10 +34,10 @@ def _llm(path: str, **kw):
 
 
 def _greedy(llm, prompts):
-    """(tokens, each token's log-prob) per prompt: NEW greedy tokens, EOS ignored."""
+    """(tokens, each token's log-prob) per prompt: NEW greedy tokens, EOS masked until then."""
     from maxlike.interfaces import SamplingParams
 
-    params = SamplingParams(top_k=1, max_new_tokens=NEW, ignore_eos=True, logprobs=1)
+    params = SamplingParams(top_k=1, max_new_tokens=NEW, min_new_tokens=NEW, logprobs=1)  # as HF min_new_tokens
     outs = llm.generate_outputs(prompts, sampling_params=params, use_tqdm=False)
     return [(o.token_ids, np.array([lp.token_log_probabilities[0] for lp in o.log_probabilities])) for o in outs]
 
@@ -114,3 +114,28 @@ def test_bad_configs_are_clear_errors(arch_models, tmp_path):
     with pytest.raises(WeightsError, match=r"lacks \d+ tensor\(s\) the model needs.*the checkpoint does not match "
                                            r"its config"):
         build_model(vision_only)
+
+
+@pytest.mark.parametrize("name", ["mistral_window", "phi3", "qwen3"])
+def test_pages_behind_the_window_are_returned(arch_models, name):
+    """When every layer slides, a sequence holds at most window / page + 2 pages once its prompt is
+    in, however long it grows; a model with a full-attention layer (Qwen3 here) keeps every page.
+    The tokens stay HF's (checked for these prompts above)."""
+    path, _ = arch_models[name]
+    llm = _llm(path, kv_cache_page_size=4, prefill_chunk_size=16)
+    kv = llm.pipeline.model.kv_manager
+    held: list[tuple[int, int]] = []  # (tokens written, pages held) at each commit
+    commit = kv.commit
+    kv.commit = lambda rid, tokens, cache_length: (commit(rid, tokens, cache_length),
+                                                   held.append((cache_length, kv.pages_held(rid))))[0]
+    [(tokens, _)] = _greedy(llm, [PROMPTS[1]])
+    assert len(tokens) == NEW and len(held) >= NEW
+    page = 4
+    if name == "qwen3":
+        assert kv.window is None and all(h == -(-n // page) or h == -(-(n + 1) // page) for n, h in held)
+    else:
+        assert kv.window == WINDOW
+        decode = [h for n, h in held if n >= len(PROMPTS[1])]
+        assert max(decode) <= WINDOW // page + 2, held
+        assert max(h for _, h in held) <= 16 // page + WINDOW // page + 2, "chunked prefill holds its window too"
+    assert kv.free_pages == kv.num_pages - 1  # all returned at the end

@@ -292,8 +292,8 @@ def test_what_changes_programs_changes_the_key(tiny_llama, tmp_path, monkeypatch
     module = tmp_path / "outside_arch.py"
     source = ("import graphs.llama as L\n"
               "def forward(*a, **k):\n    return L.forward(*a, **k)\n"
-              "ARCH = L._arch('LlamaForCausalLM', ('llama',)).__class__(**{**L._arch('LlamaForCausalLM', "
-              "('llama',)).__dict__, 'forward': forward})\n")
+              "ARCH = L._arch('LlamaForCausalLM', ('llama',), '').__class__(**{**L._arch('LlamaForCausalLM', "
+              "('llama',), '').__dict__, 'forward': forward})\n")
 
     def outside_stats():
         spec = importlib.util.spec_from_file_location("outside_arch", module)

@@ -110,10 +110,18 @@ class PagedKVCacheManager:
     The pool is donated to every compiled step; `pool` is replaced by the step's output.
     With prefix caching, `claim` returns how many leading tokens are already cached.
     With several replicas, a request lives on the one `claim` puts it on.
+
+    `window`: every layer of the model attends at most this many tokens back (sliding-window
+    attention on all layers). Then `commit` also returns the pages that lie wholly before the
+    next token's window: a sequence holds about window / page_size + 1 pages however long it
+    grows. Its page list keeps their places (as the null page), so positions still map to
+    page indices; attention masks what it reads there. Models with any full-attention layer
+    keep every page.
     """
 
     def __init__(self, params: KVCacheParams, num_pages: int, mesh: Mesh, allocate: bool = True,
-                 enable_prefix_caching: bool = False, replicas: int = 1, stacked: bool = False):
+                 enable_prefix_caching: bool = False, replicas: int = 1, stacked: bool = False,
+                 window: int | None = None):
         if num_pages < 2:
             raise ValueError("the KV pool needs at least 2 pages (page 0 is reserved).")
         self.params = params
@@ -125,6 +133,8 @@ class PagedKVCacheManager:
         self._pages: dict[str, list[int]] = {}
         self._replica_of: dict[str, int] = {}
         self._chain: dict[str, tuple[int, int]] = {}  # request -> (pages registered, key id of the last)
+        self.window = window
+        self._slid: dict[str, int] = {}  # request -> pages before its window already returned
         self.pool: list[tuple[jax.Array, jax.Array]] | None = self._allocate_pool() if allocate else None
 
     @property
@@ -176,6 +186,7 @@ class PagedKVCacheManager:
         self._pages[request_id] = pages
         self._replica_of[request_id] = replica
         self._chain[request_id] = (len(pages), last)
+        self._slid[request_id] = 0
         if total_tokens is not None:
             try:
                 self.reserve(request_id, total_tokens)
@@ -213,30 +224,40 @@ class PagedKVCacheManager:
         return max(0, need - self._replicas[self._replica_of[request_id]].free_pages)
 
     def commit(self, request_id: str, tokens, cache_length: int) -> None:
-        """`cache_length` tokens of `request_id` are now written: offer its full pages to the prefix cache."""
-        cache = self._replicas[self._replica_of[request_id]].prefix_cache
-        if cache is None:
-            return
-        done, key = self._chain[request_id]
+        """`cache_length` tokens of `request_id` are now written: offer its full pages to the prefix
+        cache, and with a `window`, return the pages the next token's window has left."""
+        rep = self._replicas[self._replica_of[request_id]]
         page_size, pages = self.params.page_size, self._pages[request_id]
-        for i in range(done, cache_length // page_size):
-            key = cache.register(key, tuple(int(t) for t in tokens[i * page_size : (i + 1) * page_size]), pages[i])
-            done = i + 1
-        self._chain[request_id] = (done, key)
+        if rep.prefix_cache is not None:
+            done, key = self._chain[request_id]
+            for i in range(done, cache_length // page_size):
+                key = rep.prefix_cache.register(key, tuple(int(t) for t in tokens[i * page_size : (i + 1) * page_size]),
+                                                pages[i])
+                done = i + 1
+            self._chain[request_id] = (done, key)
+        if self.window is not None:  # the next token (at cache_length) sees keys from cache_length - window + 1 on
+            gone = min(max(0, cache_length - self.window + 1) // page_size, len(pages))
+            self._give_back(rep, pages[self._slid[request_id]:gone])
+            pages[self._slid[request_id]:gone] = [NULL_PAGE] * max(0, gone - self._slid[request_id])
+            self._slid[request_id] = max(gone, self._slid[request_id])
+
+    @staticmethod
+    def _give_back(rep: _Replica, pages: list[int]) -> None:
+        """Return pages a request held: its own to the free list, cached ones to the prefix cache."""
+        cache = rep.prefix_cache
+        pages = [p for p in pages if p != NULL_PAGE]
+        if cache is not None:
+            for p in pages:
+                if cache.owns(p):
+                    cache.drop_ref(p)
+        rep.allocator.release([p for p in pages if cache is None or not cache.owns(p)])
 
     def release(self, request_id: str) -> None:
         """Give back every page `request_id` holds (cached ones stay cached for others)."""
         self._held(request_id)
         pages = self._pages.pop(request_id)
-        del self._chain[request_id]
-        rep = self._replicas[self._replica_of.pop(request_id)]
-        cache = rep.prefix_cache
-        private = [p for p in pages if cache is None or not cache.owns(p)]
-        if cache is not None:
-            for p in pages:
-                if cache.owns(p):
-                    cache.drop_ref(p)
-        rep.allocator.release(private)
+        del self._chain[request_id], self._slid[request_id]
+        self._give_back(self._replicas[self._replica_of.pop(request_id)], pages)
 
     def page_table(self, request_ids: list[str | None], width: int) -> np.ndarray:
         """[len(request_ids), width] page ids (local to each request's replica); None
@@ -249,7 +270,12 @@ class PagedKVCacheManager:
         return table
 
     def num_pages_of(self, request_id: str) -> int:
+        """Pages `request_id` reaches (its page list's length, returned window pages included)."""
         return len(self._held(request_id))
+
+    def pages_held(self, request_id: str) -> int:
+        """Pages `request_id` holds now (without those its window has left)."""
+        return sum(p != NULL_PAGE for p in self._held(request_id))
 
     def pages_of(self, request_id: str) -> list[int]:
         """The page ids `request_id` holds, in sequence order (a copy)."""

@@ -94,7 +94,8 @@ class DecoderPipelineModel(DecoderSizing, ServingModel):
             session.prefetch()  # executables load in the background while the weights do
         self.kv_manager = PagedKVCacheManager(self.kv_params, num_pages, mesh, replicas=self.replicas,
                                               enable_prefix_caching=kv_cache_config.enable_prefix_caching,
-                                              allocate=not self.compile_only, stacked=self.scan_layers)
+                                              allocate=not self.compile_only, stacked=self.scan_layers,
+                                              window=self.sliding_window_everywhere)
         if self.compile_only:  # shapes and shardings only: nothing is read or allocated
             self.params = {name: jax.ShapeDtypeStruct(spec.shape, self.dtype, sharding=named_sharding(mesh, spec.axes))
                            for name, spec in specs.items()}
@@ -566,6 +567,12 @@ class DecoderPipelineModel(DecoderSizing, ServingModel):
                                     donate_argnums=(1,), key=key,
                                     out_shardings=((self._replicated, self._by_row, self._replicated),
                                                    self.kv_manager.pool_sharding))
+
+    @property
+    def sliding_window_everywhere(self) -> int | None:
+        """The widest window when every layer slides (then pages behind it are returned), else None."""
+        windows = getattr(self.config, "layer_windows", None)
+        return max(windows) if windows and min(windows) > 0 else None
 
     # -- log probabilities ---------------------------------------------------
     def compute_log_probabilities(self, session, model_inputs, model_outputs, next_tokens, batch_top_n, batch_echo,
