@@ -77,33 +77,37 @@ WINDOW = 8  # sliding windows in the architecture tests: well inside their promp
 YARN = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 64}
 
 
-def tiny_arch_model(kind: str, *, seed: int = 0):
+def tiny_arch_model(kind: str, *, seed: int = 0, **overrides):
     """A tiny random HF model (fp32, eval) of an architecture beyond TINY_KINDS, shaped to exercise
-    its features: windows shorter than the test prompts, GQA, an explicit head_dim."""
+    its features: windows shorter than the test prompts, GQA, an explicit head_dim. `overrides`
+    change config fields."""
     import torch
     import transformers as tf
 
     common = dict(vocab_size=320, hidden_size=64, intermediate_size=128, num_attention_heads=4,
                   num_key_value_heads=2, max_position_embeddings=256, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+
+    def make(**fields):  # the kind's fields over the common ones, the caller's overrides over both
+        return {**common, **fields, **overrides}
+
     if kind == "qwen3":  # layer 0 full, layers 1-2 sliding; head_dim 24 != 64 / 4; YaRN RoPE
-        cfg = tf.Qwen3Config(num_hidden_layers=3, head_dim=24, use_sliding_window=True, sliding_window=WINDOW,
-                             max_window_layers=1, rope_parameters=dict(YARN), tie_word_embeddings=True, **common)
+        cfg = tf.Qwen3Config(**make(num_hidden_layers=3, head_dim=24, use_sliding_window=True, sliding_window=WINDOW,
+                             max_window_layers=1, rope_parameters=dict(YARN), tie_word_embeddings=True))
         cls = tf.Qwen3ForCausalLM
     elif kind == "mistral_window":  # every layer slides
-        cfg = tf.MistralConfig(num_hidden_layers=2, sliding_window=WINDOW, rope_theta=10000.0, **common)
+        cfg = tf.MistralConfig(**make(num_hidden_layers=2, sliding_window=WINDOW, rope_theta=10000.0))
         cls = tf.MistralForCausalLM
     elif kind == "gemma2":  # alternating sliding/global layers; soft-caps small enough to bite
-        cfg = tf.Gemma2Config(num_hidden_layers=3, head_dim=16, query_pre_attn_scalar=24, sliding_window=WINDOW,
-                              attn_logit_softcapping=2.0, final_logit_softcapping=3.0, initializer_range=0.1,
-                              **common)
+        cfg = tf.Gemma2Config(**make(num_hidden_layers=3, head_dim=16, query_pre_attn_scalar=24, sliding_window=WINDOW,
+                                     attn_logit_softcapping=2.0, final_logit_softcapping=3.0, initializer_range=0.1))
         cls = tf.Gemma2ForCausalLM
     elif kind in ("gemma3", "gemma3_mm"):  # q/k norms; local RoPE on sliding layers, linear-scaled global RoPE
-        text = dict(num_hidden_layers=3, head_dim=16, query_pre_attn_scalar=24, sliding_window=WINDOW,
+        text = make(num_hidden_layers=3, head_dim=16, query_pre_attn_scalar=24, sliding_window=WINDOW,
                     layer_types=["sliding_attention", "full_attention", "sliding_attention"],
                     rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
                                      "full_attention": {"rope_type": "linear", "factor": 8.0,
                                                         "rope_theta": 1000000.0}},
-                    initializer_range=0.1, **common)
+                    initializer_range=0.1)
         if kind == "gemma3":
             cfg, cls = tf.Gemma3TextConfig(**text), tf.Gemma3ForCausalLM
         else:  # the text tower of a multimodal checkpoint, with a one-layer vision tower beside it
@@ -114,10 +118,10 @@ def tiny_arch_model(kind: str, *, seed: int = 0):
             cls = tf.Gemma3ForConditionalGeneration
     elif kind == "phi3":  # fused projections; LongRoPE past a 4-token original context (long factors, cos/sin x 2)
         half = 8  # head_dim 16 / 2
-        cfg = tf.Phi3Config(num_hidden_layers=2, sliding_window=WINDOW, original_max_position_embeddings=4,
+        cfg = tf.Phi3Config(**make(num_hidden_layers=2, sliding_window=WINDOW, original_max_position_embeddings=4,
                             rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0,
                                              "short_factor": [1.0 + 0.05 * i for i in range(half)],
-                                             "long_factor": [1.0 + 0.5 * i for i in range(half)]}, **common)
+                                             "long_factor": [1.0 + 0.5 * i for i in range(half)]}))
         cls = tf.Phi3ForCausalLM
     else:
         raise ValueError(kind)

@@ -69,3 +69,69 @@ def write_llama_gguf(path, hf_config, state_dict: dict[str, np.ndarray], qtype: 
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
+
+
+# What llama.cpp's converter calls each layer tensor of the other architectures (HF suffix -> GGUF).
+COMMON_LAYER = {"self_attn.q_proj.weight": "attn_q.weight", "self_attn.k_proj.weight": "attn_k.weight",
+                "self_attn.v_proj.weight": "attn_v.weight", "self_attn.o_proj.weight": "attn_output.weight",
+                "self_attn.q_proj.bias": "attn_q.bias", "self_attn.k_proj.bias": "attn_k.bias",
+                "self_attn.v_proj.bias": "attn_v.bias", "self_attn.q_norm.weight": "attn_q_norm.weight",
+                "self_attn.k_norm.weight": "attn_k_norm.weight", "input_layernorm.weight": "attn_norm.weight",
+                "mlp.gate_proj.weight": "ffn_gate.weight", "mlp.up_proj.weight": "ffn_up.weight",
+                "mlp.down_proj.weight": "ffn_down.weight"}
+ARCH_LAYER = {
+    "qwen3": {"post_attention_layernorm.weight": "ffn_norm.weight"},
+    "phi3": {"post_attention_layernorm.weight": "ffn_norm.weight", "self_attn.qkv_proj.weight": "attn_qkv.weight",
+             "mlp.gate_up_proj.weight": "ffn_up.weight"},
+    "gemma2": {"post_attention_layernorm.weight": "post_attention_norm.weight",
+               "pre_feedforward_layernorm.weight": "ffn_norm.weight",
+               "post_feedforward_layernorm.weight": "post_ffw_norm.weight"},
+}
+ARCH_LAYER["gemma3"] = ARCH_LAYER["gemma2"]
+
+
+def write_arch_gguf(path, arch: str, hf_model) -> None:
+    """A llama.cpp-style F32 GGUF of a tiny HF Qwen3 / Gemma 2 / Gemma 3 / Phi-3 (no vocabulary):
+    its metadata keys, its tensor names, and Gemma's norm weights stored with the 1 of (1 + w) added."""
+    c = hf_model.config
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_block_count(c.num_hidden_layers)
+    w.add_context_length(c.max_position_embeddings)
+    w.add_embedding_length(c.hidden_size)
+    w.add_feed_forward_length(c.intermediate_size)
+    w.add_head_count(c.num_attention_heads)
+    w.add_head_count_kv(c.num_key_value_heads)
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    w.add_key_length(head_dim)
+    w.add_value_length(head_dim)
+    w.add_layer_norm_rms_eps(c.rms_norm_eps)
+    w.add_vocab_size(c.vocab_size)
+    rope = c.rope_parameters.get("full_attention", c.rope_parameters)
+    w.add_rope_freq_base(float(rope["rope_theta"]))
+    if rope.get("rope_type") == "linear":
+        w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        w.add_rope_scaling_factor(float(rope["factor"]))
+    if getattr(c, "sliding_window", None):
+        w.add_sliding_window(c.sliding_window)
+    if arch == "gemma2":
+        w.add_attn_logit_softcapping(c.attn_logit_softcapping)
+        w.add_final_logit_softcapping(c.final_logit_softcapping)
+    if arch == "gemma3":
+        w.add_array(f"{arch}.attention.sliding_window_pattern", [t == "sliding_attention" for t in c.layer_types])
+    names = {**COMMON_LAYER, **ARCH_LAYER[arch]}
+    for name, tensor in hf_model.state_dict().items():
+        arr = tensor.numpy().astype(np.float32)
+        if name in GGUF_NAMES:
+            target = GGUF_NAMES[name]
+        else:
+            _, _, i, rest = name.split(".", 3)
+            target = f"blk.{i}.{names[rest]}"
+        if arch.startswith("gemma") and name.endswith("norm.weight"):
+            arr = arr + 1
+        if name == "lm_head.weight" and c.tie_word_embeddings:
+            continue  # llama.cpp drops a tied output matrix
+        w.add_tensor(target, arr)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()

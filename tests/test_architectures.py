@@ -139,3 +139,34 @@ def test_pages_behind_the_window_are_returned(arch_models, name):
         assert max(decode) <= WINDOW // page + 2, held
         assert max(h for _, h in held) <= 16 // page + WINDOW // page + 2, "chunked prefill holds its window too"
     assert kv.free_pages == kv.num_pages - 1  # all returned at the end
+
+
+# Each as llama.cpp runs it: Qwen3 without a window (as its released models) and without YaRN (a GGUF
+# with RoPE scaling goes to transformers' reader), Gemma with query_pre_attn_scalar = head_dim (what
+# llama.cpp assumes below 27B).
+GGUF_KINDS = {"qwen3": dict(use_sliding_window=False, rope_parameters={"rope_type": "default", "rope_theta": 10000.0}),
+              "gemma2": dict(query_pre_attn_scalar=16), "gemma3": dict(query_pre_attn_scalar=16), "phi3": {}}
+
+
+@pytest.mark.parametrize("name", [n if n in ("qwen3", "gemma2") else pytest.param(n, marks=pytest.mark.slow)
+                                  for n in GGUF_KINDS])
+def test_gguf_equals_the_model_it_was_written_from(name, tmp_path):
+    """A GGUF written with the `gguf` package in llama.cpp's layout (names, metadata, Gemma's
+    norms + 1) loads through maxlike's own config conversion and gives HF's logits."""
+    from conftest import tiny_arch_model
+    from gguf_util import write_arch_gguf
+
+    kw = dict(GGUF_KINDS[name])
+    if name == "phi3":  # LongRoPE's factors travel as tensors: the plain-RoPE Phi-3 (mini 4k) here
+        kw["rope_parameters"] = {"rope_type": "default", "rope_theta": 10000.0}
+    hf = tiny_arch_model(name, seed=3, **kw)
+    path = tmp_path / f"{name}.gguf"
+    write_arch_gguf(path, name, hf)
+    model = build_model(str(path), return_logits="all")
+    assert model.config.sliding_window == (None if name == "qwen3" else WINDOW)
+    prompt = PROMPTS[1]
+    ctx = held(model, TextContext("g", np.asarray(prompt, np.int32), max_length=len(prompt) + 1))
+    got = np.asarray(model.execute(model.prepare_initial_token_inputs([[ctx]])).logits)[0, -len(prompt):]
+    with torch.no_grad():
+        ref = hf(torch.tensor([prompt])).logits[0].numpy()
+    assert np.abs(got - ref).max() < 1e-4

@@ -2,10 +2,12 @@
 `gguf` package alone.
 
 transformers' own GGUF reader imports torch, which a plain `pip install maxlike`
-does not bring. The files this module knows (Llama-architecture models with a
-byte-level BPE vocabulary split by GPT-2's rule, such as SmolLM2) are converted
-here; anything else returns False and goes to transformers. Tests check the
-result against transformers' reading of the same file.
+does not bring. The configs of the architectures below are converted here (for
+Gemma and Qwen that also keeps what transformers' reader drops: soft-caps, the
+query scale, sliding windows); so are byte-level BPE vocabularies split by GPT-2's
+rule (SmolLM2's). Other vocabularies (SentencePiece: Gemma, Phi-3) and other
+architectures go to transformers. Tests check the result against transformers'
+reading of the same file and against the safetensors model it was written from.
 """
 
 from __future__ import annotations
@@ -14,7 +16,13 @@ import json
 import os
 from typing import Any
 
-ARCHITECTURES = {"llama": "LlamaForCausalLM"}
+# GGUF general.architecture -> (HF architecture, HF model_type)
+ARCHITECTURES = {"llama": ("LlamaForCausalLM", "llama"), "qwen2": ("Qwen2ForCausalLM", "qwen2"),
+                 "qwen3": ("Qwen3ForCausalLM", "qwen3"), "gemma2": ("Gemma2ForCausalLM", "gemma2"),
+                 "gemma3": ("Gemma3ForCausalLM", "gemma3_text"), "phi3": ("Phi3ForCausalLM", "phi3")}
+# llama.cpp takes a Gemma with this many layers for the 27B model, whose queries it scales by
+# (hidden / heads)^-1/2 instead of head_dim^-1/2 (HF's query_pre_attn_scalar).
+GEMMA_27B_LAYERS = {"gemma2": 46, "gemma3": 62}
 # tokenizer.ggml.pre values whose text splitting is GPT-2's (the ByteLevel pre-tokenizer's own regex).
 GPT2_SPLIT = {"gpt2", "smollm"}
 CONTROL, USER_DEFINED = 3, 4  # tokenizer.ggml.token_type values
@@ -25,40 +33,50 @@ def _metadata(reader) -> dict[str, Any]:
 
 
 def convertible(meta: dict[str, Any], tensor_names: set[str]) -> bool:
+    """Whether this module writes the file's config."""
     arch = meta.get("general.architecture")
-    if arch not in ARCHITECTURES or "rope_freqs.weight" in tensor_names:
-        return False
-    if any(key.startswith(f"{arch}.rope.scaling") for key in meta):
-        return False  # rope scaling: transformers knows the variants
+    if arch not in ARCHITECTURES or tensor_names & {"rope_freqs.weight", "rope_factors_long.weight"}:
+        return False  # RoPE factors as tensors (Llama 3.1, Phi-3 LongRoPE): transformers knows them
+    scaling = [key for key in meta if key.startswith(f"{arch}.rope.scaling")]
+    return not scaling or (arch == "gemma3" and meta.get(f"{arch}.rope.scaling.type") in ("linear", "none")
+                           and set(scaling) <= {f"{arch}.rope.scaling.type", f"{arch}.rope.scaling.factor"})
+
+
+def tokenizer_convertible(meta: dict[str, Any]) -> bool:
+    """Whether this module writes the file's tokenizer (byte-level BPE split as GPT-2 does)."""
     model = meta.get("tokenizer.ggml.model")
     return model is None or (model == "gpt2" and meta.get("tokenizer.ggml.pre", "gpt2") in GPT2_SPLIT
                              and not meta.get("tokenizer.ggml.add_bos_token")
                              and not meta.get("tokenizer.ggml.add_eos_token"))
 
 
-def write_hf_folder(reader, folder: str) -> bool:
-    """Write config.json (and the tokenizer files, when the file has a vocabulary) into
-    `folder`; False (nothing written) when the file is not one this module converts."""
+def write_hf_folder(reader, folder: str) -> str | None:
+    """Write config.json (and the tokenizer files, when the file has a vocabulary this module
+    converts) into `folder`. Returns "all", "config" (a vocabulary is left for the caller to
+    convert), or None (nothing written: not a file this module converts)."""
     meta, tensors = _metadata(reader), {t.name for t in reader.tensors}
     if not convertible(meta, tensors):
-        return False
+        return None
     os.makedirs(folder, exist_ok=True)
     tokens = meta.get("tokenizer.ggml.tokens")
-    if tokens:
+    done = "all"
+    if tokens and tokenizer_convertible(meta):
         tokenizer, settings = _tokenizer(meta)
         tokenizer.save(os.path.join(folder, "tokenizer.json"))
         with open(os.path.join(folder, "tokenizer_config.json"), "w", encoding="utf-8") as f:
             json.dump(settings, f, indent=1)
+    elif tokens:
+        done = "config"
     with open(os.path.join(folder, "config.json"), "w", encoding="utf-8") as f:
         json.dump(_config(meta, tensors), f, indent=1)
-    return True
+    return done
 
 
 def _config(meta: dict[str, Any], tensors: set[str]) -> dict[str, Any]:
     arch = meta["general.architecture"]
     heads = meta[f"{arch}.attention.head_count"]
     config = {
-        "architectures": [ARCHITECTURES[arch]], "model_type": arch,
+        "architectures": [ARCHITECTURES[arch][0]], "model_type": ARCHITECTURES[arch][1],
         "hidden_size": meta[f"{arch}.embedding_length"],
         "intermediate_size": meta[f"{arch}.feed_forward_length"],
         "num_hidden_layers": meta[f"{arch}.block_count"],
@@ -75,7 +93,37 @@ def _config(meta: dict[str, Any], tensors: set[str]) -> dict[str, Any]:
                       ("pad_token_id", "padding_token_id"), ("unk_token_id", "unknown_token_id")):
         if f"tokenizer.ggml.{key}" in meta:
             config[name] = meta[f"tokenizer.ggml.{key}"]
+    config.update(_family_config(arch, meta, config))
     return config
+
+
+def _family_config(arch: str, meta: dict[str, Any], config: dict[str, Any]) -> dict[str, Any]:
+    """What an architecture's HF config holds beyond the Llama fields, from llama.cpp's metadata."""
+    window = meta.get(f"{arch}.attention.sliding_window")
+    if arch in ("qwen2", "qwen3"):
+        return {"use_sliding_window": False}  # llama.cpp runs Qwen without a window
+    if arch == "phi3":
+        return {"sliding_window": window}
+    if arch not in GEMMA_27B_LAYERS:
+        return {}
+    big = config["num_hidden_layers"] == GEMMA_27B_LAYERS[arch]
+    out = {"hidden_activation": "gelu_pytorch_tanh", "sliding_window": window,
+           "query_pre_attn_scalar": config["hidden_size"] // config["num_attention_heads"] if big
+           else config["head_dim"]}
+    if arch == "gemma2":
+        out["attn_logit_softcapping"] = meta.get(f"{arch}.attn_logit_softcapping")
+        out["final_logit_softcapping"] = meta.get(f"{arch}.final_logit_softcapping")
+    else:  # Gemma 3: local layers keep RoPE base 10000 (llama.cpp's fixed value), global ones the file's
+        factor = meta.get(f"{arch}.rope.scaling.factor")
+        full = {"rope_type": "linear", "factor": factor} if factor and factor != 1 else {"rope_type": "default"}
+        out["rope_parameters"] = {"full_attention": {**full, "rope_theta": config.pop("rope_theta")},
+                                  "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}}
+        pattern = meta.get(f"{arch}.attention.sliding_window_pattern")
+        if isinstance(pattern, (list, tuple)):  # per layer: True where it slides
+            out["layer_types"] = ["sliding_attention" if p else "full_attention" for p in pattern]
+        elif pattern:
+            out["sliding_window_pattern"] = int(pattern)
+    return out
 
 
 def _byte_spelling() -> dict[int, str]:

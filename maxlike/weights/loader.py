@@ -106,7 +106,7 @@ def _config(where: str, kw: dict, model_path: str) -> Any:
     return HFConfigView(values)
 
 
-GGUF_CONVERSION = 2  # part of the converted folder's key: bump it when the conversion changes
+GGUF_CONVERSION = 3  # part of the converted folder's key: bump it when the conversion changes
 
 
 def _gguf_as_hf_dir(model_path: str, mtime_ns: int, size: int) -> str | None:
@@ -123,8 +123,11 @@ def _gguf_as_hf_dir(model_path: str, mtime_ns: int, size: int) -> str | None:
     reader = gguf_file.check_file(model_path)  # a clear error beats transformers' on a bad file
     tmp = f"{folder}.tmp{os.getpid()}"
     try:
-        if not gguf_hf.write_hf_folder(reader, tmp):  # config.json last: it marks a complete copy
+        written = gguf_hf.write_hf_folder(reader, tmp)  # config.json last: it marks a complete copy
+        if written is None:
             _write_hf_folder_with_transformers(model_path, tmp)
+        elif written == "config":
+            _write_tokenizer_with_transformers(model_path, tmp)
         os.rename(tmp, folder)
     except OSError:
         if not os.path.isfile(os.path.join(folder, "config.json")):  # another process may have won the race
@@ -136,7 +139,7 @@ def _gguf_as_hf_dir(model_path: str, mtime_ns: int, size: int) -> str | None:
 
 def _write_hf_folder_with_transformers(model_path: str, folder: str) -> None:
     """transformers' GGUF reader (the files `gguf_hf` does not convert): it imports torch."""
-    from transformers import AutoConfig, AutoTokenizer
+    from transformers import AutoConfig
 
     where, name = os.path.dirname(model_path), os.path.basename(model_path)
     try:
@@ -151,13 +154,20 @@ def _write_hf_folder_with_transformers(model_path: str, folder: str) -> None:
                 "--index-url https://download.pytorch.org/whl/cpu) or load an HF directory instead; later loads "
                 "use a cached copy and need no torch.") from e
         raise WeightsError(f"could not read the model config from {model_path!r}: {e}") from e
+    _write_tokenizer_with_transformers(model_path, folder)
+    config.save_pretrained(folder)
+
+
+def _write_tokenizer_with_transformers(model_path: str, folder: str) -> None:
+    from transformers import AutoTokenizer
+
+    where, name = os.path.dirname(model_path), os.path.basename(model_path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(where, gguf_file=name)
     except Exception:  # a GGUF without tokenizer metadata still runs at the PipelineModel level
         tokenizer = None
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
-    config.save_pretrained(folder)
 
 
 def read_weights(
