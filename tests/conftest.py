@@ -90,7 +90,9 @@ def tiny_arch_model(kind: str, *, seed: int = 0, **overrides):
     def make(**fields):  # the kind's fields over the common ones, the caller's overrides over both
         return {**common, **fields, **overrides}
 
-    if kind == "qwen3":  # layer 0 full, layers 1-2 sliding; head_dim 24 != 64 / 4; YaRN RoPE
+    if kind == "llama":  # plain (the benchmarks' baseline; the tests use tiny_hf_model)
+        cfg, cls = tf.LlamaConfig(**make(num_hidden_layers=2, rope_theta=10000.0)), tf.LlamaForCausalLM
+    elif kind == "qwen3":  # layer 0 full, layers 1-2 sliding; head_dim 24 != 64 / 4; YaRN RoPE
         cfg = tf.Qwen3Config(**make(num_hidden_layers=3, head_dim=24, use_sliding_window=True, sliding_window=WINDOW,
                              max_window_layers=1, rope_parameters=dict(YARN), tie_word_embeddings=True))
         cls = tf.Qwen3ForCausalLM

@@ -54,13 +54,25 @@ def maxlike_generate(config: PipelineConfig):
     return llm, generate
 
 
-def run_decode_benchmark(config: PipelineConfig, *, batch_sizes=(1, 8), new_tokens=64, prompt_tokens=64) -> list[dict]:
+def run_decode_benchmark(config: PipelineConfig, *, batch_sizes=(1, 8), new_tokens=64, prompt_tokens=64,
+                         roofline: bool = False) -> list[dict]:
+    """Decode and prefill tokens/s per batch size; with `roofline`, each row also holds the bytes a
+    decode step reads and its share of this device's measured bandwidth, and prefill's share of
+    its matmul peak (maxlike.entrypoints.roofline)."""
     llm, generate = maxlike_generate(config)
-    vocab = llm.pipeline.model.config.vocab_size
+    model = llm.pipeline.model
+    vocab = model.config.vocab_size
     rows = []
     for b in batch_sizes:
         r = measure(generate, b, prompt_tokens, new_tokens, vocab)
         rows.append(r)
-        print(f"maxlike batch {b}: decode {r['decode_tok_s']:.1f} tok/s, prefill {r['prefill_tok_s']:.1f} tok/s",
-              flush=True)
+        if not roofline:
+            print(f"maxlike batch {b}: decode {r['decode_tok_s']:.1f} tok/s, prefill {r['prefill_tok_s']:.1f} tok/s",
+                  flush=True)
+    if roofline:
+        from maxlike.entrypoints import roofline as rl
+
+        peaks = rl.measure_peaks(model.devices[0], model.dtype)
+        rows = rl.report(model, peaks, rows, prompt_tokens, new_tokens)
+        rl.print_report(rows)
     return rows

@@ -163,8 +163,11 @@ def cmd_benchmark(args) -> int:
     from maxlike.entrypoints.bench import run_decode_benchmark
 
     config = config_from_args(args, default_model=True)
-    run_decode_benchmark(config, batch_sizes=args.batch_sizes, new_tokens=args.max_new_tokens,
-                         prompt_tokens=args.prompt_tokens)
+    rows = run_decode_benchmark(config, batch_sizes=args.batch_sizes, new_tokens=args.max_new_tokens,
+                                prompt_tokens=args.prompt_tokens, roofline=args.roofline)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
     return 0
 
 
@@ -351,6 +354,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
     bench.add_argument("--max-new-tokens", type=int, default=64)
     bench.add_argument("--prompt-tokens", type=int, default=64)
+    bench.add_argument("--roofline", action="store_true", help="also measure this device's copy bandwidth and "
+                       "matmul peak, and print each batch's share of them (decode: bytes read per step; prefill: "
+                       "FLOPs)")
+    bench.add_argument("--json", help="write the results here")
     add_config_flags(bench)
     bench.set_defaults(run=cmd_benchmark)
 

@@ -1,0 +1,114 @@
+"""The roofline report of `maxlike benchmark --roofline`: how close decode is to the memory
+bandwidth limit and prefill to the matmul limit, both measured on this device at start.
+
+Decode is bound by the bytes each step must read: every weight once (a device's share of it
+under tensor parallelism) plus the keys and values each row attends to. Prefill is bound by
+matmul throughput: about 2 FLOPs per weight per token, plus attention's. The peaks are
+measured, not taken from a data sheet: an elementwise pass over a large array (bytes read +
+written per second) and a square matmul in the model's dtype.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Peaks:
+    copy_gb_s: float  # bytes read + written per second by an elementwise pass, in GB/s
+    matmul_tflop_s: float  # a square matmul in the model's dtype
+
+
+def _best(fn, *args, repeats: int = 5) -> float:
+    jax.block_until_ready(fn(*args))  # compile and first run
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - t)
+    return min(times)
+
+
+def measure_peaks(device, dtype, *, copy_mib: int | None = None, matmul_n: int | None = None) -> Peaks:
+    """This device's copy bandwidth and matmul throughput (sizes scale with the platform)."""
+    accel = device.platform != "cpu"
+    copy_mib = copy_mib or (1024 if accel else 256)
+    matmul_n = matmul_n or (8192 if accel else 1024)
+    with jax.default_device(device):
+        x = jnp.ones((copy_mib * 2**20 // 4,), jnp.float32)
+        t = _best(jax.jit(lambda a: a * 1.5 + 1.0), x)
+        copy = 2 * x.nbytes / t / 1e9
+        a = jnp.ones((matmul_n, matmul_n), dtype)
+        t = _best(jax.jit(lambda p, q: p @ q), a, a)
+        flops = 2 * matmul_n**3 / t / 1e12
+    return Peaks(copy, flops)
+
+
+def weight_bytes(model) -> int:
+    """Bytes of weights one device reads per step: each array's per-device shard."""
+    total = 0
+    for arr in jax.tree.leaves(model.params):
+        shard = arr.sharding.shard_shape(arr.shape) if hasattr(arr, "sharding") else arr.shape
+        total += int(np.prod(shard)) * arr.dtype.itemsize
+    return total
+
+
+def kv_bytes(model, batch: int, context: int) -> int:
+    """Keys and values `batch` rows of `context` tokens attend to in one step, per device."""
+    p = model.kv_manager.params
+    kv_heads = p.kv_heads // max(1, model.tensor_parallel_degree)
+    itemsize = jnp.dtype(p.dtype).itemsize
+    return 2 * p.num_layers * batch * context * max(1, kv_heads) * p.head_dim * itemsize
+
+
+def matmul_flops_per_token(model) -> int:
+    """2 FLOPs per weight a token passes through (embeddings are a gather, not a matmul)."""
+    cfg = model.config
+    n = sum(int(np.prod(a.shape)) for name, a in model.params.items() if name != "embed")
+    if getattr(cfg, "tie_word_embeddings", False):
+        n += cfg.vocab_size * cfg.hidden_size  # the tied head is a matmul over the embedding table
+    return 2 * n
+
+
+def attention_flops(model, tokens: int, context: int) -> int:
+    """Scores and weighted values: 4 FLOPs per (query head, key, head dim) per layer."""
+    cfg = model.config
+    return 4 * cfg.num_layers * tokens * context * cfg.q_heads * cfg.head_dim
+
+
+def report(model, peaks: Peaks, rows: list[dict], prompt_tokens: int, new_tokens: int) -> list[dict]:
+    """Roofline rows from `measure`'s results (one per batch size)."""
+    out = []
+    weights = weight_bytes(model)
+    devices = max(1, model.tensor_parallel_degree)
+    for r in rows:
+        b = r["batch"]
+        context = prompt_tokens + new_tokens // 2  # the mean context a decode step attends to
+        step_bytes = weights + kv_bytes(model, b, context)
+        step_s = b / r["decode_tok_s"]  # a decode step makes one token per row
+        achieved = step_bytes / step_s / 1e9
+        per_prompt = (matmul_flops_per_token(model) * prompt_tokens
+                      + attention_flops(model, prompt_tokens, prompt_tokens) // 2) / devices  # causal: half of it
+        prefill_tflop_s = per_prompt * r["prefill_tok_s"] / prompt_tokens / 1e12
+        out.append({**r, "weight_bytes": weights, "step_bytes": step_bytes, "decode_gb_s": achieved,
+                    "decode_roofline_share": achieved / peaks.copy_gb_s,
+                    "decode_roofline_tok_s": b * peaks.copy_gb_s * 1e9 / step_bytes,
+                    "prefill_tflop_s": prefill_tflop_s,
+                    "prefill_roofline_share": prefill_tflop_s / peaks.matmul_tflop_s, "peaks": asdict(peaks)})
+    return out
+
+
+def print_report(rows: list[dict]) -> None:
+    p = rows[0]["peaks"]
+    print(f"device peaks: copy {p['copy_gb_s']:.1f} GB/s, matmul {p['matmul_tflop_s']:.3f} TFLOP/s", flush=True)
+    for r in rows:
+        print(f"batch {r['batch']:3d}: decode {r['decode_tok_s']:8.1f} tok/s, reads {r['step_bytes'] / 1e6:8.1f} MB "
+              f"per step = {r['decode_gb_s']:7.1f} GB/s, {100 * r['decode_roofline_share']:5.1f}% of copy "
+              f"bandwidth (roofline {r['decode_roofline_tok_s']:.0f} tok/s) | prefill {r['prefill_tok_s']:8.1f} "
+              f"tok/s = {r['prefill_tflop_s']:.3f} TFLOP/s, {100 * r['prefill_roofline_share']:5.1f}% of matmul peak",
+              flush=True)

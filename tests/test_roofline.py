@@ -1,0 +1,49 @@
+"""`maxlike benchmark --roofline`: the bytes and FLOPs it counts against formulas written out here
+from the HF model's own parameter count, and the report end to end on the tiny model."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import build_model
+
+
+def test_counts_follow_the_model(tiny_models):
+    from maxlike.entrypoints import roofline as rl
+
+    path, hf = tiny_models["llama"]
+    model = build_model(path)
+    c = hf.config
+    params = sum(p.numel() for p in hf.parameters())  # untied: embed and lm_head both count
+    assert rl.weight_bytes(model) == 4 * params  # fp32
+    assert rl.matmul_flops_per_token(model) == 2 * (params - c.vocab_size * c.hidden_size)  # the embedding is a gather
+    head_dim = c.hidden_size // c.num_attention_heads
+    assert rl.kv_bytes(model, 3, 50) == 2 * c.num_hidden_layers * 3 * 50 * c.num_key_value_heads * head_dim * 4
+    assert rl.attention_flops(model, 10, 20) == 4 * c.num_hidden_layers * 10 * 20 * c.num_attention_heads * head_dim
+
+    peaks = rl.Peaks(copy_gb_s=20.0, matmul_tflop_s=0.5)
+    [row] = rl.report(model, peaks, [{"batch": 2, "decode_tok_s": 100.0, "prefill_tok_s": 400.0}], 8, 4)
+    step = 4 * params + rl.kv_bytes(model, 2, 8 + 2)  # weights once, and each row's mean context
+    assert row["step_bytes"] == step
+    assert row["decode_gb_s"] == pytest.approx(step * 50 / 1e9)  # 100 tok/s over 2 rows: 50 steps per second
+    assert row["decode_roofline_share"] == pytest.approx(step * 50 / 1e9 / 20.0)
+    assert row["decode_roofline_tok_s"] == pytest.approx(2 * 20e9 / step)
+    flops = 2 * (params - c.vocab_size * c.hidden_size) * 8 + rl.attention_flops(model, 8, 8) // 2
+    assert row["prefill_tflop_s"] == pytest.approx(flops * 400 / 8 / 1e12)
+
+
+def test_the_report_end_to_end(tiny_llama, tmp_path, capsys):
+    from test_cli import cli
+
+    out = tmp_path / "roofline.json"
+    rc, stdout, err = cli(capsys, "benchmark", "--model-path", tiny_llama[0], "--roofline", "--json", str(out),
+                          "--batch-sizes", "1", "2", "--max-new-tokens", "4", "--prompt-tokens", "8",
+                          "--max-length", "64", "--max-batch-size", "2")
+    assert rc == 0, err
+    rows = json.loads(out.read_text())
+    assert [r["batch"] for r in rows] == [1, 2]
+    assert rows[0]["peaks"]["copy_gb_s"] > 0 and rows[0]["peaks"]["matmul_tflop_s"] > 0
+    assert all(r["decode_gb_s"] > 0 and r["prefill_tflop_s"] > 0 for r in rows)
+    assert "device peaks: copy" in stdout and "% of copy bandwidth" in stdout and "% of matmul peak" in stdout
