@@ -45,6 +45,9 @@ def main() -> None:
     ap.add_argument("--max-num-steps", type=int, default=1)
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--json", help="write the results here")
+    ap.add_argument("--roofline", action="store_true",
+                    help="also each batch's share of this machine's measured memory bandwidth (decode) and matmul "
+                    "peak (prefill), for maxlike and HF alike (HF reads the same fp32 weights)")
     ap.add_argument("--layer-forms", nargs="+", choices=["unrolled", "scan"], default=["unrolled"],
                     help="maxlike's layers unrolled and/or as one loop over stacked weights (scan_layers)")
     args = ap.parse_args()
@@ -56,6 +59,11 @@ def main() -> None:
         llm, forms[form] = maxlike_generate(config)
     vocab = llm.pipeline.model.config.vocab_size
     theirs = None if args.skip_hf else hf_generate(path)
+    if args.roofline:  # at start: the device's peaks before either runs
+        from maxlike.entrypoints import roofline as rl
+
+        model = llm.pipeline.model
+        peaks = rl.measure_peaks(model.devices[0], model.dtype)
     results = []
     for b in args.batch_sizes:
         row = {f"maxlike_{form}": measure(ours, b, args.prompt_tokens, args.new_tokens, vocab)
@@ -73,6 +81,12 @@ def main() -> None:
                          f" | decode ratio {m['decode_tok_s'] / h['decode_tok_s']:.2f}x,"
                          f" prefill ratio {m['prefill_tok_s'] / h['prefill_tok_s']:.2f}x")
             print(line, flush=True)
+    if args.roofline:
+        for row in results:
+            for name in list(row):
+                row[name] = rl.report(model, peaks, [row[name]], args.prompt_tokens, args.new_tokens)[0]
+            rl.print_report([row[name] for name in row])
+            print("  (rows: " + ", ".join(row) + ")", flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)

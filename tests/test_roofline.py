@@ -23,7 +23,7 @@ def test_counts_follow_the_model(tiny_models):
     assert rl.kv_bytes(model, 3, 50) == 2 * c.num_hidden_layers * 3 * 50 * c.num_key_value_heads * head_dim * 4
     assert rl.attention_flops(model, 10, 20) == 4 * c.num_hidden_layers * 10 * 20 * c.num_attention_heads * head_dim
 
-    peaks = rl.Peaks(copy_gb_s=20.0, matmul_tflop_s=0.5)
+    peaks = rl.Peaks(bandwidth_gb_s=20.0, matmul_tflop_s=0.5)
     [row] = rl.report(model, peaks, [{"batch": 2, "decode_tok_s": 100.0, "prefill_tok_s": 400.0}], 8, 4)
     step = 4 * params + rl.kv_bytes(model, 2, 8 + 2)  # weights once, and each row's mean context
     assert row["step_bytes"] == step
@@ -44,6 +44,6 @@ def test_the_report_end_to_end(tiny_llama, tmp_path, capsys):
     assert rc == 0, err
     rows = json.loads(out.read_text())
     assert [r["batch"] for r in rows] == [1, 2]
-    assert rows[0]["peaks"]["copy_gb_s"] > 0 and rows[0]["peaks"]["matmul_tflop_s"] > 0
+    assert rows[0]["peaks"]["bandwidth_gb_s"] > 0 and rows[0]["peaks"]["matmul_tflop_s"] > 0
     assert all(r["decode_gb_s"] > 0 and r["prefill_tflop_s"] > 0 for r in rows)
-    assert "device peaks: copy" in stdout and "% of copy bandwidth" in stdout and "% of matmul peak" in stdout
+    assert "device peaks: memory" in stdout and "% of memory bandwidth" in stdout and "% of matmul peak" in stdout

@@ -62,6 +62,10 @@ def run_decode_benchmark(config: PipelineConfig, *, batch_sizes=(1, 8), new_toke
     llm, generate = maxlike_generate(config)
     model = llm.pipeline.model
     vocab = model.config.vocab_size
+    if roofline:  # at start, before the model's own runs warm the machine up or slow it down
+        from maxlike.entrypoints import roofline as rl
+
+        peaks = rl.measure_peaks(model.devices[0], model.dtype)
     rows = []
     for b in batch_sizes:
         r = measure(generate, b, prompt_tokens, new_tokens, vocab)
@@ -70,9 +74,6 @@ def run_decode_benchmark(config: PipelineConfig, *, batch_sizes=(1, 8), new_toke
             print(f"maxlike batch {b}: decode {r['decode_tok_s']:.1f} tok/s, prefill {r['prefill_tok_s']:.1f} tok/s",
                   flush=True)
     if roofline:
-        from maxlike.entrypoints import roofline as rl
-
-        peaks = rl.measure_peaks(model.devices[0], model.dtype)
         rows = rl.report(model, peaks, rows, prompt_tokens, new_tokens)
         rl.print_report(rows)
     return rows

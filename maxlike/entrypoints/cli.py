@@ -354,7 +354,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
     bench.add_argument("--max-new-tokens", type=int, default=64)
     bench.add_argument("--prompt-tokens", type=int, default=64)
-    bench.add_argument("--roofline", action="store_true", help="also measure this device's copy bandwidth and "
+    bench.add_argument("--roofline", action="store_true", help="also measure this device's memory bandwidth and "
                        "matmul peak, and print each batch's share of them (decode: bytes read per step; prefill: "
                        "FLOPs)")
     bench.add_argument("--json", help="write the results here")
