@@ -189,7 +189,8 @@ def kv_shape(cfg: LlamaConfig) -> tuple[int, int, int]:
 
 # What every architecture shares: where tensor parallelism is allowed, the RoPE variants.
 COMMON_FEATURES = ("tensor parallel: degrees dividing the attention heads (KV heads split, or repeated when fewer "
-                   "than the degree); RoPE default, linear, dynamic, llama3, yarn, longrope")
+                   "than the degree); RoPE default, linear, dynamic, llama3, yarn, longrope, partial rotary; "
+                   "safetensors and GGUF")
 
 
 def _arch(name: str, model_types: tuple[str, ...], features: str) -> Architecture:

@@ -46,10 +46,11 @@ class RopeSpec:
     max_position_embeddings: int
     params: tuple[tuple[str, Any], ...] = ()  # the variant's parameters (lists as tuples)
     length: int | None = None  # the longest sequence served (dynamic, longrope); None: max_position_embeddings
+    rotary_dim: int | None = None  # partial rotary (partial_rotary_factor): the leading dims rotated; None: all
 
     def frequencies(self) -> tuple[np.ndarray, float]:
-        """(inverse frequencies [head_dim // 2] float32, the factor on cos and sin)."""
-        p, d, kind = dict(self.params), self.head_dim, self.kind
+        """(inverse frequencies [rotary_dim // 2] float32, the factor on cos and sin)."""
+        p, d, kind = dict(self.params), self.rotary_dim or self.head_dim, self.kind
         exponents = np.arange(0, d, 2, dtype=np.int64).astype(np.float32) / d
         length = self.length or self.max_position_embeddings
         theta, scale = self.theta, 1.0
@@ -81,16 +82,20 @@ def rope_from_hf(params: dict, head_dim: int, max_position_embeddings: int, arch
     if kind not in _KEYS:
         raise UnsupportedConfigError(f"rope_type={kind!r} ({architecture}) is not built: maxlike runs "
                                      f"{', '.join(_KEYS)}.")
-    if float(params.get("partial_rotary_factor", 1.0)) != 1.0:
-        raise UnsupportedConfigError(f"partial_rotary_factor={params['partial_rotary_factor']} ({architecture}) is "
-                                     "not built: maxlike rotates the whole head.")
+    partial = float(params.get("partial_rotary_factor", 1.0) or 1.0)
+    rotary_dim = int(head_dim * partial)
+    if not 0 < rotary_dim <= head_dim or rotary_dim % 2:
+        raise UnsupportedConfigError(f"partial_rotary_factor={params['partial_rotary_factor']} ({architecture}) "
+                                     f"rotates {rotary_dim} of {head_dim} head dims: it must be an even number "
+                                     "from 2 to head_dim.")
     needed, optional = _KEYS[kind]
     missing = [k for k in needed if params.get(k) is None]
     if missing:
         raise UnsupportedConfigError(f"rope_type={kind!r} needs {', '.join(missing)} in the config's rope "
                                      f"parameters ({architecture}).")
     kept = tuple((k, _hashable(params[k])) for k in needed + optional if params.get(k) is not None)
-    return RopeSpec(kind, float(params.get("rope_theta", 10000.0)), head_dim, int(max_position_embeddings), kept)
+    return RopeSpec(kind, float(params.get("rope_theta", 10000.0)), head_dim, int(max_position_embeddings), kept,
+                    rotary_dim=None if rotary_dim == head_dim else rotary_dim)
 
 
 def hf_rope_parameters(hf: Any, layer_type: str | None = None) -> dict:
@@ -165,7 +170,12 @@ def _yarn(theta: float, d: int, max_positions: int, p: dict) -> tuple[np.ndarray
 
 
 def apply_rope(x: jax.Array, positions: jax.Array, rope: RopeSpec) -> jax.Array:
-    """Rotate halves (HF layout). x [B, T, H, D], positions [B, T]."""
+    """Rotate halves (HF layout). x [B, T, H, D], positions [B, T]. With a partial rotary_dim,
+    only the leading rotary_dim dims turn; the rest pass through."""
+    if rope.rotary_dim and rope.rotary_dim < x.shape[-1]:
+        r = rope.rotary_dim
+        return jnp.concatenate([apply_rope(x[..., :r], positions, dataclasses.replace(rope, rotary_dim=None,
+                                                                                      head_dim=r)), x[..., r:]], -1)
     inv_freq, scale = rope.frequencies()
     angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)  # [B, T, D/2]
     cos = (jnp.concatenate([jnp.cos(angles)] * 2, axis=-1) * scale)[:, :, None, :]

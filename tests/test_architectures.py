@@ -170,3 +170,19 @@ def test_gguf_equals_the_model_it_was_written_from(name, tmp_path):
     with torch.no_grad():
         ref = hf(torch.tensor([prompt])).logits[0].numpy()
     assert np.abs(got - ref).max() < 1e-4
+
+
+def test_partial_rotary_phi_matches_hf(tmp_path):
+    """Phi-4-mini's shape of Phi-3: RoPE on the leading half of each head (partial_rotary_factor 0.5)."""
+    from conftest import save_tiny, tiny_arch_model
+
+    hf = tiny_arch_model("phi3", seed=4, rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                                          "partial_rotary_factor": 0.5})
+    model = build_model(save_tiny(hf, tmp_path / "phi"), return_logits="all")
+    assert model.config.rope.rotary_dim == 8
+    prompt = PROMPTS[1]
+    ctx = held(model, TextContext("p", np.asarray(prompt, np.int32), max_length=len(prompt) + 1))
+    got = np.asarray(model.execute(model.prepare_initial_token_inputs([[ctx]])).logits)[0, -len(prompt):]
+    with torch.no_grad():
+        ref = hf(torch.tensor([prompt])).logits[0].numpy()
+    assert np.abs(got - ref).max() < 1e-4

@@ -21,6 +21,9 @@ VARIANTS = {
                     "mscale_all_dim": 0.8, "beta_fast": 16, "original_max_position_embeddings": 256},
     "longrope": {"rope_type": "longrope", "rope_theta": 10000.0, "long_factor": LONG, "short_factor": SHORT,
                  "original_max_position_embeddings": 256},
+    "partial": {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.75},
+    "yarn partial": {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "partial_rotary_factor": 0.5,
+                     "original_max_position_embeddings": 256},
 }
 
 
@@ -33,11 +36,11 @@ def _hf_config(params: dict):
 
 def _hf_frequencies(cfg, seq_len: int):
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
-    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+    from transformers.models.phi3.modeling_phi3 import Phi3RotaryEmbedding
 
     kind = cfg.rope_parameters["rope_type"]
-    if kind == "default":
-        inv, scale = LlamaRotaryEmbedding.compute_default_rope_parameters(cfg)
+    if kind == "default":  # Phi-3's default honours partial_rotary_factor (Llama's has none)
+        inv, scale = Phi3RotaryEmbedding.compute_default_rope_parameters(cfg)
     else:
         inv, scale = ROPE_INIT_FUNCTIONS[kind](cfg, "cpu", seq_len=seq_len)
     return inv.numpy(), scale
@@ -63,7 +66,8 @@ def test_the_variants_differ():
     base = rope_from_hf(VARIANTS["default"], HEAD_DIM, 1024, "test").frequencies()[0]
     for name, params in VARIANTS.items():
         if name not in ("default", "dynamic"):
-            assert not np.allclose(rope_from_hf(params, HEAD_DIM, 1024, "test").frequencies()[0], base), name
+            inv = rope_from_hf(params, HEAD_DIM, 1024, "test").frequencies()[0]
+            assert inv.shape != base.shape or not np.allclose(inv, base), name
     dynamic = rope_from_hf(VARIANTS["dynamic"], HEAD_DIM, 1024, "test")
     short, long = (dynamic.__class__(**{**dynamic.__dict__, "length": n}).frequencies()[0] for n in (1024, 3000))
     assert not np.allclose(short, long), "dynamic NTK grows its base past max_position_embeddings"
@@ -92,7 +96,8 @@ def test_rotation_equals_transformers(name):
     ({"rope_type": "su-per"}, "rope_type='su-per' (test) is not built: maxlike runs default, linear, dynamic, "
                               "llama3, yarn, longrope"),
     ({"rope_type": "yarn", "factor": 2.0}, "rope_type='yarn' needs original_max_position_embeddings"),
-    ({"rope_type": "default", "partial_rotary_factor": 0.5}, "partial_rotary_factor=0.5 (test) is not built"),
+    ({"rope_type": "default", "partial_rotary_factor": 0.3}, "partial_rotary_factor=0.3 (test) rotates 19 of 64 "
+                                                             "head dims: it must be an even number from 2 to head_dim"),
 ])
 def test_bad_rope_configs_name_the_field(params, message):
     from graphs.base import UnsupportedConfigError
@@ -100,3 +105,24 @@ def test_bad_rope_configs_name_the_field(params, message):
 
     with pytest.raises(UnsupportedConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
         rope_from_hf(params, HEAD_DIM, 1024, "test")
+
+
+def test_partial_rotation_equals_transformers():
+    """Phi-3's rotation with partial_rotary_factor (Phi-4-mini): the leading dims turn, the rest pass."""
+    import jax.numpy as jnp
+    from transformers import Phi3Config
+    from transformers.models.phi3.modeling_phi3 import Phi3RotaryEmbedding, apply_rotary_pos_emb
+
+    from graphs.rope import apply_rope, rope_from_hf
+
+    cfg = Phi3Config(hidden_size=HEAD_DIM * 4, num_attention_heads=4, max_position_embeddings=1024,
+                     rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.75})
+    x = np.random.default_rng(1).standard_normal((2, 5, 3, HEAD_DIM)).astype(np.float32)
+    positions = np.array([[0, 1, 2, 3, 4], [7, 30, 31, 200, 900]])
+    cos, sin = Phi3RotaryEmbedding(cfg)(torch.zeros(1), torch.tensor(positions))
+    ref, _ = apply_rotary_pos_emb(torch.tensor(x).transpose(1, 2), torch.tensor(x).transpose(1, 2), cos, sin)
+    rope = rope_from_hf(cfg.rope_parameters, HEAD_DIM, 1024, "test")
+    assert rope.rotary_dim == 48
+    ours = np.asarray(apply_rope(jnp.asarray(x), jnp.asarray(positions), rope))
+    np.testing.assert_allclose(ours, ref.transpose(1, 2).numpy(), atol=2e-5)
+    np.testing.assert_array_equal(ours[..., 48:], x[..., 48:])
