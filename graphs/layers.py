@@ -1,5 +1,5 @@
-"""Shared layers: RMSNorm, paged grouped-query attention (causal, optionally windowed), SwiGLU MLP
-(RoPE: graphs.rope).
+"""Shared layers: RMSNorm, paged grouped-query attention (causal, optionally windowed), the
+projection every matmul with a weight goes through (LoRA, int8) (RoPE: graphs.rope).
 
 Plain-XLA reference implementations; every op is a pure function.
 """
@@ -174,13 +174,6 @@ def _attend(q, k_pages, v_pages, page_table, q_pos, layer, window=None, scale=No
     return out.reshape(b, kv, t, g, d).transpose(0, 2, 1, 3, 4).reshape(b, t, h, d)
 
 
-def swiglu(x: jax.Array, gate: jax.Array, up: jax.Array, down: jax.Array) -> jax.Array:
-    """x [B, T, E]; gate/up [E, F]; down [F, E]."""
-    g = jnp.einsum("bte,ef->btf", x, gate)
-    u = jnp.einsum("bte,ef->btf", x, up)
-    return jnp.einsum("btf,fe->bte", jax.nn.silu(g) * u, down)
-
-
 def adapter_mask(w: dict, adapters) -> jax.Array | None:
     """The LoRA mask of a forward pass (None without adapters): `lora_mask` sized by the slots'
     weights in `w` ("{projection}_lora_a" per layer)."""
@@ -192,9 +185,15 @@ def adapter_mask(w: dict, adapters) -> jax.Array | None:
 
 def projection(mask):
     """proj(eq, x, layer_weights, name, n_in=1): the einsum of x with weight `name`, plus each
-    token's LoRA update where the layer holds one for it (mask from `adapter_mask`)."""
+    token's LoRA update where the layer holds one for it (mask from `adapter_mask`). An int8
+    weight (maxlike.weights.quantize) is dequantized in the product: x @ values, times its
+    per-output-channel "{name}_scale". The one place a graph multiplies by a projection weight."""
     def proj(eq: str, x, lw: dict, name: str, n_in: int = 1):
-        y = jnp.einsum(eq, x, lw[name])
+        w = lw[name]
+        if w.dtype == jnp.int8:
+            y = jnp.einsum(eq, x, w.astype(x.dtype)) * lw[name + "_scale"].astype(x.dtype)
+        else:
+            y = jnp.einsum(eq, x, w)
         if mask is not None and name + "_lora_a" in lw:
             y = y + lora_delta(x, lw[name + "_lora_a"], lw[name + "_lora_b"], mask, n_in)
         return y

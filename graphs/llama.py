@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from graphs.base import Architecture, UnsupportedConfigError, WeightSpec, require, run_layers
-from graphs.layers import adapter_mask, paged_attention, projection, rms_norm, swiglu, write_kv
+from graphs.layers import adapter_mask, paged_attention, projection, rms_norm, write_kv
 from graphs.llama_checkpoint import checkpoint_names
 from graphs.rope import RopeSpec, apply_rope, hf_rope_parameters, rope_from_hf
 
@@ -136,7 +136,7 @@ def forward(cfg: LlamaConfig, w: dict, kv: list, tokens, positions, slots, page_
     `scan` runs the layers as one loop over stacked weights (see graphs.base.run_layers).
     adapters [B, T]: each token's LoRA slot (0: none), with the slots' weights in `w` as
     "{projection}_lora_a" / "_lora_b" per layer (maxlike.pipelines.lora)."""
-    proj = projection(mask := adapter_mask(w, adapters))
+    proj = projection(adapter_mask(w, adapters))
 
     def layer(x, lw, k_pages, v_pages, index):
         with jax.named_scope("attention"):
@@ -160,11 +160,8 @@ def forward(cfg: LlamaConfig, w: dict, kv: list, tokens, positions, slots, page_
             x = x + a
         with jax.named_scope("mlp"):
             h = rms_norm(x, lw["mlp_norm"], cfg.rms_norm_eps)
-            if mask is None:
-                x = x + swiglu(h, lw["gate"], lw["up"], lw["down"])
-            else:
-                g, u = proj("btd,df->btf", h, lw, "gate"), proj("btd,df->btf", h, lw, "up")
-                x = x + proj("btf,fd->btd", jax.nn.silu(g) * u, lw, "down")
+            g, u = proj("btd,df->btf", h, lw, "gate"), proj("btd,df->btf", h, lw, "up")
+            x = x + proj("btf,fd->btd", jax.nn.silu(g) * u, lw, "down")
         return x, k_pages, v_pages
 
     x = w["embed"][tokens]  # [B, T, D]

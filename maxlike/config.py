@@ -16,6 +16,10 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 _DTYPES = ("auto", "float32", "bfloat16", "float16")
+# Weights kept quantized on the device (activations in `dtype`): int8 with a float32 scale per output
+# channel. MAX's other names, not built yet, are refused by name.
+QUANTIZED_ENCODINGS = ("int8",)
+NOT_BUILT_ENCODINGS = ("float8_e4m3fn", "q4", "q4_k", "q4_0", "q6_k")
 
 
 class ConfigError(ValueError):
@@ -39,12 +43,16 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         if self.quantization_encoding is not None:
+            _check(self.quantization_encoding not in NOT_BUILT_ENCODINGS,
+                   f"quantization_encoding={self.quantization_encoding!r} is not built yet: use int8 (weights "
+                   f"kept as int8 with a scale per output channel) or a float dtype {_DTYPES[1:]}.")
             _check(
-                self.quantization_encoding in _DTYPES[1:],
+                self.quantization_encoding in _DTYPES[1:] + QUANTIZED_ENCODINGS,
                 f"quantization_encoding={self.quantization_encoding!r} is not supported: "
-                f"use one of {_DTYPES[1:]} (GGUF quantized weights are dequantized on load).",
+                f"use one of {_DTYPES[1:] + QUANTIZED_ENCODINGS} (GGUF quantized weights are dequantized on load, "
+                "or requantized to int8).",
             )
-            if self.dtype == "auto":
+            if self.dtype == "auto" and self.quantization_encoding in _DTYPES:
                 object.__setattr__(self, "dtype", self.quantization_encoding)
         _check(self.dtype in _DTYPES, f"dtype={self.dtype!r} is not supported: use one of {_DTYPES}.")
         if self.max_length is not None:

@@ -35,6 +35,7 @@ from maxlike.pipelines.sizing import DecoderSizing
 from maxlike.pipelines.step_inputs import next_inputs, place_replicated, place_sharded, unpack
 from maxlike.sharding import named_sharding, replicated
 from maxlike.weights import converted, read_weights
+from maxlike.weights.quantize import dtype_of, linear_inputs, quantize_host, quantized_specs
 
 from graphs.base import stack_layers, stacked_specs
 from graphs.rope import at_length
@@ -77,6 +78,11 @@ class DecoderPipelineModel(DecoderSizing, ServingModel):
         scan = pipeline_config.scan_layers
         self.scan_layers = SCAN_LAYERS_DEFAULT.get(session.platform, False) if scan is None else scan
         self._layer_specs = self.arch.weight_specs(self.config)  # per layer, as checkpoints hold them
+        # int8 weights: the projections (the kinds LoRA can target) kept as int8 with their scales
+        self._quantized = {kind: n_in for kind, n_in in self.arch.lora_targets.values()} \
+            if pipeline_config.model.quantization_encoding == "int8" else {}
+        if self._quantized:
+            self._layer_specs = quantized_specs(self._layer_specs, linear_inputs(self._layer_specs, self._quantized))
         specs = stacked_specs(self._layer_specs) if self.scan_layers else self._layer_specs
         self._specs = specs  # as `params` holds them
         self.weights_source = "none (compile-only)"  # or where `params` came from
@@ -97,7 +103,8 @@ class DecoderPipelineModel(DecoderSizing, ServingModel):
                                               allocate=not self.compile_only, stacked=self.scan_layers,
                                               window=self.sliding_window_everywhere)
         if self.compile_only:  # shapes and shardings only: nothing is read or allocated
-            self.params = {name: jax.ShapeDtypeStruct(spec.shape, self.dtype, sharding=named_sharding(mesh, spec.axes))
+            self.params = {name: jax.ShapeDtypeStruct(spec.shape, self._dtype_of(name),
+                                                      sharding=named_sharding(mesh, spec.axes))
                            for name, spec in specs.items()}
             pool = jax.ShapeDtypeStruct(self.kv_manager.pool_shape, self.kv_params.dtype,
                                         sharding=self.kv_manager.pool_sharding)
@@ -123,7 +130,7 @@ class DecoderPipelineModel(DecoderSizing, ServingModel):
         shardings = {name: named_sharding(mesh, spec.axes) for name, spec in specs.items()}
         checkpoint = self._weights_checkpoint() if weights is None else None
         if checkpoint is not None:
-            abstract = {name: jax.ShapeDtypeStruct(spec.shape, self.dtype, sharding=shardings[name])
+            abstract = {name: jax.ShapeDtypeStruct(spec.shape, self._dtype_of(name), sharding=shardings[name])
                         for name, spec in specs.items()}
             params = converted.restore(checkpoint, abstract)
             if params is not None:
@@ -133,7 +140,7 @@ class DecoderPipelineModel(DecoderSizing, ServingModel):
             self.weights_source = "weights passed to the model"
         host = self._to_layout(weights if weights is not None else self._read_weights(progress))
         # Every file was checked and read, and the KV cache planned, before the first device allocation.
-        params = {name: place_sharded(host[name], shardings[name], self.dtype)
+        params = {name: place_sharded(host[name], shardings[name], self._dtype_of(name))
                   for name in tqdm(specs, desc="placing weights", unit="tensor", disable=not progress)}
         del host
         if checkpoint is not None:
@@ -145,7 +152,8 @@ class DecoderPipelineModel(DecoderSizing, ServingModel):
         cfg, source_config = self.pipeline_config, self._source_config
         self.weights_source = "checkpoint files"
         return read_weights(cfg.model.model_path, self.arch.weight_specs(source_config),
-                            self.arch.checkpoint_names(source_config), self.dtype, progress=progress,
+                            self.arch.checkpoint_names(source_config),
+                            np.float32 if self._quantized else self.dtype, progress=progress,
                             weight_path=cfg.model.weight_path)
 
     def _weights_checkpoint(self) -> str | None:
@@ -172,7 +180,8 @@ class DecoderPipelineModel(DecoderSizing, ServingModel):
         """What makes this model's programs differ from another's (the executable cache's key parts).
         `code` hashes the architecture's and this class's source wherever they live, so an
         architecture registered from outside maxlike misses the cache when its code changes."""
-        program = repr((type(self).__name__, self.arch.name, self.config, str(self.dtype), self.kv_params, num_pages,
+        program = repr((type(self).__name__, self.arch.name, self.config, str(self.dtype), sorted(self._quantized),
+                        self.kv_params, num_pages,
                         self.replicas, self.max_batch_size, self.max_length, self._max_prefill_tokens,
                         self.return_logits, self.return_hidden_states, self.scan_layers,
                         self.session.matmul_precision, self._lora_shape()))
@@ -199,8 +208,14 @@ class DecoderPipelineModel(DecoderSizing, ServingModel):
     def _to_layout(self, host: dict) -> dict:
         """Host arrays as the checkpoint gives them (per layer) -> as `params` holds them:
         KV heads repeated for the mesh, layers stacked when they run as one loop."""
-        host = {name: self._repeat_kv(host[name], spec) for name, spec in self._layer_specs.items()}
+        host = {name: self._repeat_kv(host[name], spec) for name, spec in self._layer_specs.items() if name in host}
+        if self._quantized:
+            host = quantize_host(host, linear_inputs(host, self._quantized))
         return stack_layers(host) if self.scan_layers else host
+
+    def _dtype_of(self, name: str):
+        """A parameter's dtype: the model's, or int8 / float32 for quantized projections and their scales."""
+        return dtype_of(name, self._quantized, self.dtype)
 
     def _repeat_kv(self, array, spec) -> np.ndarray:
         if self.kv_repeat == 1 or "kv_heads" not in spec.axes:

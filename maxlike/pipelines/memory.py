@@ -16,8 +16,9 @@ def resolve_dtype(name: str, platform: str) -> jnp.dtype:
 
 
 def weights_bytes(specs: dict, dtype) -> int:
-    itemsize = jnp.dtype(dtype).itemsize
-    return sum(int(np.prod(s.shape)) * itemsize for s in specs.values())
+    """Bytes of the weights `specs` describes; `dtype` one dtype, or a function of the name."""
+    of = dtype if callable(dtype) and not isinstance(dtype, type) else (lambda _: dtype)
+    return sum(int(np.prod(s.shape)) * jnp.dtype(of(name)).itemsize for name, s in specs.items())
 
 
 def next_pow2(n: int) -> int:

@@ -17,6 +17,7 @@ from maxlike.kv_cache import KVCacheParams
 from maxlike.pipelines import memory
 from maxlike.pipelines.model import ReturnLogits, upper_bounded_default
 from maxlike.weights.lean import text_config_of
+from maxlike.weights.quantize import dtype_of, linear_inputs, quantized_specs
 from maxlike.pipelines.registry import PIPELINE_REGISTRY
 from maxlike.pipelines.serving import Bucket
 
@@ -63,7 +64,11 @@ class DecoderSizing:
         hf = load_hf_config(pipeline_config.model.model_path)
         arch, cfg = cls._graph_and_config(hf)
         dtype = memory.resolve_dtype(pipeline_config.model.dtype, _platform(pipeline_config))
-        return memory.weights_bytes(arch.weight_specs(cfg), dtype)
+        specs, kinds = arch.weight_specs(cfg), {}
+        if pipeline_config.model.quantization_encoding == "int8":
+            kinds = {kind: n_in for kind, n_in in arch.lora_targets.values()}
+            specs = quantized_specs(specs, linear_inputs(specs, kinds))
+        return memory.weights_bytes(specs, lambda name: dtype_of(name, kinds, dtype))
 
     @classmethod
     def estimate_activation_memory(cls, pipeline_config, huggingface_config) -> int:
@@ -106,7 +111,7 @@ class DecoderSizing:
         count = len(jax.devices(platform)) if not c.compile_target and c.devices is None else None
         key = repr((arch.name, cfg, c.model.dtype, cls.calculate_max_seq_len(c, huggingface_config),
                     c.max_batch_size, c.max_num_steps, c.prefill_chunk_size, c.kv_cache.kv_cache_page_size,
-                    c.kv_cache.cache_dtype, c.sampling.enable_echo, c.devices, count, c.compile_target,
+                    c.model.quantization_encoding, c.kv_cache.cache_dtype, c.sampling.enable_echo, c.devices, count, c.compile_target,
                     c.data_parallel_degree, c.tensor_parallel_degree, c.enable_in_flight_batching, platform, exe_cache.versions(),
                     exe_cache.program_settings(), exe_cache.source_hash()))
         return os.path.join(folder, "activations", hashlib.sha256(key.encode()).hexdigest()[:24] + ".json")
@@ -152,7 +157,7 @@ class DecoderSizing:
                 return params, batch, batch * pages_per_seq + 1
             budget_pages = device_page_budget(
                 stats, utilization=cfg.device_memory_utilization,
-                weights_bytes=memory.weights_bytes(specs, self.dtype) / self.tensor_parallel_degree,
+                weights_bytes=memory.weights_bytes(specs, self._dtype_of) / self.tensor_parallel_degree,
                 activation_bytes=self._activation_estimate(self.pipeline_config, self.huggingface_config),
                 page_bytes=params.page_bytes / self.tensor_parallel_degree)
         if budget_pages < pages_per_seq + 1:  # + the reserved null page
@@ -175,7 +180,7 @@ class DecoderSizing:
             return
         tp = self.tensor_parallel_degree
         pool = pages * params.page_bytes / tp / 2**30
-        weights = memory.weights_bytes(specs, self.dtype) / tp / 2**30
+        weights = memory.weights_bytes(specs, self._dtype_of) / tp / 2**30
         if pool + weights > hbm * 0.98:
             raise ConfigError(
                 f"this configuration does not fit a {kind} chip ({hbm} GiB): its KV pool, sized for max_batch_size="
