@@ -1,7 +1,7 @@
 """Decode and prefill tokens/s on SmolLM2-135M (CPU): maxlike vs HF transformers, same run.
 
     .venv/bin/python benchmarks/bench_decode.py [--batch-sizes 1 8] [--new-tokens 64] [--prompt-tokens 64]
-        [--layer-forms unrolled scan]
+        [--layer-forms unrolled scan] [--encodings float int8] [--roofline]
 
 Both run the same GGUF file in fp32 on the same prompts (random token ids),
 greedy, with EOS ignored so every run produces exactly N tokens.
@@ -50,20 +50,26 @@ def main() -> None:
                     "peak (prefill), for maxlike and HF alike (HF reads the same fp32 weights)")
     ap.add_argument("--layer-forms", nargs="+", choices=["unrolled", "scan"], default=["unrolled"],
                     help="maxlike's layers unrolled and/or as one loop over stacked weights (scan_layers)")
+    ap.add_argument("--encodings", nargs="+", choices=["float", "int8"], default=["float"],
+                    help="maxlike's weights as the model's dtype and/or kept as int8 (quantization_encoding)")
     args = ap.parse_args()
     path = default_model_path()
-    forms = {}
+    forms, models = {}, {}
     for form in args.layer_forms:
-        config = PipelineConfig(model_path=path, max_length=512, max_batch_size=max(args.batch_sizes),
-                                max_num_steps=args.max_num_steps, scan_layers=form == "scan")
-        llm, forms[form] = maxlike_generate(config)
+        for encoding in args.encodings:
+            config = PipelineConfig(model_path=path, max_length=512, max_batch_size=max(args.batch_sizes),
+                                    max_num_steps=args.max_num_steps, scan_layers=form == "scan",
+                                    quantization_encoding=None if encoding == "float" else encoding)
+            name = form if encoding == "float" else f"{form}_{encoding}"
+            llm, forms[name] = maxlike_generate(config)
+            models[f"maxlike_{name}"] = llm.pipeline.model
     vocab = llm.pipeline.model.config.vocab_size
     theirs = None if args.skip_hf else hf_generate(path)
     if args.roofline:  # at start: the device's peaks before either runs
         from maxlike.entrypoints import roofline as rl
 
-        model = llm.pipeline.model
-        peaks = rl.measure_peaks(model.devices[0], model.dtype)
+        first = next(iter(models.values()))  # HF reads what the first (float) one does
+        peaks = rl.measure_peaks(first.devices[0], first.dtype)
     results = []
     for b in args.batch_sizes:
         row = {f"maxlike_{form}": measure(ours, b, args.prompt_tokens, args.new_tokens, vocab)
@@ -84,7 +90,8 @@ def main() -> None:
     if args.roofline:
         for row in results:
             for name in list(row):
-                row[name] = rl.report(model, peaks, [row[name]], args.prompt_tokens, args.new_tokens)[0]
+                row[name] = rl.report(models.get(name, first), peaks, [row[name]], args.prompt_tokens,
+                                      args.new_tokens)[0]
             rl.print_report([row[name] for name in row])
             print("  (rows: " + ", ".join(row) + ")", flush=True)
     if args.json:
