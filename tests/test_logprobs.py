@@ -123,7 +123,7 @@ def test_echo_without_enable_echo_fails_alone_at_admission(tiny_llm):
     assert all(r.done and len(r.ctx.generated) == 5 for r in ok)
 
 
-@pytest.mark.parametrize("mode", ["raw_logprobs", "processed_logprobs"])
+@pytest.mark.parametrize("mode", ["raw_logprobs", pytest.param("processed_logprobs", marks=pytest.mark.slow)])
 def test_every_logprob_and_echo_executable_is_warm(tiny_llama, mode):
     from maxlike.interfaces import SamplingParams
 

@@ -305,6 +305,7 @@ def test_the_server_serves_adapters_by_model_name(adapters):
         engine.shutdown(10)
 
 
+@pytest.mark.slow  # about 17 s: `make test-slow`
 def test_warm_cache_with_lora_and_in_flight_batching_then_any_adapter_compiles_nothing(adapters, tmp_path):
     import subprocess
     import sys

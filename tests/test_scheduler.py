@@ -44,6 +44,7 @@ def test_many_requests_through_a_small_pool_equal_each_alone(tiny_llama, tiny_ll
         assert kv.prefix_cache.stats.hit_rate > 0
 
 
+@pytest.mark.slow  # about 18 s: `make test-slow`
 def test_async_scheduling_changes_only_the_timing(tiny_llama):
     """Dispatching each decode block before the last one's tokens are read gives the
     same tokens and finish reasons, with stops, sampling, preemption and prefix caching."""
