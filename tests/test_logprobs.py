@@ -140,7 +140,8 @@ def test_every_logprob_and_echo_executable_is_warm(tiny_llama, mode):
     assert len(outs[1].log_probabilities[0].token_log_probabilities) == 20  # echo: the whole prompt
 
 
-@pytest.mark.parametrize("mode", ["processed_logprobs", "processed_logits", "raw_logits"])
+@pytest.mark.parametrize("mode", ["processed_logprobs", pytest.param("processed_logits", marks=pytest.mark.slow),
+                                  pytest.param("raw_logits", marks=pytest.mark.slow)])
 def test_logprobs_mode_against_hf_logits_processors(tiny_models, mode):
     """Each step's values against HF: the model's logits through HF's own processors and warpers,
     log-softmaxed unless the mode asks for logits. One batch: a row cut by top-p inside its top-k,

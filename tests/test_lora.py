@@ -68,7 +68,7 @@ def _hf_greedy(model, prompt, n: int) -> list[int]:
     return out[0, len(prompt):].tolist()
 
 
-@pytest.mark.parametrize("kind,scan", [("llama", False), ("qwen2", True)])
+@pytest.mark.parametrize("kind,scan", [("llama", False), pytest.param("qwen2", True, marks=pytest.mark.slow)])
 def test_each_adapter_matches_hf_peft(adapters, kind, scan):
     """Llama with its layers unrolled, Qwen2 with them as one loop (adapter slots stacked too)."""
     from maxlike.interfaces import SamplingParams
@@ -137,6 +137,7 @@ def test_slots_evict_the_least_recently_used_idle_adapter_and_compile_nothing(ad
         lora.activate_adapter("c")
 
 
+@pytest.mark.slow  # `make test-slow` (the fast suite must stay under 15 minutes)
 def test_requests_wait_for_a_slot_when_every_slot_is_in_use(adapters):
     """One slot for two adapters; with in-flight batching the adapters ride in mixed steps too."""
     path, _, made = adapters["qwen2"]

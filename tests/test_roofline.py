@@ -34,6 +34,7 @@ def test_counts_follow_the_model(tiny_models):
     assert row["prefill_tflop_s"] == pytest.approx(flops * 400 / 8 / 1e12)
 
 
+@pytest.mark.slow  # `make test-slow` (the fast suite must stay under 15 minutes)
 def test_the_report_end_to_end(tiny_llama, tmp_path, capsys):
     from test_cli import cli
 

@@ -184,6 +184,7 @@ def test_response_format_over_the_server(client):
     assert r.choices[0].text in ("left", "right")
 
 
+@pytest.mark.slow  # `make test-slow` (the fast suite must stay under 15 minutes)
 def test_processed_logprobs_over_the_server(config):
     """logprobs_mode=processed_logprobs: with top_k=3 the three kept tokens' probabilities sum to 1,
     and the alternatives past them (-inf, which JSON cannot hold) arrive as -9999.0, as from OpenAI."""

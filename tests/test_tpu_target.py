@@ -67,6 +67,7 @@ def _check_one_step_per_bucket(result, cache, mesh: str) -> list[dict]:
     return records
 
 
+@pytest.mark.slow  # `make test-slow` (the fast suite must stay under 15 minutes)
 def test_tiny_llama_tensor_parallel_4(eight_head_models, tmp_path):
     result = warm_cache(tmp_path, "--model-path", eight_head_models["llama"], "--tensor-parallel-degree", "4",
                         "--max-batch-size", "1", "--max-length", "32", "--kv-cache-page-size", "16")
