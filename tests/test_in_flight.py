@@ -107,6 +107,7 @@ REPLICAS_SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow  # `make test-slow` (the fast suite must stay under 15 minutes)
 def test_a_mixed_step_on_two_replicas_matches_hf(eight_head_models):
     r = subprocess.run([sys.executable, "-c", REPLICAS_SCRIPT, HERE, eight_head_models["llama"]],
                        capture_output=True, text=True, timeout=600)

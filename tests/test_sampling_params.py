@@ -171,8 +171,9 @@ def smollm2_logits(hf_smollm2):
         return model(torch.tensor([tok.encode("My favourite colour is")])).logits[0, -1].numpy()
 
 
-@pytest.mark.parametrize("kw", [dict(temperature=0.8, top_p=0.9), dict(top_k=20), dict(min_p=0.1)],
-                         ids=["T0.8-top_p0.9", "top_k20", "min_p0.1"])
+@pytest.mark.parametrize("kw", [dict(temperature=0.8, top_p=0.9), pytest.param(dict(top_k=20), marks=pytest.mark.slow),
+                                pytest.param(dict(min_p=0.1), marks=pytest.mark.slow)],
+                         ids=["T0.8-top_p0.9", "top_k20", "min_p0.1"])  # two in `make test-slow`
 def test_first_token_draws_follow_the_exact_distribution(smollm2_logits, kw):
     n, chunk = 4000, 500
     want = _exact(smollm2_logits, **kw)
