@@ -25,22 +25,10 @@ sys.path.insert(0, os.path.join(HERE, ".."))
 sys.path.insert(0, os.path.join(HERE, "..", "tests"))
 
 import conftest  # noqa: E402  (the tiny-model builders; it points MAXLIKE_CACHE_DIR at a fresh folder)
-from maxlike.entrypoints.bench import maxlike_generate, measure  # noqa: E402
+from maxlike.entrypoints.bench import hf_generate, maxlike_generate, measure  # noqa: E402
 from maxlike.pipelines import PipelineConfig  # noqa: E402
 
 KINDS = ("llama", "mistral_window", "qwen3", "gemma2", "gemma3", "phi3")
-
-
-def hf_generate(model):
-    import torch
-
-    def generate(prompts, n):
-        ids = torch.tensor(prompts)
-        with torch.no_grad():
-            model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
-                           do_sample=False, pad_token_id=0)
-
-    return generate
 
 
 def main() -> None:

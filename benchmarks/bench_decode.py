@@ -16,25 +16,17 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from maxlike.entrypoints.bench import maxlike_generate, measure  # noqa: E402
+from maxlike.entrypoints.bench import hf_generate, maxlike_generate, measure  # noqa: E402
 from maxlike.entrypoints.llm import default_model_path  # noqa: E402
 from maxlike.pipelines import PipelineConfig  # noqa: E402
 
 
-def hf_generate(path: str):
+def hf_gguf_generate(path: str):
     import torch
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
-                                                 dtype=torch.float32).eval()
-
-    def generate(prompts, n):
-        ids = torch.tensor(prompts)
-        with torch.no_grad():
-            model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
-                           do_sample=False, pad_token_id=0)
-
-    return generate
+    return hf_generate(AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
+                                                            dtype=torch.float32).eval())
 
 
 def main() -> None:
@@ -64,7 +56,7 @@ def main() -> None:
             llm, forms[name] = maxlike_generate(config)
             models[f"maxlike_{name}"] = llm.pipeline.model
     vocab = llm.pipeline.model.config.vocab_size
-    theirs = None if args.skip_hf else hf_generate(path)
+    theirs = None if args.skip_hf else hf_gguf_generate(path)
     if args.roofline:  # at start: the device's peaks before either runs
         from maxlike.entrypoints import roofline as rl
 

@@ -21,7 +21,7 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from maxlike.entrypoints.bench import maxlike_generate, measure  # noqa: E402
+from maxlike.entrypoints.bench import hf_generate, maxlike_generate, measure  # noqa: E402
 from maxlike.pipelines import PipelineConfig  # noqa: E402
 
 SHAPES = {
@@ -50,22 +50,6 @@ def build_model(shape: str, path: str, device: str):
     model.save_pretrained(path)
     byte_tokenizer().save_pretrained(path)
     return model
-
-
-def hf_generate(model):
-    import torch
-
-    device = next(model.parameters()).device
-
-    def generate(prompts, n):
-        ids = torch.tensor(prompts, device=device)
-        with torch.no_grad():
-            model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
-                           do_sample=False, pad_token_id=0)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-
-    return generate
 
 
 def offline_workload(args, vocab: int) -> list[list[int]]:

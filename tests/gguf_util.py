@@ -36,19 +36,25 @@ def permute(w: np.ndarray, heads: int) -> np.ndarray:
     return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def write_llama_gguf(path, hf_config, state_dict: dict[str, np.ndarray], qtype: str = "F32",
-                     extra_tensors: dict | None = None) -> None:
-    w = gguf.GGUFWriter(str(path), "llama")
-    c = hf_config
+def _writer(path, arch: str, c) -> gguf.GGUFWriter:
+    """A GGUF writer holding the metadata every architecture has (llama.cpp's keys)."""
+    w = gguf.GGUFWriter(str(path), arch)
     w.add_block_count(c.num_hidden_layers)
     w.add_context_length(c.max_position_embeddings)
     w.add_embedding_length(c.hidden_size)
     w.add_feed_forward_length(c.intermediate_size)
     w.add_head_count(c.num_attention_heads)
     w.add_head_count_kv(c.num_key_value_heads)
-    w.add_rope_freq_base(float(c.rope_parameters["rope_theta"]))
     w.add_layer_norm_rms_eps(c.rms_norm_eps)
     w.add_vocab_size(c.vocab_size)
+    return w
+
+
+def write_llama_gguf(path, hf_config, state_dict: dict[str, np.ndarray], qtype: str = "F32",
+                     extra_tensors: dict | None = None) -> None:
+    c = hf_config
+    w = _writer(path, "llama", c)
+    w.add_rope_freq_base(float(c.rope_parameters["rope_theta"]))
     w.add_rope_dimension_count(c.hidden_size // c.num_attention_heads)
     for name, arr in state_dict.items():
         arr = np.asarray(arr, np.float32)
@@ -94,18 +100,10 @@ def write_arch_gguf(path, arch: str, hf_model) -> None:
     """A llama.cpp-style F32 GGUF of a tiny HF Qwen3 / Gemma 2 / Gemma 3 / Phi-3 (no vocabulary):
     its metadata keys, its tensor names, and Gemma's norm weights stored with the 1 of (1 + w) added."""
     c = hf_model.config
-    w = gguf.GGUFWriter(str(path), arch)
-    w.add_block_count(c.num_hidden_layers)
-    w.add_context_length(c.max_position_embeddings)
-    w.add_embedding_length(c.hidden_size)
-    w.add_feed_forward_length(c.intermediate_size)
-    w.add_head_count(c.num_attention_heads)
-    w.add_head_count_kv(c.num_key_value_heads)
+    w = _writer(path, arch, c)
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
     w.add_key_length(head_dim)
     w.add_value_length(head_dim)
-    w.add_layer_norm_rms_eps(c.rms_norm_eps)
-    w.add_vocab_size(c.vocab_size)
     rope = c.rope_parameters.get("full_attention", c.rope_parameters)
     w.add_rope_freq_base(float(rope["rope_theta"]))
     if rope.get("rope_type") == "linear":

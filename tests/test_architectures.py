@@ -43,16 +43,21 @@ def _greedy(llm, prompts):
     return [(o.token_ids, np.array([lp.token_log_probabilities[0] for lp in o.log_probabilities])) for o in outs]
 
 
+def assert_prefill_matches(model, hf, prompt: list[int]) -> None:
+    """One prefill step of `prompt`: every position's logits within 1e-4 of HF's."""
+    ctx = held(model, TextContext("prefill", np.asarray(prompt, np.int32), max_length=len(prompt) + 1))
+    got = np.asarray(model.execute(model.prepare_initial_token_inputs([[ctx]])).logits)[0, -len(prompt):]
+    model.kv_manager.release("prefill")
+    with torch.no_grad():
+        ref = hf(torch.tensor([prompt])).logits[0].numpy()
+    assert np.abs(got - ref).max() < 1e-4
+
+
 @pytest.mark.parametrize("name", ARCH_KINDS)
 def test_prefill_logits_match_hf(arch_models, name):
     path, hf = arch_models[name]
     model = build_model(path, return_logits="all")
-    prompt = PROMPTS[1]
-    ctx = held(model, TextContext("r", np.asarray(prompt, np.int32), max_length=len(prompt) + 1))
-    got = np.asarray(model.execute(model.prepare_initial_token_inputs([[ctx]])).logits)[0, -len(prompt):]
-    with torch.no_grad():
-        ref = hf(torch.tensor([prompt])).logits[0].numpy()
-    assert np.abs(got - ref).max() < 1e-4
+    assert_prefill_matches(model, hf, PROMPTS[1])
 
 
 @pytest.mark.parametrize("name", _kinds(FULL))
@@ -166,12 +171,7 @@ def test_gguf_equals_the_model_it_was_written_from(name, tmp_path):
     write_arch_gguf(path, name, hf)
     model = build_model(str(path), return_logits="all")
     assert model.config.sliding_window == (None if name == "qwen3" else WINDOW)
-    prompt = PROMPTS[1]
-    ctx = held(model, TextContext("g", np.asarray(prompt, np.int32), max_length=len(prompt) + 1))
-    got = np.asarray(model.execute(model.prepare_initial_token_inputs([[ctx]])).logits)[0, -len(prompt):]
-    with torch.no_grad():
-        ref = hf(torch.tensor([prompt])).logits[0].numpy()
-    assert np.abs(got - ref).max() < 1e-4
+    assert_prefill_matches(model, hf, PROMPTS[1])
 
 
 @pytest.mark.slow  # `make test-slow` (the fast suite must stay under 15 minutes)
@@ -183,9 +183,4 @@ def test_partial_rotary_phi_matches_hf(tmp_path):
                                                           "partial_rotary_factor": 0.5})
     model = build_model(save_tiny(hf, tmp_path / "phi"), return_logits="all")
     assert model.config.rope.rotary_dim == 8
-    prompt = PROMPTS[1]
-    ctx = held(model, TextContext("p", np.asarray(prompt, np.int32), max_length=len(prompt) + 1))
-    got = np.asarray(model.execute(model.prepare_initial_token_inputs([[ctx]])).logits)[0, -len(prompt):]
-    with torch.no_grad():
-        ref = hf(torch.tensor([prompt])).logits[0].numpy()
-    assert np.abs(got - ref).max() < 1e-4
+    assert_prefill_matches(model, hf, PROMPTS[1])

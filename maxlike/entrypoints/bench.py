@@ -41,6 +41,24 @@ def _timed(fn, *args) -> float:
     return time.perf_counter() - t
 
 
+def hf_generate(model):
+    """`generate(prompts, n)` for an HF transformers model on its own device: greedy, exactly n new
+    tokens, finished when it returns (CUDA synchronized)."""
+    import torch
+
+    device = next(model.parameters()).device
+
+    def generate(prompts, n):
+        ids = torch.tensor(prompts, device=device)
+        with torch.no_grad():
+            model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                           do_sample=False, pad_token_id=0)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    return generate
+
+
 def maxlike_generate(config: PipelineConfig):
     from maxlike.entrypoints import LLM
     from maxlike.interfaces import SamplingParams

@@ -25,12 +25,12 @@ from tqdm.auto import tqdm
 from maxlike.cache_files import cache_root, defining_files, files_hash
 from maxlike.config import ConfigError
 from maxlike.kv_cache import KVCacheInputs, PagedKVCacheManager
-from maxlike.engine.session import signature
 from maxlike.pipelines import logprobs, memory, sampling
 from maxlike.pipelines.context import TextContext
 from maxlike.pipelines.lora import LoRAManager
 from maxlike.pipelines.model import ModelInputs, ModelOutputs, ReturnHiddenStates, ReturnLogits
-from maxlike.pipelines.serving import LOGPROB_BUCKETS, MAX_LOGPROBS, BucketShapes, ServingModel, logprob_bucket
+from maxlike.pipelines.logprobs import LogProbsMixin
+from maxlike.pipelines.serving import BucketShapes, ServingModel
 from maxlike.pipelines.sizing import DecoderSizing
 from maxlike.pipelines.step_inputs import next_inputs, place_replicated, place_sharded, unpack
 from maxlike.sharding import named_sharding, replicated
@@ -49,7 +49,7 @@ STOP_SLOTS = 8  # stop ids per row the on-device decode loop checks; any further
 SCAN_LAYERS_DEFAULT = {"tpu": True, "gpu": False, "cpu": False}
 
 
-class DecoderPipelineModel(DecoderSizing, ServingModel):
+class DecoderPipelineModel(DecoderSizing, LogProbsMixin, ServingModel):
     """One decoder for every `graphs/` architecture (found through the registry)."""
 
     def __init__(self, pipeline_config, session, devices, kv_cache_config, weights, adapter, return_logits,
@@ -588,46 +588,3 @@ class DecoderPipelineModel(DecoderSizing, ServingModel):
         """The widest window when every layer slides (then pages behind it are returned), else None."""
         windows = getattr(self.config, "layer_windows", None)
         return max(windows) if windows and min(windows) > 0 else None
-
-    # -- log probabilities ---------------------------------------------------
-    def compute_log_probabilities(self, session, model_inputs, model_outputs, next_tokens, batch_top_n, batch_echo,
-                                  sampling_inputs=None):
-        """MAX's semantics: top-n dicts always hold the sampled token; with echo, one entry
-        per input token of this step (the log-prob of the token after it, the last being the
-        sampled one). batch_top_n and batch_echo run over the rows of the inputs' arrays;
-        top-n is at most MAX_LOGPROBS and computed by a bucketed executable. What the values
-        are follows `logprobs_mode`; the processed modes read `sampling_inputs`, the sampler's
-        inputs of this step (None: every row plain greedy)."""
-        if not any(batch_top_n):
-            return [None] * len(batch_top_n)
-        if max(batch_top_n) > MAX_LOGPROBS or min(batch_top_n) < 0:
-            raise ValueError(f"top-n log-probabilities must be in [0, {MAX_LOGPROBS}], got {max(batch_top_n)}.")
-        echo = any(e and n for e, n in zip(batch_echo, batch_top_n))
-        if echo and self.return_logits != ReturnLogits.ALL:
-            raise ValueError("logprobs with echo need every prompt logit: build the model with ReturnLogits.ALL "
-                             "(PipelineConfig(enable_echo=True)).")
-        top_n = logprob_bucket(max(batch_top_n), self.vocab_size)
-        extra = ()
-        if self.logprobs_mode.startswith("processed"):
-            extra = (sampling_inputs if sampling_inputs is not None else self.greedy_sampling(len(batch_top_n)),)
-        if echo:
-            args = (model_outputs.logits, model_inputs.tokens, model_inputs.logit_indices, next_tokens, *extra)
-            results = self._logprobs_executable("echo_logprobs", logprobs.echo, top_n, args)(*args)
-            columns = [model_inputs.logit_counts[r] if e else 1 for r, e in enumerate(batch_echo)]
-        else:
-            args = (model_outputs.next_token_logits, next_tokens, *extra)
-            results = self._logprobs_executable("logprobs", logprobs.next_token, top_n, args)(*args)
-            columns = [1] * len(batch_top_n)
-        return logprobs.assemble(results, list(batch_top_n), columns)
-
-    @property
-    def logprobs_mode(self) -> str:
-        return self.pipeline_config.sampling.logprobs_mode
-
-    def _logprob_buckets(self) -> list[int]:
-        return sorted({logprob_bucket(n, self.vocab_size) for n in LOGPROB_BUCKETS})
-
-    def _logprobs_executable(self, name: str, fn, top_n: int, args: tuple):
-        """The mode is in the key: raw log-probs and raw logits have the same arguments."""
-        return self.session.compile(f"{name}_top{top_n}", partial(fn, top_n, self.logprobs_mode), args,
-                                    key=(self.logprobs_mode, signature(args)), out_shardings=self._replicated)

@@ -7,12 +7,17 @@ dicts are cut to its own n on the host.
 
 from __future__ import annotations
 
+from functools import partial
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from maxlike.engine.session import signature
 from maxlike.interfaces import LogProbabilities
 from maxlike.pipelines import sampling
+from maxlike.pipelines.model import ReturnLogits
+from maxlike.pipelines.serving import LOGPROB_BUCKETS, MAX_LOGPROBS, logprob_bucket
 
 
 def _top(top_n: int, mode: str, logits: jax.Array, targets: jax.Array):
@@ -63,3 +68,51 @@ def assemble(results, batch_top_n: list[int], columns: list[int]) -> list[LogPro
             top_lp.append(top)
         out.append(LogProbabilities(token_lp, top_lp))
     return out
+
+
+class LogProbsMixin:
+    """DecoderPipelineModel's log-probabilities: MAX's `compute_log_probabilities` and its
+    bucketed executables (`session`, `vocab_size`, `return_logits`, `pipeline_config`,
+    `greedy_sampling` and `_replicated` come from the model)."""
+
+    def compute_log_probabilities(self, session, model_inputs, model_outputs, next_tokens, batch_top_n, batch_echo,
+                                  sampling_inputs=None):
+        """MAX's semantics: top-n dicts always hold the sampled token; with echo, one entry
+        per input token of this step (the log-prob of the token after it, the last being the
+        sampled one). batch_top_n and batch_echo run over the rows of the inputs' arrays;
+        top-n is at most MAX_LOGPROBS and computed by a bucketed executable. What the values
+        are follows `logprobs_mode`; the processed modes read `sampling_inputs`, the sampler's
+        inputs of this step (None: every row plain greedy)."""
+        if not any(batch_top_n):
+            return [None] * len(batch_top_n)
+        if max(batch_top_n) > MAX_LOGPROBS or min(batch_top_n) < 0:
+            raise ValueError(f"top-n log-probabilities must be in [0, {MAX_LOGPROBS}], got {max(batch_top_n)}.")
+        with_echo = any(e and n for e, n in zip(batch_echo, batch_top_n))
+        if with_echo and self.return_logits != ReturnLogits.ALL:
+            raise ValueError("logprobs with echo need every prompt logit: build the model with ReturnLogits.ALL "
+                             "(PipelineConfig(enable_echo=True)).")
+        top_n = logprob_bucket(max(batch_top_n), self.vocab_size)
+        extra = ()
+        if self.logprobs_mode.startswith("processed"):
+            extra = (sampling_inputs if sampling_inputs is not None else self.greedy_sampling(len(batch_top_n)),)
+        if with_echo:
+            args = (model_outputs.logits, model_inputs.tokens, model_inputs.logit_indices, next_tokens, *extra)
+            results = self._logprobs_executable("echo_logprobs", echo, top_n, args)(*args)
+            columns = [model_inputs.logit_counts[r] if e else 1 for r, e in enumerate(batch_echo)]
+        else:
+            args = (model_outputs.next_token_logits, next_tokens, *extra)
+            results = self._logprobs_executable("logprobs", next_token, top_n, args)(*args)
+            columns = [1] * len(batch_top_n)
+        return assemble(results, list(batch_top_n), columns)
+
+    @property
+    def logprobs_mode(self) -> str:
+        return self.pipeline_config.sampling.logprobs_mode
+
+    def _logprob_buckets(self) -> list[int]:
+        return sorted({logprob_bucket(n, self.vocab_size) for n in LOGPROB_BUCKETS})
+
+    def _logprobs_executable(self, name: str, fn, top_n: int, args: tuple):
+        """The mode is in the key: raw log-probs and raw logits have the same arguments."""
+        return self.session.compile(f"{name}_top{top_n}", partial(fn, top_n, self.logprobs_mode), args,
+                                    key=(self.logprobs_mode, signature(args)), out_shardings=self._replicated)
