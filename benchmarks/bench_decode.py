@@ -1,7 +1,7 @@
 """Decode and prefill tokens/s on SmolLM2-135M (CPU): maxlike vs HF transformers, same run.
 
     .venv/bin/python benchmarks/bench_decode.py [--batch-sizes 1 8] [--new-tokens 64] [--prompt-tokens 64]
-        [--layer-forms unrolled scan] [--encodings float int8] [--roofline]
+        [--layer-forms unrolled scan] [--encodings float int8 q4_k ...] [--roofline]
 
 Both run the same GGUF file in fp32 on the same prompts (random token ids),
 greedy, with EOS ignored so every run produces exactly N tokens.
@@ -18,6 +18,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from maxlike.entrypoints.bench import hf_generate, maxlike_generate, measure  # noqa: E402
 from maxlike.entrypoints.llm import default_model_path  # noqa: E402
+from maxlike.config import QUANTIZED_ENCODINGS  # noqa: E402
 from maxlike.pipelines import PipelineConfig  # noqa: E402
 
 
@@ -42,8 +43,8 @@ def main() -> None:
                     "peak (prefill), for maxlike and HF alike (HF reads the same fp32 weights)")
     ap.add_argument("--layer-forms", nargs="+", choices=["unrolled", "scan"], default=["unrolled"],
                     help="maxlike's layers unrolled and/or as one loop over stacked weights (scan_layers)")
-    ap.add_argument("--encodings", nargs="+", choices=["float", "int8"], default=["float"],
-                    help="maxlike's weights as the model's dtype and/or kept as int8 (quantization_encoding)")
+    ap.add_argument("--encodings", nargs="+", choices=["float", *QUANTIZED_ENCODINGS], default=["float"],
+                    help="maxlike's weights as the model's dtype and/or kept quantized (quantization_encoding)")
     args = ap.parse_args()
     path = default_model_path()
     forms, models = {}, {}

@@ -1,5 +1,5 @@
 """Shared layers: RMSNorm, paged grouped-query attention (causal, optionally windowed), the
-projection every matmul with a weight goes through (LoRA, int8) (RoPE: graphs.rope).
+projection every matmul with a weight goes through (LoRA, quantized weights) (RoPE: graphs.rope).
 
 Plain-XLA reference implementations; every op is a pure function.
 """
@@ -185,20 +185,39 @@ def adapter_mask(w: dict, adapters) -> jax.Array | None:
 
 def projection(mask):
     """proj(eq, x, layer_weights, name, n_in=1): the einsum of x with weight `name`, plus each
-    token's LoRA update where the layer holds one for it (mask from `adapter_mask`). An int8
-    weight (maxlike.weights.quantize) is dequantized in the product: x @ values, times its
-    per-output-channel "{name}_scale". The one place a graph multiplies by a projection weight."""
+    token's LoRA update where the layer holds one for it (mask from `adapter_mask`). A quantized
+    weight (maxlike.weights.quantize: it has a "{name}_scale") is dequantized in the product: with
+    a scale per output channel, x @ values, times the scale; with grouped scales (and offsets),
+    x @ (values * scale + offset), the weight rebuilt in x's dtype inside the matmul's fusion.
+    The one place a graph multiplies by a projection weight."""
     def proj(eq: str, x, lw: dict, name: str, n_in: int = 1):
-        w = lw[name]
-        if w.dtype == jnp.int8:
-            y = jnp.einsum(eq, x, w.astype(x.dtype)) * lw[name + "_scale"].astype(x.dtype)
+        w, scale = lw[name], lw.get(name + "_scale")
+        if scale is None:
+            y = jnp.einsum(eq, x, w)
+        elif scale.ndim == w.ndim - n_in:  # per output channel
+            y = jnp.einsum(eq, x, w.astype(x.dtype)) * scale.astype(x.dtype)
         else:
+            w = dequantize_grouped(w, scale, lw.get(name + "_offset"), x.shape[x.ndim - n_in:], x.dtype)
             y = jnp.einsum(eq, x, w)
         if mask is not None and name + "_lora_a" in lw:
             y = y + lora_delta(x, lw[name + "_lora_a"], lw[name + "_lora_b"], mask, n_in)
         return y
 
     return proj
+
+
+def dequantize_grouped(values, scale, offset, in_shape: tuple, dtype) -> jax.Array:
+    """values [*in, *out] (or 4-bit packed: uint8 [prod(in) / 2, *out], maxlike.weights.quantize);
+    scale (and offset) [groups, *out], one per run of consecutive inputs over the flattened input
+    axes -> the weight [*in, *out], values * scale (+ offset), in `dtype`."""
+    out = values.shape[1:] if values.dtype == jnp.uint8 else values.shape[len(in_shape):]
+    grouped = values.reshape(scale.shape[0], -1, *out)
+    if values.dtype == jnp.uint8:  # byte j of a group: value j in the low nibble, j + 16 in the high one, + 8
+        grouped = jnp.concatenate([grouped & 15, grouped >> 4], axis=1).astype(dtype) - 8
+    w = grouped.astype(dtype) * scale.astype(dtype)[:, None]
+    if offset is not None:
+        w = w + offset.astype(dtype)[:, None]
+    return w.reshape(*in_shape, *out)
 
 
 def lora_mask(adapters: jax.Array, slots: int, rank: int, dtype) -> jax.Array:

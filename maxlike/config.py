@@ -16,10 +16,11 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 _DTYPES = ("auto", "float32", "bfloat16", "float16")
-# Weights kept quantized on the device (activations in `dtype`): int8 with a float32 scale per output
-# channel. MAX's other names, not built yet, are refused by name.
-QUANTIZED_ENCODINGS = ("int8",)
-NOT_BUILT_ENCODINGS = ("float8_e4m3fn", "q4", "q4_k", "q4_0", "q6_k")
+# Weights kept quantized on the device (activations in `dtype`; maxlike.weights.quantize): int8 and
+# float8_e4m3fn with a float32 scale per output channel; q8_0, q4_0 and q4_k (affine) in groups of 32
+# inputs with float16 scales, as llama.cpp's blocks. MAX's other names, not built yet, are refused by name.
+QUANTIZED_ENCODINGS = ("int8", "float8_e4m3fn", "q8_0", "q4_0", "q4_k")
+NOT_BUILT_ENCODINGS = ("q6_k", "gptq")
 
 
 class ConfigError(ValueError):
@@ -44,13 +45,13 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if self.quantization_encoding is not None:
             _check(self.quantization_encoding not in NOT_BUILT_ENCODINGS,
-                   f"quantization_encoding={self.quantization_encoding!r} is not built yet: use int8 (weights "
-                   f"kept as int8 with a scale per output channel) or a float dtype {_DTYPES[1:]}.")
+                   f"quantization_encoding={self.quantization_encoding!r} is not built yet: use one of "
+                   f"{QUANTIZED_ENCODINGS} (weights kept quantized) or a float dtype {_DTYPES[1:]}.")
             _check(
                 self.quantization_encoding in _DTYPES[1:] + QUANTIZED_ENCODINGS,
                 f"quantization_encoding={self.quantization_encoding!r} is not supported: "
-                f"use one of {_DTYPES[1:] + QUANTIZED_ENCODINGS} (GGUF quantized weights are dequantized on load, "
-                "or requantized to int8).",
+                f"use one of {_DTYPES[1:] + QUANTIZED_ENCODINGS} (a GGUF's Q8_0 / Q4_0 / Q4_1 / Q4_K blocks are "
+                "kept by the encoding that stores them: q8_0, q4_0, q4_k).",
             )
             if self.dtype == "auto" and self.quantization_encoding in _DTYPES:
                 object.__setattr__(self, "dtype", self.quantization_encoding)
@@ -253,8 +254,9 @@ class PipelineConfig:
         if self.compile_target is not None:
             _check(self.compile_only, f"compile_target={self.compile_target!r} needs compile_only=True: a model "
                    "compiled for other hardware cannot run here.")
-            _check(self.devices is None, "compile_target and devices exclude each other: the target's devices are "
-                   "the ones compiled for.")
+            _check(self.devices is None or str(self.devices).strip().isdigit(),
+                   f"compile_target and devices={self.devices!r} exclude each other: the target's devices are the "
+                   "ones compiled for (a count such as devices='1' takes that many of them).")
         _check(self.warmup or not self.forbid_compile,
                "forbid_compile needs warmup=True: without a warm-up the first request must compile.")
 

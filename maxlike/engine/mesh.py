@@ -172,6 +172,12 @@ def session_for(pipeline_config, *, q_heads: int, kv_heads: int, vocab: int, int
 
     if pipeline_config.compile_target:
         devices = target_devices(pipeline_config.compile_target)
+        if pipeline_config.devices:  # a count: the first that many of the target's chips
+            count = int(pipeline_config.devices)
+            if not 1 <= count <= len(devices):
+                raise ConfigError(f"devices={count} asks for more chips than compile_target="
+                                  f"{pipeline_config.compile_target!r} has ({len(devices)}).")
+            devices = devices[:count]
     else:
         initialize_distributed(pipeline_config)
         devices = select_devices(pipeline_config.devices)

@@ -35,7 +35,7 @@ from maxlike.pipelines.sizing import DecoderSizing
 from maxlike.pipelines.step_inputs import next_inputs, place_replicated, place_sharded, unpack
 from maxlike.sharding import named_sharding, replicated
 from maxlike.weights import converted, read_weights
-from maxlike.weights.quantize import dtype_of, linear_inputs, quantize_host, quantized_specs
+from maxlike.weights import quantize
 
 from graphs.base import stack_layers, stacked_specs
 from graphs.rope import at_length
@@ -78,11 +78,9 @@ class DecoderPipelineModel(DecoderSizing, LogProbsMixin, ServingModel):
         scan = pipeline_config.scan_layers
         self.scan_layers = SCAN_LAYERS_DEFAULT.get(session.platform, False) if scan is None else scan
         self._layer_specs = self.arch.weight_specs(self.config)  # per layer, as checkpoints hold them
-        # int8 weights: the projections (the kinds LoRA can target) kept as int8 with their scales
-        self._quantized = {kind: n_in for kind, n_in in self.arch.lora_targets.values()} \
-            if pipeline_config.model.quantization_encoding == "int8" else {}
-        if self._quantized:
-            self._layer_specs = quantized_specs(self._layer_specs, linear_inputs(self._layer_specs, self._quantized))
+        # Quantized weights: the projections kept in `quantization_encoding` with their scales
+        self._encoding, self._quantized, self._layer_specs = quantize.plan(
+            self._layer_specs, self.arch.lora_targets, pipeline_config.model.quantization_encoding)
         specs = stacked_specs(self._layer_specs) if self.scan_layers else self._layer_specs
         self._specs = specs  # as `params` holds them
         self.weights_source = "none (compile-only)"  # or where `params` came from
@@ -93,7 +91,7 @@ class DecoderPipelineModel(DecoderSizing, LogProbsMixin, ServingModel):
         session.cache_namespace.update(self._cache_identity(num_pages))
         if pipeline_config.lora.enable_lora:  # adapters are read and checked before the pool or weights exist
             self._lora_manager = LoRAManager(
-                pipeline_config.lora, layer_specs=self._layer_specs, source_specs=self.arch.weight_specs(
+                pipeline_config.lora, layer_specs=self.arch.weight_specs(self.config), source_specs=self.arch.weight_specs(
                     self._source_config), lora_targets=self.arch.lora_targets, mesh=mesh, dtype=self.dtype,
                 kv_repeat=self.kv_repeat, stacked=self.scan_layers, session=session, abstract=self.compile_only)
         if not self.compile_only:
@@ -151,17 +149,18 @@ class DecoderPipelineModel(DecoderSizing, LogProbsMixin, ServingModel):
         """Host arrays in our layout and dtype (KV heads not yet repeated for the mesh)."""
         cfg, source_config = self.pipeline_config, self._source_config
         self.weights_source = "checkpoint files"
-        return read_weights(cfg.model.model_path, self.arch.weight_specs(source_config),
-                            self.arch.checkpoint_names(source_config),
+        specs = self.arch.weight_specs(source_config)
+        keep = (self._encoding, quantize.linear_inputs(specs, self._quantized)) if self._quantized else None
+        return read_weights(cfg.model.model_path, specs, self.arch.checkpoint_names(source_config),
                             np.float32 if self._quantized else self.dtype, progress=progress,
-                            weight_path=cfg.model.weight_path)
+                            weight_path=cfg.model.weight_path, keep=keep)
 
     def _weights_checkpoint(self) -> str | None:
         """This conversion's folder in the converted-weights cache (None when the cache is off)."""
         cfg = self.pipeline_config
         if not cfg.weights_cache or jax.process_count() > 1:
             return None
-        conversion = (self.arch.name, str(self.dtype), self.kv_repeat,
+        conversion = (self.arch.name, str(self.dtype), self.kv_repeat, self._encoding,
                       tuple((name, spec.shape) for name, spec in self._specs.items()))
         return converted.checkpoint_dir(cfg.cache_dir or cache_root(), cfg.model.model_path, cfg.model.weight_path,
                                         conversion, code=self.arch.functions())
@@ -180,7 +179,7 @@ class DecoderPipelineModel(DecoderSizing, LogProbsMixin, ServingModel):
         """What makes this model's programs differ from another's (the executable cache's key parts).
         `code` hashes the architecture's and this class's source wherever they live, so an
         architecture registered from outside maxlike misses the cache when its code changes."""
-        program = repr((type(self).__name__, self.arch.name, self.config, str(self.dtype), sorted(self._quantized),
+        program = repr((type(self).__name__, self.arch.name, self.config, str(self.dtype), self._encoding,
                         self.kv_params, num_pages,
                         self.replicas, self.max_batch_size, self.max_length, self._max_prefill_tokens,
                         self.return_logits, self.return_hidden_states, self.scan_layers,
@@ -210,12 +209,12 @@ class DecoderPipelineModel(DecoderSizing, LogProbsMixin, ServingModel):
         KV heads repeated for the mesh, layers stacked when they run as one loop."""
         host = {name: self._repeat_kv(host[name], spec) for name, spec in self._layer_specs.items() if name in host}
         if self._quantized:
-            host = quantize_host(host, linear_inputs(host, self._quantized))
+            host = quantize.quantize_host(host, quantize.linear_inputs(host, self._quantized), self._encoding)
         return stack_layers(host) if self.scan_layers else host
 
     def _dtype_of(self, name: str):
-        """A parameter's dtype: the model's, or int8 / float32 for quantized projections and their scales."""
-        return dtype_of(name, self._quantized, self.dtype)
+        """A parameter's dtype: the model's, or the encoding's for quantized projections and their scales."""
+        return quantize.dtype_of(name, self._quantized, self.dtype, self._encoding)
 
     def _repeat_kv(self, array, spec) -> np.ndarray:
         if self.kv_repeat == 1 or "kv_heads" not in spec.axes:

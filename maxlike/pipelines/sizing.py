@@ -17,7 +17,7 @@ from maxlike.kv_cache import KVCacheParams
 from maxlike.pipelines import memory
 from maxlike.pipelines.model import ReturnLogits, upper_bounded_default
 from maxlike.weights.lean import text_config_of
-from maxlike.weights.quantize import dtype_of, linear_inputs, quantized_specs
+from maxlike.weights import quantize
 from maxlike.pipelines.registry import PIPELINE_REGISTRY
 from maxlike.pipelines.serving import Bucket
 
@@ -64,11 +64,9 @@ class DecoderSizing:
         hf = load_hf_config(pipeline_config.model.model_path)
         arch, cfg = cls._graph_and_config(hf)
         dtype = memory.resolve_dtype(pipeline_config.model.dtype, _platform(pipeline_config))
-        specs, kinds = arch.weight_specs(cfg), {}
-        if pipeline_config.model.quantization_encoding == "int8":
-            kinds = {kind: n_in for kind, n_in in arch.lora_targets.values()}
-            specs = quantized_specs(specs, linear_inputs(specs, kinds))
-        return memory.weights_bytes(specs, lambda name: dtype_of(name, kinds, dtype))
+        enc, kinds, specs = quantize.plan(arch.weight_specs(cfg), arch.lora_targets,
+                                          pipeline_config.model.quantization_encoding)
+        return memory.weights_bytes(specs, lambda name: quantize.dtype_of(name, kinds, dtype, enc))
 
     @classmethod
     def estimate_activation_memory(cls, pipeline_config, huggingface_config) -> int:

@@ -54,6 +54,19 @@ class GGUFTensors:
     def __contains__(self, name: str) -> bool:
         return name in self._tensors
 
+    def quant_type(self, name: str) -> str:
+        """The tensor's GGUF type name ("F32", "Q8_0", "Q4_K", ...)."""
+        return self._tensors[name].tensor_type.name
+
+    def read_blocks(self, name: str) -> dict[str, np.ndarray]:
+        """A quantized tensor kept as its blocks hold it (`maxlike.weights.gguf_blocks.decode`),
+        in HF layout: {"": values [rows, cols], "_scale" / "_offset": [rows, cols / 32]}."""
+        from maxlike.weights.gguf_blocks import decode
+
+        t = self._tensors[name]
+        rows, cols = int(np.prod(t.shape[1:])), int(t.shape[0])  # ggml lists dims fastest-first
+        return decode(t.data, t.tensor_type.name, rows, cols)
+
     def read(self, name: str) -> np.ndarray:
         from gguf.quants import dequantize
 

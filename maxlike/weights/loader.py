@@ -172,7 +172,7 @@ def _write_tokenizer_with_transformers(model_path: str, folder: str) -> None:
 
 def read_weights(
     model_path: str, specs: Mapping[str, Any], names: Mapping[str, Any], dtype: Any, *, progress: bool = True,
-    weight_path: tuple[str, ...] = (),
+    weight_path: tuple[str, ...] = (), keep: tuple[Any, dict[str, int]] | None = None,
 ) -> dict[str, np.ndarray]:
     """Read, convert and cast every weight in `specs` (graphs.WeightSpec: our shape) from the
     checkpoint tensors `names` maps it to (graphs.Source) into host arrays of `dtype`.
@@ -181,6 +181,10 @@ def read_weights(
     one .gguf), relative to `model_path`'s folder; by default they are found
     in `model_path`. The whole checkpoint is validated first (headers, sizes,
     types, names).
+
+    `keep` = (encoding, {projection name: input axes}) (maxlike.weights.quantize): GGUF
+    projections whose blocks the encoding stores exactly come back already quantized, as
+    `name` plus its scale (and offset) arrays, in our layout.
     """
     fmt = weights_format(model_path)
     files = checkpoint_files(model_path, weight_path)
@@ -197,19 +201,38 @@ def read_weights(
             "the checkpoint does not match its config (wrong architecture or an incomplete download)."
         )
     out: dict[str, np.ndarray] = {}
+    enc, kept = keep if keep is not None and fmt == "gguf" else (None, {})
     for name, spec in tqdm(specs.items(), desc="loading weights", unit="tensor", disable=not progress):
         source = names[name]
-        arr = reader.read(source_names[name])
-        if fmt == "gguf" and source.gguf_convert is not None:
-            arr = source.gguf_convert(arr)
-        arr = source.convert(arr)
+        parts = None
+        if name in kept and reader.quant_type(source_names[name]) in enc.kept_gguf:
+            parts = _kept(reader.read_blocks(source_names[name]), source, kept[name], enc, name)
+            arr = parts[name]
+        else:
+            arr = reader.read(source_names[name])
+            if fmt == "gguf" and source.gguf_convert is not None:
+                arr = source.gguf_convert(arr)
+            arr = source.convert(arr)
         if tuple(arr.shape) != tuple(spec.shape):
             raise WeightsError(
                 f"tensor {source_names[name]!r} in {model_path!r} has shape {arr.shape} after conversion, "
                 f"expected {spec.shape} from the config: the checkpoint does not match its config."
             )
-        out[name] = np.ascontiguousarray(arr, dtype=dtype)
+        if parts is not None:
+            out.update(parts)
+        else:
+            out[name] = np.ascontiguousarray(arr, dtype=dtype)
     return out
+
+
+def _kept(parts: dict[str, np.ndarray], source, n_in: int, enc, name: str) -> dict[str, np.ndarray]:
+    """One GGUF projection kept quantized: its parts through the weight's conversion, named."""
+    from maxlike.weights.quantize import in_layout
+
+    def convert(a):
+        return source.convert(a if source.gguf_convert is None else source.gguf_convert(a))
+
+    return {name + suffix: a for suffix, a in in_layout(parts, convert, n_in, enc).items()}
 
 
 # Where a multimodal checkpoint (Gemma 3, ...) keeps its language model's tensors: under the

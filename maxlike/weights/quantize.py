@@ -1,19 +1,83 @@
-"""Weights kept quantized on the device: int8 values with a float32 scale per output channel.
+"""Weights kept quantized on the device (`quantization_encoding`, MAX's names).
 
-A projection's weight [*in, *out] becomes `name` (int8) and `name + "_scale"` ([*out] float32):
-w ~ values * scale, with scale = max |w| over the input axes / 127 (symmetric, rounded to
-nearest). The graphs dequantize in the matmul (`graphs.layers.projection`): x @ values, times the
-scale. Embeddings, norms and the LM head stay in the model's dtype. Works on per-layer names
+A projection's weight [*in, *out] (first `n_in` axes its input) becomes `name` (the quantized
+values) plus `name + "_scale"` and, for affine 4-bit, `name + "_offset"`:
+
+- per output channel (int8, float8_e4m3fn): scale [*out] float32; w ~ values * scale. The graph
+  multiplies x by the values, then by the scale.
+- grouped (q8_0, q4_0, q4_k): one scale (and offset) per `group` consecutive input values of each
+  output channel, counted over the flattened input axes as llama.cpp's blocks are: scale
+  [prod(in) / group, *out] float16; w ~ values * scale (+ offset). The graph dequantizes the
+  weight in the matmul's input (`graphs.layers.projection`).
+- 4-bit values (-8..7) are stored packed, two to a byte, as uint8 [prod(in) / 2, *out]: within
+  each group of 32 inputs, byte j holds value j + 8 in its low nibble and value j + 16 + 8 in its
+  high one (llama.cpp's Q4_0 order). Packing by hand rather than as jnp.int4 keeps the bytes
+  halved on every backend and in the converted-weights cache (XLA:CPU and TensorStore do not
+  hold int4 packed).
+
+Quantize-on-load (from float weights) rounds to nearest. GGUF tensors whose blocks fit an
+encoding exactly (Q8_0 for q8_0; Q4_0 for q4_0; Q4_0, Q4_1 and Q4_K for q4_k) are kept as they
+are (`maxlike.weights.gguf_blocks`); any other tensor is dequantized and quantized again.
+Embeddings, norms and the LM head stay in the model's dtype. Works on per-layer names
 ("layers.{i}.{kind}"); stacking for the layer loop comes after, scales included.
 """
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import ml_dtypes
 import numpy as np
 
 from graphs.base import WeightSpec
+from maxlike.config import ConfigError
 
-SCALE = "_scale"
+SCALE, OFFSET = "_scale", "_offset"
+
+
+@dataclass(frozen=True)
+class Encoding:
+    name: str
+    values: Any  # numpy dtype of the stored values (uint8 for packed 4-bit)
+    bits: int = 8
+    group: int = 0  # 0: one scale per output channel; else one per `group` inputs (flattened)
+    offset: bool = False  # affine: w = values * scale + offset
+    scale_dtype: Any = np.float32
+    kept_gguf: tuple[str, ...] = ()  # GGUF block types stored exactly in this encoding
+
+    @property
+    def parts(self) -> tuple[str, ...]:
+        """The suffixes of the arrays beside the values."""
+        return (SCALE, OFFSET) if self.offset else (SCALE,)
+
+
+ENCODINGS = {e.name: e for e in (
+    Encoding("int8", np.int8),
+    Encoding("float8_e4m3fn", ml_dtypes.float8_e4m3fn),
+    Encoding("q8_0", np.int8, group=32, scale_dtype=np.float16, kept_gguf=("Q8_0",)),
+    Encoding("q4_0", np.uint8, bits=4, group=32, scale_dtype=np.float16, kept_gguf=("Q4_0",)),
+    Encoding("q4_k", np.uint8, bits=4, group=32, offset=True, scale_dtype=np.float16,
+             kept_gguf=("Q4_0", "Q4_1", "Q4_K")),
+)}
+FP8_MAX = float(ml_dtypes.finfo(ml_dtypes.float8_e4m3fn).max)  # 448
+
+
+def encoding_of(name: str | None) -> Encoding | None:
+    """The quantized encoding `quantization_encoding` names (None for float dtypes / none)."""
+    return ENCODINGS.get(name) if name else None
+
+
+def plan(specs: dict[str, WeightSpec], lora_targets: dict, encoding: str | None):
+    """(encoding, {projection kind: input axes}, specs with the scales) for `quantization_encoding`
+    (None, {}, specs unchanged for a float model). The projections quantized are the kinds LoRA
+    can target (the architecture's `lora_targets`)."""
+    enc = encoding_of(encoding)
+    if enc is None:
+        return None, {}, specs
+    kinds = {kind: n_in for kind, n_in in lora_targets.values()}
+    return enc, kinds, quantized_specs(specs, linear_inputs(specs, kinds), enc)
 
 
 def linear_inputs(specs: dict[str, WeightSpec], kinds: dict[str, int]) -> dict[str, int]:
@@ -22,34 +86,104 @@ def linear_inputs(specs: dict[str, WeightSpec], kinds: dict[str, int]) -> dict[s
             if name.startswith("layers.") and name.rsplit(".", 1)[-1] in kinds}
 
 
-def quantized_specs(specs: dict[str, WeightSpec], inputs: dict[str, int]) -> dict[str, WeightSpec]:
-    """`specs` plus each projection's scale: its shape and axes without the input axes."""
+def quantized_specs(specs: dict[str, WeightSpec], inputs: dict[str, int], enc: Encoding) -> dict[str, WeightSpec]:
+    """`specs` plus each projection's scale (and offset): per channel, its shape and axes without
+    the input axes; grouped, one leading axis of groups named as the first input axis."""
     out = dict(specs)
     for name, n_in in inputs.items():
-        out[name + SCALE] = WeightSpec(specs[name].shape[n_in:], specs[name].axes[n_in:])
+        spec = specs[name]
+        if enc.group:
+            size = math.prod(spec.shape[:n_in])
+            if size % enc.group:
+                raise ConfigError(f"quantization_encoding={enc.name!r} quantizes {enc.group} input values at a time, and {name} has {size} "
+                                 f"inputs: use int8 or float8_e4m3fn for this model.")
+            part = WeightSpec((size // enc.group, *spec.shape[n_in:]), (spec.axes[0], *spec.axes[n_in:]))
+            if enc.bits == 4:
+                out[name] = WeightSpec((size // 2, *spec.shape[n_in:]), part.axes)
+        else:
+            part = WeightSpec(spec.shape[n_in:], spec.axes[n_in:])
+        out.update({name + suffix: part for suffix in enc.parts})
     return out
 
 
-def dtype_of(name: str, kinds, dtype):
-    """A parameter's dtype under int8 (kinds: the projection kinds quantized; empty: none):
-    int8 for those projections (per layer or stacked), float32 for their scales, else `dtype`."""
+def dtype_of(name: str, kinds, dtype, enc: Encoding | None = None):
+    """A parameter's dtype (kinds: the projection kinds quantized; empty: none): the encoding's
+    values for those projections (per layer or stacked), its scale dtype for their scales and
+    offsets, else `dtype`."""
     kind = name.rsplit(".", 1)[-1]
-    if kinds and kind.endswith(SCALE) and kind[: -len(SCALE)] in kinds:
-        return np.dtype(np.float32)
-    return np.dtype(np.int8) if kind in kinds else np.dtype(dtype)
+    if kinds and enc is not None:
+        for suffix in enc.parts:
+            if kind.endswith(suffix) and kind[: -len(suffix)] in kinds:
+                return np.dtype(enc.scale_dtype)
+        if kind in kinds:
+            return np.dtype(enc.values)
+    return np.dtype(dtype)
 
 
-def quantize_int8(w: np.ndarray, n_in: int) -> tuple[np.ndarray, np.ndarray]:
-    """(int8 values, float32 scales) of a weight whose first `n_in` axes are its input."""
+def _grouped(w: np.ndarray, n_in: int, group: int) -> np.ndarray:
+    """[*in, *out] -> [groups, group, *out] (groups over the flattened input axes)."""
+    return w.reshape(-1, group, *w.shape[n_in:])
+
+
+def quantize(w: np.ndarray, n_in: int, enc: Encoding) -> dict[str, np.ndarray]:
+    """{"": values, "_scale": ..., ["_offset": ...]} of a float weight whose first `n_in` axes are
+    its input, rounded to nearest (as llama.cpp's reference quantizers for the grouped ones)."""
     w = np.asarray(w, np.float32)
-    scale = np.abs(w).max(axis=tuple(range(n_in))) / 127.0
-    scale = np.where(scale == 0, 1.0, scale).astype(np.float32)
-    return np.clip(np.rint(w / scale), -127, 127).astype(np.int8), scale
+    if not enc.group:
+        top = FP8_MAX if enc.values == ml_dtypes.float8_e4m3fn else 127.0
+        scale = np.abs(w).max(axis=tuple(range(n_in))) / top
+        scale = np.where(scale == 0, 1.0, scale).astype(np.float32)
+        if enc.values == ml_dtypes.float8_e4m3fn:
+            return {"": (w / scale).astype(enc.values), SCALE: scale}
+        return {"": np.clip(np.rint(w / scale), -127, 127).astype(np.int8), SCALE: scale}
+    g = _grouped(w, n_in, enc.group)
+    if enc.offset:  # 16 levels from the group's min to its max; values -8..7 around the offset
+        lo, hi = g.min(axis=1), g.max(axis=1)
+        scale = ((hi - lo) / 15).astype(enc.scale_dtype)
+        scale = np.where(scale == 0, np.ones_like(scale), scale)
+        offset = (lo + 8 * scale.astype(np.float32)).astype(enc.scale_dtype)
+        q = np.rint((g - offset[:, None].astype(np.float32)) / scale[:, None].astype(np.float32))
+        parts = {SCALE: scale, OFFSET: offset}
+        lowest, highest = -8, 7
+    else:
+        if enc.name == "q4_0":  # llama.cpp: the value of largest magnitude maps to -8 exactly
+            peak = np.take_along_axis(g, np.abs(g).argmax(axis=1)[:, None], axis=1)[:, 0]
+            scale, lowest, highest = peak / -8, -8, 7
+        else:
+            scale, lowest, highest = np.abs(g).max(axis=1) / 127, -127, 127
+        scale = scale.astype(enc.scale_dtype)
+        scale = np.where(scale == 0, np.ones_like(scale), scale)
+        q = np.rint(g / scale[:, None].astype(np.float32))
+        parts = {SCALE: scale}
+    return {"": np.clip(q, lowest, highest).astype(np.int8).reshape(w.shape), **parts}
 
 
-def quantize_host(host: dict[str, np.ndarray], inputs: dict[str, int]) -> dict[str, np.ndarray]:
-    """Host weights -> int8 projections and their scales (the rest unchanged)."""
+def pack4(values: np.ndarray, n_in: int, group: int) -> np.ndarray:
+    """4-bit values (int8 -8..7) [*in, *out] -> uint8 [prod(in) / 2, *out], two to a byte (module doc)."""
+    g = (_grouped(values, n_in, group) + 8).astype(np.uint8)
+    return (g[:, : group // 2] | (g[:, group // 2:] << 4)).reshape(-1, *values.shape[n_in:])
+
+
+def quantize_host(host: dict[str, np.ndarray], inputs: dict[str, int], enc: Encoding) -> dict[str, np.ndarray]:
+    """Host weights -> quantized projections with their scales, as stored (projections kept
+    quantized from the checkpoint arrive with their scales; the rest unchanged)."""
     out = dict(host)
     for name, n_in in inputs.items():
-        out[name], out[name + SCALE] = quantize_int8(host[name], n_in)
+        if name + SCALE not in host:
+            out.update({name + suffix: a for suffix, a in quantize(host[name], n_in, enc).items()})
+        if enc.bits == 4:
+            out[name] = pack4(out[name], n_in, enc.group)
+        else:
+            out[name] = np.asarray(out[name]).astype(enc.values)
+    return out
+
+
+def in_layout(parts: dict[str, np.ndarray], convert, n_in: int, enc: Encoding) -> dict[str, np.ndarray]:
+    """A kept GGUF tensor's parts in HF layout (values [out, in]; scales [out, in / group]) ->
+    ours, through the weight's own conversion (transposes, reshapes, row permutations): each
+    scale is spread over its group, converted as the weight is, then taken once per group."""
+    out = {"": convert(parts[""])}
+    for suffix in enc.parts:
+        spread = convert(np.repeat(parts[suffix], enc.group, axis=-1))
+        out[suffix] = _grouped(spread, n_in, enc.group)[:, 0]
     return out

@@ -1,0 +1,69 @@
+"""llama.cpp's quantized blocks kept as they are: raw GGUF blocks -> values, scales and offsets.
+
+A tensor [rows, cols] quantized in blocks along cols becomes, in HF layout:
+values [rows, cols] (int8: Q8_0's values, or a 4-bit value minus 8 in -8..7), scale and offset
+[rows, cols / 32] float32, with w = values * scale (+ offset) per 32 consecutive columns. That is
+`maxlike.weights.quantize`'s grouped form, so the device holds the file's own numbers (scales
+rounded to float16). Block layouts: ggml-common.h; all fields little-endian.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+GROUP = 32
+
+
+def _half(raw: np.ndarray) -> np.ndarray:
+    """Two bytes per block (ggml_half) -> float32 [..., 1]."""
+    return np.ascontiguousarray(raw).view("<f2").astype(np.float32)
+
+
+def _nibbles(qs: np.ndarray) -> np.ndarray:
+    """16 bytes -> 32 values 0..15: the low nibbles are values 0..15, the high ones 16..31."""
+    return np.concatenate([qs & 15, qs >> 4], axis=-1).astype(np.int8)
+
+
+def _q8_0(b):  # d, qs[32]
+    return b[..., 2:].view(np.int8), _half(b[..., 0:2]), None
+
+
+def _q4_0(b):  # d, qs[16]: w = d * (q - 8)
+    return _nibbles(b[..., 2:]) - 8, _half(b[..., 0:2]), None
+
+
+def _q4_1(b):  # d, m, qs[16]: w = d * q + m = d * (q - 8) + (m + 8 d)
+    d = _half(b[..., 0:2])
+    return _nibbles(b[..., 4:]) - 8, d, _half(b[..., 2:4]) + 8 * d
+
+
+def _q4_k(b):
+    """block_q4_K (256 values): d, dmin, 12 bytes of 6-bit sub-block scales and mins, qs[128].
+    Sub-block j (32 values): w = d * sc_j * q - dmin * m_j, q 0..15; qs holds sub-blocks 2c and
+    2c + 1 in the low and high nibbles of bytes 32c..32c + 31."""
+    d, dmin = _half(b[..., 0:2]), _half(b[..., 2:4])
+    s = b[..., 4:16].astype(np.int32)
+    low, high = s[..., 0:4], s[..., 4:8]
+    top = s[..., 8:12]
+    sc = np.concatenate([low & 63, (top & 15) | ((low >> 6) << 4)], axis=-1)  # [..., 8]
+    mn = np.concatenate([high & 63, (top >> 4) | ((high >> 6) << 4)], axis=-1)
+    qs = b[..., 16:].reshape(*b.shape[:-1], 4, 1, 32)
+    q = np.concatenate([qs & 15, qs >> 4], axis=-2).reshape(*b.shape[:-1], 8, 32).astype(np.int8) - 8
+    scale = d * sc.astype(np.float32)  # [..., 8]
+    return q, scale[..., None], (8 * scale - dmin * mn.astype(np.float32))[..., None]
+
+
+# GGUF type -> (bytes per block, values per block, decoder)
+BLOCKS = {"Q8_0": (34, 32, _q8_0), "Q4_0": (18, 32, _q4_0), "Q4_1": (20, 32, _q4_1), "Q4_K": (144, 256, _q4_k)}
+
+
+def decode(raw: np.ndarray, qtype: str, rows: int, cols: int) -> dict[str, np.ndarray]:
+    """A tensor's raw bytes -> {"": values [rows, cols] int8, "_scale": [rows, cols / 32] float32,
+    "_offset": the same (zeros when the type has none)}."""
+    nbytes, per_block, fn = BLOCKS[qtype]
+    blocks = np.asarray(raw, np.uint8).reshape(rows, cols // per_block, nbytes)
+    values, scale, offset = fn(blocks)
+    groups = cols // GROUP
+    scale = np.broadcast_to(scale, (*values.shape[:-1], 1)).reshape(rows, groups)
+    offset = np.zeros_like(scale) if offset is None else offset.reshape(rows, groups)
+    return {"": values.reshape(rows, cols), "_scale": scale, "_offset": offset}
