@@ -1,7 +1,7 @@
 """Decode and prefill tokens/s on SmolLM2-135M (CPU): maxlike vs HF transformers, same run.
 
     .venv/bin/python benchmarks/bench_decode.py [--batch-sizes 1 8] [--new-tokens 64] [--prompt-tokens 64]
-        [--layer-forms unrolled scan] [--encodings float int8 q4_k ...] [--roofline]
+        [--layer-forms unrolled scan] [--encodings float int8 q4_k ...] [--fusion unfused fused] [--roofline]
 
 Both run the same GGUF file in fp32 on the same prompts (random token ids),
 greedy, with EOS ignored so every run produces exactly N tokens.
@@ -10,6 +10,7 @@ greedy, with EOS ignored so every run produces exactly N tokens.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import sys
@@ -45,17 +46,19 @@ def main() -> None:
                     help="maxlike's layers unrolled and/or as one loop over stacked weights (scan_layers)")
     ap.add_argument("--encodings", nargs="+", choices=["float", *QUANTIZED_ENCODINGS], default=["float"],
                     help="maxlike's weights as the model's dtype and/or kept quantized (quantization_encoding)")
+    ap.add_argument("--fusion", nargs="+", choices=["unfused", "fused"], default=["unfused"],
+                    help="maxlike's q/k/v and gate/up as five matmuls and/or two (fuse_projections)")
     args = ap.parse_args()
     path = default_model_path()
     forms, models = {}, {}
-    for form in args.layer_forms:
-        for encoding in args.encodings:
-            config = PipelineConfig(model_path=path, max_length=512, max_batch_size=max(args.batch_sizes),
-                                    max_num_steps=args.max_num_steps, scan_layers=form == "scan",
-                                    quantization_encoding=None if encoding == "float" else encoding)
-            name = form if encoding == "float" else f"{form}_{encoding}"
-            llm, forms[name] = maxlike_generate(config)
-            models[f"maxlike_{name}"] = llm.pipeline.model
+    for form, encoding, fusion in itertools.product(args.layer_forms, args.encodings, args.fusion):
+        config = PipelineConfig(model_path=path, max_length=512, max_batch_size=max(args.batch_sizes),
+                                max_num_steps=args.max_num_steps, scan_layers=form == "scan",
+                                quantization_encoding=None if encoding == "float" else encoding,
+                                fuse_projections=fusion == "fused")
+        name = "_".join([form] + [part for part in (encoding, fusion) if part not in ("float", "unfused")])
+        llm, forms[name] = maxlike_generate(config)
+        models[f"maxlike_{name}"] = llm.pipeline.model
     vocab = llm.pipeline.model.config.vocab_size
     theirs = None if args.skip_hf else hf_gguf_generate(path)
     if args.roofline:  # at start: the device's peaks before either runs

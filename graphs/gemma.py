@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from graphs.base import Architecture, Source, UnsupportedConfigError, WeightSpec, require, run_layers
+from graphs.fused import gate_up, qkv
 from graphs.layers import adapter_mask, paged_attention, projection, write_kv
 from graphs.llama import COMMON_FEATURES, LORA_TARGETS, kv_shape, layer_windows
 from graphs.rope import RopeSpec, apply_rope, hf_rope_parameters, rope_from_hf
@@ -180,7 +181,7 @@ def _rotate(x: jax.Array, positions: jax.Array, cfg: GemmaConfig, window) -> jax
 
 
 def forward(cfg: GemmaConfig, w: dict, kv: list, tokens, positions, slots, page_table, *, backend: str = "cpu",
-            scan: bool = False, adapters=None):
+            scan: bool = False, adapters=None, attention: str = "xla"):
     """As graphs.llama.forward (same arguments and results)."""
     proj = projection(adapter_mask(w, adapters))
     eps = cfg.rms_norm_eps
@@ -189,20 +190,18 @@ def forward(cfg: GemmaConfig, w: dict, kv: list, tokens, positions, slots, page_
         window = lw.get("window", 0)
         with jax.named_scope("attention"):
             h = rms_norm(x, lw["attn_norm"], eps)
-            q = proj("btd,dhk->bthk", h, lw, "q")  # [B, T, H, K]
-            k = proj("btd,dhk->bthk", h, lw, "k")  # [B, T, KV, K]
-            v = proj("btd,dhk->bthk", h, lw, "v")
+            q, k, v = qkv(proj, h, lw)  # [B, T, H, K], [B, T, KV, K] x 2
             if cfg.qk_norm:
                 q, k = rms_norm(q, lw["q_norm"], eps), rms_norm(k, lw["k_norm"], eps)
             q, k = _rotate(q, positions, cfg, window), _rotate(k, positions, cfg, window)
             k_pages = write_kv(k_pages, k, slots, index, backend=backend)
             v_pages = write_kv(v_pages, v, slots, index, backend=backend)
             a = paged_attention(q, k_pages, v_pages, page_table, positions, index, backend=backend, window=window,
-                                scale=cfg.query_scale, softcap=cfg.attn_softcap)
+                                scale=cfg.query_scale, softcap=cfg.attn_softcap, kernel=attention)
             x = x + rms_norm(proj("bthk,hkd->btd", a, lw, "o", 2), lw["post_attn_norm"], eps)
         with jax.named_scope("mlp"):
             h = rms_norm(x, lw["mlp_norm"], eps)
-            g, u = proj("btd,df->btf", h, lw, "gate"), proj("btd,df->btf", h, lw, "up")
+            g, u = gate_up(proj, h, lw)
             m = proj("btf,fd->btd", jax.nn.gelu(g, approximate=True) * u, lw, "down")
             x = x + rms_norm(m, lw["post_mlp_norm"], eps)
         return x, k_pages, v_pages

@@ -109,6 +109,7 @@ class GroupedPageTable:
 def paged_attention(
     q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, page_table, q_pos: jax.Array, layer=0,
     *, backend: str = "cpu", window=None, scale: float | None = None, softcap: float | None = None,
+    kernel: str = "xla",
 ) -> jax.Array:
     """Causal grouped-query attention over layer `layer` of a paged KV pool.
 
@@ -129,12 +130,23 @@ def paged_attention(
     the whole table: there the branches cost more compile time than they save (a
     Llama-3.1-8B-shaped 256-token step for TPU: 17.9 s and 12 MiB with them, 6.6 s and
     5 MiB without).
+
+    kernel="pallas": decode steps whose shapes `graphs.pallas_attention.supported` takes run
+    its kernel instead (Triton on GPU, Pallas interpret mode on other backends); the rest,
+    and every prefill step, stay here.
     """
     if isinstance(page_table, GroupedPageTable):
         parts = [paged_attention(qg, k_pages, v_pages, table, pos, layer, backend=backend, window=window,
-                                 scale=scale, softcap=softcap)
+                                 scale=scale, softcap=softcap, kernel=kernel)
                  for qg, table, pos in zip(page_table.split(q), page_table.tables, page_table.split(q_pos))]
         return GroupedPageTable.join(parts, q.shape[0])
+    if kernel == "pallas" and q.shape[1] == 1:
+        from graphs import pallas_attention
+
+        if pallas_attention.supported(q, k_pages):
+            return pallas_attention.paged_decode_attention(q, k_pages, v_pages, page_table, q_pos, layer,
+                                                           window=window, scale=scale, softcap=softcap,
+                                                           interpret=backend != "gpu")
     s, p = k_pages.shape[-3], page_table.shape[1]
     widths = [w for w in (2**i for i in range(p.bit_length())) if w < p] + [p]
     if len(widths) == 1 or q.shape[1] > 1 or not WIDTH_ON_DEVICE.get(backend, True):

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from graphs.base import Architecture, UnsupportedConfigError, WeightSpec, require, run_layers
+from graphs.fused import gate_up, qkv
 from graphs.layers import adapter_mask, paged_attention, projection, rms_norm, write_kv
 from graphs.llama_checkpoint import checkpoint_names
 from graphs.rope import RopeSpec, apply_rope, hf_rope_parameters, rope_from_hf
@@ -130,20 +131,19 @@ def weight_specs(cfg: LlamaConfig) -> dict[str, WeightSpec]:
 
 
 def forward(cfg: LlamaConfig, w: dict, kv: list, tokens, positions, slots, page_table, *, backend: str = "cpu",
-            scan: bool = False, adapters=None):
+            scan: bool = False, adapters=None, attention: str = "xla"):
     """tokens/positions/slots [B, T]; page_table [B, P]; kv: the pool's (k_pages, v_pages)
     pairs. `backend` (the mesh's platform) picks the op variants that are fast there;
     `scan` runs the layers as one loop over stacked weights (see graphs.base.run_layers).
     adapters [B, T]: each token's LoRA slot (0: none), with the slots' weights in `w` as
-    "{projection}_lora_a" / "_lora_b" per layer (maxlike.pipelines.lora)."""
+    "{projection}_lora_a" / "_lora_b" per layer (maxlike.pipelines.lora). `attention`: the decode
+    attention kernel ("xla" or "pallas", graphs.layers.paged_attention)."""
     proj = projection(adapter_mask(w, adapters))
 
     def layer(x, lw, k_pages, v_pages, index):
         with jax.named_scope("attention"):
             h = rms_norm(x, lw["attn_norm"], cfg.rms_norm_eps)
-            q = proj("btd,dhk->bthk", h, lw, "q")  # [B, T, H, K]
-            k = proj("btd,dhk->bthk", h, lw, "k")  # [B, T, KV, K]
-            v = proj("btd,dhk->bthk", h, lw, "v")
+            q, k, v = qkv(proj, h, lw)  # [B, T, H, K], [B, T, KV, K] x 2
             if cfg.qkv_bias:
                 q, k, v = q + lw["q_bias"], k + lw["k_bias"], v + lw["v_bias"]
             if cfg.qk_norm:
@@ -153,14 +153,14 @@ def forward(cfg: LlamaConfig, w: dict, kv: list, tokens, positions, slots, page_
             k_pages = write_kv(k_pages, k, slots, index, backend=backend)
             v_pages = write_kv(v_pages, v, slots, index, backend=backend)
             a = paged_attention(q, k_pages, v_pages, page_table, positions, index, backend=backend,
-                                window=lw.get("window"))
+                                window=lw.get("window"), kernel=attention)
             a = proj("bthk,hkd->btd", a, lw, "o", 2)
             if cfg.o_bias:
                 a = a + lw["o_bias"]
             x = x + a
         with jax.named_scope("mlp"):
             h = rms_norm(x, lw["mlp_norm"], cfg.rms_norm_eps)
-            g, u = proj("btd,df->btf", h, lw, "gate"), proj("btd,df->btf", h, lw, "up")
+            g, u = gate_up(proj, h, lw)
             x = x + proj("btf,fd->btd", jax.nn.silu(g) * u, lw, "down")
         return x, k_pages, v_pages
 

@@ -193,6 +193,12 @@ class PipelineConfig:
     # Layers as one loop (`lax.scan`) over stacked weights: executables and compile time that do not
     # grow with depth. None: per backend (on for TPU; off for CPU and GPU, where unrolled decodes faster).
     scan_layers: bool | None = None
+    # q/k/v and gate/up as one matmul each (graphs.fused; not with LoRA, whose adapters target them
+    # apart). None: per backend (on for CPU, where it measured faster; off for GPU and TPU for now).
+    fuse_projections: bool | None = None
+    # Decode attention: "xla" (graphs.layers, every backend) or "pallas" (graphs.pallas_attention: a Triton
+    # kernel on GPU, Pallas interpret mode elsewhere). Not yet measured on a GPU, so not the default there.
+    decode_attention: str = "xla"
 
     def __init__(self, **kwargs: Any) -> None:
         own = {f.name for f in fields(PipelineConfig)} - set(_SUBCONFIGS)
@@ -257,6 +263,8 @@ class PipelineConfig:
             _check(self.devices is None or str(self.devices).strip().isdigit(),
                    f"compile_target and devices={self.devices!r} exclude each other: the target's devices are the "
                    "ones compiled for (a count such as devices='1' takes that many of them).")
+        _check(self.decode_attention in ("xla", "pallas"),
+               f"decode_attention={self.decode_attention!r} is not built: use 'xla' or 'pallas'.")
         _check(self.warmup or not self.forbid_compile,
                "forbid_compile needs warmup=True: without a warm-up the first request must compile.")
 

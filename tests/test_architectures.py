@@ -73,8 +73,9 @@ def test_generation_matches_hf_in_every_layout(arch_models, name):
                               pad_token_id=0)[0, len(prompt):].tolist()
         assert tokens == ref
     layouts = {"alone": [_greedy(llm, [p])[0] for p in PROMPTS],
-               "chunked, 4-token pages, layers as one loop": _greedy(
-                   _llm(path, prefill_chunk_size=16, kv_cache_page_size=4, scan_layers=True), PROMPTS)}
+               "chunked, 4-token pages, layers as one loop, fused projections": _greedy(
+                   _llm(path, prefill_chunk_size=16, kv_cache_page_size=4, scan_layers=True, fuse_projections=True),
+                   PROMPTS)}
     for label, got in layouts.items():
         for (tokens, lps), (want_tokens, want_lps) in zip(got, batched):
             assert tokens == want_tokens, label
@@ -83,10 +84,10 @@ def test_generation_matches_hf_in_every_layout(arch_models, name):
 
 @pytest.mark.parametrize("name", _kinds(("qwen3",)))
 def test_tensor_parallel_equals_one_device(arch_models, name):
-    """Tensor parallel 2 on fake devices (with the layers as one loop)."""
+    """Tensor parallel 2 on fake devices (with the layers as one loop and q/k/v, gate/up fused)."""
     from test_multidevice import _run_meshes
 
-    report = _run_meshes(arch_models[name][0], [[1, 1], [1, 2, 1]])
+    report = _run_meshes(arch_models[name][0], [[1, 1], [1, 2, 1, 1]])
     one = report.pop("1x1")
     for label, r in report.items():
         assert r["tokens"] == one["tokens"], label

@@ -44,7 +44,8 @@ def test_quantization_encoding_sets_dtype(tiny_llama):
     ({"device_memory_utilization": 1.5}, r"device_memory_utilization must be in \(0, 1\]"),
     ({"dtype": "int4"}, "dtype='int4' is not supported"),
     ({"compile_target": "tpu:v5e:2x2"}, "compile_target='tpu:v5e:2x2' needs compile_only=True"),
-    ({"compile_target": "tpu:v5e:2x2", "compile_only": True, "devices": "2"}, "compile_target and devices exclude"),
+    ({"compile_target": "tpu:v5e:2x2", "compile_only": True, "devices": "0,2"},
+     "compile_target and devices=.0,2. exclude each other"),
 ])
 def test_invalid_values_are_named(tiny_llama, kwargs, message):
     with pytest.raises(ConfigError, match=message):

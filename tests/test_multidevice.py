@@ -32,12 +32,13 @@ MESH_SCRIPT = textwrap.dedent("""
     path, meshes = sys.argv[2], json.loads(sys.argv[3])
     prompts = [random_prompt(n, seed=n).tolist() for n in (5, 17, 9, 30)]
     report = {}
-    for i, mesh in enumerate(meshes):  # [data, tensor] or [data, tensor, 1]: layers as one loop
-        dp, tp, scan = mesh[0], mesh[1], len(mesh) > 2
-        label = f"{dp}x{tp}" + ("-scan" if scan else "") + ("-again" if mesh in meshes[:i] else "")
+    for i, mesh in enumerate(meshes):  # [data, tensor, (1: layers as one loop), (1: fused projections)]
+        dp, tp, scan, fuse = mesh[0], mesh[1], bool(mesh[2:3] and mesh[2]), bool(mesh[3:4] and mesh[3])
+        label = (f"{dp}x{tp}" + ("-scan" if scan else "") + ("-fused" if fuse else "")
+                 + ("-again" if mesh in meshes[:i] else ""))
         llm = LLM(PipelineConfig(model_path=path, max_length=128, max_batch_size=4, devices=str(dp * tp),
-                                 data_parallel_degree=dp, tensor_parallel_degree=tp, scan_layers=scan),
-                  progress=False)
+                                 data_parallel_degree=dp, tensor_parallel_degree=tp, scan_layers=scan,
+                                 fuse_projections=fuse), progress=False)
         outs = llm.generate_outputs(prompts, sampling_params=SamplingParams(top_k=1, max_new_tokens=8, ignore_eos=True),
                                     use_tqdm=False)
         drawn = None  # seeded draws where rows are split over replicas (the sampler and its penalty state per replica)
@@ -78,9 +79,10 @@ def _run_meshes(path, meshes):
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
-# Llama covers 4-way tensor parallel (KV heads repeated) in the fast suite; Qwen2 (tied embeddings, qkv
-# bias) adds 8-way in `make test-slow`.
-@pytest.mark.parametrize("kind,meshes", [("llama", [[1, 1], [1, 2], [1, 4], [2, 2], [1, 2], [2, 2, 1]]),
+# Llama covers 4-way tensor parallel (KV heads repeated; unfused and with q/k/v and gate/up fused) in the
+# fast suite; Qwen2 (tied embeddings, qkv bias) adds 8-way in `make test-slow`.
+@pytest.mark.parametrize("kind,meshes", [("llama", [[1, 1], [1, 2], [1, 4], [1, 4, 0, 1], [2, 2], [1, 2],
+                                                    [2, 2, 1]]),
                                          pytest.param("qwen2", [[1, 1], [1, 2], [1, 8], [2, 2], [1, 2]],
                                                       marks=pytest.mark.slow)])  # about 20 s: `make test-slow`
 def test_tensor_and_data_parallel_equal_one_device(eight_head_models, kind, meshes):

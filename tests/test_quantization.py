@@ -57,7 +57,7 @@ def test_quantized_weights_are_the_checkpoint_within_a_step_and_compute_like_hf(
     import torch
 
     path, hf = tiny_models["llama"]
-    model = build_model(path, quantization_encoding=encoding, return_logits="all")
+    model = build_model(path, quantization_encoding=encoding, return_logits="all", fuse_projections=False)
     names = model.arch.checkpoint_names(model.config)
     state = {k: v.numpy() for k, v in hf.state_dict().items()}
     inputs = {kind: n_in for kind, n_in in model.arch.lora_targets.values()}
@@ -95,10 +95,12 @@ def test_quantized_weights_are_the_checkpoint_within_a_step_and_compute_like_hf(
     with torch.no_grad():
         expected = _hf_with(hf, swapped)(torch.tensor(prompt[None], dtype=torch.long)).logits[0].numpy()
     np.testing.assert_allclose(logits, expected, atol=2e-4)
-    if encoding in ("int8", "q4_k"):  # the layer loop holds the same values stacked, and computes the same logits
-        scan = build_model(path, quantization_encoding=encoding, return_logits="all", scan_layers=True)
-        assert scan.params["layers.q"].dtype == model.params["layers.0.q"].dtype
-        assert scan.params["layers.q_scale"].shape[0] == 2
+    if encoding in ("int8", "q4_k"):  # the layer loop, with q/k/v and gate/up fused (graphs.fused), holds the
+        # same values stacked and fused, and computes the same logits
+        scan = build_model(path, quantization_encoding=encoding, return_logits="all", scan_layers=True,
+                           fuse_projections=True)
+        assert scan.params["layers.qkv"].dtype == model.params["layers.0.q"].dtype
+        assert scan.params["layers.qkv_scale"].shape[0] == 2 and "layers.gate_up_scale" in scan.params
         ctx = held(scan, TextContext("q", prompt, 32))
         got = np.asarray(scan.execute(scan.prepare_initial_token_inputs([[ctx]])).logits)[0, -len(prompt):]
         np.testing.assert_allclose(got, logits, atol=1e-5)
@@ -146,18 +148,21 @@ def test_gguf_blocks_are_kept_and_equal_the_file_dequantized(tmp_path, monkeypat
                                             max_position_embeddings=256)).eval()
     path = str(tmp_path / f"tiny-{qtype}.gguf")
     write_llama_gguf(path, hf.config, {k: v.numpy() for k, v in hf.state_dict().items()}, qtype=qtype)
-    plain = build_model(path, return_logits="all")  # dequantized to float32 on read
+    plain = build_model(path, return_logits="all", fuse_projections=False)  # dequantized to float32 on read
     read_as_float.clear()
-    kept = build_model(path, quantization_encoding=encoding, return_logits="all")
+    kept = build_model(path, quantization_encoding=encoding, return_logits="all", fuse_projections=False)
     assert sorted(read_as_float) == sorted(["output.weight", "output_norm.weight", "token_embd.weight"] + [
         f"blk.{i}.{n}_norm.weight" for i in range(2) for n in ("attn", "ffn")])
     inputs = {kind: n_in for kind, n_in in kept.arch.lora_targets.values()}
+    checked = 0
     for name, ref in plain.params.items():
         kind = name.rsplit(".", 1)[-1]
         if kind in inputs:
             ref = np.asarray(ref)
             got, _ = _stored_weight(kept.params, name, inputs[kind], ref.shape, encoding)
             assert np.abs(got - ref).max() <= tol * np.abs(ref).max(), name
+            checked += 1
+    assert checked == 7 * 2
     prompt = random_prompt(11, seed=1)
     logits = []
     for m in (plain, kept):

@@ -34,11 +34,11 @@ def test_scan_equals_unrolled_and_hf(tiny_models, name):
     prompt = random_prompt(13, seed=7)
     unrolled = build_model(path, return_logits="all", scan_layers=False)
     scan = build_model(path, return_logits="all", scan_layers=True)
-    assert set(scan.params) - set(unrolled.params) == {"layers.q", "layers.k", "layers.v", "layers.o", "layers.gate",
-                                                       "layers.up", "layers.down", "layers.attn_norm",
-                                                       "layers.mlp_norm"} | ({"layers.q_bias", "layers.k_bias",
-                                                                             "layers.v_bias"} if name == "qwen2" else set())
-    assert scan.params["layers.q"].shape[0] == hf.config.num_hidden_layers
+    # (q/k/v and gate/up fused: the CPU default, graphs.fused)
+    assert set(scan.params) - set(unrolled.params) == {"layers.qkv", "layers.o", "layers.gate_up", "layers.down",
+                                                       "layers.attn_norm", "layers.mlp_norm"} | (
+        {"layers.q_bias", "layers.k_bias", "layers.v_bias"} if name == "qwen2" else set())
+    assert scan.params["layers.o"].shape[0] == hf.config.num_hidden_layers
     assert len(scan.kv_manager.pool) == 1 and scan.kv_manager.pool[0][0].shape[1] == hf.config.num_hidden_layers
     a, b = _run(unrolled, prompt, 16), _run(scan, prompt, 16)
     assert np.abs(a[0] - b[0]).max() < 1e-6 and np.abs(a[1] - b[1]).max() < 1e-6

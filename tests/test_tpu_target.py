@@ -99,6 +99,19 @@ def test_bad_targets_are_named(tiny_llama, tmp_path):
     assert result.returncode == 1 and "does not divide the 4 selected devices" in result.stderr
 
 
+def test_devices_takes_the_first_chips_of_the_target(tiny_llama, tmp_path):
+    """devices=N compiles for the first N chips of the slice (one v5e chip: does a model fit one?);
+    ids are refused with the reason."""
+    result = warm_cache(tmp_path, "--model-path", tiny_llama[0], "--devices", "1", "--max-batch-size", "1",
+                        "--max-length", "16", "--kv-cache-page-size", "16")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert {(r["key"]["mesh"], r["key"]["devices"]) for r in _records(tmp_path)} == {
+        ("(('data', 1), ('tensor', 1))", "(0,)")}
+    result = warm_cache(tmp_path, "--model-path", tiny_llama[0], "--devices", "0,1")
+    assert result.returncode == 1 and "compile_target and devices='0,1' exclude each other" in result.stderr
+    assert "a count such as devices='1' takes that many of them" in result.stderr
+
+
 def test_a_pool_larger_than_the_chips_fails_before_compiling(tmp_path):
     """A target's KV pool is sized for max_batch_size x max_length: a Llama-3.1-8B shape at 64 x 8192
     needs 16 GiB of it per v5e chip (16 GiB) on tensor 4, which is refused with what to lower."""

@@ -95,8 +95,8 @@ def quantized_specs(specs: dict[str, WeightSpec], inputs: dict[str, int], enc: E
         if enc.group:
             size = math.prod(spec.shape[:n_in])
             if size % enc.group:
-                raise ConfigError(f"quantization_encoding={enc.name!r} quantizes {enc.group} input values at a time, and {name} has {size} "
-                                 f"inputs: use int8 or float8_e4m3fn for this model.")
+                raise ConfigError(f"quantization_encoding={enc.name!r} quantizes {enc.group} input values at a time, "
+                                  f"and {name} has {size} inputs: use int8 or float8_e4m3fn for this model.")
             part = WeightSpec((size // enc.group, *spec.shape[n_in:]), (spec.axes[0], *spec.axes[n_in:]))
             if enc.bits == 4:
                 out[name] = WeightSpec((size // 2, *spec.shape[n_in:]), part.axes)
