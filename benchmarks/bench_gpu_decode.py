@@ -2,6 +2,11 @@
 
     python benchmarks/bench_gpu_decode.py [--shape llama-1b] [--batch-sizes 1 8 64]
                                           [--variants 1:sync 10:sync 10:async] [--json out.json]
+                                          [--setups bf16 int8 q4_k fused pallas int8+fused]
+
+`--setups`: maxlike configurations measured one after another (the first with every variant and
+the offline run, the others with the last variant only): an encoding name (bf16 or a
+quantization_encoding), `fused` / `unfused` (fuse_projections), `pallas` (decode_attention), joined by +.
 
 The shape and cache (1024 tokens) are those of the plain-JAX anchors in the
 README's GPU section, so the figures compare with them. HF transformers' generate (dynamic cache) runs
@@ -79,6 +84,19 @@ def offline_hf(model, args, batch: int) -> float:
     return hf_batched_generate(model, offline_workload(args, model.config.vocab_size), args.new_tokens, batch)["tok_s"]
 
 
+def setup_config(setup: str) -> dict:
+    """'int8+fused' -> PipelineConfig overrides."""
+    out: dict = {}
+    for part in setup.split("+"):
+        if part in ("fused", "unfused"):
+            out["fuse_projections"] = part == "fused"
+        elif part == "pallas":
+            out["decode_attention"] = "pallas"
+        elif part != "bf16":
+            out["quantization_encoding"] = part
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--shape", choices=sorted(SHAPES), default="llama-1b")
@@ -92,6 +110,7 @@ def main() -> None:
     ap.add_argument("--page-size", type=int, default=128)
     ap.add_argument("--hf-batch-sizes", type=int, nargs="*", default=[1, 64])
     ap.add_argument("--json", help="write the results here")
+    ap.add_argument("--setups", nargs="+", default=["bf16"], help="maxlike configurations (see the docstring)")
     args = ap.parse_args()
     variants = [(int(v.split(":")[0]), v.split(":")[1] == "async") for v in args.variants]
 
@@ -105,24 +124,29 @@ def main() -> None:
         t = time.perf_counter()
         torch_model = build_model(args.shape, path, device)
         print(f"built and saved random {args.shape} in {time.perf_counter() - t:.1f}s", flush=True)
-        config = PipelineConfig(model_path=path, max_length=args.max_length, max_batch_size=max(args.batch_sizes),
-                                dtype="bfloat16", kv_cache_page_size=args.page_size, max_num_steps=max(steps for steps, _ in variants))
-        t = time.perf_counter()
-        llm, ours = maxlike_generate(config)
-        print(f"maxlike loaded in {time.perf_counter() - t:.1f}s", flush=True)
-        vocab = llm.pipeline.model.config.vocab_size
-        for b in args.batch_sizes:
-            for steps, overlap in variants:
-                llm.scheduler.max_num_steps = steps  # <= the loop's compiled length
-                llm.scheduler.async_scheduling = overlap
-                t = time.perf_counter()
-                m = measure(ours, b, args.prompt_tokens, args.new_tokens, vocab)
-                m.update(max_num_steps=steps, async_scheduling=overlap, wall_s=time.perf_counter() - t)
-                results["maxlike"].append(m)
-                print(f"maxlike batch {b:3d} steps/call {steps:2d} {'async' if overlap else 'sync '}: decode "
-                      f"{m['decode_tok_s']:8.1f} tok/s, prefill {m['prefill_tok_s']:8.0f} tok/s  "
-                      f"({m['wall_s']:.0f}s incl. compiles)", flush=True)
-        if args.offline_requests:
+        for i, setup in enumerate(args.setups):
+            if i:
+                del llm, ours
+            config = PipelineConfig(model_path=path, max_length=args.max_length, max_batch_size=max(args.batch_sizes),
+                                    dtype="bfloat16", kv_cache_page_size=args.page_size,
+                                    max_num_steps=max(steps for steps, _ in variants), **setup_config(setup))
+            t = time.perf_counter()
+            llm, ours = maxlike_generate(config)
+            print(f"maxlike {setup} loaded in {time.perf_counter() - t:.1f}s", flush=True)
+            vocab = llm.pipeline.model.config.vocab_size
+            for b in args.batch_sizes:
+                for steps, overlap in variants if i == 0 else variants[-1:]:
+                    llm.scheduler.max_num_steps = steps  # <= the loop's compiled length
+                    llm.scheduler.async_scheduling = overlap
+                    t = time.perf_counter()
+                    m = measure(ours, b, args.prompt_tokens, args.new_tokens, vocab)
+                    m.update(max_num_steps=steps, async_scheduling=overlap, wall_s=time.perf_counter() - t,
+                             setup=setup)
+                    results["maxlike"].append(m)
+                    print(f"maxlike {setup} batch {b:3d} steps/call {steps:2d} {'async' if overlap else 'sync '}: "
+                          f"decode {m['decode_tok_s']:8.1f} tok/s, prefill {m['prefill_tok_s']:8.0f} tok/s  "
+                          f"({m['wall_s']:.0f}s incl. compiles)", flush=True)
+        if args.offline_requests:  # (the last setup's model)
             llm.scheduler.max_num_steps, llm.scheduler.async_scheduling = variants[-1]
             results["offline"] = {"maxlike": offline_maxlike(llm, args), "requests": args.offline_requests}
         stats = llm.pipeline.model.session.stats
@@ -140,12 +164,12 @@ def main() -> None:
             results["hf"].append(h)
             print(f"HF generate batch {b:3d}: decode {h['decode_tok_s']:8.1f} tok/s, "
                   f"prefill {h['prefill_tok_s']:8.0f} tok/s", flush=True)
-    print("\nbatch  steps  sched  maxlike tok/s  HF tok/s  ratio")
+    print("\nsetup             batch  steps  sched  maxlike tok/s  HF tok/s  ratio")
     for m in results["maxlike"]:
         h = next((h for h in results["hf"] if h["batch"] == m["batch"]), None)
         hf = f"{h['decode_tok_s']:8.1f}  {m['decode_tok_s'] / h['decode_tok_s']:5.2f}x" if h else "       -      -"
         sched = "async" if m["async_scheduling"] else "sync "
-        print(f"{m['batch']:5d}  {m['max_num_steps']:5d}  {sched}  {m['decode_tok_s']:13.1f}  {hf}")
+        print(f"{m['setup']:16s}  {m['batch']:5d}  {m['max_num_steps']:5d}  {sched}  {m['decode_tok_s']:13.1f}  {hf}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)

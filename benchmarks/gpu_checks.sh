@@ -6,6 +6,9 @@
 # compile: warm-cache (compile only, 8 worker processes, $COMPILE_LIMIT s each at most) of the 1B shape at
 #          batch 4 / length 256, scan vs unrolled: compile seconds summed over the records written, and bytes.
 # tests:   parity tests on this GPU (tiny models against HF on torch CPU, attention against numpy).
+# kernels: the Pallas decode-attention kernel against the XLA attention (agreement, ms per call), issue 16.
+# quant:   decode tok/s of the 1B shape per weight encoding, fused projections and the Pallas attention
+#          (bench_gpu_decode.py --setups), with HF in the same run, issue 16.
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpu_checks}
@@ -19,6 +22,14 @@ $PY -c "import jax; print('jax', jax.__version__, jax.devices())" | tee -a "$OUT
 if [[ " $PARTS " == *" tests "* ]]; then
   timeout 150 $PY -m pytest -q -p no:cacheprovider tests/test_parity.py tests/test_scan_layers.py \
       tests/test_kv_cache.py -k "not smollm2" 2>&1 | tail -25 | tee "$OUT/pytest.log"
+fi
+if [[ " $PARTS " == *" kernels "* ]]; then
+  timeout 240 $PY benchmarks/probe_gpu_kernels.py --json "$OUT/kernels.json" 2>&1 | tee "$OUT/kernels.log"
+fi
+if [[ " $PARTS " == *" quant "* ]]; then
+  timeout 420 $PY benchmarks/bench_gpu_decode.py --batch-sizes 1 8 64 --variants 10:sync --offline-requests 0 \
+      --setups bf16 fused int8 q8_0 q4_k float8_e4m3fn pallas --json "$OUT/quant.json" 2>&1 | grep -v "it/s]" \
+      | tee "$OUT/quant.log"
 fi
 if [[ " $PARTS " == *" probe "* ]]; then
   timeout 240 $PY benchmarks/probe_gpu_step.py --groups layers --unrolls 1 2 --json "$OUT/probe_layers.json" \
