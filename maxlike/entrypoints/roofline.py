@@ -73,9 +73,11 @@ def kv_bytes(model, batch: int, context: int) -> int:
 
 
 def matmul_flops_per_token(model) -> int:
-    """2 FLOPs per weight a token passes through (embeddings are a gather, not a matmul)."""
+    """2 FLOPs per weight a token passes through (embeddings are a gather, not a matmul), counted
+    from the architecture's own weight shapes: a quantized model does the same matmuls (its packed
+    values and scales are not weights)."""
     cfg = model.config
-    n = sum(int(np.prod(a.shape)) for name, a in model.params.items() if name != "embed")
+    n = sum(int(np.prod(spec.shape)) for name, spec in model.arch.weight_specs(cfg).items() if name != "embed")
     if getattr(cfg, "tie_word_embeddings", False):
         n += cfg.vocab_size * cfg.hidden_size  # the tied head is a matmul over the embedding table
     return 2 * n
