@@ -178,6 +178,33 @@ PERPLEXITY_BOUND = {"int8": 0.01, "float8_e4m3fn": 0.01, "q8_0": 0.01, "q4_k": 0
 PRINTED_ONLY = ("q4_0",)
 
 
+def test_a_gguf_keeps_its_blocks_by_default_on_accelerators_only(tmp_path):
+    """quantization_encoding unset: a Q8_0 GGUF runs as q8_0 on GPU and TPU (its weights sized so),
+    as float on CPU; an explicit choice wins; safetensors stay float."""
+    import transformers as tf
+
+    from gguf_util import write_llama_gguf
+    from maxlike.pipelines import PipelineConfig
+    from maxlike.pipelines.decoder import DecoderPipelineModel
+    from maxlike.weights.loader import resolve_encoding
+
+    hf = tf.LlamaForCausalLM(tf.LlamaConfig(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                            num_attention_heads=4, num_key_value_heads=2)).eval()
+    path = str(tmp_path / "tiny-Q8_0.gguf")
+    write_llama_gguf(path, hf.config, {k: v.numpy() for k, v in hf.state_dict().items()}, qtype="Q8_0")
+    model = PipelineConfig(model_path=path).model
+    assert [resolve_encoding(model, p) for p in ("gpu", "tpu", "cpu")] == ["q8_0", "q8_0", None]
+    assert resolve_encoding(PipelineConfig(model_path=path, quantization_encoding="int8").model, "gpu") == "int8"
+    hf.save_pretrained(tmp_path / "st")
+    assert resolve_encoding(PipelineConfig(model_path=str(tmp_path / "st")).model, "gpu") is None
+    # sized for the TPU it compiles for: 1 byte per projection weight and a float16 scale per 32, against 4 on CPU
+    on_cpu = DecoderPipelineModel.estimate_weights_size(PipelineConfig(model_path=path, dtype="float32"))
+    on_tpu = DecoderPipelineModel.estimate_weights_size(PipelineConfig(
+        model_path=path, dtype="float32", compile_only=True, compile_target="tpu:v5e:2x2"))
+    projections = sum(p.numel() for n, p in hf.named_parameters() if n.endswith("proj.weight"))
+    assert on_cpu - on_tpu == 4 * projections - (projections + 2 * projections // 32)
+
+
 @pytest.mark.slow  # about 5 minutes (six SmolLM2 pipelines, echo over every prompt): `make test-slow`
 def test_quantized_smollm2_keeps_the_tokens_and_the_perplexity(smollm2_path, hf_smollm2):
     """int8's greedy tokens equal HF's float ones for the chat prompts; over every prompt and HF's

@@ -31,11 +31,11 @@ from maxlike.pipelines.lora import LoRAManager
 from maxlike.pipelines.model import ModelInputs, ModelOutputs, ReturnHiddenStates, ReturnLogits
 from maxlike.pipelines.logprobs import LogProbsMixin
 from maxlike.pipelines.serving import BucketShapes, ServingModel
-from maxlike.pipelines.sizing import DecoderSizing
+from maxlike.pipelines.sizing import DecoderSizing, log
 from maxlike.pipelines.step_inputs import next_inputs, place_replicated, place_sharded, unpack
 from maxlike.sharding import named_sharding, replicated
-from maxlike.weights import converted, read_weights
-from maxlike.weights import quantize
+from maxlike.weights import converted, quantize, read_weights
+from maxlike.weights.loader import resolve_encoding
 
 from graphs.base import stack_layers, stacked_specs
 from graphs.fused import GATE_UP, QKV, fuse_specs, fuse_weights
@@ -85,8 +85,11 @@ class DecoderPipelineModel(DecoderSizing, LogProbsMixin, ServingModel):
         self.scan_layers = SCAN_LAYERS_DEFAULT.get(session.platform, False) if scan is None else scan
         self._layer_specs = self.arch.weight_specs(self.config)  # per layer, as checkpoints hold them
         # Quantized weights: the projections kept in `quantization_encoding` with their scales
-        self._encoding, self._quantized, self._layer_specs = quantize.plan(
-            self._layer_specs, self.arch.lora_targets, pipeline_config.model.quantization_encoding)
+        encoding = resolve_encoding(pipeline_config.model, session.platform)
+        if encoding != pipeline_config.model.quantization_encoding:
+            log.info("keeping the GGUF's quantized blocks as quantization_encoding=%r (pass one to choose)", encoding)
+        self._encoding, self._quantized, self._layer_specs = quantize.plan(self._layer_specs, self.arch.lora_targets,
+                                                                           encoding)
         self.fused = self._fuse_projections(pipeline_config, session.platform)
         specs = fuse_specs(self._layer_specs, self.config.kv_heads) if self.fused else self._layer_specs
         if self.fused and self._quantized:

@@ -18,6 +18,7 @@ from maxlike.pipelines import memory
 from maxlike.pipelines.model import ReturnLogits, upper_bounded_default
 from maxlike.weights.lean import text_config_of
 from maxlike.weights import quantize
+from maxlike.weights.loader import resolve_encoding
 from maxlike.pipelines.registry import PIPELINE_REGISTRY
 from maxlike.pipelines.serving import Bucket
 
@@ -65,7 +66,7 @@ class DecoderSizing:
         arch, cfg = cls._graph_and_config(hf)
         dtype = memory.resolve_dtype(pipeline_config.model.dtype, _platform(pipeline_config))
         enc, kinds, specs = quantize.plan(arch.weight_specs(cfg), arch.lora_targets,
-                                          pipeline_config.model.quantization_encoding)
+                                          resolve_encoding(pipeline_config.model, _platform(pipeline_config)))
         return memory.weights_bytes(specs, lambda name: quantize.dtype_of(name, kinds, dtype, enc))
 
     @classmethod

@@ -12,7 +12,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from maxlike.cache_files import cache_root, read_json, write_json
-from maxlike.weights import gguf_file, safetensors_dir
+from maxlike.weights import gguf_file, quantize, safetensors_dir
 from maxlike.weights.errors import WeightsError
 
 
@@ -227,12 +227,10 @@ def read_weights(
 
 def _kept(parts: dict[str, np.ndarray], source, n_in: int, enc, name: str) -> dict[str, np.ndarray]:
     """One GGUF projection kept quantized: its parts through the weight's conversion, named."""
-    from maxlike.weights.quantize import in_layout
-
     def convert(a):
         return source.convert(a if source.gguf_convert is None else source.gguf_convert(a))
 
-    return {name + suffix: a for suffix, a in in_layout(parts, convert, n_in, enc).items()}
+    return {name + suffix: a for suffix, a in quantize.in_layout(parts, convert, n_in, enc).items()}
 
 
 # Where a multimodal checkpoint (Gemma 3, ...) keeps its language model's tensors: under the
@@ -252,6 +250,21 @@ def _text_tower(name: str, reader) -> str:
                 if place + name[len(prefix):] in reader:
                     return place + name[len(prefix):]
     return name
+
+
+def resolve_encoding(model_config, platform: str) -> str | None:
+    """The encoding a model runs in: `quantization_encoding` when set, else for a GGUF on an
+    accelerator the one that keeps its projections' blocks (None: the model's float dtype)."""
+    if model_config.quantization_encoding is not None or not quantize.KEEP_GGUF_BLOCKS.get(platform, False):
+        return model_config.quantization_encoding
+    if weights_format(model_config.model_path) != "gguf":
+        return None
+    reader = gguf_file.check_file(checkpoint_files(model_config.model_path, model_config.weight_path)[0])
+    sizes: dict[str, int] = {}
+    for t in reader.tensors:
+        if t.name.startswith("blk.") and t.name.endswith(quantize.GGUF_PROJECTIONS):
+            sizes[t.tensor_type.name] = sizes.get(t.tensor_type.name, 0) + int(t.n_elements)
+    return quantize.GGUF_ENCODING.get(max(sizes, key=sizes.get)) if sizes else None
 
 
 def checkpoint_files(model_path: str, weight_path: tuple[str, ...] = ()) -> list[str]:

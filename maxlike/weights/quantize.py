@@ -17,7 +17,8 @@ values) plus `name + "_scale"` and, for affine 4-bit, `name + "_offset"`:
 
 Quantize-on-load (from float weights) rounds to nearest. GGUF tensors whose blocks fit an
 encoding exactly (Q8_0 for q8_0; Q4_0 for q4_0; Q4_0, Q4_1 and Q4_K for q4_k) are kept as they
-are (`maxlike.weights.gguf_blocks`); any other tensor is dequantized and quantized again.
+are (`maxlike.weights.gguf_blocks`); any other tensor is dequantized and quantized again. Without
+an encoding, a GGUF keeps its blocks on GPU and TPU (`maxlike.weights.loader.resolve_encoding`).
 Embeddings, norms and the LM head stay in the model's dtype. Works on per-layer names
 ("layers.{i}.{kind}"); stacking for the layer loop comes after, scales included.
 """
@@ -62,6 +63,15 @@ ENCODINGS = {e.name: e for e in (
              kept_gguf=("Q4_0", "Q4_1", "Q4_K")),
 )}
 FP8_MAX = float(ml_dtypes.finfo(ml_dtypes.float8_e4m3fn).max)  # 448
+
+
+# quantization_encoding=None on a GGUF: on accelerators, the encoding that keeps the blocks most of its
+# projection weights are in (MAX reads a GGUF's encoding from the file too). On CPU the file is
+# dequantized: XLA:CPU runs float weights several times faster (README, Performance).
+GGUF_ENCODING = {"Q8_0": "q8_0", "Q4_0": "q4_0", "Q4_1": "q4_k", "Q4_K": "q4_k"}
+KEEP_GGUF_BLOCKS = {"gpu": True, "tpu": True, "cpu": False}
+GGUF_PROJECTIONS = ("attn_q.weight", "attn_k.weight", "attn_v.weight", "attn_qkv.weight", "attn_output.weight",
+                "ffn_gate.weight", "ffn_up.weight", "ffn_down.weight")
 
 
 def encoding_of(name: str | None) -> Encoding | None:
