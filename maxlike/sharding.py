@@ -37,3 +37,16 @@ def named_sharding(mesh: Mesh, axes: Sequence[str | None]) -> NamedSharding:
 
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
+
+
+def indivisible(specs: dict, mesh: Mesh) -> list[str]:
+    """The weights (graphs.WeightSpec) with an axis this mesh cannot split evenly, each as
+    "name: axis k (logical) of size n over m devices"."""
+    out = []
+    for name, spec in specs.items():
+        for k, (size, axis) in enumerate(zip(spec.shape, spec.axes)):
+            mesh_axis = LOGICAL_TO_MESH[axis] if axis is not None else None
+            ways = mesh.shape[mesh_axis] if mesh_axis else 1
+            if size % ways:
+                out.append(f"{name}: axis {k} ({axis}) of size {size} over {ways} devices")
+    return out

@@ -107,9 +107,20 @@ def test_devices_takes_the_first_chips_of_the_target(tiny_llama, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert {(r["key"]["mesh"], r["key"]["devices"]) for r in _records(tmp_path)} == {
         ("(('data', 1), ('tensor', 1))", "(0,)")}
-    result = warm_cache(tmp_path, "--model-path", tiny_llama[0], "--devices", "0,1")
+    result = warm_cache(tmp_path, "--model-path", tiny_llama[0], "--devices", "0,1", "--dry-run")
     assert result.returncode == 1 and "compile_target and devices='0,1' exclude each other" in result.stderr
     assert "a count such as devices='1' takes that many of them" in result.stderr
+
+
+def test_groups_larger_than_a_devices_share_are_refused(eight_head_models, tmp_path):
+    """q4_k groups 32 inputs; tensor 4 leaves each chip 16 of the tiny model's o inputs (2 of 8 heads
+    of 8): refused before anything is read or compiled, naming the weight and what to change."""
+    result = warm_cache(tmp_path, "--model-path", eight_head_models["llama"], "--tensor-parallel-degree", "4",
+                        "--quantization-encoding", "q4_k", "--dry-run")
+    assert result.returncode == 1
+    assert "tensor_parallel_degree=4 cannot split 2 weight(s) evenly" in result.stderr  # o's scales and offsets
+    assert "layers.o_scale: axis 1 (q_heads) of size 2 over 4 devices" in result.stderr  # (stacked: the TPU loop)
+    assert "use a smaller degree or quantization_encoding int8" in result.stderr
 
 
 def test_a_pool_larger_than_the_chips_fails_before_compiling(tmp_path):

@@ -33,7 +33,7 @@ from maxlike.pipelines.logprobs import LogProbsMixin
 from maxlike.pipelines.serving import BucketShapes, ServingModel
 from maxlike.pipelines.sizing import DecoderSizing, log
 from maxlike.pipelines.step_inputs import next_inputs, place_replicated, place_sharded, unpack
-from maxlike.sharding import named_sharding, replicated
+from maxlike.sharding import indivisible, named_sharding, replicated
 from maxlike.weights import converted, quantize, read_weights
 from maxlike.weights.loader import resolve_encoding
 
@@ -95,6 +95,11 @@ class DecoderPipelineModel(DecoderSizing, LogProbsMixin, ServingModel):
         if self.fused and self._quantized:
             self._quantized = {**self._quantized, QKV: 1, GATE_UP: 1}
         specs = stacked_specs(specs) if self.scan_layers else specs
+        uneven = indivisible(specs, mesh)
+        if uneven:  # quantized groups of 32 inputs can be larger than a device's share of them
+            raise ConfigError(f"tensor_parallel_degree={self.tensor_parallel_degree} cannot split {len(uneven)} "
+                              f"weight(s) evenly, e.g. {uneven[0]}: use a smaller degree"
+                              + (" or quantization_encoding int8 (no groups)" if self._encoding else "") + ".")
         self._specs = specs  # as `params` holds them
         self.weights_source = "none (compile-only)"  # or where `params` came from
         self.kv_params, self.max_batch_size, num_pages = self._plan_kv_cache(specs)
