@@ -335,3 +335,13 @@ def test_warm_cache_with_lora_and_in_flight_batching_then_any_adapter_compiles_n
         assert "compiled 0 executables" in run.stderr, run.stderr[-2000:]
     bad = maxlike("generate", "--prompt", "hello", "--max-new-tokens", "4", "--lora", "zzz", *common)
     assert bad.returncode != 0 and "unknown LoRA adapter 'zzz'" in bad.stderr
+
+
+def test_lora_runs_the_projections_unfused(tiny_llama):
+    """Adapters update q, k, v, gate and up apart: with LoRA the CPU's fused default is off, and
+    asking for fusion is refused by name."""
+    from maxlike.config import ConfigError
+
+    assert not build_model(tiny_llama[0], enable_lora=True).fused
+    with pytest.raises(ConfigError, match="fuse_projections=True cannot be combined with enable_lora"):
+        build_model(tiny_llama[0], enable_lora=True, fuse_projections=True)

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from maxlike.cache_files import cache_root, defining_files, files_hash
 from maxlike.config import ConfigError
 from maxlike.kv_cache import KVCacheInputs, PagedKVCacheManager
-from maxlike.pipelines import logprobs, memory, sampling
+from maxlike.pipelines import layout, logprobs, memory, sampling
 from maxlike.pipelines.context import TextContext
 from maxlike.pipelines.lora import LoRAManager
 from maxlike.pipelines.model import ModelInputs, ModelOutputs, ReturnHiddenStates, ReturnLogits
@@ -33,7 +33,7 @@ from maxlike.pipelines.logprobs import LogProbsMixin
 from maxlike.pipelines.serving import BucketShapes, ServingModel
 from maxlike.pipelines.sizing import DecoderSizing, log
 from maxlike.pipelines.step_inputs import next_inputs, place_replicated, place_sharded, unpack
-from maxlike.sharding import indivisible, named_sharding, replicated
+from maxlike.sharding import named_sharding, replicated
 from maxlike.weights import converted, quantize, read_weights
 from maxlike.weights.loader import resolve_encoding
 
@@ -43,16 +43,6 @@ from graphs.rope import at_length
 from graphs.layers import GroupedPageTable
 
 STOP_SLOTS = 8  # stop ids per row the on-device decode loop checks; any further ones stop on the host
-# Whether layers run as one loop over stacked weights (PipelineConfig.scan_layers=None), per backend.
-# TPU: a loop cuts each executable 3-16x (DESIGN.md section 8). GPU: on an H200 (Llama-3.2-1B shape,
-# bf16) the loop decodes 369 vs 569 tok/s at batch 1 and 2,844 vs 4,942 at batch 8 (unroll 2: 386 /
-# 2,998), with no layer slice copied (benchmarks/probe_gpu_step.py), so unrolled. CPU: see README.
-SCAN_LAYERS_DEFAULT = {"tpu": True, "gpu": False, "cpu": False}
-# Whether q/k/v and gate/up run as one matmul each (PipelineConfig.fuse_projections=None), per backend.
-# CPU: SmolLM2 decodes 13-18% faster at batch 1 fused (3% slower at batch 8). TPU: compiled for a v5e,
-# a fused int8 gate/up is dequantized into a buffer instead of inside the matmul (1 GiB of temporaries
-# for 4 Llama-3.1-8B layers, 0.01 unfused). GPU: not measured yet.
-FUSE_PROJECTIONS_DEFAULT = {"tpu": False, "gpu": False, "cpu": True}
 
 
 class DecoderPipelineModel(DecoderSizing, LogProbsMixin, ServingModel):
@@ -81,8 +71,7 @@ class DecoderPipelineModel(DecoderSizing, LogProbsMixin, ServingModel):
         self.kv_repeat = max(1, self.tensor_parallel_degree // self.config.kv_heads)
         if self.kv_repeat > 1:
             self.config = dataclasses.replace(self.config, kv_heads=self.config.kv_heads * self.kv_repeat)
-        scan = pipeline_config.scan_layers
-        self.scan_layers = SCAN_LAYERS_DEFAULT.get(session.platform, False) if scan is None else scan
+        self.scan_layers = layout.scan_layers(pipeline_config, session.platform)
         self._layer_specs = self.arch.weight_specs(self.config)  # per layer, as checkpoints hold them
         # Quantized weights: the projections kept in `quantization_encoding` with their scales
         encoding = resolve_encoding(pipeline_config.model, session.platform)
@@ -90,16 +79,12 @@ class DecoderPipelineModel(DecoderSizing, LogProbsMixin, ServingModel):
             log.info("keeping the GGUF's quantized blocks as quantization_encoding=%r (pass one to choose)", encoding)
         self._encoding, self._quantized, self._layer_specs = quantize.plan(self._layer_specs, self.arch.lora_targets,
                                                                            encoding)
-        self.fused = self._fuse_projections(pipeline_config, session.platform)
+        self.fused = layout.fuse_projections(pipeline_config, session.platform)
         specs = fuse_specs(self._layer_specs, self.config.kv_heads) if self.fused else self._layer_specs
         if self.fused and self._quantized:
             self._quantized = {**self._quantized, QKV: 1, GATE_UP: 1}
         specs = stacked_specs(specs) if self.scan_layers else specs
-        uneven = indivisible(specs, mesh)
-        if uneven:  # quantized groups of 32 inputs can be larger than a device's share of them
-            raise ConfigError(f"tensor_parallel_degree={self.tensor_parallel_degree} cannot split {len(uneven)} "
-                              f"weight(s) evenly, e.g. {uneven[0]}: use a smaller degree"
-                              + (" or quantization_encoding int8 (no groups)" if self._encoding else "") + ".")
+        layout.check_divisible(specs, mesh, quantized=self._encoding is not None)
         self._specs = specs  # as `params` holds them
         self.weights_source = "none (compile-only)"  # or where `params` came from
         self.kv_params, self.max_batch_size, num_pages = self._plan_kv_cache(specs)
@@ -233,15 +218,6 @@ class DecoderPipelineModel(DecoderSizing, LogProbsMixin, ServingModel):
         if self.fused:
             host = fuse_weights(host, self.config.kv_heads)
         return stack_layers(host) if self.scan_layers else host
-
-    @staticmethod
-    def _fuse_projections(pipeline_config, platform: str) -> bool:
-        """Whether q/k/v and gate/up run fused (graphs.fused): `fuse_projections`, else the backend's default."""
-        fuse, lora = pipeline_config.fuse_projections, pipeline_config.lora.enable_lora
-        if fuse and lora:
-            raise ConfigError("fuse_projections=True cannot be combined with enable_lora: adapters update q, k, v, "
-                              "gate and up apart. Leave fuse_projections unset (LoRA runs them unfused).")
-        return (FUSE_PROJECTIONS_DEFAULT.get(platform, False) if fuse is None else fuse) and not lora
 
     def _dtype_of(self, name: str):
         """A parameter's dtype: the model's, or the encoding's for quantized projections and their scales."""

@@ -1,0 +1,43 @@
+"""How a decoder's weights are laid out on the device: layers as one loop or unrolled, q/k/v and
+gate/up fused or apart (the per-backend defaults, from measurements), and whether a mesh splits them."""
+
+from __future__ import annotations
+
+from maxlike.config import ConfigError
+from maxlike.sharding import indivisible
+
+# Whether layers run as one loop over stacked weights (PipelineConfig.scan_layers=None), per backend.
+# TPU: a loop cuts each executable 3-16x (DESIGN.md section 8). GPU: on an H200 (Llama-3.2-1B shape,
+# bf16) the loop decodes 369 vs 569 tok/s at batch 1 and 2,844 vs 4,942 at batch 8 (unroll 2: 386 /
+# 2,998), with no layer slice copied (benchmarks/probe_gpu_step.py), so unrolled. CPU: see README.
+SCAN_LAYERS_DEFAULT = {"tpu": True, "gpu": False, "cpu": False}
+# Whether q/k/v and gate/up run as one matmul each (PipelineConfig.fuse_projections=None), per backend.
+# CPU: SmolLM2 decodes 13-18% faster at batch 1 fused (3% slower at batch 8). TPU: compiled for a v5e,
+# a fused int8 gate/up is dequantized into a buffer instead of inside the matmul (1 GiB of temporaries
+# for 4 Llama-3.1-8B layers, 0.01 unfused). GPU: not measured yet.
+FUSE_PROJECTIONS_DEFAULT = {"tpu": False, "gpu": False, "cpu": True}
+
+
+def scan_layers(pipeline_config, platform: str) -> bool:
+    """Whether the layers run as one loop (graphs.base.run_layers): `scan_layers`, else the backend's default."""
+    scan = pipeline_config.scan_layers
+    return SCAN_LAYERS_DEFAULT.get(platform, False) if scan is None else scan
+
+
+def fuse_projections(pipeline_config, platform: str) -> bool:
+    """Whether q/k/v and gate/up run fused (graphs.fused): `fuse_projections`, else the backend's default."""
+    fuse, lora = pipeline_config.fuse_projections, pipeline_config.lora.enable_lora
+    if fuse and lora:
+        raise ConfigError("fuse_projections=True cannot be combined with enable_lora: adapters update q, k, v, "
+                          "gate and up apart. Leave fuse_projections unset (LoRA runs them unfused).")
+    return (FUSE_PROJECTIONS_DEFAULT.get(platform, False) if fuse is None else fuse) and not lora
+
+
+def check_divisible(specs: dict, mesh, *, quantized: bool) -> None:
+    """Refuse, before anything is read, weights the mesh cannot split evenly (quantized groups of 32
+    inputs can be larger than a device's share of them)."""
+    uneven = indivisible(specs, mesh)
+    if uneven:
+        raise ConfigError(f"tensor_parallel_degree={mesh.shape['tensor']} cannot split {len(uneven)} weight(s) "
+                          f"evenly, e.g. {uneven[0]}: use a smaller degree"
+                          + (" or quantization_encoding int8 (no groups)" if quantized else "") + ".")
