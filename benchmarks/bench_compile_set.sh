@@ -14,22 +14,15 @@ SMOL=$(.venv/bin/python -c "from maxlike.entrypoints.llm import default_model_pa
 import sys
 import torch, transformers as tf
 sys.path.insert(0, "tests")
-from conftest import byte_tokenizer, save_tiny
+from conftest import save_tiny
 out = sys.argv[1]
 common = dict(vocab_size=320, hidden_size=64, intermediate_size=128, num_attention_heads=8, num_key_value_heads=2,
               max_position_embeddings=256, bos_token_id=1, eos_token_id=2, rope_theta=10000.0)
 for n in (2, 8, 32):
     torch.manual_seed(0)
     save_tiny(tf.LlamaForCausalLM(tf.LlamaConfig(num_hidden_layers=n, **common)).eval(), f"{out}/tiny_{n}")
-big = tf.LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                     num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=131072,
-                     rms_norm_eps=1e-5, rope_theta=500000.0, bos_token_id=1, eos_token_id=2,
-                     rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                                   "high_freq_factor": 4.0, "original_max_position_embeddings": 8192})
-big.architectures = ["LlamaForCausalLM"]
-big.save_pretrained(f"{out}/llama8b")
-byte_tokenizer().save_pretrained(f"{out}/llama8b")
 PY
+.venv/bin/python benchmarks/bench_tpu_memory.py --write-config "$OUT/llama8b"
 W="env PYTHONPATH=.venv/tpu-site:. .venv/bin/python -m maxlike.entrypoints.cli warm-cache --target tpu:v5e:2x2 --quiet --no-convert-weights --jobs 1"
 run() { label=$1; dir=$OUT/cache_$2; shift 2; rm -rf "$dir"; echo "== $label"
   $W --cache-dir "$dir" "$@" 2>&1 | grep "^warm-cache\|^maxlike\|^  "; du -sm "$dir/executables" 2>/dev/null | awk '{print "on disk " $1 " MiB"}'; }

@@ -73,9 +73,9 @@ def main() -> None:
         row = {"encoding": encoding, "fits": run.returncode == 0, "executables": len(records),
                "step_arguments_gib": None, "peak_gib": round(peak(top) / 2**30, 2) if top else None,
                "error": None if run.returncode == 0 else run.stderr.strip().splitlines()[-1]}
-        if top:
-            row["step_arguments_gib"] = round(min(r["memory"]["argument_size_in_bytes"] for r in records
-                                           if r["memory"]["argument_size_in_bytes"] > 2**30) / 2**30, 2)
+        steps = [r["memory"]["argument_size_in_bytes"] for r in records if r["key"]["name"] == "step"]
+        if steps:
+            row["step_arguments_gib"] = round(min(steps) / 2**30, 2)
         results.append(row)
         print(json.dumps(row), flush=True)
     if args.json:

@@ -225,8 +225,10 @@ def dequantize_grouped(values, scale, offset, in_shape: tuple, dtype) -> jax.Arr
     out = values.shape[1:] if values.dtype == jnp.uint8 else values.shape[len(in_shape):]
     grouped = values.reshape(scale.shape[0], -1, *out)
     if values.dtype == jnp.uint8:  # byte j of a group: value j in the low nibble, j + 16 in the high one, + 8
-        grouped = jnp.concatenate([grouped & 15, grouped >> 4], axis=1).astype(dtype) - 8
-    w = grouped.astype(dtype) * scale.astype(dtype)[:, None]
+        w = jnp.concatenate([grouped & 15, grouped >> 4], axis=1).astype(dtype) - 8
+    else:
+        w = grouped.astype(dtype)
+    w = w * scale.astype(dtype)[:, None]
     if offset is not None:
         w = w + offset.astype(dtype)[:, None]
     return w.reshape(*in_shape, *out)

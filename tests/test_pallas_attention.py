@@ -258,6 +258,9 @@ def test_the_model_decodes_the_same_with_the_kernel(tiny_models):
     for kernel in ("xla", "pallas"):
         llm = LLM(PipelineConfig(model_path=tiny_models["llama"][0], max_length=96, max_batch_size=4,
                                  enable_in_flight_batching=True, decode_attention=kernel), progress=False)
+        model = llm.pipeline.model
+        c, pool = model.config, model.kv_manager.pool[0][0]  # the kernel takes these shapes (no silent fallback)
+        assert supported(jax.ShapeDtypeStruct((4, 1, c.q_heads, c.head_dim), pool.dtype), pool)
         outs = llm.generate_outputs([p[:20] for p in PROMPTS], sampling_params=SamplingParams(
             top_k=1, max_new_tokens=12, ignore_eos=True, logprobs=1), use_tqdm=False)
         runs[kernel] = [(o.token_ids, [s.token_log_probabilities[0] for s in o.log_probabilities]) for o in outs]

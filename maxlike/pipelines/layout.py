@@ -12,7 +12,7 @@ from maxlike.sharding import indivisible
 # 2,998), with no layer slice copied (benchmarks/probe_gpu_step.py), so unrolled. CPU: see README.
 SCAN_LAYERS_DEFAULT = {"tpu": True, "gpu": False, "cpu": False}
 # Whether q/k/v and gate/up run as one matmul each (PipelineConfig.fuse_projections=None), per backend.
-# CPU: SmolLM2 decodes 13-18% faster at batch 1 fused (3% slower at batch 8). TPU: compiled for a v5e,
+# CPU: SmolLM2 decodes 13-18% faster at batch 1 fused (3-4% slower at batch 8). TPU: compiled for a v5e,
 # a fused int8 gate/up is dequantized into a buffer instead of inside the matmul (1 GiB of temporaries
 # for 4 Llama-3.1-8B layers, 0.01 unfused). GPU: not measured yet.
 FUSE_PROJECTIONS_DEFAULT = {"tpu": False, "gpu": False, "cpu": True}

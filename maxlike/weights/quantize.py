@@ -71,7 +71,7 @@ FP8_MAX = float(ml_dtypes.finfo(ml_dtypes.float8_e4m3fn).max)  # 448
 GGUF_ENCODING = {"Q8_0": "q8_0", "Q4_0": "q4_0", "Q4_1": "q4_k", "Q4_K": "q4_k"}
 KEEP_GGUF_BLOCKS = {"gpu": True, "tpu": True, "cpu": False}
 GGUF_PROJECTIONS = ("attn_q.weight", "attn_k.weight", "attn_v.weight", "attn_qkv.weight", "attn_output.weight",
-                "ffn_gate.weight", "ffn_up.weight", "ffn_down.weight")
+                    "ffn_gate.weight", "ffn_up.weight", "ffn_down.weight")
 
 
 def encoding_of(name: str | None) -> Encoding | None:
