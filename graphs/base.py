@@ -42,12 +42,13 @@ def _same(a: np.ndarray) -> np.ndarray:
 class Source:
     """Where one weight comes from in a checkpoint, and how it becomes ours.
 
-    `hf_name` / `gguf_name` name the tensor in HF safetensors / GGUF files; `convert`
+    `hf_name` / `gguf_name` name the tensor in HF safetensors / GGUF files (a tuple of HF
+    names: those tensors stacked on a new leading axis, e.g. one per expert); `convert`
     turns the HF-layout array ([out, in] for linears) into our layout; `gguf_convert`
     first undoes what llama.cpp's converter changed (e.g. its q/k row permutation).
     """
 
-    hf_name: str
+    hf_name: str | tuple[str, ...]
     gguf_name: str
     convert: Callable[[np.ndarray], np.ndarray] = _same
     gguf_convert: Callable[[np.ndarray], np.ndarray] | None = None
@@ -127,6 +128,13 @@ def _by_kind(named: dict) -> tuple[dict, dict[str, list]]:
         else:
             layers.setdefault(found[1], {})[found[0]] = value
     return others, {kind: [by_index[i] for i in sorted(by_index)] for kind, by_index in layers.items()}
+
+
+def uniform_layers(specs: dict[str, WeightSpec]) -> bool:
+    """Whether every layer holds the same weight kinds in the same shapes (so they can run as one loop)."""
+    _, layers = _by_kind(specs)
+    counts = {len(group) for group in layers.values()}
+    return len(counts) <= 1 and all(s == group[0] for group in layers.values() for s in group)
 
 
 def stacked_specs(specs: dict[str, WeightSpec]) -> dict[str, WeightSpec]:

@@ -1,8 +1,9 @@
-"""The Llama family: Llama 2/3/3.1/3.2, Mistral, Qwen2, Qwen3, Phi-3/3.5, SmolLM2.
+"""The Llama family: Llama 2/3/3.1/3.2, Mistral, Qwen2, Qwen3, Phi-3/3.5, SmolLM2, and the
+mixture-of-experts members Mixtral and Qwen3-MoE.
 
 One decoder; the family members differ only in config (qkv bias, tied
-embeddings, RoPE scaling, q/k norms, sliding windows), so each is a registry
-entry, not a file.
+embeddings, RoPE scaling, q/k norms, sliding windows, experts in place of the
+MLP: graphs.moe), so each is a registry entry, not a file.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from graphs.base import Architecture, UnsupportedConfigError, WeightSpec, requir
 from graphs.fused import gate_up, qkv
 from graphs.layers import adapter_mask, paged_attention, projection, rms_norm, write_kv
 from graphs.llama_checkpoint import checkpoint_names
+from graphs.moe import ExpertRun, MoESpec, expert_specs, moe_from_hf, moe_mlp
 from graphs.rope import RopeSpec, apply_rope, hf_rope_parameters, rope_from_hf
 
 
@@ -40,6 +42,7 @@ class LlamaConfig:
     qk_norm: bool  # Qwen3: RMSNorm over each q and k head before RoPE
     fused_checkpoint: bool  # Phi-3: the checkpoint holds qkv_proj and gate_up_proj (split at load)
     gguf_qk_permuted: bool  # checkpoint format: llama.cpp permutes q/k rows of Llama-arch GGUFs
+    moe: MoESpec | None = None  # Mixtral, Qwen3-MoE: the layers whose MLP is a mixture of experts
 
 
 def layer_windows(hf: Any, num_layers: int, window: int | None) -> tuple[int, ...]:
@@ -69,7 +72,7 @@ def config_from_hf(hf: Any) -> LlamaConfig:
     model_type = getattr(hf, "model_type", "llama")
     attention_bias = bool(getattr(hf, "attention_bias", False))
     window = getattr(hf, "sliding_window", None)
-    if model_type in ("qwen2", "qwen3") and not getattr(hf, "use_sliding_window", False):
+    if model_type in ("qwen2", "qwen3", "qwen3_moe") and not getattr(hf, "use_sliding_window", False):
         window = None
     arch = (getattr(hf, "architectures", None) or ["the Llama graph"])[0]
     need = {name: require(hf, name, arch) for name in ("vocab_size", "hidden_size", "num_hidden_layers",
@@ -94,9 +97,10 @@ def config_from_hf(hf: Any) -> LlamaConfig:
         max_position_embeddings=need["max_position_embeddings"],
         sliding_window=max(windows) or None,
         layer_windows=windows,
-        qk_norm=model_type == "qwen3",
+        qk_norm=model_type in ("qwen3", "qwen3_moe"),
         fused_checkpoint=model_type == "phi3",
-        gguf_qk_permuted=model_type in ("llama", "mistral"),
+        gguf_qk_permuted=model_type in ("llama", "mistral", "mixtral"),
+        moe=moe_from_hf(hf, need["num_hidden_layers"]),
     )
 
 
@@ -114,10 +118,13 @@ def weight_specs(cfg: LlamaConfig) -> dict[str, WeightSpec]:
             p + "v": WeightSpec((d, kv, hd), ("embed", "kv_heads", "head_dim")),
             p + "o": WeightSpec((h, hd, d), ("q_heads", "head_dim", "embed")),
             p + "mlp_norm": WeightSpec((d,), ("embed",)),
-            p + "gate": WeightSpec((d, f), ("embed", "mlp")),
-            p + "up": WeightSpec((d, f), ("embed", "mlp")),
-            p + "down": WeightSpec((f, d), ("mlp", "embed")),
         })
+        if cfg.moe is not None and cfg.moe.layers[i]:
+            specs.update({p + kind: spec for kind, spec in expert_specs(cfg.moe, d).items()})
+        else:
+            specs.update({p + "gate": WeightSpec((d, f), ("embed", "mlp")),
+                          p + "up": WeightSpec((d, f), ("embed", "mlp")),
+                          p + "down": WeightSpec((f, d), ("mlp", "embed"))})
         if cfg.qkv_bias:
             specs[p + "q_bias"] = WeightSpec((h, hd), ("q_heads", "head_dim"))
             specs[p + "k_bias"] = WeightSpec((kv, hd), ("kv_heads", "head_dim"))
@@ -131,13 +138,14 @@ def weight_specs(cfg: LlamaConfig) -> dict[str, WeightSpec]:
 
 
 def forward(cfg: LlamaConfig, w: dict, kv: list, tokens, positions, slots, page_table, *, backend: str = "cpu",
-            scan: bool = False, adapters=None, attention: str = "xla"):
+            scan: bool = False, adapters=None, attention: str = "xla", experts: ExpertRun | None = None):
     """tokens/positions/slots [B, T]; page_table [B, P]; kv: the pool's (k_pages, v_pages)
     pairs. `backend` (the mesh's platform) picks the op variants that are fast there;
     `scan` runs the layers as one loop over stacked weights (see graphs.base.run_layers).
     adapters [B, T]: each token's LoRA slot (0: none), with the slots' weights in `w` as
     "{projection}_lora_a" / "_lora_b" per layer (maxlike.pipelines.lora). `attention`: the decode
-    attention kernel ("xla" or "pallas", graphs.layers.paged_attention)."""
+    attention kernel ("xla" or "pallas", graphs.layers.paged_attention). `experts`: how MoE layers
+    compute their experts (graphs.moe.ExpertRun: kernel and mesh)."""
     proj = projection(adapter_mask(w, adapters))
 
     def layer(x, lw, k_pages, v_pages, index):
@@ -160,8 +168,11 @@ def forward(cfg: LlamaConfig, w: dict, kv: list, tokens, positions, slots, page_
             x = x + a
         with jax.named_scope("mlp"):
             h = rms_norm(x, lw["mlp_norm"], cfg.rms_norm_eps)
-            g, u = gate_up(proj, h, lw)
-            x = x + proj("btf,fd->btd", jax.nn.silu(g) * u, lw, "down")
+            if "router" in lw:
+                x = x + moe_mlp(h, lw, cfg.moe, experts)
+            else:
+                g, u = gate_up(proj, h, lw)
+                x = x + proj("btf,fd->btd", jax.nn.silu(g) * u, lw, "down")
         return x, k_pages, v_pages
 
     x = w["embed"][tokens]  # [B, T, D]
@@ -203,4 +214,8 @@ LLAMA_FAMILY = (
                                           "layer_types names"),
     _arch("Phi3ForCausalLM", ("phi3",), "fused qkv_proj and gate_up_proj split at load, LongRoPE (short and long "
                                         "factors), sliding window"),
+    _arch("MixtralForCausalLM", ("mixtral",), "mixture of experts (softmax, top-k, renormalized), expert parallel; "
+                                              "sliding window"),
+    _arch("Qwen3MoeForCausalLM", ("qwen3_moe",), "mixture of experts (top-k, norm_topk_prob), dense layers by "
+                                                 "mlp_only_layers / decoder_sparse_step, expert parallel; q/k norms"),
 )

@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from graphs.base import Source
+from graphs.moe import expert_names
 
 
 def _unpermute_gguf(heads: int):
@@ -71,6 +72,10 @@ def checkpoint_names(cfg) -> dict[str, Source]:
             p + "up": Source(hf + "mlp.up_proj.weight", gg + "ffn_up.weight", np.transpose),
             p + "down": Source(hf + "mlp.down_proj.weight", gg + "ffn_down.weight", np.transpose),
         })
+        if cfg.moe is not None and cfg.moe.layers[i]:  # a router and stacked experts in place of the MLP
+            for kind in ("gate", "up", "down"):
+                del names[p + kind]
+            names.update(expert_names(cfg.moe, i))
         if cfg.fused_checkpoint:  # Phi-3: rows of qkv_proj are q, then k, then v; gate_up_proj's gate, then up
             names.update(_fused(cfg, p, hf, gg))
         if cfg.qkv_bias:

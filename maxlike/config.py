@@ -176,6 +176,9 @@ class PipelineConfig:
     devices: str | None = None  # "all" (default), "4" (the first 4), "0,1", "gpu:0,1"
     data_parallel_degree: int | None = None  # replicas; None: what tensor parallelism leaves
     tensor_parallel_degree: int | None = None  # None: the widest split the model allows
+    # A mixture-of-experts model's experts split over this many devices (each holds experts / degree of
+    # them, attention whole); combines with the two above. None: 1.
+    expert_parallel_degree: int | None = None
     coordinator_address: str | None = None  # multi-host: "host:port" of process 0 (jax.distributed)
     num_processes: int | None = None
     process_id: int | None = None
@@ -199,6 +202,11 @@ class PipelineConfig:
     # Decode attention: "xla" (graphs.layers, every backend) or "pallas" (graphs.pallas_attention: a Triton
     # kernel on GPU, Pallas interpret mode elsewhere). Not yet measured on a GPU, so not the default there.
     decode_attention: str = "xla"
+    # How a mixture-of-experts model computes its experts, in every step: "grouped" (tokens sorted by
+    # expert, one jax.lax.ragged_dot per projection), "dense" (every expert on every token, weighted;
+    # the reference) or "gather" (each token gathers its experts' weights). None: per backend and step
+    # size (maxlike.pipelines.layout.MOE_KERNEL_DEFAULT, measured).
+    moe_kernel: str | None = None
 
     def __init__(self, **kwargs: Any) -> None:
         own = {f.name for f in fields(PipelineConfig)} - set(_SUBCONFIGS)
@@ -242,7 +250,7 @@ class PipelineConfig:
             isinstance(self.prefill_chunk_size, int) and self.prefill_chunk_size >= 1,
             f"prefill_chunk_size must be a positive integer, got {self.prefill_chunk_size!r}.",
         )
-        for name in ("data_parallel_degree", "tensor_parallel_degree", "num_processes"):
+        for name in ("data_parallel_degree", "tensor_parallel_degree", "expert_parallel_degree", "num_processes"):
             value = getattr(self, name)
             _check(value is None or (isinstance(value, int) and value >= 1),
                    f"{name} must be a positive integer, got {value!r}.")
@@ -263,6 +271,8 @@ class PipelineConfig:
             _check(self.devices is None or str(self.devices).strip().isdigit(),
                    f"compile_target and devices={self.devices!r} exclude each other: the target's devices are the "
                    "ones compiled for (a count such as devices='1' takes that many of them).")
+        _check(self.moe_kernel in (None, "grouped", "dense", "gather"),
+               f"moe_kernel={self.moe_kernel!r} is not built: use 'grouped', 'dense' or 'gather'.")
         _check(self.decode_attention in ("xla", "pallas"),
                f"decode_attention={self.decode_attention!r} is not built: use 'xla' or 'pallas'.")
         _check(self.warmup or not self.forbid_compile,

@@ -8,9 +8,13 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import numpy as np
+
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-MESH_AXES = ("data", "tensor")
+# data: replicas, each with its own rows and KV pages; expert: a mixture-of-experts model's experts
+# split (everything else whole on each, graphs.moe); tensor: heads, MLP columns and vocabulary split.
+MESH_AXES = ("data", "expert", "tensor")
 
 LOGICAL_TO_MESH: dict[str, str | None] = {
     "batch": "data",
@@ -21,6 +25,7 @@ LOGICAL_TO_MESH: dict[str, str | None] = {
     "kv_heads": "tensor",
     "head_dim": None,
     "mlp": "tensor",
+    "expert": "expert",  # stacked expert weights' leading axis
     "pages": None,
     "page_slots": None,
     "seq": None,
@@ -37,6 +42,18 @@ def named_sharding(mesh: Mesh, axes: Sequence[str | None]) -> NamedSharding:
 
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
+
+
+def device_bytes(specs: dict, itemsize, mesh: Mesh) -> float:
+    """Bytes one device holds of the weights `specs` (graphs.WeightSpec) describes: each weight's
+    size over the devices its sharded axes split it across. `itemsize(name)` -> bytes per value."""
+    total = 0.0
+    for name, spec in specs.items():
+        ways = 1
+        for axis in {LOGICAL_TO_MESH[a] for a in spec.axes if a is not None} - {None}:
+            ways *= mesh.shape[axis]
+        total += float(np.prod(spec.shape)) * itemsize(name) / ways
+    return total
 
 
 def indivisible(specs: dict, mesh: Mesh) -> list[str]:

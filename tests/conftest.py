@@ -127,14 +127,64 @@ def tiny_arch_model(kind: str, *, seed: int = 0, **overrides):
         cls = tf.Phi3ForCausalLM
     else:
         raise ValueError(kind)
-    cfg._attn_implementation = "eager"
-    torch.manual_seed(seed)
-    model = cls(cfg).eval()
+    model = _eager(cls, cfg, seed)
     with torch.no_grad():  # norms away from their identity so every norm weight matters
         for name, p in model.named_parameters():
             if name.endswith("norm.weight"):
                 p.uniform_(-0.5, 0.5) if kind.startswith("gemma") else p.uniform_(0.5, 1.5)
     return model
+
+
+def _eager(cls, cfg, seed: int):
+    """An HF model of `cfg` with eager attention, its weights drawn from `seed`, in eval mode."""
+    import torch
+
+    cfg._attn_implementation = "eager"
+    torch.manual_seed(seed)
+    return cls(cfg).eval()
+
+
+def tiny_moe_model(kind: str, *, seed: int = 0, **overrides):
+    """A tiny random HF mixture-of-experts model (fp32, eval): 8 experts, top-2. Mixtral renormalizes
+    its top-2 weights; this Qwen3-MoE does not (norm_topk_prob False) and keeps layer 1 dense
+    (mlp_only_layers). Router weights are drawn wide (std 1) so no token's top-2 is a near tie."""
+    import torch
+    import transformers as tf
+
+    common = dict(vocab_size=320, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                  max_position_embeddings=256, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+                  num_experts_per_tok=2, rope_theta=10000.0)
+    if kind == "mixtral":
+        cfg = tf.MixtralConfig(**{**common, "num_hidden_layers": 2, "intermediate_size": 64, "num_local_experts": 8,
+                                  **overrides})
+        cls = tf.MixtralForCausalLM
+    elif kind == "qwen3_moe":
+        cfg = tf.Qwen3MoeConfig(**{**common, "num_hidden_layers": 3, "intermediate_size": 96,
+                                   "moe_intermediate_size": 32, "num_experts": 8, "head_dim": 16,
+                                   "mlp_only_layers": [1], "norm_topk_prob": False, **overrides})
+        cls = tf.Qwen3MoeForCausalLM
+    else:
+        raise ValueError(kind)
+    model = _eager(cls, cfg, seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("gate.weight") and p.ndim == 2 and p.shape[0] == 8:  # the router
+                p.normal_(0, 1.0)
+            elif "experts" in name:  # (HF draws them at std 0.02: experts that barely move the logits)
+                p.normal_(0, 0.1)
+            elif name.endswith("norm.weight"):
+                p.uniform_(0.5, 1.5)
+    return model
+
+
+MOE_KINDS = ("mixtral", "qwen3_moe")
+
+
+@pytest.fixture(scope="session")
+def moe_models(tmp_path_factory):
+    """name -> (path, HF torch model) for every MOE_KINDS model."""
+    return {name: (save_tiny(model := tiny_moe_model(name), tmp_path_factory.mktemp(name)), model)
+            for name in MOE_KINDS}
 
 
 def save_tiny(model, path) -> str:

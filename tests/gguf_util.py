@@ -114,18 +114,36 @@ ARCH_LAYER = {
     "qwen3": {"post_attention_layernorm.weight": "ffn_norm.weight"},
     "phi3": {"post_attention_layernorm.weight": "ffn_norm.weight", "self_attn.qkv_proj.weight": "attn_qkv.weight",
              "mlp.gate_up_proj.weight": "ffn_up.weight"},
+    "qwen3moe": {"post_attention_layernorm.weight": "ffn_norm.weight", "mlp.gate.weight": "ffn_gate_inp.weight"},
     "gemma2": {"post_attention_layernorm.weight": "post_attention_norm.weight",
                "pre_feedforward_layernorm.weight": "ffn_norm.weight",
                "post_feedforward_layernorm.weight": "post_ffw_norm.weight"},
 }
 ARCH_LAYER["gemma3"] = ARCH_LAYER["gemma2"]
+ARCH_LAYER["llama"] = ARCH_LAYER["qwen3moe"]  # Mixtral
+
+
+def _experts(name: str, arr: np.ndarray) -> dict[str, np.ndarray]:
+    """transformers' stacked experts -> llama.cpp's ffn_{gate,up,down}_exps (the same [E, out, in] rows)."""
+    prefix = name.split("mlp.experts.")[0].replace("model.layers.", "blk.")
+    if name.endswith("gate_up_proj"):
+        gate, up = np.split(arr, 2, axis=1)
+        return {prefix + "ffn_gate_exps.weight": gate, prefix + "ffn_up_exps.weight": up}
+    return {prefix + "ffn_down_exps.weight": arr}
 
 
 def write_arch_gguf(path, arch: str, hf_model) -> None:
-    """A llama.cpp-style F32 GGUF of a tiny HF Qwen3 / Gemma 2 / Gemma 3 / Phi-3 (no vocabulary):
-    its metadata keys, its tensor names, and Gemma's norm weights stored with the 1 of (1 + w) added."""
+    """A llama.cpp-style F32 GGUF of a tiny HF Qwen3 / Gemma 2 / Gemma 3 / Phi-3 / Qwen3-MoE, or a Mixtral
+    as llama.cpp writes it (arch "llama" with experts, q/k rows permuted) (no vocabulary): its metadata
+    keys, its tensor names, and Gemma's norm weights stored with the 1 of (1 + w) added."""
     c = hf_model.config
     w = _writer(path, arch, c)
+    experts = getattr(c, "num_local_experts", None) or getattr(c, "num_experts", None)
+    if experts:
+        w.add_expert_count(experts)
+        w.add_expert_used_count(c.num_experts_per_tok)
+    if arch == "qwen3moe":
+        w.add_expert_feed_forward_length(c.moe_intermediate_size)
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
     w.add_key_length(head_dim)
     w.add_value_length(head_dim)
@@ -144,6 +162,12 @@ def write_arch_gguf(path, arch: str, hf_model) -> None:
     names = {**COMMON_LAYER, **ARCH_LAYER[arch]}
     for name, tensor in hf_model.state_dict().items():
         arr = tensor.numpy().astype(np.float32)
+        if "mlp.experts." in name:
+            for target, part in _experts(name, arr).items():
+                w.add_tensor(target, np.ascontiguousarray(part))
+            continue
+        if arch == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
+            arr = permute(arr, c.num_attention_heads if "q_proj" in name else c.num_key_value_heads)
         if name in GGUF_NAMES:
             target = GGUF_NAMES[name]
         else:

@@ -65,21 +65,25 @@ def test_generation_matches_hf_in_every_layout(arch_models, name):
     """32 greedy tokens (4 windows) equal HF's generate; the same tokens and log-probs for each
     prompt alone, and batched again with chunked prefill, 4-token pages and the layers as one loop."""
     path, hf = arch_models[name]
-    llm = _llm(path)
+    assert_generation_matches(hf, _llm(path), "chunked, 4-token pages, layers as one loop, fused projections", _llm(
+        path, prefill_chunk_size=16, kv_cache_page_size=4, scan_layers=True, fuse_projections=True))
+
+
+def assert_generation_matches(hf, llm, label: str, other) -> None:
+    """NEW greedy tokens of `llm` equal HF's generate for each of PROMPTS, batched; each prompt
+    alone, and the batch through `other` (another layout, named `label`), give the same tokens and
+    log-probs."""
     batched = _greedy(llm, PROMPTS)
     for prompt, (tokens, _) in zip(PROMPTS, batched):
         with torch.no_grad():
             ref = hf.generate(torch.tensor([prompt]), max_new_tokens=NEW, do_sample=False, min_new_tokens=NEW,
                               pad_token_id=0)[0, len(prompt):].tolist()
         assert tokens == ref
-    layouts = {"alone": [_greedy(llm, [p])[0] for p in PROMPTS],
-               "chunked, 4-token pages, layers as one loop, fused projections": _greedy(
-                   _llm(path, prefill_chunk_size=16, kv_cache_page_size=4, scan_layers=True, fuse_projections=True),
-                   PROMPTS)}
-    for label, got in layouts.items():
+    layouts = {"alone": [_greedy(llm, [p])[0] for p in PROMPTS], label: _greedy(other, PROMPTS)}
+    for name, got in layouts.items():
         for (tokens, lps), (want_tokens, want_lps) in zip(got, batched):
-            assert tokens == want_tokens, label
-            np.testing.assert_allclose(lps, want_lps, atol=1e-5, err_msg=label)
+            assert tokens == want_tokens, name
+            np.testing.assert_allclose(lps, want_lps, atol=1e-5, err_msg=name)
 
 
 @pytest.mark.parametrize("name", _kinds(("qwen3",)))

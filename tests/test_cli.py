@@ -69,7 +69,8 @@ def test_examples_run(tiny_llama):
         capture_output=True, text=True, timeout=300).stdout
     r = subprocess.run([sys.executable, os.path.join(root, "multi_device.py"), "--model-path", tiny_llama[0],
                         "--fake-cpu-devices", "4"], capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0 and "mesh: {'data': 1, 'tensor': 4} over 4 devices" in r.stdout, r.stderr[-2000:]
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "mesh: {'data': 1, 'expert': 1, 'tensor': 4} over 4 devices" in r.stdout
 
 
 @pytest.mark.slow  # about 12 s: `make test-slow`

@@ -11,7 +11,7 @@ from maxlike.sharding import MESH_AXES
 
 
 def manager(pages: int, caching: bool = True) -> PagedKVCacheManager:
-    mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(1, 1), MESH_AXES)
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(1, 1, 1), MESH_AXES)
     return PagedKVCacheManager(KVCacheParams(1, 1, 4, 4, "float32"), pages, mesh, allocate=False,
                                enable_prefix_caching=caching)
 

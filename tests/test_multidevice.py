@@ -32,14 +32,17 @@ MESH_SCRIPT = textwrap.dedent("""
     path, meshes = sys.argv[2], json.loads(sys.argv[3])
     prompts = [random_prompt(n, seed=n).tolist() for n in (5, 17, 9, 30)]
     report = {}
-    for i, mesh in enumerate(meshes):  # [data, tensor, (1: layers as one loop), (1: fused), (encoding)]
+    for i, mesh in enumerate(meshes):  # [data, tensor, (1: layers as one loop), (1: fused), (encoding), (expert)]
         dp, tp, scan, fuse = mesh[0], mesh[1], bool(mesh[2:3] and mesh[2]), bool(mesh[3:4] and mesh[3])
         encoding = mesh[4] if len(mesh) > 4 else None
-        label = (f"{dp}x{tp}" + ("-scan" if scan else "") + ("-fused" if fuse else "")
-                 + (f"-{encoding}" if encoding else "") + ("-again" if mesh in meshes[:i] else ""))
-        llm = LLM(PipelineConfig(model_path=path, max_length=128, max_batch_size=4, devices=str(dp * tp),
-                                 data_parallel_degree=dp, tensor_parallel_degree=tp, scan_layers=scan,
-                                 fuse_projections=fuse, quantization_encoding=encoding), progress=False)
+        ep = mesh[5] if len(mesh) > 5 else 1
+        label = (f"{dp}x{tp}" + (f"-expert{ep}" if ep > 1 else "") + ("-scan" if scan else "")
+                 + ("-fused" if fuse else "") + (f"-{encoding}" if encoding else "")
+                 + ("-again" if mesh in meshes[:i] else ""))
+        llm = LLM(PipelineConfig(model_path=path, max_length=128, max_batch_size=4, devices=str(dp * tp * ep),
+                                 data_parallel_degree=dp, tensor_parallel_degree=tp, expert_parallel_degree=ep,
+                                 scan_layers=scan, fuse_projections=fuse, quantization_encoding=encoding),
+                  progress=False)
         outs = llm.generate_outputs(prompts, sampling_params=SamplingParams(top_k=1, max_new_tokens=8, ignore_eos=True),
                                     use_tqdm=False)
         drawn = None  # seeded draws where rows are split over replicas (the sampler and its penalty state per replica)
@@ -104,7 +107,7 @@ def test_tensor_and_data_parallel_equal_one_device(eight_head_models, kind, mesh
         assert r["all_reduce"] > 0, f"{name}: the sharded step has no all-reduce"
         assert r["gathered_weights"] == [], f"{name}: the step all-gathers whole weights {r['gathered_weights']}"
         dp, tp = (int(x) for x in name.split("-")[0].split("x"))
-        assert r["mesh"] == {"data": dp, "tensor": tp} and r["buffers"] == dp * tp
+        assert r["mesh"] == {"data": dp, "expert": 1, "tensor": tp} and r["buffers"] == dp * tp
         assert r["pool"][0] == dp and r["pool"][4] == max(2, tp), "a KV pool per replica, KV heads repeated to tp"
 
 
@@ -195,8 +198,8 @@ def test_bad_meshes_are_named_before_loading(tiny_llama):
         plan_mesh([None] * 3, None, 3, **sizes)
     with pytest.raises(ConfigError, match="data_parallel_degree=2 x tensor_parallel_degree=2 needs 4 devices"):
         plan_mesh([None] * 8, 2, 2, **sizes)
-    assert plan_mesh([None] * 8, None, None, **sizes) == (2, 4)  # widest split the heads allow, rest replicas
-    assert plan_mesh([None] * 3, None, None, **sizes) == (3, 1)
+    assert plan_mesh([None] * 8, None, None, **sizes) == (2, 1, 4)  # widest split the heads allow, rest replicas
+    assert plan_mesh([None] * 3, None, None, **sizes) == (3, 1, 1)
     with pytest.raises(ConfigError, match="coordinator_address, num_processes and process_id together"):
         PipelineConfig(model_path=tiny_llama[0], coordinator_address="127.0.0.1:1")
 

@@ -71,7 +71,7 @@ def _check_one_step_per_bucket(result, cache, mesh: str) -> list[dict]:
 def test_tiny_llama_tensor_parallel_4(eight_head_models, tmp_path):
     result = warm_cache(tmp_path, "--model-path", eight_head_models["llama"], "--tensor-parallel-degree", "4",
                         "--max-batch-size", "1", "--max-length", "32", "--kv-cache-page-size", "16")
-    records = _check_one_step_per_bucket(result, tmp_path, "(('data', 1), ('tensor', 4))")
+    records = _check_one_step_per_bucket(result, tmp_path, "(('data', 1), ('expert', 1), ('tensor', 4))")
     assert {"step", "decode_loop", "unpack_inputs", "sample", "sample_greedy"} <= {r["key"]["name"] for r in records}
     assert kinds_written(tmp_path) == dry_run_counts(result.stdout)  # the closed form, for a TPU mesh too
     profile = glob.glob(str(tmp_path / "executables" / "activations" / "*.json"))
@@ -87,7 +87,7 @@ def test_smollm2_data_parallel_4(smollm2_path, tmp_path):
     """9 query and 3 KV heads do not split four ways: the four chips are four replicas."""
     result = warm_cache(tmp_path, "--model-path", smollm2_path, "--max-batch-size", "1", "--max-length", "16",
                         "--kv-cache-page-size", "16")
-    _check_one_step_per_bucket(result, tmp_path, "(('data', 4), ('tensor', 1))")
+    _check_one_step_per_bucket(result, tmp_path, "(('data', 4), ('expert', 1), ('tensor', 1))")
 
 
 def test_bad_targets_are_named(tiny_llama, tmp_path):
@@ -106,7 +106,7 @@ def test_devices_takes_the_first_chips_of_the_target(tiny_llama, tmp_path):
                         "--max-length", "16", "--kv-cache-page-size", "16")
     assert result.returncode == 0, result.stderr[-3000:]
     assert {(r["key"]["mesh"], r["key"]["devices"]) for r in _records(tmp_path)} == {
-        ("(('data', 1), ('tensor', 1))", "(0,)")}
+        ("(('data', 1), ('expert', 1), ('tensor', 1))", "(0,)")}
     result = warm_cache(tmp_path, "--model-path", tiny_llama[0], "--devices", "0,1", "--dry-run")
     assert result.returncode == 1 and "compile_target and devices='0,1' exclude each other" in result.stderr
     assert "a count such as devices='1' takes that many of them" in result.stderr

@@ -1,8 +1,9 @@
-"""Which devices a pipeline runs on, and how they form its (data, tensor) mesh.
+"""Which devices a pipeline runs on, and how they form its (data, expert, tensor) mesh.
 
 `devices` names them ("cpu", "gpu", "gpu:0,1", "0,1", "4" for the first four,
 "all"; default all of the default backend's devices), `tensor_parallel_degree`
-splits one replica's heads, MLP and vocabulary across devices, and
+splits one replica's heads, MLP and vocabulary across devices,
+`expert_parallel_degree` splits a mixture-of-experts model's experts, and
 `data_parallel_degree` runs that many replicas side by side. Every mistake is
 caught here, before anything is loaded.
 """
@@ -80,7 +81,8 @@ def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
-def tensor_split_problem(tp: int, *, q_heads: int, kv_heads: int, vocab: int, intermediate: int) -> str | None:
+def tensor_split_problem(tp: int, *, q_heads: int, kv_heads: int, vocab: int, intermediate: int,
+                         experts: int = 0, expert_width: int = 0) -> str | None:
     """Why a model cannot be split `tp` ways (None if it can). KV heads fewer than
     `tp` are replicated, so they need only divide it."""
     if q_heads % tp:
@@ -91,36 +93,59 @@ def tensor_split_problem(tp: int, *, q_heads: int, kv_heads: int, vocab: int, in
         return f"its vocabulary of {vocab} does not split {tp} ways"
     if intermediate % tp:
         return f"its MLP width {intermediate} does not split {tp} ways"
+    if experts and expert_width % tp:
+        return f"its experts' width {expert_width} does not split {tp} ways"
     return None
 
 
+def _positive(name: str, value) -> None:
+    if value is not None and (not isinstance(value, int) or value < 1):
+        raise ConfigError(f"{name} must be a positive integer, got {value!r}.")
+
+
 def plan_mesh(devices: list[jax.Device], data_parallel_degree: int | None, tensor_parallel_degree: int | None,
-              **model) -> tuple[int, int]:
-    """(data, tensor) degrees for `devices` and a model described by `model`
-    (q_heads, kv_heads, vocab, intermediate). Unset degrees are chosen: the
-    widest tensor split the model allows, the rest as data-parallel replicas."""
+              expert_parallel_degree: int | None = None, **model) -> tuple[int, int, int]:
+    """(data, expert, tensor) degrees for `devices` and a model described by `model`
+    (q_heads, kv_heads, vocab, intermediate; experts and expert_width for a mixture of
+    experts). The expert degree is 1 unless set; of the devices it leaves, unset degrees are
+    chosen: the widest tensor split the model allows, the rest as data-parallel replicas."""
     n = len(devices)
-    dp, tp = data_parallel_degree, tensor_parallel_degree
-    for name, value in (("data_parallel_degree", dp), ("tensor_parallel_degree", tp)):
-        if value is not None and (not isinstance(value, int) or value < 1):
-            raise ConfigError(f"{name} must be a positive integer, got {value!r}.")
-    if dp is not None and tp is not None and dp * tp != n:
-        raise ConfigError(f"data_parallel_degree={dp} x tensor_parallel_degree={tp} needs {dp * tp} devices but "
-                          f"{n} are selected: pass devices={dp * tp} (or change a degree).")
-    if dp is not None and n % dp:
-        raise ConfigError(f"data_parallel_degree={dp} does not divide the {n} selected devices.")
-    if tp is not None and n % tp:
-        raise ConfigError(f"tensor_parallel_degree={tp} does not divide the {n} selected devices: "
-                          f"pass devices={tp * (dp or 1)}.")
+    dp, tp, ep = data_parallel_degree, tensor_parallel_degree, expert_parallel_degree
+    for name, value in (("data_parallel_degree", dp), ("tensor_parallel_degree", tp),
+                        ("expert_parallel_degree", ep)):
+        _positive(name, value)
+    experts = model.get("experts", 0)
+    ep = ep or 1
+    if ep > 1 and not experts:
+        raise ConfigError(f"expert_parallel_degree={ep} splits a mixture-of-experts model's experts, and this model "
+                          "has none: leave it unset (use tensor_parallel_degree or data_parallel_degree).")
+    if experts and experts % ep:
+        fits = [d for d in _divisors(n) if experts % d == 0]
+        raise ConfigError(f"expert_parallel_degree={ep} does not fit this model: its {experts} experts do not split "
+                          f"{ep} ways. Degrees that fit: {fits}.")
+    if n % ep:
+        raise ConfigError(f"expert_parallel_degree={ep} does not divide the {n} selected devices: pass devices={ep}.")
+    if dp is not None and tp is not None and dp * ep * tp != n:
+        raise ConfigError(f"data_parallel_degree={dp} x tensor_parallel_degree={tp}"
+                          + (f" x expert_parallel_degree={ep}" if ep > 1 else "")
+                          + f" needs {dp * ep * tp} devices but {n} are selected: pass devices={dp * ep * tp} "
+                          "(or change a degree).")
+    room = n // ep
+    if dp is not None and room % dp:
+        raise ConfigError(f"data_parallel_degree={dp} does not divide the {room} selected devices"
+                          + (f" left by expert_parallel_degree={ep}" if ep > 1 else "") + ".")
+    if tp is not None and room % tp:
+        raise ConfigError(f"tensor_parallel_degree={tp} does not divide the {room} selected devices"
+                          + (f" left by expert_parallel_degree={ep}" if ep > 1 else "")
+                          + f": pass devices={tp * (dp or 1) * ep}.")
     if tp is None:
-        room = n // (dp or 1)
-        tp = max(d for d in _divisors(room) if tensor_split_problem(d, **model) is None)
+        tp = max(d for d in _divisors(room // (dp or 1)) if tensor_split_problem(d, **model) is None)
     problem = tensor_split_problem(tp, **model)
     if problem:
-        fits = [d for d in _divisors(n) if tensor_split_problem(d, **model) is None]
+        fits = [d for d in _divisors(room) if tensor_split_problem(d, **model) is None]
         raise ConfigError(f"tensor_parallel_degree={tp} does not fit this model: {problem}. "
                           f"Degrees that fit: {fits}.")
-    return n // tp, tp
+    return room // tp, ep, tp
 
 
 def initialize_distributed(pipeline_config) -> None:
@@ -166,8 +191,9 @@ def _reachable(address: str, timeout_s: float) -> bool:
             time.sleep(0.2)
 
 
-def session_for(pipeline_config, *, q_heads: int, kv_heads: int, vocab: int, intermediate: int):
-    """The InferenceSession (mesh) a pipeline config asks for, for a model of these sizes."""
+def session_for(pipeline_config, **model):
+    """The InferenceSession (mesh) a pipeline config asks for, for a model of these sizes
+    (`plan_mesh`'s `model`)."""
     from maxlike.engine.session import InferenceSession
 
     if pipeline_config.compile_target:
@@ -181,9 +207,9 @@ def session_for(pipeline_config, *, q_heads: int, kv_heads: int, vocab: int, int
     else:
         initialize_distributed(pipeline_config)
         devices = select_devices(pipeline_config.devices)
-    dp, tp = plan_mesh(devices, pipeline_config.data_parallel_degree, pipeline_config.tensor_parallel_degree,
-                       q_heads=q_heads, kv_heads=kv_heads, vocab=vocab, intermediate=intermediate)
-    return InferenceSession(devices, data_parallel_degree=dp, tensor_parallel_degree=tp,
+    dp, ep, tp = plan_mesh(devices, pipeline_config.data_parallel_degree, pipeline_config.tensor_parallel_degree,
+                           pipeline_config.expert_parallel_degree, **model)
+    return InferenceSession(devices, data_parallel_degree=dp, tensor_parallel_degree=tp, expert_parallel_degree=ep,
                             cache_dir=executable_cache_dir(pipeline_config), target=pipeline_config.compile_target)
 
 

@@ -92,18 +92,18 @@ class InferenceSession:
         data_parallel_degree: int = 1,
         tensor_parallel_degree: int | None = None,
         *,
+        expert_parallel_degree: int = 1,
         cache_dir: str | None = None,
         target: str | None = None,
     ) -> None:
         devices = list(devices) if devices else jax.devices()[:1]
-        tp = tensor_parallel_degree or len(devices) // data_parallel_degree
-        if data_parallel_degree * tp != len(devices):
-            raise ValueError(
-                f"mesh data={data_parallel_degree} x tensor={tp} needs {data_parallel_degree * tp} devices, "
-                f"but {len(devices)} were given."
-            )
+        dp, ep = data_parallel_degree, expert_parallel_degree
+        tp = tensor_parallel_degree or len(devices) // (dp * ep)
+        if dp * ep * tp != len(devices):
+            raise ValueError(f"mesh data={dp} x expert={ep} x tensor={tp} needs {dp * ep * tp} devices, "
+                             f"but {len(devices)} were given.")
         self.devices = devices
-        self.mesh = Mesh(np.array(devices).reshape(data_parallel_degree, tp), MESH_AXES)
+        self.mesh = Mesh(np.array(devices).reshape(dp, ep, tp), MESH_AXES)
         self.stats = CompileStats()
         self.forbid_compile = False
         self._executables: dict[tuple, Any] = {}

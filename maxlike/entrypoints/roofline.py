@@ -2,7 +2,8 @@
 bandwidth limit and prefill to the matmul limit, both measured on this device at start.
 
 Decode is bound by the bytes each step must read: every weight once (a device's share of it
-under tensor parallelism) plus the keys and values each row attends to. Prefill is bound by
+under tensor parallelism; of a mixture-of-experts layer, the experts the step's tokens are routed
+to) plus the keys and values each row attends to. Prefill is bound by
 matmul throughput: about 2 FLOPs per weight per token, plus attention's. The peaks are
 measured, not taken from a data sheet. Bandwidth is the better of an elementwise pass over a
 large array (bytes read + written per second) and a matrix-vector product over a large matrix
@@ -55,13 +56,22 @@ def measure_peaks(device, dtype, *, copy_mib: int | None = None, matmul_n: int |
     return Peaks(max(passes, gemv), flops)
 
 
-def weight_bytes(model) -> int:
-    """Bytes of weights one device reads per step: each array's per-device shard."""
+def weight_bytes(model, batch: int = 1) -> int:
+    """Bytes of weights one device must read per step: each array's per-device shard; of a
+    mixture-of-experts layer's experts, only those `batch` tokens are routed to (`expert_share`)."""
     total = 0
-    for arr in jax.tree.leaves(model.params):
+    share = expert_share(model, batch)
+    for name, arr in model.params.items():
         shard = arr.sharding.shard_shape(arr.shape) if hasattr(arr, "sharding") else arr.shape
-        total += int(np.prod(shard)) * arr.dtype.itemsize
-    return total
+        total += int(np.prod(shard)) * arr.dtype.itemsize * (share if ".experts_" in name else 1)
+    return int(total)
+
+
+def expert_share(model, tokens: int) -> float:
+    """The expected share of a MoE layer's experts `tokens` tokens are routed to, were routing
+    uniform: 1 - (1 - k / E)^tokens (1 for a dense model's weights, which never match)."""
+    moe = getattr(model.config, "moe", None)
+    return 1.0 if moe is None else 1.0 - (1.0 - moe.top_k / moe.experts) ** tokens
 
 
 def kv_bytes(model, batch: int, context: int) -> int:
@@ -77,10 +87,13 @@ def matmul_flops_per_token(model) -> int:
     from the architecture's own weight shapes: a quantized model does the same matmuls (its packed
     values and scales are not weights)."""
     cfg = model.config
-    n = sum(int(np.prod(spec.shape)) for name, spec in model.arch.weight_specs(cfg).items() if name != "embed")
+    moe = getattr(cfg, "moe", None)
+    active = 1.0 if moe is None else moe.top_k / moe.experts  # a token passes through its top-k experts only
+    n = sum(int(np.prod(spec.shape)) * (active if ".experts_" in name else 1)
+            for name, spec in model.arch.weight_specs(cfg).items() if name != "embed")
     if getattr(cfg, "tie_word_embeddings", False):
         n += cfg.vocab_size * cfg.hidden_size  # the tied head is a matmul over the embedding table
-    return 2 * n
+    return int(2 * n)
 
 
 def attention_flops(model, tokens: int, context: int) -> int:
@@ -92,11 +105,11 @@ def attention_flops(model, tokens: int, context: int) -> int:
 def report(model, peaks: Peaks, rows: list[dict], prompt_tokens: int, new_tokens: int) -> list[dict]:
     """Roofline rows from `measure`'s results (one per batch size)."""
     out = []
-    weights = weight_bytes(model)
     devices = max(1, model.tensor_parallel_degree)
     for r in rows:
         b = r["batch"]
         context = prompt_tokens + new_tokens // 2  # the mean context a decode step attends to
+        weights = weight_bytes(model, b)
         step_bytes = weights + kv_bytes(model, b, context)
         step_s = b / r["decode_tok_s"]  # a decode step makes one token per row
         achieved = step_bytes / step_s / 1e9

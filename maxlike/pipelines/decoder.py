@@ -41,6 +41,7 @@ from graphs.base import stack_layers, stacked_specs
 from graphs.fused import GATE_UP, QKV, fuse_specs, fuse_weights
 from graphs.rope import at_length
 from graphs.layers import GroupedPageTable
+from graphs.moe import ExpertRun
 
 STOP_SLOTS = 8  # stop ids per row the on-device decode loop checks; any further ones stop on the host
 
@@ -71,14 +72,23 @@ class DecoderPipelineModel(DecoderSizing, LogProbsMixin, ServingModel):
         self.kv_repeat = max(1, self.tensor_parallel_degree // self.config.kv_heads)
         if self.kv_repeat > 1:
             self.config = dataclasses.replace(self.config, kv_heads=self.config.kv_heads * self.kv_repeat)
-        self.scan_layers = layout.scan_layers(pipeline_config, session.platform)
         self._layer_specs = self.arch.weight_specs(self.config)  # per layer, as checkpoints hold them
+        self.scan_layers = layout.scan_layers(pipeline_config, session.platform, self._layer_specs)
+        moe = getattr(self.config, "moe", None)
+        if moe is None:
+            self.experts = None
+        else:
+            few, kernel = layout.moe_kernels(pipeline_config, session.platform)
+            self.experts = ExpertRun(kernel, mesh, few if few != kernel else None)
         # Quantized weights: the projections kept in `quantization_encoding` with their scales
         encoding = resolve_encoding(pipeline_config.model, session.platform)
         if encoding != pipeline_config.model.quantization_encoding:
             log.info("keeping the GGUF's quantized blocks as quantization_encoding=%r (pass one to choose)", encoding)
         self._encoding, self._quantized, self._layer_specs = quantize.plan(self._layer_specs, self.arch.lora_targets,
                                                                            encoding)
+        if self._encoding is not None and moe is not None:
+            log.warning("quantization_encoding=%r quantizes attention and dense MLP projections; the experts stay "
+                        "%s (quantized experts are not built yet)", self._encoding.name, np.dtype(self.dtype).name)
         self.fused = layout.fuse_projections(pipeline_config, session.platform)
         specs = fuse_specs(self._layer_specs, self.config.kv_heads) if self.fused else self._layer_specs
         if self.fused and self._quantized:
@@ -187,7 +197,7 @@ class DecoderPipelineModel(DecoderSizing, LogProbsMixin, ServingModel):
                         self.kv_params, num_pages,
                         self.replicas, self.max_batch_size, self.max_length, self._max_prefill_tokens,
                         self.return_logits, self.return_hidden_states, self.scan_layers, self.fused,
-                        self.pipeline_config.decode_attention,
+                        self.pipeline_config.decode_attention, self.experts and (self.experts.kernel, self.experts.few_tokens_kernel),
                         self.session.matmul_precision, self._lora_shape()))
         classes = [c for c in type(self).__mro__ if c.__module__ not in ("builtins", "abc", "typing")]
         return {"model": hashlib.sha256(program.encode()).hexdigest()[:16], "architecture": self.arch.name,
@@ -467,6 +477,8 @@ class DecoderPipelineModel(DecoderSizing, LogProbsMixin, ServingModel):
         extra = {} if adapters is None else {"adapters": adapters}
         if self.pipeline_config.decode_attention != "xla":  # (architectures from outside may not take it)
             extra["attention"] = self.pipeline_config.decode_attention
+        if self.experts is not None:
+            extra["experts"] = self.experts
         hidden, kv = self.arch.forward(cfg, params, kv, tokens, arrays["positions"], arrays["slots"], table,
                                        backend=self.session.platform, scan=self.scan_layers, **extra)
         # Row i's logits come from hidden row i (mixed: from its replica's flat tokens).

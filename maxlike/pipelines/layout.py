@@ -3,6 +3,7 @@ gate/up fused or apart (the per-backend defaults, from measurements), and whethe
 
 from __future__ import annotations
 
+from graphs.base import uniform_layers
 from maxlike.config import ConfigError
 from maxlike.sharding import indivisible
 
@@ -18,10 +19,32 @@ SCAN_LAYERS_DEFAULT = {"tpu": True, "gpu": False, "cpu": False}
 FUSE_PROJECTIONS_DEFAULT = {"tpu": False, "gpu": False, "cpu": True}
 
 
-def scan_layers(pipeline_config, platform: str) -> bool:
-    """Whether the layers run as one loop (graphs.base.run_layers): `scan_layers`, else the backend's default."""
+# How mixture-of-experts layers compute their experts (PipelineConfig.moe_kernel=None), per backend
+# (graphs.moe): (the kernel for steps with few tokens, for the rest). CPU: XLA:CPU lowers ragged_dot
+# as a masked product with every expert (plus a copy of their weights), so one 16-expert layer
+# (hidden 512, experts 1024 wide) took 60 ms grouped, 6 dense and 1.1 gathered at one token, and
+# 75 / 20 / 54 ms at 8 (README, benchmarks/bench_moe.py). GPU and TPU: not measured yet; grouped,
+# which reads only the experts tokens are routed to, and which compiled for a v5e reads the
+# [E, D, F] weights in place (no copy).
+MOE_KERNEL_DEFAULT = {"tpu": ("grouped", "grouped"), "gpu": ("grouped", "grouped"), "cpu": ("gather", "dense")}
+
+
+def scan_layers(pipeline_config, platform: str, layer_specs: dict | None = None) -> bool:
+    """Whether the layers run as one loop (graphs.base.run_layers): `scan_layers`, else the backend's
+    default where every layer has the same weights (`layer_specs`; a model whose layers differ,
+    e.g. Qwen3-MoE with dense layers among its expert layers, runs unrolled)."""
     scan = pipeline_config.scan_layers
-    return SCAN_LAYERS_DEFAULT.get(platform, False) if scan is None else scan
+    if scan is not None:
+        return scan
+    return SCAN_LAYERS_DEFAULT.get(platform, False) and (layer_specs is None or uniform_layers(layer_specs))
+
+
+def moe_kernels(pipeline_config, platform: str) -> tuple[str, str]:
+    """(few-token kernel, kernel) for MoE layers (graphs.moe.KERNELS): `moe_kernel` for every step,
+    else the backend's default."""
+    if pipeline_config.moe_kernel:
+        return pipeline_config.moe_kernel, pipeline_config.moe_kernel
+    return MOE_KERNEL_DEFAULT.get(platform, ("grouped", "grouped"))
 
 
 def fuse_projections(pipeline_config, platform: str) -> bool:

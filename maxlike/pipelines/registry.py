@@ -63,8 +63,10 @@ class PipelineRegistry:
         arch = self.retrieve_architecture(hf)
         if session is None:
             cfg = arch.graph.config_from_hf(hf)
+            moe = getattr(cfg, "moe", None)
             session = session_for(pipeline_config, q_heads=cfg.q_heads, kv_heads=cfg.kv_heads,
-                                  vocab=cfg.vocab_size, intermediate=cfg.intermediate_size)
+                                  vocab=cfg.vocab_size, intermediate=cfg.intermediate_size,
+                                  experts=moe.experts if moe else 0, expert_width=moe.width if moe else 0)
         return_logits = ReturnLogits.ALL if pipeline_config.sampling.enable_echo else ReturnLogits.LAST_TOKEN
         tokenizer = load_tokenizer(pipeline_config.model.model_path)
         model = arch.pipeline_model(

@@ -9,6 +9,7 @@ import logging
 import os
 
 import jax
+import jax.numpy as jnp
 
 from maxlike.cache_files import read_json, write_json
 from maxlike.config import ConfigError
@@ -21,6 +22,7 @@ from maxlike.weights import quantize
 from maxlike.weights.loader import resolve_encoding
 from maxlike.pipelines.registry import PIPELINE_REGISTRY
 from maxlike.pipelines.serving import Bucket
+from maxlike.sharding import device_bytes
 
 from graphs.layers import WIDTH_ON_DEVICE
 
@@ -111,7 +113,8 @@ class DecoderSizing:
         key = repr((arch.name, cfg, c.model.dtype, cls.calculate_max_seq_len(c, huggingface_config),
                     c.max_batch_size, c.max_num_steps, c.prefill_chunk_size, c.kv_cache.kv_cache_page_size,
                     c.model.quantization_encoding, c.kv_cache.cache_dtype, c.sampling.enable_echo, c.devices, count, c.compile_target,
-                    c.data_parallel_degree, c.tensor_parallel_degree, c.enable_in_flight_batching, platform, exe_cache.versions(),
+                    c.data_parallel_degree, c.tensor_parallel_degree, c.expert_parallel_degree, c.moe_kernel,
+                    c.enable_in_flight_batching, platform, exe_cache.versions(),
                     exe_cache.program_settings(), exe_cache.source_hash()))
         return os.path.join(folder, "activations", hashlib.sha256(key.encode()).hexdigest()[:24] + ".json")
 
@@ -156,7 +159,7 @@ class DecoderSizing:
                 return params, batch, batch * pages_per_seq + 1
             budget_pages = device_page_budget(
                 stats, utilization=cfg.device_memory_utilization,
-                weights_bytes=memory.weights_bytes(specs, self._dtype_of) / self.tensor_parallel_degree,
+                weights_bytes=self._device_weights_bytes(specs),
                 activation_bytes=self._activation_estimate(self.pipeline_config, self.huggingface_config),
                 page_bytes=params.page_bytes / self.tensor_parallel_degree)
         if budget_pages < pages_per_seq + 1:  # + the reserved null page
@@ -170,6 +173,10 @@ class DecoderSizing:
         batch = self.pipeline_config.max_batch_size or min(DEFAULT_MAX_BATCH, (budget_pages - 1) // pages_per_seq)
         return params, batch, min(budget_pages, batch * pages_per_seq + 1)
 
+    def _device_weights_bytes(self, specs) -> float:
+        """Bytes of the weights one device holds (split over the tensor and expert axes)."""
+        return device_bytes(specs, lambda name: jnp.dtype(self._dtype_of(name)).itemsize, self.session.mesh)
+
     def _check_target_fits(self, batch: int, pages: int, params: KVCacheParams, specs) -> None:
         """A compile target's KV pool is sized for the demand (its free memory is not known
         here): refuse, before anything compiles, a pool and weights larger than a chip's HBM."""
@@ -179,7 +186,7 @@ class DecoderSizing:
             return
         tp = self.tensor_parallel_degree
         pool = pages * params.page_bytes / tp / 2**30
-        weights = memory.weights_bytes(specs, self._dtype_of) / tp / 2**30
+        weights = self._device_weights_bytes(specs) / 2**30
         if pool + weights > hbm * 0.98:
             raise ConfigError(
                 f"this configuration does not fit a {kind} chip ({hbm} GiB): its KV pool, sized for max_batch_size="

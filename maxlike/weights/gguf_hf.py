@@ -19,7 +19,9 @@ from typing import Any
 # GGUF general.architecture -> (HF architecture, HF model_type)
 ARCHITECTURES = {"llama": ("LlamaForCausalLM", "llama"), "qwen2": ("Qwen2ForCausalLM", "qwen2"),
                  "qwen3": ("Qwen3ForCausalLM", "qwen3"), "gemma2": ("Gemma2ForCausalLM", "gemma2"),
-                 "gemma3": ("Gemma3ForCausalLM", "gemma3_text"), "phi3": ("Phi3ForCausalLM", "phi3")}
+                 "gemma3": ("Gemma3ForCausalLM", "gemma3_text"), "phi3": ("Phi3ForCausalLM", "phi3"),
+                 "qwen3moe": ("Qwen3MoeForCausalLM", "qwen3_moe")}
+MIXTRAL = ("MixtralForCausalLM", "mixtral")  # llama.cpp writes Mixtral as "llama" with experts
 # llama.cpp takes a Gemma with this many layers for the 27B model, whose queries it scales by
 # (hidden / heads)^-1/2 instead of head_dim^-1/2 (HF's query_pre_attn_scalar).
 GEMMA_27B_LAYERS = {"gemma2": 46, "gemma3": 62}
@@ -75,8 +77,9 @@ def write_hf_folder(reader, folder: str) -> str | None:
 def _config(meta: dict[str, Any], tensors: set[str]) -> dict[str, Any]:
     arch = meta["general.architecture"]
     heads = meta[f"{arch}.attention.head_count"]
+    hf_arch = MIXTRAL if arch == "llama" and meta.get(f"{arch}.expert_count") else ARCHITECTURES[arch]
     config = {
-        "architectures": [ARCHITECTURES[arch][0]], "model_type": ARCHITECTURES[arch][1],
+        "architectures": [hf_arch[0]], "model_type": hf_arch[1],
         "hidden_size": meta[f"{arch}.embedding_length"],
         "intermediate_size": meta[f"{arch}.feed_forward_length"],
         "num_hidden_layers": meta[f"{arch}.block_count"],
@@ -100,6 +103,13 @@ def _config(meta: dict[str, Any], tensors: set[str]) -> dict[str, Any]:
 def _family_config(arch: str, meta: dict[str, Any], config: dict[str, Any]) -> dict[str, Any]:
     """What an architecture's HF config holds beyond the Llama fields, from llama.cpp's metadata."""
     window = meta.get(f"{arch}.attention.sliding_window")
+    experts = meta.get(f"{arch}.expert_count")
+    if arch == "llama" and experts:  # Mixtral
+        return {"num_local_experts": experts, "num_experts_per_tok": meta[f"{arch}.expert_used_count"]}
+    if arch == "qwen3moe":  # llama.cpp renormalizes the top-k weights and makes every layer's MLP the experts
+        return {"use_sliding_window": False, "num_experts": experts, "num_experts_per_tok":
+                meta[f"{arch}.expert_used_count"], "moe_intermediate_size": meta[f"{arch}.expert_feed_forward_length"],
+                "norm_topk_prob": True, "mlp_only_layers": [], "decoder_sparse_step": 1}
     if arch in ("qwen2", "qwen3"):
         return {"use_sliding_window": False}  # llama.cpp runs Qwen without a window
     if arch == "phi3":

@@ -192,9 +192,10 @@ def read_weights(
         reader = gguf_file.open_checked(files[0])
     else:
         reader = safetensors_dir.open_checked(model_path, files)
-    source_names = {name: (names[name].gguf_name if fmt == "gguf" else _text_tower(names[name].hf_name, reader))
+    source_names = {name: (names[name].gguf_name if fmt == "gguf" else _in_checkpoint(names[name].hf_name, reader))
                     for name in specs}
-    missing = [src for src in source_names.values() if src not in reader]
+    missing = [src for srcs in source_names.values() for src in ((srcs,) if isinstance(srcs, str) else srcs)
+               if src not in reader]
     if missing:
         raise WeightsError(
             f"{model_path!r} lacks {len(missing)} tensor(s) the model needs, e.g. {missing[:3]}: "
@@ -209,7 +210,7 @@ def read_weights(
             parts = _kept(reader.read_blocks(source_names[name]), source, kept[name], enc, name)
             arr = parts[name]
         else:
-            arr = reader.read(source_names[name])
+            arr = _read(reader, source_names[name])
             if fmt == "gguf" and source.gguf_convert is not None:
                 arr = source.gguf_convert(arr)
             arr = source.convert(arr)
@@ -223,6 +224,15 @@ def read_weights(
         else:
             out[name] = np.ascontiguousarray(arr, dtype=dtype)
     return out
+
+
+def _read(reader, names: str | tuple[str, ...]) -> np.ndarray:
+    """One tensor, or several stacked on a new leading axis (graphs.Source's tuple of HF names)."""
+    return reader.read(names) if isinstance(names, str) else np.stack([reader.read(n) for n in names])
+
+
+def _in_checkpoint(names: str | tuple[str, ...], reader) -> str | tuple[str, ...]:
+    return _text_tower(names, reader) if isinstance(names, str) else tuple(_text_tower(n, reader) for n in names)
 
 
 def _kept(parts: dict[str, np.ndarray], source, n_in: int, enc, name: str) -> dict[str, np.ndarray]:
