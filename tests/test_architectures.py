@@ -43,11 +43,17 @@ def _greedy(llm, prompts):
     return [(o.token_ids, np.array([lp.token_log_probabilities[0] for lp in o.log_probabilities])) for o in outs]
 
 
-def assert_prefill_matches(model, hf, prompt: list[int]) -> None:
-    """One prefill step of `prompt`: every position's logits within 1e-4 of HF's."""
+def prefill_logits(model, prompt: list[int]) -> np.ndarray:
+    """Every position's logits from one prefill step of `prompt` (a model built with return_logits="all")."""
     ctx = held(model, TextContext("prefill", np.asarray(prompt, np.int32), max_length=len(prompt) + 1))
     got = np.asarray(model.execute(model.prepare_initial_token_inputs([[ctx]])).logits)[0, -len(prompt):]
     model.kv_manager.release("prefill")
+    return got
+
+
+def assert_prefill_matches(model, hf, prompt: list[int]) -> None:
+    """One prefill step of `prompt`: every position's logits within 1e-4 of HF's."""
+    got = prefill_logits(model, prompt)
     with torch.no_grad():
         ref = hf(torch.tensor([prompt])).logits[0].numpy()
     assert np.abs(got - ref).max() < 1e-4
@@ -86,7 +92,7 @@ def assert_generation_matches(hf, llm, label: str, other) -> None:
             np.testing.assert_allclose(lps, want_lps, atol=1e-5, err_msg=name)
 
 
-@pytest.mark.parametrize("name", _kinds(("qwen3",)))
+@pytest.mark.parametrize("name", _kinds(()))  # all in `make test-slow` (tests/test_multidevice.py: Llama, Qwen2)
 def test_tensor_parallel_equals_one_device(arch_models, name):
     """Tensor parallel 2 on fake devices (with the layers as one loop and q/k/v, gate/up fused)."""
     from test_multidevice import _run_meshes

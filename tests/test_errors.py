@@ -18,8 +18,8 @@ def test_unsupported_architecture_lists_the_supported_ones(tmp_path):
     GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=100, architectures=["GPT2LMHeadModel"]).save_pretrained(tmp_path)
     with pytest.raises(ConfigError, match=r"unsupported architecture GPT2LMHeadModel: maxlike supports "
                                           r"Gemma2ForCausalLM, Gemma3ForCausalLM, Gemma3ForConditionalGeneration, "
-                                          r"LlamaForCausalLM, MistralForCausalLM, Phi3ForCausalLM, Qwen2ForCausalLM, "
-                                          r"Qwen3ForCausalLM\."):
+                                          r"LlamaForCausalLM, MistralForCausalLM, MixtralForCausalLM, Phi3ForCausalLM, "
+                                          r"Qwen2ForCausalLM, Qwen3ForCausalLM, Qwen3MoeForCausalLM\."):
         build_model(str(tmp_path))
 
 

@@ -266,8 +266,8 @@ def _key_of(path, cache, **kw):
     return stats
 
 
-@pytest.mark.parametrize("change", ["xla_flags", pytest.param("jax_option", marks=pytest.mark.slow),
-                                    pytest.param("plugin", marks=pytest.mark.slow), "outside_architecture_code"])
+@pytest.mark.parametrize("change", ["xla_flags"] + [pytest.param(c, marks=pytest.mark.slow)  # the rest: test-slow
+                                                    for c in ("jax_option", "plugin", "outside_architecture_code")])
 def test_what_changes_programs_changes_the_key(tiny_llama, tmp_path, monkeypatch, request, change):
     from maxlike.engine import exe_cache
 

@@ -253,6 +253,7 @@ print(json.dumps(out))
 """
 
 
+@pytest.mark.slow  # `make test-slow` (the fast suite must stay under 15 minutes)
 def test_tensor_parallel_2_equals_one_device(adapters, eight_head_models, tmp_path):
     import subprocess
     import sys

@@ -111,6 +111,7 @@ def test_tensor_and_data_parallel_equal_one_device(eight_head_models, kind, mesh
         assert r["pool"][0] == dp and r["pool"][4] == max(2, tp), "a KV pool per replica, KV heads repeated to tp"
 
 
+@pytest.mark.slow  # `make test-slow` (the fast suite must stay under 15 minutes)
 def test_quantized_weights_split_like_float_ones(eight_head_models):
     """q4_k (4-bit values packed along the inputs, a scale and offset per 32 inputs) on tensor 2
     (the o and down projections' inputs split too: 32 of o's 64 per device, one group) and data x

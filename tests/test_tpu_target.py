@@ -99,6 +99,7 @@ def test_bad_targets_are_named(tiny_llama, tmp_path):
     assert result.returncode == 1 and "does not divide the 4 selected devices" in result.stderr
 
 
+@pytest.mark.slow  # `make test-slow` (the fast suite must stay under 15 minutes)
 def test_devices_takes_the_first_chips_of_the_target(tiny_llama, tmp_path):
     """devices=N compiles for the first N chips of the slice (one v5e chip: does a model fit one?);
     ids are refused with the reason."""
