@@ -169,6 +169,9 @@ class ExpertRun:
     mesh: Any = None
     few_tokens_kernel: str | None = None
 
+    def kernels(self) -> tuple[str, str | None]:
+        return self.kernel, self.few_tokens_kernel
+
     def kernel_for(self, tokens: int, moe: MoESpec) -> str:
         few = self.few_tokens_kernel and tokens * moe.top_k <= FEW * moe.experts
         return self.few_tokens_kernel if few else self.kernel

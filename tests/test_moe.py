@@ -140,6 +140,17 @@ def test_weights_and_listing_count_every_expert(moe_models):
     assert "MixtralForCausalLM" in out.getvalue() and "Qwen3MoeForCausalLM" in out.getvalue()
 
 
+def test_quantized_attention_keeps_the_experts_in_float(moe_models, caplog):
+    """int8 quantizes attention; the experts stay float32 (not built quantized), and the log says so."""
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="maxlike"):
+        model = build_model(moe_models["mixtral"][0], quantization_encoding="int8")
+    assert "the experts stay in the model's float dtype" in caplog.text
+    dtypes = {name: str(a.dtype) for name, a in model.params.items()}
+    assert dtypes["layers.0.qkv"] == "int8" and dtypes["layers.0.experts_gate"] == "float32"  # (CPU fuses q/k/v)
+
+
 def test_roofline_counts_the_routed_experts(moe_models):
     """The roofline's bytes per decode step read only the experts a step's tokens are expected to
     be routed to (1 - (1 - k/E)^tokens of them), and its FLOPs pass each token through k experts."""

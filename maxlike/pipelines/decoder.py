@@ -41,7 +41,6 @@ from graphs.base import stack_layers, stacked_specs
 from graphs.fused import GATE_UP, QKV, fuse_specs, fuse_weights
 from graphs.rope import at_length
 from graphs.layers import GroupedPageTable
-from graphs.moe import ExpertRun
 
 STOP_SLOTS = 8  # stop ids per row the on-device decode loop checks; any further ones stop on the host
 
@@ -74,21 +73,14 @@ class DecoderPipelineModel(DecoderSizing, LogProbsMixin, ServingModel):
             self.config = dataclasses.replace(self.config, kv_heads=self.config.kv_heads * self.kv_repeat)
         self._layer_specs = self.arch.weight_specs(self.config)  # per layer, as checkpoints hold them
         self.scan_layers = layout.scan_layers(pipeline_config, session.platform, self._layer_specs)
-        moe = getattr(self.config, "moe", None)
-        if moe is None:
-            self.experts = None
-        else:
-            few, kernel = layout.moe_kernels(pipeline_config, session.platform)
-            self.experts = ExpertRun(kernel, mesh, few if few != kernel else None)
         # Quantized weights: the projections kept in `quantization_encoding` with their scales
         encoding = resolve_encoding(pipeline_config.model, session.platform)
         if encoding != pipeline_config.model.quantization_encoding:
             log.info("keeping the GGUF's quantized blocks as quantization_encoding=%r (pass one to choose)", encoding)
         self._encoding, self._quantized, self._layer_specs = quantize.plan(self._layer_specs, self.arch.lora_targets,
                                                                            encoding)
-        if self._encoding is not None and moe is not None:
-            log.warning("quantization_encoding=%r quantizes attention and dense MLP projections; the experts stay "
-                        "%s (quantized experts are not built yet)", self._encoding.name, np.dtype(self.dtype).name)
+        self.experts = layout.expert_run(pipeline_config, session.platform, mesh, getattr(self.config, "moe", None),
+                                         self._encoding)  # None: a model without experts
         self.fused = layout.fuse_projections(pipeline_config, session.platform)
         specs = fuse_specs(self._layer_specs, self.config.kv_heads) if self.fused else self._layer_specs
         if self.fused and self._quantized:
@@ -197,7 +189,7 @@ class DecoderPipelineModel(DecoderSizing, LogProbsMixin, ServingModel):
                         self.kv_params, num_pages,
                         self.replicas, self.max_batch_size, self.max_length, self._max_prefill_tokens,
                         self.return_logits, self.return_hidden_states, self.scan_layers, self.fused,
-                        self.pipeline_config.decode_attention, self.experts and (self.experts.kernel, self.experts.few_tokens_kernel),
+                        self.pipeline_config.decode_attention, self.experts and self.experts.kernels(),
                         self.session.matmul_precision, self._lora_shape()))
         classes = [c for c in type(self).__mro__ if c.__module__ not in ("builtins", "abc", "typing")]
         return {"model": hashlib.sha256(program.encode()).hexdigest()[:16], "architecture": self.arch.name,

@@ -3,9 +3,14 @@ gate/up fused or apart (the per-backend defaults, from measurements), and whethe
 
 from __future__ import annotations
 
+import logging
+
 from graphs.base import uniform_layers
+from graphs.moe import ExpertRun
 from maxlike.config import ConfigError
 from maxlike.sharding import indivisible
+
+log = logging.getLogger("maxlike")
 
 # Whether layers run as one loop over stacked weights (PipelineConfig.scan_layers=None), per backend.
 # TPU: a loop cuts each executable 3-16x (DESIGN.md section 8). GPU: on an H200 (Llama-3.2-1B shape,
@@ -39,12 +44,17 @@ def scan_layers(pipeline_config, platform: str, layer_specs: dict | None = None)
     return SCAN_LAYERS_DEFAULT.get(platform, False) and (layer_specs is None or uniform_layers(layer_specs))
 
 
-def moe_kernels(pipeline_config, platform: str) -> tuple[str, str]:
-    """(few-token kernel, kernel) for MoE layers (graphs.moe.KERNELS): `moe_kernel` for every step,
-    else the backend's default."""
-    if pipeline_config.moe_kernel:
-        return pipeline_config.moe_kernel, pipeline_config.moe_kernel
-    return MOE_KERNEL_DEFAULT.get(platform, ("grouped", "grouped"))
+def expert_run(pipeline_config, platform: str, mesh, moe, encoding=None) -> ExpertRun | None:
+    """How MoE layers run (graphs.moe.ExpertRun; None for a model without experts): `moe_kernel`
+    for every step, else the backend's (few-token kernel, kernel)."""
+    if moe is None:
+        return None
+    if encoding is not None:
+        log.warning("quantization_encoding=%r quantizes attention and dense MLP projections; the experts stay in "
+                    "the model's float dtype (quantized experts are not built yet)", encoding.name)
+    chosen = pipeline_config.moe_kernel
+    few, kernel = (chosen, chosen) if chosen else MOE_KERNEL_DEFAULT.get(platform, ("grouped", "grouped"))
+    return ExpertRun(kernel, mesh, few if few != kernel else None)
 
 
 def fuse_projections(pipeline_config, platform: str) -> bool:
