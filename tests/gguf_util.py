@@ -132,10 +132,11 @@ def _experts(name: str, arr: np.ndarray) -> dict[str, np.ndarray]:
     return {prefix + "ffn_down_exps.weight": arr}
 
 
-def write_arch_gguf(path, arch: str, hf_model) -> None:
+def write_arch_gguf(path, arch: str, hf_model, experts_qtype: str = "F32") -> None:
     """A llama.cpp-style F32 GGUF of a tiny HF Qwen3 / Gemma 2 / Gemma 3 / Phi-3 / Qwen3-MoE, or a Mixtral
     as llama.cpp writes it (arch "llama" with experts, q/k rows permuted) (no vocabulary): its metadata
-    keys, its tensor names, and Gemma's norm weights stored with the 1 of (1 + w) added."""
+    keys, its tensor names, and Gemma's norm weights stored with the 1 of (1 + w) added. Expert stacks
+    are stored as `experts_qtype` (F32, or a type the gguf package quantizes, e.g. Q8_0)."""
     c = hf_model.config
     w = _writer(path, arch, c)
     experts = getattr(c, "num_local_experts", None) or getattr(c, "num_experts", None)
@@ -163,8 +164,13 @@ def write_arch_gguf(path, arch: str, hf_model) -> None:
     for name, tensor in hf_model.state_dict().items():
         arr = tensor.numpy().astype(np.float32)
         if "mlp.experts." in name:
+            kind = gguf.GGMLQuantizationType[experts_qtype]
             for target, part in _experts(name, arr).items():
-                w.add_tensor(target, np.ascontiguousarray(part))
+                part = np.ascontiguousarray(part)
+                if kind == gguf.GGMLQuantizationType.F32:
+                    w.add_tensor(target, part)
+                else:
+                    w.add_tensor(target, quantize(part, kind), raw_dtype=kind)
             continue
         if arch == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
             arr = permute(arr, c.num_attention_heads if "q_proj" in name else c.num_key_value_heads)

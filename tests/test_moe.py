@@ -93,6 +93,25 @@ def test_gguf_with_stacked_experts_equals_the_safetensors_run(name, tmp_path):
     assert np.abs(logits[0] - logits[1]).max() < 1e-5
 
 
+def test_quantized_expert_stacks_are_read_as_the_files_values(tmp_path):
+    """A Mixtral GGUF whose ffn_*_exps stacks are Q8_0 (as llama.cpp quantizes them): the experts
+    load dequantized, equal to the gguf package's own dequantization of each stack."""
+    import gguf
+    from gguf.quants import dequantize
+    from gguf_util import write_arch_gguf
+
+    path = tmp_path / "q8.gguf"
+    write_arch_gguf(path, "llama", tiny_moe_model("mixtral", seed=3), experts_qtype="Q8_0")
+    model = build_model(str(path))
+    tensors = {t.name: t for t in gguf.GGUFReader(str(path)).tensors}
+    for i in range(2):
+        for kind, name in (("experts_gate", "gate"), ("experts_up", "up"), ("experts_down", "down")):
+            t = tensors[f"blk.{i}.ffn_{name}_exps.weight"]
+            assert t.tensor_type == gguf.GGMLQuantizationType.Q8_0
+            want = dequantize(t.data, t.tensor_type).transpose(0, 2, 1)  # [E, out, in] -> ours [E, in, out]
+            np.testing.assert_array_equal(np.asarray(model.params[f"layers.{i}.{kind}"]), want)
+
+
 def test_expert_meshes_that_do_not_fit_are_named(moe_models, tiny_llama):
     from maxlike.config import ConfigError
     from maxlike.engine.mesh import plan_mesh
