@@ -73,7 +73,7 @@ def test_expert_parallel_equals_one_device(moe_models):
     assert report["1x2-expert2-scan"]["mesh"] == {"data": 1, "expert": 2, "tensor": 2}
 
 
-@pytest.mark.parametrize("name", MOE_KINDS)
+@pytest.mark.parametrize("name", ["mixtral", pytest.param("qwen3_moe", marks=pytest.mark.slow)])  # slow: test-slow
 def test_gguf_with_stacked_experts_equals_the_safetensors_run(name, tmp_path):
     """llama.cpp's layout: Mixtral as arch "llama" with expert metadata and permuted q/k rows,
     Qwen3-MoE as "qwen3moe" (every layer experts, top-k renormalized, as llama.cpp runs it);
