@@ -29,9 +29,9 @@ FUSE_PROJECTIONS_DEFAULT = {"tpu": False, "gpu": False, "cpu": True}
 # as a masked product with every expert (plus a copy of their weights), so one 16-expert layer
 # (hidden 512, experts 1024 wide) took 60 ms grouped, 4.3 dense and 0.7 gathered at one token,
 # 8.7 dense and 3.1 gathered at two, 10.6 and 16.1 at three, 63 / 16 / 40 ms at 8
-# (benchmarks/probe_moe_kernels.py; whole models: README, benchmarks/bench_moe.py). GPU and TPU: not measured yet; grouped,
-# which reads only the experts tokens are routed to, and which compiled for a v5e reads the
-# [E, D, F] weights in place (no copy).
+# (benchmarks/probe_moe_kernels.py; whole models: README, benchmarks/bench_moe.py). GPU and TPU: not
+# measured yet; grouped, which reads only the experts tokens are routed to, and which compiled for a
+# v5e reads the [E, D, F] weights in place (no copy).
 MOE_KERNEL_DEFAULT = {"tpu": ("grouped", "grouped"), "gpu": ("grouped", "grouped"), "cpu": ("gather", "dense")}
 
 
