@@ -19,7 +19,6 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
 
 from graphs.moe import KERNELS, ExpertRun, MoESpec, moe_mlp  # noqa: E402
 
@@ -34,14 +33,14 @@ def main() -> None:
     args = ap.parse_args()
     e, d, f, dtype = args.experts, args.hidden, args.width, jnp.dtype(args.dtype)
     spec = MoESpec(e, 2, f, True, (True,), "", ("", "", ""))
-    rs = np.random.RandomState(0)
-    lw = {"router": jnp.asarray(rs.randn(d, e), dtype),
-          "experts_gate": jnp.asarray(rs.randn(e, d, f) * 0.02, dtype),
-          "experts_up": jnp.asarray(rs.randn(e, d, f) * 0.02, dtype),
-          "experts_down": jnp.asarray(rs.randn(e, f, d) * 0.02, dtype)}
+    keys = jax.random.split(jax.random.PRNGKey(0), 5)  # drawn on the device (Mixtral's width: GBs of weights)
+    lw = {"router": jax.random.normal(keys[0], (d, e), dtype),
+          "experts_gate": jax.random.normal(keys[1], (e, d, f), dtype) * 0.02,
+          "experts_up": jax.random.normal(keys[2], (e, d, f), dtype) * 0.02,
+          "experts_down": jax.random.normal(keys[3], (e, f, d), dtype) * 0.02}
     print(f"{jax.devices()[0].device_kind}: {e} experts, hidden {d}, width {f}, top-2, {args.dtype}; ms per layer")
     for m in args.tokens:
-        x = jnp.asarray(rs.randn(m, 1, d), dtype)
+        x = jax.random.normal(jax.random.fold_in(keys[4], m), (m, 1, d), dtype)
         line = f"{m:4d} tokens:"
         for kernel in KERNELS:
             fn = jax.jit(lambda x, lw, kernel=kernel: moe_mlp(x, lw, spec, ExpertRun(kernel)))
