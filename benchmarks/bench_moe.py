@@ -1,8 +1,8 @@
 """Decode tokens/s of a mixture-of-experts model: maxlike's expert kernels (the backend's default,
-grouped = ragged_dot, dense, gather) against HF transformers eager, in the same run.
+grouped = ragged_dot, dense, gather, loop) against HF transformers eager, in the same run.
 
     .venv/bin/python benchmarks/bench_moe.py [--kinds mixtral qwen3_moe] [--experts 16] [--layers 8]
-        [--batch-sizes 1 8 32] [--kernels default grouped dense gather] [--skip-hf] [--json out.json]
+        [--batch-sizes 1 8 32] [--kernels default grouped dense gather loop] [--skip-hf] [--json out.json]
 
 A random model (the test suite's builder, scaled up: hidden 512, 8 heads / 4 KV heads of 64, each
 expert's MLP 1024 wide, --experts experts of which 2 per token, vocabulary 32000) saved as an HF
@@ -36,7 +36,7 @@ def main() -> None:
     ap.add_argument("--experts", type=int, default=16)
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32])
-    ap.add_argument("--kernels", nargs="+", choices=("default", "grouped", "dense", "gather"),
+    ap.add_argument("--kernels", nargs="+", choices=("default", "grouped", "dense", "gather", "loop"),
                     default=["default", "grouped", "dense"])
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--json")

@@ -9,7 +9,7 @@
 # kernels: the Pallas decode-attention kernel against the XLA attention (agreement, ms per call), issue 16.
 # quant:   decode tok/s of the 1B shape per weight encoding, fused projections and the Pallas attention
 #          (bench_gpu_decode.py --setups), with HF in the same run, issue 16.
-# moe:     one MoE layer per expert kernel (grouped = ragged_dot, dense, gather) in bf16 at Mixtral's width
+# moe:     one MoE layer per expert kernel (grouped = ragged_dot, dense, gather, loop) in bf16 at Mixtral's width
 #          (8 experts, hidden 4096, 14336 wide) for 1..256 tokens, then a random 8-layer MoE's decode per
 #          kernel against HF eager: decides MOE_KERNEL_DEFAULT["gpu"], issue 17.
 set -u
@@ -37,7 +37,7 @@ fi
 if [[ " $PARTS " == *" moe "* ]]; then
   timeout 180 $PY benchmarks/probe_moe_kernels.py --experts 8 --hidden 4096 --width 14336 --dtype bfloat16 \
       --tokens 1 2 4 8 32 128 256 2>&1 | tee "$OUT/moe_kernels.log"
-  timeout 420 $PY benchmarks/bench_moe.py --kernels default grouped dense gather --batch-sizes 1 8 32 \
+  timeout 420 $PY benchmarks/bench_moe.py --kernels default grouped dense gather loop --batch-sizes 1 8 32 \
       --json "$OUT/moe_decode.json" 2>&1 | grep -v "it/s]" | tee "$OUT/moe_decode.log"
 fi
 if [[ " $PARTS " == *" probe "* ]]; then

@@ -7,15 +7,16 @@ Expert weights are stacked per layer: "experts_gate" / "experts_up" [E, D, F], "
 F the "mlp" axis (sharded over `tensor`). Checkpoints hold one tensor per expert (HF) or the
 stack (llama.cpp's `ffn_*_exps`); `graphs.base.Source` stacks the former at load.
 
-Three ways to compute the experts (`kernel`):
+Four ways to compute the experts (`kernel`):
 - "grouped": the token copies sorted by expert, then one grouped matmul per projection
   (`jax.lax.ragged_dot`), each row multiplied by its own expert's weights only.
 - "dense": every expert on every token, weighted by the routing weights (zero off the top-k):
   plain einsums, the reference the others are tested against.
 - "gather": each token copy gathers its expert's weights (reads only those; for a few tokens).
-`ExpertRun.few_tokens_kernel` may pick another for steps with few tokens (XLA:CPU lowers
-ragged_dot as a masked dense product, so there decode steps of one or two rows gather and the
-rest run dense: README, benchmarks/bench_moe.py).
+- "loop": the experts one after another, each that has tokens in this step on every token,
+  weighted; an expert no token chose is skipped, its weights unread (`lax.cond`). XLA:CPU lowers
+  ragged_dot as a masked product with every expert, so this is the CPU default (README,
+  benchmarks/probe_moe_kernels.py, benchmarks/bench_moe.py).
 
 With a mesh, the MLP runs under `shard_map`: tokens stay where they are (split over `data`,
 whole on every expert and tensor device); each device computes its own experts' share of its F
@@ -35,8 +36,7 @@ from jax.sharding import PartitionSpec as P
 from graphs.base import Source, UnsupportedConfigError, WeightSpec
 
 EXPERT_KINDS = ("experts_gate", "experts_up", "experts_down")
-KERNELS = ("grouped", "dense", "gather")
-FEW = 0.25  # a step is "few tokens" when its token copies (tokens x top-k) are at most this share of the experts
+KERNELS = ("grouped", "dense", "gather", "loop")
 
 
 @dataclass(frozen=True)
@@ -112,12 +112,32 @@ def _dense(x, weights, experts, gate, up, down, first):
     global id of local expert 0. The experts are a batch axis of the products: contracting x
     with [E, D, F] directly made XLA:CPU copy every expert's weights first (37 against 6 ms for a
     16-expert layer at one token)."""
-    local = experts - first
-    combine = jnp.sum(jax.nn.one_hot(local, gate.shape[0], dtype=jnp.float32) * weights[..., None], axis=1)
+    combine = _combine(weights, experts, first, gate.shape[0])
     xe = jnp.broadcast_to(x, (gate.shape[0], *x.shape))  # [E, M, D]
     h = jax.nn.silu(jnp.einsum("emd,edf->emf", xe, gate)) * jnp.einsum("emd,edf->emf", xe, up)
     h = h * combine.T.astype(h.dtype)[:, :, None]
     return jnp.einsum("emf,efd->md", h, down)
+
+
+def _combine(weights, experts, first, count):
+    """[M, E_local]: each token's routing weight for each local expert (0 off its top-k)."""
+    hot = jax.nn.one_hot(experts - first, count, dtype=jnp.float32)
+    return jnp.sum(hot * weights[..., None], axis=1)
+
+
+def _loop(x, weights, experts, gate, up, down, first):
+    """Each local expert in turn, on every token, weighted; skipped when no token chose it."""
+    combine = _combine(weights, experts, first, gate.shape[0]).astype(x.dtype)
+    used = jnp.any(combine != 0, axis=0)
+
+    def expert(e, out):
+        def run(out):
+            h = jax.nn.silu(x @ gate[e]) * (x @ up[e]) * jax.lax.dynamic_slice_in_dim(combine, e, 1, axis=1)
+            return out + h @ down[e]
+
+        return jax.lax.cond(used[e], run, lambda out: out, out)
+
+    return jax.lax.fori_loop(0, gate.shape[0], expert, jnp.zeros_like(x))
 
 
 def _gather(x, weights, experts, gate, up, down, first):
@@ -155,35 +175,21 @@ def _grouped(x, weights, experts, gate, up, down, first):
     return jnp.einsum("mkd,mk->md", y, w.astype(y.dtype))
 
 
-def _mesh_size(mesh, axis: str) -> int:
-    return 1 if mesh is None else mesh.shape[axis]
-
-
 @dataclass(frozen=True)
 class ExpertRun:
-    """How a forward pass runs its experts: `kernel` (KERNELS), `few_tokens_kernel` for steps whose
-    token copies are at most FEW of the experts (None: `kernel` always), and the mesh (None: one
-    device, no shard_map)."""
+    """How a forward pass runs its experts: `kernel` (KERNELS) and the mesh (None: one device, no
+    shard_map)."""
 
     kernel: str = "grouped"
     mesh: Any = None
-    few_tokens_kernel: str | None = None
-
-    def kernels(self) -> tuple[str, str | None]:
-        return self.kernel, self.few_tokens_kernel
-
-    def kernel_for(self, tokens: int, moe: MoESpec) -> str:
-        few = self.few_tokens_kernel and tokens * moe.top_k <= FEW * moe.experts
-        return self.few_tokens_kernel if few else self.kernel
 
 
 def moe_mlp(x: jax.Array, lw: dict, moe: MoESpec, run: ExpertRun | None = None) -> jax.Array:
     """The MoE MLP of a normed input x [rows, T, D] (rows split over the mesh's `data` axis)."""
     run = run or ExpertRun()
-    kernel = run.kernel_for(x.size // x.shape[-1] // _mesh_size(run.mesh, "data"), moe)
-    if kernel not in KERNELS:
-        raise ValueError(f"unknown MoE kernel {kernel!r}: use one of {KERNELS}.")
-    compute = {"grouped": _grouped, "dense": _dense, "gather": _gather}[kernel]
+    if run.kernel not in KERNELS:
+        raise ValueError(f"unknown MoE kernel {run.kernel!r}: use one of {KERNELS}.")
+    compute = {"grouped": _grouped, "dense": _dense, "gather": _gather, "loop": _loop}[run.kernel]
 
     def body(x, router, gate, up, down):
         flat = x.reshape(-1, x.shape[-1])

@@ -202,10 +202,10 @@ class PipelineConfig:
     # Decode attention: "xla" (graphs.layers, every backend) or "pallas" (graphs.pallas_attention: a Triton
     # kernel on GPU, Pallas interpret mode elsewhere). Not yet measured on a GPU, so not the default there.
     decode_attention: str = "xla"
-    # How a mixture-of-experts model computes its experts, in every step: "grouped" (tokens sorted by
-    # expert, one jax.lax.ragged_dot per projection), "dense" (every expert on every token, weighted;
-    # the reference) or "gather" (each token gathers its experts' weights). None: per backend and step
-    # size (maxlike.pipelines.layout.MOE_KERNEL_DEFAULT, measured).
+    # How a mixture-of-experts model computes its experts: "grouped" (tokens sorted by expert, one
+    # jax.lax.ragged_dot per projection), "dense" (every expert on every token, weighted; the reference),
+    # "gather" (each token gathers its experts' weights) or "loop" (the experts that have tokens, one
+    # after another). None: per backend (maxlike.pipelines.layout.MOE_KERNEL_DEFAULT, measured).
     moe_kernel: str | None = None
 
     def __init__(self, **kwargs: Any) -> None:
@@ -271,8 +271,8 @@ class PipelineConfig:
             _check(self.devices is None or str(self.devices).strip().isdigit(),
                    f"compile_target and devices={self.devices!r} exclude each other: the target's devices are the "
                    "ones compiled for (a count such as devices='1' takes that many of them).")
-        _check(self.moe_kernel in (None, "grouped", "dense", "gather"),
-               f"moe_kernel={self.moe_kernel!r} is not built: use 'grouped', 'dense' or 'gather'.")
+        _check(self.moe_kernel in (None, "grouped", "dense", "gather", "loop"),
+               f"moe_kernel={self.moe_kernel!r} is not built: use 'grouped', 'dense', 'gather' or 'loop'.")
         _check(self.decode_attention in ("xla", "pallas"),
                f"decode_attention={self.decode_attention!r} is not built: use 'xla' or 'pallas'.")
         _check(self.warmup or not self.forbid_compile,

@@ -1,6 +1,6 @@
 """Mixture-of-experts models against transformers (fp32, eager): tiny random Mixtral (softmax,
 top-2, renormalized) and Qwen3-MoE (top-2 not renormalized, a dense layer among the expert
-layers), with the grouped (ragged_dot), dense and gather expert kernels; expert parallelism on fake
+layers), with the grouped (ragged_dot), dense, gather and loop expert kernels; expert parallelism on fake
 devices; llama.cpp's stacked-expert GGUF tensors; compiling for a TPU slice split by experts."""
 
 from __future__ import annotations
@@ -12,24 +12,23 @@ from conftest import MOE_KINDS, build_model, save_tiny, tiny_moe_model
 from test_architectures import PROMPTS, _llm, assert_generation_matches, assert_prefill_matches, prefill_logits
 
 
-@pytest.mark.parametrize("kernel", ["grouped", "dense", "gather"])
+@pytest.mark.parametrize("kernel", ["grouped", "dense", "gather", "loop"])
 @pytest.mark.parametrize("name", MOE_KINDS)
 def test_prefill_logits_match_hf(moe_models, name, kernel):
     path, hf = moe_models[name]
     model = build_model(path, return_logits="all", moe_kernel=kernel)
-    assert model.experts.kernel == kernel and model.experts.few_tokens_kernel is None
+    assert model.experts.kernel == kernel
     assert_prefill_matches(model, hf, PROMPTS[1])
 
 
 @pytest.mark.parametrize("name", ["mixtral", pytest.param("qwen3_moe", marks=pytest.mark.slow)])  # slow: test-slow
 def test_generation_matches_hf_batched_and_alone(moe_models, name):
-    """32 greedy tokens equal HF's generate for each prompt (the CPU default: 3-row decode steps
-    dense); each prompt alone (1-row decode steps gather their experts), and the batch with chunked
-    prefill, 4-token pages, (Mixtral, whose layers are all alike) the layers as one loop and the
-    grouped kernel, give the same tokens and log-probs."""
+    """32 greedy tokens equal HF's generate for each prompt (the CPU default, the loop over experts);
+    each prompt alone, and the batch with chunked prefill, 4-token pages, (Mixtral, whose layers are
+    all alike) the layers as one loop and the grouped kernel, give the same tokens and log-probs."""
     path, hf = moe_models[name]
     llm = _llm(path)
-    assert (llm.pipeline.model.experts.kernel, llm.pipeline.model.experts.few_tokens_kernel) == ("dense", "gather")
+    assert llm.pipeline.model.experts.kernel == "loop"
     other = _llm(path, prefill_chunk_size=16, kv_cache_page_size=4, scan_layers=name == "mixtral", moe_kernel="grouped")
     assert other.pipeline.model.scan_layers == (name == "mixtral")
     assert_generation_matches(hf, llm, "chunked, paged, grouped", other)
@@ -132,7 +131,7 @@ def test_expert_meshes_that_do_not_fit_are_named(moe_models, tiny_llama):
         LLM(PipelineConfig(model_path=tiny_llama[0], expert_parallel_degree=2), progress=False)
     with pytest.raises(ConfigError, match="expert_parallel_degree=2 does not divide the 1 selected devices"):
         LLM(PipelineConfig(model_path=moe_models["mixtral"][0], expert_parallel_degree=2), progress=False)
-    with pytest.raises(ConfigError, match="moe_kernel='megablox' is not built: use 'grouped', 'dense' or 'gather'"):
+    with pytest.raises(ConfigError, match="moe_kernel='megablox' is not built: use 'grouped', 'dense', 'gather' or 'loop'"):
         PipelineConfig(model_path=tiny_llama[0], moe_kernel="megablox")
 
 
@@ -198,11 +197,11 @@ def test_tpu_slice_split_by_experts_compiles(moe_models, tmp_path):
 
 
 def test_moe_kernels_agree_on_random_routings():
-    """The three kernels on one device, and on a local slice of the experts (as one expert shard
+    """The four kernels on one device, and on a local slice of the experts (as one expert shard
     computes them), against the sum written out token by token."""
     import jax.numpy as jnp
 
-    from graphs.moe import _dense, _gather, _grouped
+    from graphs.moe import _dense, _gather, _grouped, _loop
 
     rs = np.random.RandomState(0)
     m, d, f, e, k = 7, 5, 6, 4, 2
@@ -226,7 +225,7 @@ def test_moe_kernels_agree_on_random_routings():
 
     for first, count in ((0, e), (2, 2), (0, 2)):
         part = slice(first, first + count)
-        for kernel in (_grouped, _dense, _gather):
+        for kernel in (_grouped, _dense, _gather, _loop):
             got = kernel(jnp.asarray(x), jnp.asarray(weights), jnp.asarray(experts), jnp.asarray(gate[part]),
                          jnp.asarray(up[part]), jnp.asarray(down[part]), first)
             np.testing.assert_allclose(np.asarray(got), expected(first, count), rtol=1e-4, atol=1e-4,

@@ -189,7 +189,7 @@ class DecoderPipelineModel(DecoderSizing, LogProbsMixin, ServingModel):
                         self.kv_params, num_pages,
                         self.replicas, self.max_batch_size, self.max_length, self._max_prefill_tokens,
                         self.return_logits, self.return_hidden_states, self.scan_layers, self.fused,
-                        self.pipeline_config.decode_attention, self.experts and self.experts.kernels(),
+                        self.pipeline_config.decode_attention, self.experts and self.experts.kernel,
                         self.session.matmul_precision, self._lora_shape()))
         classes = [c for c in type(self).__mro__ if c.__module__ not in ("builtins", "abc", "typing")]
         return {"model": hashlib.sha256(program.encode()).hexdigest()[:16], "architecture": self.arch.name,

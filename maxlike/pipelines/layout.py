@@ -25,14 +25,13 @@ FUSE_PROJECTIONS_DEFAULT = {"tpu": False, "gpu": False, "cpu": True}
 
 
 # How mixture-of-experts layers compute their experts (PipelineConfig.moe_kernel=None), per backend
-# (graphs.moe): (the kernel for steps with few tokens, for the rest). CPU: XLA:CPU lowers ragged_dot
-# as a masked product with every expert (plus a copy of their weights), so one 16-expert layer
-# (hidden 512, experts 1024 wide) took 60 ms grouped, 4.3 dense and 0.7 gathered at one token,
-# 8.7 dense and 3.1 gathered at two, 10.6 and 16.1 at three, 63 / 16 / 40 ms at 8
-# (benchmarks/probe_moe_kernels.py; whole models: README, benchmarks/bench_moe.py). GPU and TPU: not
-# measured yet; grouped, which reads only the experts tokens are routed to, and which compiled for a
-# v5e reads the [E, D, F] weights in place (no copy).
-MOE_KERNEL_DEFAULT = {"tpu": ("grouped", "grouped"), "gpu": ("grouped", "grouped"), "cpu": ("gather", "dense")}
+# (graphs.moe). CPU: XLA:CPU lowers ragged_dot as a masked product with every expert (plus a copy of
+# their weights); one 16-expert layer (hidden 512, experts 1024 wide) took, at 1 / 3 / 8 / 32 tokens,
+# grouped 46 / 59 / 60 / 76 ms, dense 4.3 / 12.3 / 13.8 / 24.6, gather 0.8 / 14.3 / 48.7 / 159, and the
+# loop over the experts that have tokens 1.1 / 8.5 / 6.8 / 20.4 (benchmarks/probe_moe_kernels.py;
+# whole models: README, benchmarks/bench_moe.py). GPU and TPU: not measured yet; grouped, which reads only the experts
+# tokens are routed to, and which compiled for a v5e reads the [E, D, F] weights in place (no copy).
+MOE_KERNEL_DEFAULT = {"tpu": "grouped", "gpu": "grouped", "cpu": "loop"}
 
 
 def scan_layers(pipeline_config, platform: str, layer_specs: dict | None = None) -> bool:
@@ -46,16 +45,14 @@ def scan_layers(pipeline_config, platform: str, layer_specs: dict | None = None)
 
 
 def expert_run(pipeline_config, platform: str, mesh, moe, encoding=None) -> ExpertRun | None:
-    """How MoE layers run (graphs.moe.ExpertRun; None for a model without experts): `moe_kernel`
-    for every step, else the backend's (few-token kernel, kernel)."""
+    """How MoE layers run (graphs.moe.ExpertRun; None for a model without experts): `moe_kernel`,
+    else the backend's default."""
     if moe is None:
         return None
     if encoding is not None:
         log.warning("quantization_encoding=%r quantizes attention and dense MLP projections; the experts stay in "
                     "the model's float dtype (quantized experts are not built yet)", encoding.name)
-    chosen = pipeline_config.moe_kernel
-    few, kernel = (chosen, chosen) if chosen else MOE_KERNEL_DEFAULT.get(platform, ("grouped", "grouped"))
-    return ExpertRun(kernel, mesh, few if few != kernel else None)
+    return ExpertRun(pipeline_config.moe_kernel or MOE_KERNEL_DEFAULT.get(platform, "grouped"), mesh)
 
 
 def fuse_projections(pipeline_config, platform: str) -> bool:
