@@ -131,7 +131,8 @@ def test_expert_meshes_that_do_not_fit_are_named(moe_models, tiny_llama):
         LLM(PipelineConfig(model_path=tiny_llama[0], expert_parallel_degree=2), progress=False)
     with pytest.raises(ConfigError, match="expert_parallel_degree=2 does not divide the 1 selected devices"):
         LLM(PipelineConfig(model_path=moe_models["mixtral"][0], expert_parallel_degree=2), progress=False)
-    with pytest.raises(ConfigError, match="moe_kernel='megablox' is not built: use 'grouped', 'dense', 'gather' or 'loop'"):
+    with pytest.raises(ConfigError, match="moe_kernel='megablox' is not built: use 'grouped', 'dense', 'gather' "
+                                          "or 'loop'"):
         PipelineConfig(model_path=tiny_llama[0], moe_kernel="megablox")
 
 
