@@ -85,14 +85,17 @@ def offline_hf(model, args, batch: int) -> float:
 
 
 def setup_config(setup: str) -> dict:
-    """'int8+fused' -> PipelineConfig overrides."""
+    """'int8+fused' -> PipelineConfig overrides (bf16 / float: the model's dtype; scan / unrolled: the
+    layer form)."""
     out: dict = {}
     for part in setup.split("+"):
         if part in ("fused", "unfused"):
             out["fuse_projections"] = part == "fused"
+        elif part in ("scan", "unrolled"):
+            out["scan_layers"] = part == "scan"
         elif part == "pallas":
             out["decode_attention"] = "pallas"
-        elif part != "bf16":
+        elif part not in ("bf16", "float"):
             out["quantization_encoding"] = part
     return out
 

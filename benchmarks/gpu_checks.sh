@@ -12,6 +12,8 @@
 # moe:     one MoE layer per expert kernel (grouped = ragged_dot, dense, gather, loop) in bf16 at Mixtral's width
 #          (8 experts, hidden 4096, 14336 wide) for 1..256 tokens, then a random 8-layer MoE's decode per
 #          kernel against HF eager: decides MOE_KERNEL_DEFAULT["gpu"], issue 17.
+# profile: a jax.profiler trace of the 1B shape's decode steps (bf16, int8) at batch 1 and 8, 10 steps per call:
+#          kernels per step, the time in them and above the bytes' floor, the top kernels, issue 16.
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpu_checks}
@@ -39,6 +41,12 @@ if [[ " $PARTS " == *" moe "* ]]; then
       --tokens 1 2 4 8 32 128 256 2>&1 | tee "$OUT/moe_kernels.log"
   timeout 420 $PY benchmarks/bench_moe.py --kernels default grouped dense gather loop --batch-sizes 1 8 32 \
       --json "$OUT/moe_decode.json" 2>&1 | grep -v "it/s]" | tee "$OUT/moe_decode.log"
+fi
+if [[ " $PARTS " == *" profile "* ]]; then
+  for setup in bf16 int8; do
+    timeout 200 $PY benchmarks/profile_step.py --shape llama-1b --setup $setup --batch-sizes 1 8 --new-tokens 41 \
+        --max-num-steps 10 --json "$OUT/profile_$setup.json" 2>&1 | grep -v "it/s]" | tee "$OUT/profile_$setup.log"
+  done
 fi
 if [[ " $PARTS " == *" probe "* ]]; then
   timeout 240 $PY benchmarks/probe_gpu_step.py --groups layers --unrolls 1 2 --json "$OUT/probe_layers.json" \

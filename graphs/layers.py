@@ -192,7 +192,23 @@ def adapter_mask(w: dict, adapters) -> jax.Array | None:
     if adapters is None:
         return None
     slots, rank = w[next(n for n in w if n.endswith("_lora_a"))].shape[-2:]
-    return lora_mask(adapters, slots, rank, w["embed"].dtype)
+    return lora_mask(adapters, slots, rank, w["final_norm"].dtype)
+
+
+def embed(w: dict, tokens: jax.Array) -> jax.Array:
+    """tokens [B, T] -> their rows of the embedding table w["embed"], [B, T, D] in the model's dtype
+    (the norms'). A table kept in 8 bits (maxlike.weights.quantize) is scaled row by row."""
+    rows, scale = w["embed"][tokens], w.get("embed_scale")
+    if scale is None:
+        return rows
+    return (rows.astype(jnp.float32) * scale[tokens][..., None]).astype(w["final_norm"].dtype)
+
+
+def unembed(w: dict, hidden: jax.Array, tied: bool) -> jax.Array:
+    """hidden [..., D] -> logits [..., V] through the LM head (the embedding table when `tied`): a
+    projection whose output channels are the vocabulary, so an 8-bit table's row scales apply after
+    the product."""
+    return projection(None)("...d,vd->...v", hidden, w, "embed" if tied else "lm_head")
 
 
 def projection(mask):

@@ -19,8 +19,12 @@ Quantize-on-load (from float weights) rounds to nearest. GGUF tensors whose bloc
 encoding exactly (Q8_0 for q8_0; Q4_0 for q4_0; Q4_0, Q4_1 and Q4_K for q4_k) are kept as they
 are (`maxlike.weights.gguf_blocks`); any other tensor is dequantized and quantized again. Without
 an encoding, a GGUF keeps its blocks on GPU and TPU (`maxlike.weights.loader.resolve_encoding`).
-Embeddings, norms and the LM head stay in the model's dtype. Works on per-layer names
-("layers.{i}.{kind}"); stacking for the layer loop comes after, scales included.
+The embedding table and the LM head [V, D] (`TABLES`) are read by every step too (a Llama-3.2-1B's
+tied table is a fifth of its bytes), so with any encoding they are kept in 8 bits with a float32
+scale per vocabulary row (float8_e4m3fn for that encoding, int8 for the others): one scale serves
+both the row gather of the embedding and the head's matmul (per output channel). Norms, biases and
+routers stay in the model's dtype. Works on per-layer names ("layers.{i}.{kind}"); stacking for the
+layer loop comes after, scales included.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ from graphs.base import WeightSpec
 from maxlike.config import ConfigError
 
 SCALE, OFFSET = "_scale", "_offset"
+TABLES = ("embed", "lm_head")  # [V, D], kept per vocabulary row (module doc)
 
 
 @dataclass(frozen=True)
@@ -87,7 +92,10 @@ def plan(specs: dict[str, WeightSpec], lora_targets: dict, encoding: str | None)
     if enc is None:
         return None, {}, specs
     kinds = {kind: n_in for kind, n_in in lora_targets.values()}
-    return enc, kinds, quantized_specs(specs, linear_inputs(specs, kinds), enc)
+    specs = quantized_specs(specs, linear_inputs(specs, kinds), enc)
+    specs.update({name + SCALE: WeightSpec(specs[name].shape[:1], specs[name].axes[:1])
+                  for name in TABLES if name in specs})
+    return enc, kinds, specs
 
 
 def linear_inputs(specs: dict[str, WeightSpec], kinds: dict[str, int]) -> dict[str, int]:
@@ -122,6 +130,10 @@ def dtype_of(name: str, kinds, dtype, enc: Encoding | None = None):
     offsets, else `dtype`."""
     kind = name.rsplit(".", 1)[-1]
     if kinds and enc is not None:
+        if name in TABLES:
+            return np.dtype(_per_row(enc).values)
+        if name.endswith(SCALE) and name[: -len(SCALE)] in TABLES:
+            return np.dtype(np.float32)
         for suffix in enc.parts:
             if kind.endswith(suffix) and kind[: -len(suffix)] in kinds:
                 return np.dtype(enc.scale_dtype)
@@ -168,6 +180,17 @@ def quantize(w: np.ndarray, n_in: int, enc: Encoding) -> dict[str, np.ndarray]:
     return {"": np.clip(q, lowest, highest).astype(np.int8).reshape(w.shape), **parts}
 
 
+def _per_row(enc: Encoding) -> Encoding:
+    """The per-channel encoding the tables are kept in under `enc`."""
+    return ENCODINGS["float8_e4m3fn" if enc.name == "float8_e4m3fn" else "int8"]
+
+
+def quantize_table(table: np.ndarray, enc: Encoding) -> tuple[np.ndarray, np.ndarray]:
+    """(values [V, D], scale [V]) of an embedding table or LM head: its rows are the output channels."""
+    parts = quantize(np.asarray(table).T, 1, _per_row(enc))
+    return np.ascontiguousarray(parts[""].T), parts[SCALE]
+
+
 def pack4(values: np.ndarray, n_in: int, group: int) -> np.ndarray:
     """4-bit values (int8 -8..7) [*in, *out] -> uint8 [prod(in) / 2, *out], two to a byte (module doc)."""
     g = (_grouped(values, n_in, group) + 8).astype(np.uint8)
@@ -185,6 +208,9 @@ def quantize_host(host: dict[str, np.ndarray], inputs: dict[str, int], enc: Enco
             out[name] = pack4(out[name], n_in, enc.group)
         else:
             out[name] = np.asarray(out[name]).astype(enc.values)
+    for name in TABLES:
+        if name in host and name + SCALE not in host:
+            out[name], out[name + SCALE] = quantize_table(host[name], enc)
     return out
 
 
