@@ -197,18 +197,29 @@ def adapter_mask(w: dict, adapters) -> jax.Array | None:
 
 def embed(w: dict, tokens: jax.Array) -> jax.Array:
     """tokens [B, T] -> their rows of the embedding table w["embed"], [B, T, D] in the model's dtype
-    (the norms'). A table kept in 8 bits (maxlike.weights.quantize) is scaled row by row."""
+    (the norms'). A quantized table (int8 values and a scale per 32 of a row's values,
+    maxlike.weights.quantize) is scaled group by group."""
     rows, scale = w["embed"][tokens], w.get("embed_scale")
     if scale is None:
         return rows
-    return (rows.astype(jnp.float32) * scale[tokens][..., None]).astype(w["final_norm"].dtype)
+    return _dequantize_rows(rows, scale[tokens], w["final_norm"].dtype)
 
 
 def unembed(w: dict, hidden: jax.Array, tied: bool) -> jax.Array:
-    """hidden [..., D] -> logits [..., V] through the LM head (the embedding table when `tied`): a
-    projection whose output channels are the vocabulary, so an 8-bit table's row scales apply after
-    the product."""
-    return projection(None)("...d,vd->...v", hidden, w, "embed" if tied else "lm_head")
+    """hidden [..., D] -> logits [..., V] through the LM head (the embedding table when `tied`); a
+    quantized table is rebuilt in hidden's dtype inside the matmul."""
+    name = "embed" if tied else "lm_head"
+    table, scale = w[name], w.get(name + "_scale")
+    if scale is not None:
+        table = _dequantize_rows(table, scale, hidden.dtype)
+    return jnp.einsum("...d,vd->...v", hidden, table)
+
+
+def _dequantize_rows(values: jax.Array, scale: jax.Array, dtype) -> jax.Array:
+    """values [..., D] and scale [..., D / g] (one per g consecutive values) -> [..., D] in `dtype`."""
+    g = values.shape[-1] // scale.shape[-1]
+    grouped = values.reshape(*scale.shape, g).astype(jnp.float32) * scale.astype(jnp.float32)[..., None]
+    return grouped.reshape(values.shape).astype(dtype)
 
 
 def projection(mask):

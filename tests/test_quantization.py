@@ -39,15 +39,14 @@ def _stored_weight(params: dict, name: str, n_in: int, shape: tuple, encoding: s
 
 def _stored_table(params: dict, name: str, source: np.ndarray, encoding: str) -> np.ndarray:
     """The embedding table or LM head [V, D] the stored values stand for, checked against the
-    source: 8 bits per value (float8_e4m3fn under that encoding, int8 under the others) and one
-    float32 scale per vocabulary row, the row's largest magnitude over 127 (448 for fp8)."""
+    source: under every encoding, int8 values and a float16 scale per 32 of a row's values, the
+    group's largest magnitude over 127 (llama.cpp's Q8_0 along the row)."""
     values, scale = np.asarray(params[name]), np.asarray(params[name + "_scale"])
-    fp8 = encoding == "float8_e4m3fn"
-    assert values.dtype == ("float8_e4m3fn" if fp8 else np.int8) and scale.dtype == np.float32
-    amax = np.abs(source).max(axis=1)  # a row of zeros (HF's padding token) stores scale 1
-    np.testing.assert_allclose(scale, np.where(amax == 0, 1, amax / (448 if fp8 else 127)), rtol=1e-6)
-    got = values.astype(np.float32) * scale[:, None]
-    bound = np.abs(source) / 16 + scale[:, None] * 2.0**-9 if fp8 else scale[:, None] / 2
+    assert values.dtype == np.int8 and scale.dtype == np.float16 and scale.shape == (len(source), source.shape[1] // 32)
+    amax = np.abs(source.reshape(len(source), -1, 32)).max(axis=2)  # a group of zeros (HF's padding row): scale 1
+    np.testing.assert_allclose(scale.astype(np.float32), np.where(amax == 0, 1, amax / 127), rtol=1e-3)
+    got = (values.reshape(amax.shape + (32,)) * scale.astype(np.float32)[..., None]).reshape(source.shape)
+    bound = np.repeat(scale.astype(np.float32), 32, axis=1) / 2 * 1.002  # float16 scales
     assert np.all(np.abs(got - source) <= bound + 1e-7), name
     return got
 
@@ -245,14 +244,14 @@ def test_a_gguf_keeps_its_blocks_by_default_on_accelerators_only(tmp_path):
     assert resolve_encoding(PipelineConfig(model_path=path, quantization_encoding="int8").model, "gpu") == "int8"
     hf.save_pretrained(tmp_path / "st")
     assert resolve_encoding(PipelineConfig(model_path=str(tmp_path / "st")).model, "gpu") is None
-    # sized for the TPU it compiles for: 1 byte per projection weight and a float16 scale per 32, and 1 byte
-    # per table weight (embedding, LM head) and a float32 scale per row, against 4 bytes on CPU
+    # sized for the TPU it compiles for: 1 byte per projection and table (embedding, LM head) weight and a
+    # float16 scale per 32 of them, against 4 bytes on CPU
     on_cpu = DecoderPipelineModel.estimate_weights_size(PipelineConfig(model_path=path, dtype="float32"))
     on_tpu = DecoderPipelineModel.estimate_weights_size(PipelineConfig(
         model_path=path, dtype="float32", compile_only=True, compile_target="tpu:v5e:2x2"))
     projections = sum(p.numel() for n, p in hf.named_parameters() if n.endswith("proj.weight"))
-    tables, rows = 2 * 320 * 64, 2 * 320
-    assert on_cpu - on_tpu == 4 * projections - (projections + 2 * projections // 32) + 4 * tables - (tables + 4 * rows)
+    quantized = projections + 2 * 320 * 64  # and the embedding table and LM head
+    assert on_cpu - on_tpu == 4 * quantized - (quantized + 2 * quantized // 32)
 
 
 @pytest.mark.slow  # about 5 minutes (six SmolLM2 pipelines, echo over every prompt): `make test-slow`
