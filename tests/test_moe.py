@@ -55,21 +55,25 @@ def test_router_weights_follow_each_models_rule():
         np.testing.assert_allclose(np.asarray(weights), want, rtol=1e-5)
 
 
-def test_expert_parallel_equals_one_device(moe_models):
-    """Experts split 4 ways, experts x tensor 2x2 (layers as one loop), and 2 replicas of expert 2,
-    on fake CPU devices: one device's tokens and logits, with no expert weight gathered."""
+# The fast suite splits experts x tensor 2x2 (layers as one loop); `make test-slow` adds experts split 4
+# ways and 2 replicas of expert 2 (the fast suite's time: each mesh compiles the whole step again).
+@pytest.mark.parametrize("meshes", [[[1, 2, 1, 0, None, 2]], pytest.param(
+    [[1, 1, 0, 0, None, 4], [2, 1, 0, 0, None, 2]], marks=pytest.mark.slow)], ids=["expert-tensor", "expert-data"])
+def test_expert_parallel_equals_one_device(moe_models, meshes):
+    """Experts split over devices, alone or with tensor or data parallelism, on fake CPU devices:
+    one device's tokens and logits, with no expert weight gathered."""
     from test_multidevice import _run_meshes
 
-    report = _run_meshes(moe_models["mixtral"][0], [[1, 1], [1, 1, 0, 0, None, 4], [1, 2, 1, 0, None, 2],
-                                                    [2, 1, 0, 0, None, 2]])
+    report = _run_meshes(moe_models["mixtral"][0], [[1, 1], *meshes])
     one = report.pop("1x1")
-    assert set(report) == {"1x1-expert4", "1x2-expert2-scan", "2x1-expert2"}
+    assert len(report) == len(meshes)
     for label, r in report.items():
         assert r["tokens"] == one["tokens"], label
         assert np.abs(np.asarray(r["logits"]) - np.asarray(one["logits"])).max() < 1e-5, label
         assert r["gathered_weights"] == [], f"{label}: the step all-gathers whole weights {r['gathered_weights']}"
         assert r["all_reduce"] > 0, label
-    assert report["1x2-expert2-scan"]["mesh"] == {"data": 1, "expert": 2, "tensor": 2}
+    if "1x2-expert2-scan" in report:
+        assert report["1x2-expert2-scan"]["mesh"] == {"data": 1, "expert": 2, "tensor": 2}
 
 
 @pytest.mark.parametrize("name", ["mixtral", pytest.param("qwen3_moe", marks=pytest.mark.slow)])  # slow: test-slow

@@ -84,9 +84,10 @@ def _run_meshes(path, meshes):
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
-# Llama covers 4-way tensor parallel (KV heads repeated, q/k/v and gate/up fused) in the fast suite;
-# Qwen2 (tied embeddings, qkv bias) adds 8-way, unfused, in `make test-slow`.
-@pytest.mark.parametrize("kind,meshes", [("llama", [[1, 1], [1, 2], [1, 4, 0, 1], [2, 2], [1, 2], [2, 2, 1]]),
+# Llama covers 4-way tensor parallel (KV heads repeated, q/k/v and gate/up fused) and data x tensor 2x2 with
+# the layers as one loop in the fast suite; Qwen2 (tied embeddings, qkv bias) adds 8-way and a plain 2x2,
+# unfused, in `make test-slow`.
+@pytest.mark.parametrize("kind,meshes", [("llama", [[1, 1], [1, 2], [1, 4, 0, 1], [1, 2], [2, 2, 1]]),
                                          pytest.param("qwen2", [[1, 1], [1, 2], [1, 8], [2, 2], [1, 2]],
                                                       marks=pytest.mark.slow)])  # about 20 s: `make test-slow`
 def test_tensor_and_data_parallel_equal_one_device(eight_head_models, kind, meshes):

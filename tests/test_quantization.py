@@ -254,6 +254,7 @@ def test_a_gguf_keeps_its_blocks_by_default_on_accelerators_only(tmp_path):
     assert on_cpu - on_tpu == 4 * quantized - (quantized + 2 * quantized // 32)
 
 
+@pytest.mark.xdist_group("hf_smollm2")
 @pytest.mark.slow  # about 5 minutes (six SmolLM2 pipelines, echo over every prompt): `make test-slow`
 def test_quantized_smollm2_keeps_the_tokens_and_the_perplexity(smollm2_path, hf_smollm2):
     """int8's greedy tokens equal HF's float ones for the chat prompts; over every prompt and HF's

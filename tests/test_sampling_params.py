@@ -171,6 +171,7 @@ def smollm2_logits(hf_smollm2):
         return model(torch.tensor([tok.encode("My favourite colour is")])).logits[0, -1].numpy()
 
 
+@pytest.mark.xdist_group("hf_smollm2")  # with the other tests of HF's SmolLM2 (loaded once per process)
 @pytest.mark.parametrize("kw", [dict(temperature=0.8, top_p=0.9), pytest.param(dict(top_k=20), marks=pytest.mark.slow),
                                 pytest.param(dict(min_p=0.1), marks=pytest.mark.slow)],
                          ids=["T0.8-top_p0.9", "top_k20", "min_p0.1"])  # two in `make test-slow`

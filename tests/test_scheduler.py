@@ -24,7 +24,7 @@ def test_many_requests_through_a_small_pool_equal_each_alone(tiny_llama, tiny_ll
     rng = np.random.default_rng(0)
     shared = random_prompt(40, seed=99).tolist()  # some prompts share a prefix: hits, then eviction
     prompts = [(shared if i % 3 == 0 else []) + random_prompt(int(rng.integers(1, 60)), seed=i).tolist()
-               for i in range(64)]
+               for i in range(40)]
     params = [SamplingParams(top_k=1, ignore_eos=True, max_new_tokens=int(rng.integers(1, 30))) for _ in prompts]
     llm = small_pool_llm(tiny_llama[0], pages=24, max_num_steps=4,  # room for ~3 of 8 rows at full length
                          enable_prefix_caching=caching, async_scheduling=True, enable_in_flight_batching=in_flight)

@@ -14,6 +14,7 @@ PROMPTS = [  # (text, chat-templated?)
     ("Once upon a time, in a land far away,", False),
 ]
 NEW_TOKENS = 32
+pytestmark = pytest.mark.xdist_group("hf_smollm2")  # `make test`'s processes load HF's SmolLM2 once between them
 
 
 @pytest.fixture(scope="module")
