@@ -21,7 +21,7 @@ import jax.numpy as jnp
 
 from graphs.base import Architecture, Source, UnsupportedConfigError, WeightSpec, require, run_layers
 from graphs.fused import gate_up, qkv
-from graphs.layers import adapter_mask, embed, paged_attention, projection, unembed, write_kv
+from graphs.layers import adapter_mask, paged_attention, projection, write_kv
 from graphs.llama import COMMON_FEATURES, LORA_TARGETS, kv_shape, layer_windows
 from graphs.rope import RopeSpec, apply_rope, hf_rope_parameters, rope_from_hf
 
@@ -206,15 +206,15 @@ def forward(cfg: GemmaConfig, w: dict, kv: list, tokens, positions, slots, page_
             x = x + rms_norm(m, lw["post_mlp_norm"], eps)
         return x, k_pages, v_pages
 
-    x = embed(w, tokens)
-    x = x * jnp.asarray(math.sqrt(cfg.hidden_size), x.dtype)  # [B, T, D]
+    x = w["embed"][tokens] * jnp.asarray(math.sqrt(cfg.hidden_size), w["embed"].dtype)  # [B, T, D]
     x, kv = run_layers(layer, x, w, kv, cfg.num_layers, scan=scan,
                        per_layer={"window": cfg.layer_windows} if cfg.sliding_window else None)
     return rms_norm(x, w["final_norm"], eps), kv
 
 
 def lm_head(cfg: GemmaConfig, w: dict, hidden: jax.Array) -> jax.Array:
-    logits = unembed(w, hidden, cfg.tie_word_embeddings)
+    table = w["embed"] if cfg.tie_word_embeddings else w["lm_head"]
+    logits = jnp.einsum("...d,vd->...v", hidden, table)
     if cfg.final_softcap:
         c = cfg.final_softcap
         logits = (jnp.tanh(logits.astype(jnp.float32) / c) * c).astype(logits.dtype)

@@ -192,34 +192,7 @@ def adapter_mask(w: dict, adapters) -> jax.Array | None:
     if adapters is None:
         return None
     slots, rank = w[next(n for n in w if n.endswith("_lora_a"))].shape[-2:]
-    return lora_mask(adapters, slots, rank, w["final_norm"].dtype)
-
-
-def embed(w: dict, tokens: jax.Array) -> jax.Array:
-    """tokens [B, T] -> their rows of the embedding table w["embed"], [B, T, D] in the model's dtype
-    (the norms'). A quantized table (int8 values and a scale per 32 of a row's values,
-    maxlike.weights.quantize) is scaled group by group."""
-    rows, scale = w["embed"][tokens], w.get("embed_scale")
-    if scale is None:
-        return rows
-    return _dequantize_rows(rows, scale[tokens], w["final_norm"].dtype)
-
-
-def unembed(w: dict, hidden: jax.Array, tied: bool) -> jax.Array:
-    """hidden [..., D] -> logits [..., V] through the LM head (the embedding table when `tied`); a
-    quantized table is rebuilt in hidden's dtype inside the matmul."""
-    name = "embed" if tied else "lm_head"
-    table, scale = w[name], w.get(name + "_scale")
-    if scale is not None:
-        table = _dequantize_rows(table, scale, hidden.dtype)
-    return jnp.einsum("...d,vd->...v", hidden, table)
-
-
-def _dequantize_rows(values: jax.Array, scale: jax.Array, dtype) -> jax.Array:
-    """values [..., D] and scale [..., D / g] (one per g consecutive values) -> [..., D] in `dtype`."""
-    g = values.shape[-1] // scale.shape[-1]
-    grouped = values.reshape(*scale.shape, g).astype(jnp.float32) * scale.astype(jnp.float32)[..., None]
-    return grouped.reshape(values.shape).astype(dtype)
+    return lora_mask(adapters, slots, rank, w["embed"].dtype)
 
 
 def projection(mask):

@@ -12,10 +12,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 
 from graphs.base import Architecture, UnsupportedConfigError, WeightSpec, require, run_layers
 from graphs.fused import gate_up, qkv
-from graphs.layers import adapter_mask, embed, paged_attention, projection, rms_norm, unembed, write_kv
+from graphs.layers import adapter_mask, paged_attention, projection, rms_norm, write_kv
 from graphs.llama_checkpoint import checkpoint_names
 from graphs.moe import ExpertRun, MoESpec, expert_specs, moe_from_hf, moe_mlp
 from graphs.rope import RopeSpec, apply_rope, hf_rope_parameters, rope_from_hf
@@ -174,14 +175,15 @@ def forward(cfg: LlamaConfig, w: dict, kv: list, tokens, positions, slots, page_
                 x = x + proj("btf,fd->btd", jax.nn.silu(g) * u, lw, "down")
         return x, k_pages, v_pages
 
-    x = embed(w, tokens)  # [B, T, D]
+    x = w["embed"][tokens]  # [B, T, D]
     x, kv = run_layers(layer, x, w, kv, cfg.num_layers, scan=scan,
                        per_layer={"window": cfg.layer_windows} if cfg.sliding_window else None)
     return rms_norm(x, w["final_norm"], cfg.rms_norm_eps), kv
 
 
 def lm_head(cfg: LlamaConfig, w: dict, hidden: jax.Array) -> jax.Array:
-    return unembed(w, hidden, cfg.tie_word_embeddings)
+    table = w["embed"] if cfg.tie_word_embeddings else w["lm_head"]
+    return jnp.einsum("...d,vd->...v", hidden, table)
 
 
 # LoRA: PEFT's module name -> (our weight kind, how many leading axes of it are the input).

@@ -6,7 +6,6 @@ model (HF's greedy tokens, and the float run's log-probabilities of the same tex
 
 from __future__ import annotations
 
-import jax
 import numpy as np
 import pytest
 
@@ -37,20 +36,6 @@ def _stored_weight(params: dict, name: str, n_in: int, shape: tuple, encoding: s
     return g.reshape(shape), bound.reshape(shape)
 
 
-def _stored_table(params: dict, name: str, source: np.ndarray, encoding: str) -> np.ndarray:
-    """The embedding table or LM head [V, D] the stored values stand for, checked against the
-    source: under every encoding, int8 values and a float16 scale per 32 of a row's values, the
-    group's largest magnitude over 127 (llama.cpp's Q8_0 along the row)."""
-    values, scale = np.asarray(params[name]), np.asarray(params[name + "_scale"])
-    assert values.dtype == np.int8 and scale.dtype == np.float16 and scale.shape == (len(source), source.shape[1] // 32)
-    amax = np.abs(source.reshape(len(source), -1, 32)).max(axis=2)  # a group of zeros (HF's padding row): scale 1
-    np.testing.assert_allclose(scale.astype(np.float32), np.where(amax == 0, 1, amax / 127), rtol=1e-3)
-    got = (values.reshape(amax.shape + (32,)) * scale.astype(np.float32)[..., None]).reshape(source.shape)
-    bound = np.repeat(scale.astype(np.float32), 32, axis=1) / 2 * 1.002  # float16 scales
-    assert np.all(np.abs(got - source) <= bound + 1e-7), name
-    return got
-
-
 def _hf_with(hf, weights: dict[str, np.ndarray]):
     """A copy of HF's model with these HF-named [out, in] weights swapped in."""
     import copy
@@ -65,9 +50,14 @@ def _hf_with(hf, weights: dict[str, np.ndarray]):
     return clone
 
 
-def _dequantized_state(model, hf, encoding: str) -> dict[str, np.ndarray]:
-    """HF-named weights the model's quantized ones stand for, each checked against HF's own within
-    the encoding's step (scales as each encoding defines them); float parameters stay float32."""
+@pytest.mark.parametrize("encoding", list(ENCODINGS))
+def test_quantized_weights_are_the_checkpoint_within_a_step_and_compute_like_hf(tiny_models, encoding):
+    """Each projection's stored values stand for HF's weight within the encoding's step (scales as
+    each encoding defines them), and the model's logits equal HF's run with those same weights."""
+    import torch
+
+    path, hf = tiny_models["llama"]
+    model = build_model(path, quantization_encoding=encoding, return_logits="all", fuse_projections=False)
     names = model.arch.checkpoint_names(model.config)
     state = {k: v.numpy() for k, v in hf.state_dict().items()}
     inputs = {kind: n_in for kind, n_in in model.arch.lora_targets.values()}
@@ -75,10 +65,6 @@ def _dequantized_state(model, hf, encoding: str) -> dict[str, np.ndarray]:
     swapped = {}
     for name, arr in model.params.items():
         kind = name.rsplit(".", 1)[-1]
-        if name in ("embed", "lm_head"):  # the tables, 8 bits per value and a scale per row
-            hf_name = names[name].hf_name
-            swapped[hf_name] = _stored_table(model.params, name, state[hf_name], encoding)
-            continue
         if kind not in inputs:
             assert arr.dtype == np.float32 or kind.endswith(("_scale", "_offset")), name
             continue
@@ -102,32 +88,13 @@ def _dequantized_state(model, hf, encoding: str) -> dict[str, np.ndarray]:
             bound = bound * (2 if encoding == "q4_0" else 1.002)
         assert np.all(np.abs(got - source) <= bound + 1e-7), name
         swapped[hf_name] = got.reshape(-1, int(np.prod(got.shape[n_in:]))).T  # back to HF's [out, in]
-    return swapped
-
-
-def _logits_against_hf(model, hf, swapped: dict) -> np.ndarray:
-    """The model's prefill logits for a random prompt, checked against HF's run with `swapped`."""
-    import torch
-
+    assert len(swapped) == 7 * hf.config.num_hidden_layers
     prompt = random_prompt(11, seed=1)
     ctx = held(model, TextContext("q", prompt, 32))
     logits = np.asarray(model.execute(model.prepare_initial_token_inputs([[ctx]])).logits)[0, -len(prompt):]
     with torch.no_grad():
         expected = _hf_with(hf, swapped)(torch.tensor(prompt[None], dtype=torch.long)).logits[0].numpy()
     np.testing.assert_allclose(logits, expected, atol=2e-4)
-    return logits
-
-
-@pytest.mark.parametrize("encoding", list(ENCODINGS))
-def test_quantized_weights_are_the_checkpoint_within_a_step_and_compute_like_hf(tiny_models, encoding):
-    """Each projection's stored values, and the embedding table's and LM head's, stand for HF's
-    weight within the encoding's step, and the model's logits equal HF's run with those same weights."""
-    path, hf = tiny_models["llama"]
-    model = build_model(path, quantization_encoding=encoding, return_logits="all", fuse_projections=False)
-    swapped = _dequantized_state(model, hf, encoding)
-    assert len(swapped) == 7 * hf.config.num_hidden_layers + 2  # and the embedding table and LM head
-    logits = _logits_against_hf(model, hf, swapped)
-    prompt = random_prompt(11, seed=1)
     if encoding in ("int8", "q4_k"):  # the layer loop, with q/k/v and gate/up fused (graphs.fused), holds the
         # same values stacked and fused, and computes the same logits
         scan = build_model(path, quantization_encoding=encoding, return_logits="all", scan_layers=True,
@@ -137,17 +104,6 @@ def test_quantized_weights_are_the_checkpoint_within_a_step_and_compute_like_hf(
         ctx = held(scan, TextContext("q", prompt, 32))
         got = np.asarray(scan.execute(scan.prepare_initial_token_inputs([[ctx]])).logits)[0, -len(prompt):]
         np.testing.assert_allclose(got, logits, atol=1e-5)
-
-
-def test_a_tied_table_is_kept_once_and_serves_the_embedding_and_the_head(tiny_models):
-    """A tied embedding table is stored once, in 8 bits with its row scales, and is both the
-    embedding and the LM head: the logits equal HF's tied model run with the table swapped in."""
-    path, hf = tiny_models["llama_tied"]
-    model = build_model(path, quantization_encoding="q4_k", return_logits="all", fuse_projections=False)
-    assert "lm_head" not in model.params and model.params["embed"].dtype == np.int8
-    swapped = _dequantized_state(model, hf, "q4_k")
-    assert "model.embed_tokens.weight" in swapped and len(swapped) == 7 * hf.config.num_hidden_layers + 1
-    _logits_against_hf(model, hf, swapped)
 
 
 def test_groups_that_do_not_divide_the_inputs_are_named(tmp_path):
@@ -207,9 +163,6 @@ def test_gguf_blocks_are_kept_and_equal_the_file_dequantized(tmp_path, monkeypat
             assert np.abs(got - ref).max() <= tol * np.abs(ref).max(), name
             checked += 1
     assert checked == 7 * 2
-    for table in ("embed", "lm_head"):  # read as floats, kept as int8 rows: the float run takes the same values
-        ref = plain.params[table]
-        plain.params[table] = jax.device_put(_stored_table(kept.params, table, np.asarray(ref), encoding), ref.sharding)
     prompt = random_prompt(11, seed=1)
     logits = []
     for m in (plain, kept):
@@ -244,14 +197,12 @@ def test_a_gguf_keeps_its_blocks_by_default_on_accelerators_only(tmp_path):
     assert resolve_encoding(PipelineConfig(model_path=path, quantization_encoding="int8").model, "gpu") == "int8"
     hf.save_pretrained(tmp_path / "st")
     assert resolve_encoding(PipelineConfig(model_path=str(tmp_path / "st")).model, "gpu") is None
-    # sized for the TPU it compiles for: 1 byte per projection and table (embedding, LM head) weight and a
-    # float16 scale per 32 of them, against 4 bytes on CPU
+    # sized for the TPU it compiles for: 1 byte per projection weight and a float16 scale per 32, against 4 on CPU
     on_cpu = DecoderPipelineModel.estimate_weights_size(PipelineConfig(model_path=path, dtype="float32"))
     on_tpu = DecoderPipelineModel.estimate_weights_size(PipelineConfig(
         model_path=path, dtype="float32", compile_only=True, compile_target="tpu:v5e:2x2"))
     projections = sum(p.numel() for n, p in hf.named_parameters() if n.endswith("proj.weight"))
-    quantized = projections + 2 * 320 * 64  # and the embedding table and LM head
-    assert on_cpu - on_tpu == 4 * quantized - (quantized + 2 * quantized // 32)
+    assert on_cpu - on_tpu == 4 * projections - (projections + 2 * projections // 32)
 
 
 @pytest.mark.xdist_group("hf_smollm2")

@@ -19,14 +19,11 @@ def test_counts_follow_the_model(tiny_models):
     params = sum(p.numel() for p in hf.parameters())  # untied: embed and lm_head both count
     assert rl.weight_bytes(model) == 4 * params  # fp32
     assert rl.matmul_flops_per_token(model) == 2 * (params - c.vocab_size * c.hidden_size)  # the embedding is a gather
-    # q4_k: the same matmuls; 4 bits per projection weight plus a float16 scale and offset per 32 of them,
-    # and the embedding table and LM head in 8 bits with a float16 scale per 32 of them
+    # q4_k: the same matmuls; 4 bits per projection weight plus a float16 scale and offset per 32 of them
     q4 = build_model(path, quantization_encoding="q4_k")
     projections = sum(p.numel() for n, p in hf.named_parameters() if n.endswith("proj.weight"))
-    tables = 2 * c.vocab_size * c.hidden_size
     assert rl.matmul_flops_per_token(q4) == rl.matmul_flops_per_token(model)
-    assert rl.weight_bytes(q4) == (4 * (params - projections - tables) + projections // 2 + 2 * 2 * projections // 32
-                                   + tables + 2 * tables // 32)
+    assert rl.weight_bytes(q4) == 4 * (params - projections) + projections // 2 + 2 * 2 * projections // 32
     head_dim = c.hidden_size // c.num_attention_heads
     assert rl.kv_bytes(model, 3, 50) == 2 * c.num_hidden_layers * 3 * 50 * c.num_key_value_heads * head_dim * 4
     assert rl.attention_flops(model, 10, 20) == 4 * c.num_hidden_layers * 10 * 20 * c.num_attention_heads * head_dim

@@ -19,14 +19,8 @@ Quantize-on-load (from float weights) rounds to nearest. GGUF tensors whose bloc
 encoding exactly (Q8_0 for q8_0; Q4_0 for q4_0; Q4_0, Q4_1 and Q4_K for q4_k) are kept as they
 are (`maxlike.weights.gguf_blocks`); any other tensor is dequantized and quantized again. Without
 an encoding, a GGUF keeps its blocks on GPU and TPU (`maxlike.weights.loader.resolve_encoding`).
-The embedding table and the LM head [V, D] (`TABLES`) are read by every step too (a Llama-3.2-1B's
-tied table is a fifth of its bytes), so with any encoding they are kept as q8_0 along D: int8
-values [V, D] and a float16 scale per 32 of each row's values, [V, D / 32] (llama.cpp's Q8_0, so a
-GGUF's Q8_0 table comes back exactly). The same scales serve the embedding's row lookup and the
-head's matmul. One scale per whole row was tried first: on SmolLM2 it moved logits by up to 0.47
-and flipped a greedy token; per 32 values, 0. A table whose D is not a multiple of 32 stays in the
-model's dtype, as do norms, biases and MoE routers. Works on per-layer names ("layers.{i}.{kind}"); stacking for the
-layer loop comes after, scales included.
+Embeddings, norms and the LM head stay in the model's dtype. Works on per-layer names
+("layers.{i}.{kind}"); stacking for the layer loop comes after, scales included.
 """
 
 from __future__ import annotations
@@ -42,7 +36,6 @@ from graphs.base import WeightSpec
 from maxlike.config import ConfigError
 
 SCALE, OFFSET = "_scale", "_offset"
-TABLES = ("embed", "lm_head")  # [V, D], kept as q8_0 along D (module doc)
 
 
 @dataclass(frozen=True)
@@ -69,7 +62,6 @@ ENCODINGS = {e.name: e for e in (
     Encoding("q4_k", np.uint8, bits=4, group=32, offset=True, scale_dtype=np.float16,
              kept_gguf=("Q4_0", "Q4_1", "Q4_K")),
 )}
-TABLE = ENCODINGS["q8_0"]  # the embedding table's and LM head's encoding under any quantization_encoding
 FP8_MAX = float(ml_dtypes.finfo(ml_dtypes.float8_e4m3fn).max)  # 448
 
 
@@ -95,16 +87,7 @@ def plan(specs: dict[str, WeightSpec], lora_targets: dict, encoding: str | None)
     if enc is None:
         return None, {}, specs
     kinds = {kind: n_in for kind, n_in in lora_targets.values()}
-    specs = quantized_specs(specs, linear_inputs(specs, kinds), enc)
-    for name in tables(specs):
-        (v, d), axes = specs[name].shape, specs[name].axes
-        specs[name + SCALE] = WeightSpec((v, d // TABLE.group), axes)
-    return enc, kinds, specs
-
-
-def tables(specs) -> list[str]:
-    """The embedding table and LM head among `specs` (or host arrays) that are kept quantized."""
-    return [name for name in TABLES if name in specs and specs[name].shape[1] % TABLE.group == 0]
+    return enc, kinds, quantized_specs(specs, linear_inputs(specs, kinds), enc)
 
 
 def linear_inputs(specs: dict[str, WeightSpec], kinds: dict[str, int]) -> dict[str, int]:
@@ -139,10 +122,6 @@ def dtype_of(name: str, kinds, dtype, enc: Encoding | None = None):
     offsets, else `dtype`."""
     kind = name.rsplit(".", 1)[-1]
     if kinds and enc is not None:
-        if name in TABLES:
-            return np.dtype(TABLE.values)
-        if name.endswith(SCALE) and name[: -len(SCALE)] in TABLES:
-            return np.dtype(TABLE.scale_dtype)
         for suffix in enc.parts:
             if kind.endswith(suffix) and kind[: -len(suffix)] in kinds:
                 return np.dtype(enc.scale_dtype)
@@ -189,12 +168,6 @@ def quantize(w: np.ndarray, n_in: int, enc: Encoding) -> dict[str, np.ndarray]:
     return {"": np.clip(q, lowest, highest).astype(np.int8).reshape(w.shape), **parts}
 
 
-def quantize_table(table: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(values [V, D] int8, scale [V, D / 32] float16) of an embedding table or LM head: q8_0 along D."""
-    parts = quantize(np.asarray(table).T, 1, TABLE)  # [D, V]: D is the input axis the groups run along
-    return np.ascontiguousarray(parts[""].T), np.ascontiguousarray(parts[SCALE].T)
-
-
 def pack4(values: np.ndarray, n_in: int, group: int) -> np.ndarray:
     """4-bit values (int8 -8..7) [*in, *out] -> uint8 [prod(in) / 2, *out], two to a byte (module doc)."""
     g = (_grouped(values, n_in, group) + 8).astype(np.uint8)
@@ -212,9 +185,6 @@ def quantize_host(host: dict[str, np.ndarray], inputs: dict[str, int], enc: Enco
             out[name] = pack4(out[name], n_in, enc.group)
         else:
             out[name] = np.asarray(out[name]).astype(enc.values)
-    for name in tables(host):
-        if name + SCALE not in host:
-            out[name], out[name + SCALE] = quantize_table(host[name])
     return out
 
 
