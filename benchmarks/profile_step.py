@@ -6,7 +6,7 @@ not spent moving weights (a probe for the note and the README, not a test).
 
 Default model: the embedded SmolLM2 GGUF (on a GPU, `--shape llama-1b` builds a random
 Llama-3.2-1B-shaped bf16 checkpoint instead, as bench_gpu_decode.py does). For each batch, greedy
-generation of 1 and of `--new-tokens` tokens is traced (after an untraced run of each, so no
+generation of 1 and of `--new-tokens` tokens is traced (after untraced runs of each, so no
 compile is in the trace), and a decode step is their difference over the extra tokens, as
 `maxlike.entrypoints.bench.measure` counts time. From the traces (`jax.profiler.ProfileData`):
 
@@ -18,9 +18,9 @@ An event that holds others on its line (a loop, a conditional) is not counted; i
 
 Printed per decode step (an average: a decode step's attention reads a power-of-two number of
 pages, so its kernels change as the context grows): kernels, the time inside them (summed; they
-may overlap on CPU), the wall time without the profiler, the step's bytes (weights and the KV it attends to, maxlike.entrypoints.roofline) over
-the copy bandwidth measured at start, i.e. the step's floor, and what is left above that floor;
-then the kernels that took the most time.
+may overlap on CPU), the wall time without the profiler, the step's bytes (weights and the KV it
+attends to, maxlike.entrypoints.roofline) over the copy bandwidth measured at start, i.e. the
+step's floor, and what is left above that floor; then the kernels that took the most time.
 """
 
 from __future__ import annotations
@@ -118,7 +118,8 @@ def main() -> None:
         one, wall_one = traced(generate, prompts, 1, trace_dir)
         many, wall_many = traced(generate, prompts, args.new_tokens, trace_dir)
         steps = args.new_tokens - 1
-        step_bytes = rl.weight_bytes(model, batch) + rl.kv_bytes(model, batch, args.prompt_tokens + args.new_tokens // 2)
+        context = args.prompt_tokens + args.new_tokens // 2  # a row's mean context over the decode steps
+        step_bytes = rl.weight_bytes(model, batch) + rl.kv_bytes(model, batch, context)
         floor_ms = step_bytes / (peaks.bandwidth_gb_s * 1e9) * 1e3
         per_name = collections.defaultdict(lambda: [0, 0.0])
         for name, us in many:
