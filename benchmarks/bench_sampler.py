@@ -1,6 +1,6 @@
 """The on-device sampler alone: microseconds per call at batch 8 over SmolLM2's vocabulary.
 
-    .venv/bin/python benchmarks/bench_sampler.py [--batch 8] [--calls 100]
+    .venv/bin/python benchmarks/bench_sampler.py [--batch 8] [--calls 100] [--compare REV]
 
 Two sets of logits: SmolLM2's own at the last 8 positions of a chat exchange (real,
 peaked distributions), and random normal ones (std 3: flat, the nucleus of top-p
@@ -66,16 +66,24 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--calls", type=int, default=100)
-    ap.add_argument("--compare", help="another sampler module file (e.g. `git show <rev>:maxlike/pipelines/"
-                    "sampling.py > /tmp/old.py`) timed in the same run on the same inputs")
+    ap.add_argument("--compare", metavar="REV", help="a git revision whose maxlike/pipelines/sampling.py is timed "
+                    "in the same run on the same inputs")
     args = ap.parse_args()
     samplers = {"": sampling.sample}
     if args.compare:
         import importlib.util
+        import os
+        import subprocess
+        import tempfile
 
-        spec = importlib.util.spec_from_file_location("compared_sampling", args.compare)
+        source = subprocess.run(["git", "show", f"{args.compare}:maxlike/pipelines/sampling.py"], check=True,
+                                capture_output=True, text=True, cwd=os.path.dirname(os.path.abspath(__file__))).stdout
+        with tempfile.NamedTemporaryFile("w", suffix=".py", delete=False) as f:
+            f.write(source)
+        spec = importlib.util.spec_from_file_location("compared_sampling", f.name)
         other = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(other)
+        os.unlink(f.name)
         samplers[" [compared]"] = other.sample
     b = args.batch
     sets = {"SmolLM2 logits": smollm2_logits(b)}
