@@ -36,7 +36,6 @@ from jax.sharding import PartitionSpec as P
 from graphs.base import Source, UnsupportedConfigError, WeightSpec
 
 EXPERT_KINDS = ("experts_gate", "experts_up", "experts_down")
-KERNELS = ("grouped", "dense", "gather", "loop")
 
 
 @dataclass(frozen=True)
@@ -145,14 +144,12 @@ def _gather(x, weights, experts, gate, up, down, first):
     per token, so it pays while tokens x k is small against the experts."""
     m, k = experts.shape
     count = gate.shape[0]
-    local = experts.reshape(-1) - first
-    here = (local >= 0) & (local < count)
+    local, here = _local_copies(experts, first, count)
     e = jnp.clip(local, 0, count - 1)
     xs = jnp.repeat(x, k, axis=0)  # [M * k, D]
     h = jax.nn.silu(jnp.einsum("nd,ndf->nf", xs, gate[e])) * jnp.einsum("nd,ndf->nf", xs, up[e])
     y = jnp.einsum("nf,nfd->nd", h, down[e]).reshape(m, k, -1)
-    w = jnp.where(here, weights.reshape(-1), 0.0).reshape(m, k)
-    return jnp.einsum("mkd,mk->md", y, w.astype(y.dtype))
+    return _weighted_sum(y, weights, here)
 
 
 def _grouped(x, weights, experts, gate, up, down, first):
@@ -162,8 +159,7 @@ def _grouped(x, weights, experts, gate, up, down, first):
     out of the sum)."""
     m, k = experts.shape
     count = gate.shape[0]
-    local = experts.reshape(-1) - first
-    here = (local >= 0) & (local < count)
+    local, here = _local_copies(experts, first, count)
     key = jnp.where(here, local, count)
     order = jnp.argsort(key, stable=True)  # [M * k] copies by expert
     sizes = jnp.bincount(key, length=count + 1)[:count].astype(jnp.int32)
@@ -171,8 +167,24 @@ def _grouped(x, weights, experts, gate, up, down, first):
     h = jax.nn.silu(jax.lax.ragged_dot(xs, gate, sizes)) * jax.lax.ragged_dot(xs, up, sizes)
     y = jax.lax.ragged_dot(h, down, sizes)  # [M * k, D]
     y = y[jnp.argsort(order)].reshape(m, k, -1)  # back in (token, choice) order
-    w = jnp.where(here, weights.reshape(-1), 0.0).reshape(m, k)
+    return _weighted_sum(y, weights, here)
+
+
+def _local_copies(experts, first: int, count: int):
+    """([M * k] each token copy's expert among the `count` local ones from global id `first`,
+    [M * k] whether that expert is local)."""
+    local = experts.reshape(-1) - first
+    return local, (local >= 0) & (local < count)
+
+
+def _weighted_sum(y, weights, here):
+    """y [M, k, D], each token's k copies, summed with their routing weights; copies whose expert
+    is not local weigh 0."""
+    w = jnp.where(here, weights.reshape(-1), 0.0).reshape(weights.shape)
     return jnp.einsum("mkd,mk->md", y, w.astype(y.dtype))
+
+
+KERNELS = {"grouped": _grouped, "dense": _dense, "gather": _gather, "loop": _loop}  # `kernel` name -> function
 
 
 @dataclass(frozen=True)
@@ -188,8 +200,8 @@ def moe_mlp(x: jax.Array, lw: dict, moe: MoESpec, run: ExpertRun | None = None) 
     """The MoE MLP of a normed input x [rows, T, D] (rows split over the mesh's `data` axis)."""
     run = run or ExpertRun()
     if run.kernel not in KERNELS:
-        raise ValueError(f"unknown MoE kernel {run.kernel!r}: use one of {KERNELS}.")
-    compute = {"grouped": _grouped, "dense": _dense, "gather": _gather, "loop": _loop}[run.kernel]
+        raise ValueError(f"unknown MoE kernel {run.kernel!r}: use one of {tuple(KERNELS)}.")
+    compute = KERNELS[run.kernel]
 
     def body(x, router, gate, up, down):
         flat = x.reshape(-1, x.shape[-1])

@@ -72,8 +72,8 @@ def test_expert_parallel_equals_one_device(moe_models, meshes):
         assert np.abs(np.asarray(r["logits"]) - np.asarray(one["logits"])).max() < 1e-5, label
         assert r["gathered_weights"] == [], f"{label}: the step all-gathers whole weights {r['gathered_weights']}"
         assert r["all_reduce"] > 0, label
-    if "1x2-expert2-scan" in report:
-        assert report["1x2-expert2-scan"]["mesh"] == {"data": 1, "expert": 2, "tensor": 2}
+        data, tensor = (int(n) for n in label.split("-")[0].split("x"))  # e.g. "1x2-expert2-scan"
+        assert r["mesh"] == {"data": data, "expert": int(label.split("expert")[1].split("-")[0]), "tensor": tensor}
 
 
 @pytest.mark.parametrize("name", ["mixtral", pytest.param("qwen3_moe", marks=pytest.mark.slow)])  # slow: test-slow
