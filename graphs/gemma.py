@@ -181,7 +181,7 @@ def _rotate(x: jax.Array, positions: jax.Array, cfg: GemmaConfig, window) -> jax
 
 
 def forward(cfg: GemmaConfig, w: dict, kv: list, tokens, positions, slots, page_table, *, backend: str = "cpu",
-            scan: bool = False, adapters=None, attention: str = "xla"):
+            scan: bool = False, adapters=None, attention="xla"):
     """As graphs.llama.forward (same arguments and results)."""
     proj = projection(adapter_mask(w, adapters))
     eps = cfg.rms_norm_eps

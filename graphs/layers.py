@@ -9,9 +9,11 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from functools import partial
+from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 
 def rms_norm(x: jax.Array, w: jax.Array, eps: float) -> jax.Array:
@@ -106,10 +108,58 @@ class GroupedPageTable:
         return jnp.concatenate([p.reshape(replicas, -1, *p.shape[2:]) for p in parts], axis=1)
 
 
+@dataclass(frozen=True)
+class AttentionRun:
+    """How decode attention runs: `kernel` ("xla" or "pallas") and the mesh a Pallas kernel
+    runs under, one shard of rows and heads per device (None: one device)."""
+
+    kernel: str = "xla"
+    mesh: Any = None
+
+
+def decode_kernel(backend: str):
+    """(module, interpret) of the backend's Pallas decode-attention kernel: the Mosaic one on
+    TPU (graphs.pallas_tpu_attention), else the Triton one (graphs.pallas_attention), run in
+    interpret mode off the GPU."""
+    if backend == "tpu":
+        from graphs import pallas_tpu_attention as module
+    else:
+        from graphs import pallas_attention as module
+    return module, backend not in ("gpu", "tpu")
+
+
+def _pallas_decode(mesh, backend, q, k_pages, v_pages, page_table, q_pos, layer, window, scale, softcap):
+    """The decode step's attention through the backend's Pallas kernel, or None where that kernel
+    does not take these shapes. Under a mesh of several devices the kernel runs per shard
+    (`shard_map`: rows and the pool's replicas over `data`, heads over `tensor`), each device
+    over its own part of the pool: a custom call left to the partitioner would gather it whole."""
+    module, interpret = decode_kernel(backend)
+    mesh = mesh if mesh is not None and mesh.size > 1 else None
+    data, tensor = (mesh.shape["data"], mesh.shape["tensor"]) if mesh is not None else (1, 1)
+    b, t, h, d = q.shape
+    r, l, n, s, kv, _ = k_pages.shape
+    local_q = jax.ShapeDtypeStruct((b // data, t, h // tensor, d), q.dtype)
+    local_pool = jax.ShapeDtypeStruct((r // data, l, n, s, kv // tensor, d), k_pages.dtype)
+    if not module.supported(local_q, local_pool):
+        return None
+    window = jnp.asarray(0 if window is None else window, jnp.int32)
+
+    def attend(q, k_pages, v_pages, page_table, q_pos, layer, window):
+        return module.paged_decode_attention(q, k_pages, v_pages, page_table, q_pos, layer, window=window,
+                                             scale=scale, softcap=softcap, interpret=interpret)
+
+    args = (q, k_pages, v_pages, page_table, q_pos, jnp.asarray(layer, jnp.int32), window)
+    if mesh is None:
+        return attend(*args)
+    rows, pool = P("data", None, "tensor"), P("data", None, None, None, "tensor")
+    return jax.shard_map(attend, mesh=mesh, in_specs=(rows, pool, pool, P("data"), P("data"), P(), P()),
+                         out_specs=rows, check_vma=False)(*args)
+
+
 def paged_attention(
     q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, page_table, q_pos: jax.Array, layer=0,
     *, backend: str = "cpu", window=None, scale: float | None = None, softcap: float | None = None,
-    kernel: str = "xla",
+    kernel="xla",
 ) -> jax.Array:
     """Causal grouped-query attention over layer `layer` of a paged KV pool.
 
@@ -131,22 +181,20 @@ def paged_attention(
     Llama-3.1-8B-shaped 256-token step for TPU: 17.9 s and 12 MiB with them, 6.6 s and
     5 MiB without).
 
-    kernel="pallas": decode steps whose shapes `graphs.pallas_attention.supported` takes run
-    its kernel instead (Triton on GPU, Pallas interpret mode on other backends); the rest,
-    and every prefill step, stay here.
+    kernel: "xla", "pallas", or an AttentionRun (the kernel and the mesh it runs under).
+    "pallas": decode steps whose shapes the backend's kernel supports run it instead
+    (`decode_kernel`); the rest, and every prefill step, stay here.
     """
     if isinstance(page_table, GroupedPageTable):
         parts = [paged_attention(qg, k_pages, v_pages, table, pos, layer, backend=backend, window=window,
                                  scale=scale, softcap=softcap, kernel=kernel)
                  for qg, table, pos in zip(page_table.split(q), page_table.tables, page_table.split(q_pos))]
         return GroupedPageTable.join(parts, q.shape[0])
-    if kernel == "pallas" and q.shape[1] == 1:
-        from graphs import pallas_attention
-
-        if pallas_attention.supported(q, k_pages):
-            return pallas_attention.paged_decode_attention(q, k_pages, v_pages, page_table, q_pos, layer,
-                                                           window=window, scale=scale, softcap=softcap,
-                                                           interpret=backend != "gpu")
+    run = kernel if isinstance(kernel, AttentionRun) else AttentionRun(kernel)
+    if run.kernel == "pallas" and q.shape[1] == 1:
+        out = _pallas_decode(run.mesh, backend, q, k_pages, v_pages, page_table, q_pos, layer, window, scale, softcap)
+        if out is not None:
+            return out
     s, p = k_pages.shape[-3], page_table.shape[1]
     widths = [w for w in (2**i for i in range(p.bit_length())) if w < p] + [p]
     if len(widths) == 1 or q.shape[1] > 1 or not WIDTH_ON_DEVICE.get(backend, True):

@@ -138,14 +138,15 @@ def weight_specs(cfg: LlamaConfig) -> dict[str, WeightSpec]:
 
 
 def forward(cfg: LlamaConfig, w: dict, kv: list, tokens, positions, slots, page_table, *, backend: str = "cpu",
-            scan: bool = False, adapters=None, attention: str = "xla", experts: ExpertRun | None = None):
+            scan: bool = False, adapters=None, attention="xla", experts: ExpertRun | None = None):
     """tokens/positions/slots [B, T]; page_table [B, P]; kv: the pool's (k_pages, v_pages)
     pairs. `backend` (the mesh's platform) picks the op variants that are fast there;
     `scan` runs the layers as one loop over stacked weights (see graphs.base.run_layers).
     adapters [B, T]: each token's LoRA slot (0: none), with the slots' weights in `w` as
     "{projection}_lora_a" / "_lora_b" per layer (maxlike.pipelines.lora). `attention`: the decode
-    attention kernel ("xla" or "pallas", graphs.layers.paged_attention). `experts`: how MoE layers
-    compute their experts (graphs.moe.ExpertRun: kernel and mesh)."""
+    attention kernel ("xla", "pallas", or a graphs.layers.AttentionRun with the mesh; see
+    graphs.layers.paged_attention). `experts`: how MoE layers compute their experts
+    (graphs.moe.ExpertRun: kernel and mesh)."""
     proj = projection(adapter_mask(w, adapters))
 
     def layer(x, lw, k_pages, v_pages, index):

@@ -199,8 +199,9 @@ class PipelineConfig:
     # q/k/v and gate/up as one matmul each (graphs.fused; not with LoRA, whose adapters target them
     # apart). None: per backend (on for CPU, where it measured faster; off for GPU and TPU for now).
     fuse_projections: bool | None = None
-    # Decode attention: "xla" (graphs.layers, every backend) or "pallas" (graphs.pallas_attention: a Triton
-    # kernel on GPU, Pallas interpret mode elsewhere). Not yet measured on a GPU, so not the default there.
+    # Decode attention: "xla" (graphs.layers, every backend) or "pallas", the backend's kernel: Mosaic on TPU
+    # (graphs.pallas_tpu_attention), Triton on GPU (graphs.pallas_attention; in interpret mode on CPU). Not yet
+    # timed on a GPU or a TPU, so the default nowhere.
     decode_attention: str = "xla"
     # How a mixture-of-experts model computes its experts: "grouped" (tokens sorted by expert, one
     # jax.lax.ragged_dot per projection), "dense" (every expert on every token, weighted; the reference),

@@ -40,7 +40,7 @@ from maxlike.weights.loader import resolve_encoding
 from graphs.base import stack_layers, stacked_specs
 from graphs.fused import GATE_UP, QKV, fuse_specs, fuse_weights
 from graphs.rope import at_length
-from graphs.layers import GroupedPageTable
+from graphs.layers import AttentionRun, GroupedPageTable
 
 STOP_SLOTS = 8  # stop ids per row the on-device decode loop checks; any further ones stop on the host
 
@@ -468,7 +468,7 @@ class DecoderPipelineModel(DecoderSizing, LogProbsMixin, ServingModel):
             adapters = jnp.broadcast_to(adapters[:, None], tokens.shape)
         extra = {} if adapters is None else {"adapters": adapters}
         if self.pipeline_config.decode_attention != "xla":  # (architectures from outside may not take it)
-            extra["attention"] = self.pipeline_config.decode_attention
+            extra["attention"] = AttentionRun(self.pipeline_config.decode_attention, self.session.mesh)
         if self.experts is not None:
             extra["experts"] = self.experts
         hidden, kv = self.arch.forward(cfg, params, kv, tokens, arrays["positions"], arrays["slots"], table,
