@@ -128,20 +128,27 @@ def decode_kernel(backend: str):
     return module, backend not in ("gpu", "tpu")
 
 
+def pallas_decode_takes(backend: str, mesh, q, k_pages) -> bool:
+    """Whether the backend's Pallas kernel takes a decode step of q [B, 1, H, D] over the pool
+    [R, L, N, S, KV, D] (arrays or shapes), as each device holds them under `mesh`."""
+    mesh = mesh if mesh is not None and mesh.size > 1 else None
+    data, tensor = (mesh.shape["data"], mesh.shape["tensor"]) if mesh is not None else (1, 1)
+    b, t, h, d = q.shape
+    r, l, n, s, kv, _ = k_pages.shape
+    return decode_kernel(backend)[0].supported(jax.ShapeDtypeStruct((b // data, t, h // tensor, d), q.dtype),
+                                               jax.ShapeDtypeStruct((r // data, l, n, s, kv // tensor, d),
+                                                                    k_pages.dtype))
+
+
 def _pallas_decode(mesh, backend, q, k_pages, v_pages, page_table, q_pos, layer, window, scale, softcap):
     """The decode step's attention through the backend's Pallas kernel, or None where that kernel
     does not take these shapes. Under a mesh of several devices the kernel runs per shard
     (`shard_map`: rows and the pool's replicas over `data`, heads over `tensor`), each device
     over its own part of the pool: a custom call left to the partitioner would gather it whole."""
+    if not pallas_decode_takes(backend, mesh, q, k_pages):
+        return None
     module, interpret = decode_kernel(backend)
     mesh = mesh if mesh is not None and mesh.size > 1 else None
-    data, tensor = (mesh.shape["data"], mesh.shape["tensor"]) if mesh is not None else (1, 1)
-    b, t, h, d = q.shape
-    r, l, n, s, kv, _ = k_pages.shape
-    local_q = jax.ShapeDtypeStruct((b // data, t, h // tensor, d), q.dtype)
-    local_pool = jax.ShapeDtypeStruct((r // data, l, n, s, kv // tensor, d), k_pages.dtype)
-    if not module.supported(local_q, local_pool):
-        return None
     window = jnp.asarray(0 if window is None else window, jnp.int32)
 
     def attend(q, k_pages, v_pages, page_table, q_pos, layer, window):

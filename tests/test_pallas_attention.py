@@ -267,3 +267,23 @@ def test_the_model_decodes_the_same_with_the_kernel(tiny_models):
     for (tokens, lps), (want, want_lps) in zip(runs["pallas"], runs["xla"]):
         assert tokens == want
         np.testing.assert_allclose(lps, want_lps, atol=1e-5)
+
+
+def test_a_model_the_kernel_does_not_take_says_so(eight_head_models, tiny_models, caplog):
+    """decode_attention="pallas" where the backend's kernel does not take the model's shapes (here
+    8-wide heads, under Triton's 16) logs that its decode steps run XLA's attention; a model it
+    takes logs nothing of the kind."""
+    import logging
+
+    from maxlike.entrypoints import LLM
+    from maxlike.pipelines import PipelineConfig
+
+    for path, warned in ((eight_head_models["llama"], True), (tiny_models["llama"][0], False)):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="maxlike"):
+            LLM(PipelineConfig(model_path=path, max_length=32, max_batch_size=2, decode_attention="pallas",
+                               compile_only=True), progress=False)
+        said = [r.getMessage() for r in caplog.records if "decode_attention='pallas'" in r.getMessage()]
+        assert bool(said) == warned, said
+        if warned:
+            assert "graphs.pallas_attention does not take" in said[0] and "8 query heads, 2 KV heads of 8" in said[0]

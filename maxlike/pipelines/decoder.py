@@ -106,6 +106,8 @@ class DecoderPipelineModel(DecoderSizing, LogProbsMixin, ServingModel):
                                               enable_prefix_caching=kv_cache_config.enable_prefix_caching,
                                               allocate=not self.compile_only, stacked=self.scan_layers,
                                               window=self.sliding_window_everywhere)
+        layout.check_decode_attention(pipeline_config, session.platform, mesh, self.config.q_heads, self.dtype,
+                                      jax.ShapeDtypeStruct(self.kv_manager.pool_shape, self.kv_params.dtype))
         if self.compile_only:  # shapes and shardings only: nothing is read or allocated
             self.params = {name: jax.ShapeDtypeStruct(spec.shape, self._dtype_of(name),
                                                       sharding=named_sharding(mesh, spec.axes))

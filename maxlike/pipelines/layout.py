@@ -1,11 +1,16 @@
 """How a decoder's weights are laid out on the device: layers as one loop or unrolled, q/k/v and
-gate/up fused or apart (the per-backend defaults, from measurements), and whether a mesh splits them."""
+gate/up fused or apart (the per-backend defaults, from measurements), and whether a mesh splits them;
+whether the decode-attention kernel asked for takes the model."""
 
 from __future__ import annotations
 
 import logging
 
+import jax
+import numpy as np
+
 from graphs.base import uniform_layers
+from graphs.layers import decode_kernel, pallas_decode_takes
 from graphs.moe import ExpertRun
 from maxlike.config import ConfigError
 from maxlike.sharding import indivisible
@@ -72,3 +77,18 @@ def check_divisible(specs: dict, mesh, *, quantized: bool) -> None:
         raise ConfigError(f"tensor_parallel_degree={mesh.shape['tensor']} cannot split {len(uneven)} weight(s) "
                           f"evenly, e.g. {uneven[0]}: use a smaller degree"
                           + (" or quantization_encoding int8 (no groups)" if quantized else "") + ".")
+
+
+def check_decode_attention(pipeline_config, platform: str, mesh, q_heads: int, dtype, pool) -> None:
+    """Say so when `decode_attention='pallas'` cannot run this model's decode steps (the backend's
+    kernel does not take its shapes): they run XLA's attention instead. `pool`: the KV pool's
+    shape and dtype (jax.ShapeDtypeStruct)."""
+    if pipeline_config.decode_attention != "pallas":
+        return
+    replicas, head_dim = pool.shape[0], pool.shape[-1]
+    q = jax.ShapeDtypeStruct((replicas, 1, q_heads, head_dim), dtype)  # a row per replica
+    if not pallas_decode_takes(platform, mesh, q, pool):
+        module = decode_kernel(platform)[0].__name__
+        log.warning("decode_attention='pallas': %s does not take this model's decode steps (%d query heads, %d KV "
+                    "heads of %d, %s queries over a %s pool; see its supported()), so they run XLA's attention",
+                    module, q_heads, pool.shape[-2], head_dim, np.dtype(dtype).name, np.dtype(pool.dtype).name)
