@@ -92,16 +92,22 @@ def test_reads_only_the_rows_keys():
     """Every pool slot that is no row's attended key (past a row's end in its own pages, before
     its window, the null page, pages nobody owns) set to NaN: the kernel never loads them, so
     its output is still the reference's over the clean pool."""
-    s, window, lengths = 4, 6, [7, 12, 1, 20]
-    q, k, v, table, q_pos = make_case(41, lengths=lengths, h=4, kv=2, s=s, r=2, p=6, full_table=True)
-    live = np.zeros(k.shape[:4], bool)  # [R, L, N, S]
-    rows = len(lengths) // 2
+    window, lengths = 6, [7, 12, 1, 20]
+    q, k, v, table, q_pos = make_case(41, lengths=lengths, h=4, kv=2, s=4, r=2, p=6, full_table=True)
+    poison = poison_unattended(table, lengths, window, k.shape)
+    out = paged_decode_attention(q, poison(k), poison(v), table, q_pos, window=window, interpret=True)
+    check(out, _attend(q, k, v, table, q_pos, 0, window))
+
+
+def poison_unattended(table, lengths: list, window: int, shape: tuple):
+    """pages -> pages with NaN in every slot of layer 0 that is no row's attended key (rows split
+    evenly over the pool's replicas, pool `shape` [R, L, N, S, KV, D])."""
+    live = np.zeros(shape[:4], bool)  # [R, L, N, S]
+    rows, s = len(lengths) // shape[0], shape[3]
     for b, n in enumerate(lengths):
         for pos in range(max(0, n - window), n):
             live[b // rows, 0, int(table[b, pos // s]), pos % s] = True
-    poison = lambda pages: jnp.where(jnp.asarray(live)[..., None, None], pages, jnp.nan)
-    out = paged_decode_attention(q, poison(k), poison(v), table, q_pos, window=window, interpret=True)
-    check(out, _attend(q, k, v, table, q_pos, 0, window))
+    return lambda pages: jnp.where(jnp.asarray(live)[..., None, None], pages, jnp.nan)
 
 
 @pytest.mark.slow  # a repeat of the fast cases' checks: `make test-slow`

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from graphs.pallas_tpu_attention import paged_decode_attention, supported
-from test_pallas_attention import BF16_TOL, _attend, check, make_case
+from test_pallas_attention import BF16_TOL, _attend, check, make_case, poison_unattended
 from test_tpu_target import _tpu_env, warm_cache
 
 D = 128  # the kernel's head dim (a multiple of the TPU's 128 lanes)
@@ -48,14 +48,9 @@ def test_reads_only_the_rows_keys():
     """Every pool slot that is no row's attended key (past a row's end, before its window, the
     null page, pages nobody owns) set to NaN, with tables full of the rows' own pages past their
     ends: the output is still the reference's over the clean pool."""
-    s, window, lengths = 4, 6, [7, 12, 1, 20]
-    q, k, v, table, q_pos = make_case(41, lengths=lengths, h=4, kv=2, d=D, s=s, r=2, p=6, full_table=True)
-    live = np.zeros(k.shape[:4], bool)  # [R, L, N, S]
-    rows = len(lengths) // 2
-    for b, n in enumerate(lengths):
-        for pos in range(max(0, n - window), n):
-            live[b // rows, 0, int(table[b, pos // s]), pos % s] = True
-    poison = lambda pages: jnp.where(jnp.asarray(live)[..., None, None], pages, jnp.nan)
+    window, lengths = 6, [7, 12, 1, 20]
+    q, k, v, table, q_pos = make_case(41, lengths=lengths, h=4, kv=2, d=D, s=4, r=2, p=6, full_table=True)
+    poison = poison_unattended(table, lengths, window, k.shape)
     check(kernel(q, poison(k), poison(v), table, q_pos, window=window), _attend(q, k, v, table, q_pos, 0, window))
 
 
