@@ -224,6 +224,7 @@ def test_compiles_for_tpu_without_copying_the_pool():
     assert report["one_chip"]["arguments"] > 2 * 2**30  # the two pools are arguments, as the model holds them
 
 
+@pytest.mark.slow  # about 35 s: `make test-slow` (the kernel's own TPU compile is in the fast suite)
 @pytest.mark.tpu_target
 def test_a_model_compiles_for_tpu_with_the_kernel(llama_128, tmp_path):
     """warm-cache --decode-attention pallas for a v5e slice (tensor 2 x data 2) with a tiny Llama
