@@ -1,5 +1,5 @@
 """The TPU decode-attention kernel (graphs.pallas_tpu_attention) against the plain-XLA reference
-graphs.layers._attend in Pallas interpret mode on CPU; the kernel and a whole model compiled for
+graphs.layers._attend in Pallas's TPU interpret mode on CPU (DMAs and VMEM simulated); the kernel and a whole model compiled for
 a TPU v5e slice (Mosaic, compile-only, libtpu from MAXLIKE_TPU_SITE); and the Pallas path under a
 mesh (`shard_map`) on fake CPU devices."""
 
@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.experimental.pallas import tpu as pltpu
 
 from graphs.pallas_tpu_attention import paged_decode_attention, supported
 from test_pallas_attention import BF16_TOL, _attend, check, make_case, poison_unattended
@@ -25,8 +26,13 @@ from test_tpu_target import _tpu_env, warm_cache
 D = 128  # the kernel's head dim (a multiple of the TPU's 128 lanes)
 
 
+# Pallas's TPU interpret mode: the grid's DMAs, VMEM and SMEM simulated on CPU, with uninitialized
+# VMEM filled with NaN, reads out of bounds failing, and a check for data races.
+TPU_INTERPRET = pltpu.InterpretParams(detect_races=True, out_of_bounds_reads="raise", uninitialized_memory="nan")
+
+
 def kernel(q, k, v, table, q_pos, layer=0, **kw):
-    return paged_decode_attention(q, k, v, table, q_pos, layer, interpret=True, **kw)
+    return paged_decode_attention(q, k, v, table, q_pos, layer, interpret=TPU_INTERPRET, **kw)
 
 
 @pytest.mark.parametrize(
@@ -123,7 +129,7 @@ def test_a_model_decodes_the_same_with_the_kernel(llama_128, monkeypatch):
 
     def tpu_kernel(backend):
         calls.append(backend)
-        return pallas_tpu_attention, True
+        return pallas_tpu_attention, True  # (plain interpret mode: the TPU one triples this test)
 
     monkeypatch.setattr(layers, "decode_kernel", tpu_kernel)
     runs = {}
