@@ -1,7 +1,7 @@
 """The TPU decode-attention kernel (graphs.pallas_tpu_attention) against the plain-XLA reference
-graphs.layers._attend in Pallas's TPU interpret mode on CPU (DMAs and VMEM simulated); the kernel and a whole model compiled for
-a TPU v5e slice (Mosaic, compile-only, libtpu from MAXLIKE_TPU_SITE); and the Pallas path under a
-mesh (`shard_map`) on fake CPU devices."""
+graphs.layers._attend in Pallas's TPU interpret mode on CPU (DMAs and VMEM simulated); the kernel
+and a whole model compiled for a TPU v5e slice (Mosaic, compile-only, libtpu from
+MAXLIKE_TPU_SITE); and the Pallas path under a mesh (`shard_map`) on fake CPU devices."""
 
 from __future__ import annotations
 
