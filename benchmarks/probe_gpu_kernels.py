@@ -1,11 +1,13 @@
-"""GPU check of the Pallas decode-attention kernel (graphs.pallas_attention) against the plain-XLA
-attention it replaces (graphs.layers._attend): agreement and time per call, on decode shapes of a
+"""GPU/TPU check of the backend's Pallas decode-attention kernel (graphs.layers.decode_kernel:
+graphs.pallas_attention on GPU, graphs.pallas_tpu_attention on TPU) against the plain-XLA attention
+it replaces (graphs.layers._attend): agreement and time per call, on decode shapes of a
 Llama-3.2-1B (32 query / 8 KV heads of 64) and a Llama-3.1-8B (32 / 8 of 128) layer.
 
     python benchmarks/probe_gpu_kernels.py [--json out.json]
 
-Runs anywhere; off a GPU the kernel runs in Pallas interpret mode (agreement only; times mean
-nothing there). Part of benchmarks/gpu_checks.sh (PARTS=kernels).
+Runs anywhere; off a GPU or TPU the Triton kernel runs in Pallas interpret mode (agreement only;
+times mean nothing there). Shapes the backend's kernel does not take are skipped, saying so.
+Part of benchmarks/gpu_checks.sh (PARTS=kernels).
 """
 
 from __future__ import annotations
@@ -22,8 +24,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from graphs.layers import _attend  # noqa: E402
-from graphs.pallas_attention import paged_decode_attention  # noqa: E402
+from graphs.layers import _attend, decode_kernel  # noqa: E402
 
 
 def case(rng, b: int, h: int, kv: int, d: int, s: int, context: int, dtype):
@@ -52,22 +53,28 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--json")
     args = ap.parse_args()
-    gpu = jax.devices()[0].platform == "gpu"
+    platform = jax.devices()[0].platform
+    timed = platform in ("gpu", "tpu")
+    kernel, interpret = decode_kernel(platform)
     rng = np.random.default_rng(0)
     xla = jax.jit(lambda q, k, v, t, pos: _attend(q, k, v, t, pos, 0))
-    pallas = jax.jit(lambda q, k, v, t, pos: paged_decode_attention(q, k, v, t, pos, 0, interpret=not gpu))
+    pallas = jax.jit(lambda q, k, v, t, pos: kernel.paged_decode_attention(q, k, v, t, pos, 0, interpret=interpret))
     rows = []
     shapes = [(b, 32, 8, d, 16, ctx) for d in (64, 128) for b, ctx in ((1, 1024), (8, 1024), (64, 1024), (1, 8192))]
-    if not gpu:
+    if not timed:
         shapes = [(2, 8, 2, 64, 16, 100)]
     for dtype in (jnp.bfloat16, jnp.float32):
         for b, h, kv, d, s, ctx in shapes:
             inputs = case(rng, b, h, kv, d, s, ctx, dtype)
+            if not kernel.supported(inputs[0], inputs[1]):
+                print(f"skipped: {kernel.__name__} does not take {b} rows of {h} heads / {kv} KV heads of {d}",
+                      flush=True)
+                continue
             ref = np.asarray(xla(*inputs), np.float32)
             got = np.asarray(pallas(*inputs), np.float32)
             row = {"dtype": jnp.dtype(dtype).name, "batch": b, "heads": h, "kv_heads": kv, "head_dim": d,
                    "page": s, "context": ctx, "max_abs_err": float(np.abs(got - ref).max())}
-            if gpu:
+            if timed:
                 row.update(xla_ms=best_ms(xla, *inputs), pallas_ms=best_ms(pallas, *inputs))
             rows.append(row)
             print(json.dumps(row), flush=True)
