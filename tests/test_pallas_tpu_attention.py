@@ -115,6 +115,7 @@ def llama_128(tmp_path_factory):
     return save_tiny(tf.LlamaForCausalLM(cfg).eval(), tmp_path_factory.mktemp("llama128"))
 
 
+@pytest.mark.slow  # about 30 s: `make test-slow` (the fast suite runs the same path with the Triton kernel)
 def test_a_model_decodes_the_same_with_the_kernel(llama_128, monkeypatch):
     """decode_attention="pallas" with the TPU kernel (interpret mode on CPU) through a whole model:
     a batch's greedy tokens and log-probs equal the plain-XLA attention's, with decode rows beside
