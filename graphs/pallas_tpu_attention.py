@@ -34,6 +34,9 @@ _MASKED = float(jnp.finfo(jnp.float32).min)  # the reference's mask value (finit
 _DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
 _BLOCK_TOKENS = 128  # keys a grid step (pages_per_block = 128 / S, between 1 and _MAX_PAGES)
 _MAX_PAGES = 8  # each page of a block is its own pipelined input, with its own two VMEM buffers
+# Page-table entries one call prefetches into SMEM (256 KiB): a larger step's rows are split over calls.
+# (A v5e has 1 MiB of SMEM: 128 rows x 2,048 pages did not compile, 256 x 512 did.)
+_MAX_TABLE_ENTRIES = 1 << 16
 
 
 def supported(q, k_pages) -> bool:
@@ -102,9 +105,10 @@ def _kernel(table_ref, pos_ref, meta_ref, q_ref, *refs, page_size: int, pages: i
         o_ref[...] = (acc_ref[...] / jnp.where(l > 0, l, 1.0)).astype(o_ref.dtype)
 
 
-def _page_index(i: int, pages: int, page_size: int, table_pages: int, rows: int):
+def _page_index(i: int, pages: int, page_size: int, table_pages: int, rows: int, first: int):
     """The index map of a block's i-th page: (replica, layer, page id, 0, 0, 0), the table
-    entry clamped to the row's first and last pages (unchanged index: no copy)."""
+    entry clamped to the row's first and last pages (unchanged index: no copy). Grid row b is
+    the step's row first + b (a call takes a run of rows); `rows` rows share a replica."""
     def index(b, j, table_ref, pos_ref, meta_ref):
         pos, window = pos_ref[b], meta_ref[1]
         lo = jnp.where(window > 0, jnp.maximum(pos - window + 1, 0), 0)
@@ -112,7 +116,7 @@ def _page_index(i: int, pages: int, page_size: int, table_pages: int, rows: int)
         # Mosaic only lowers knowing the TPU it runs on, not when compiling for one elsewhere.
         last = lax.div(jnp.clip(pos, 0, table_pages * page_size - 1), page_size)
         entry = jnp.clip(j * pages + i, jnp.minimum(lax.div(lo, page_size), last), last)
-        return lax.div(b, rows), meta_ref[0], table_ref[b * table_pages + entry], 0, 0, 0
+        return lax.div(b + first, rows), meta_ref[0], table_ref[b * table_pages + entry], 0, 0, 0
     return index
 
 
@@ -123,25 +127,31 @@ def _paged_decode_attention(q, k_pages, v_pages, page_table, q_pos, layer, windo
     r, _, _, s, kv, _ = k_pages.shape
     p = page_table.shape[1]
     g, c = h // kv, pages_per_block
-    blocks = -(-p // c)
     qg = q.reshape(b, kv, g, d).transpose(0, 2, 1, 3)  # [B, G, KV, D]: a head of the group is q_ref[h]
-    scalars = (page_table.astype(jnp.int32).reshape(-1), q_pos.reshape(b).astype(jnp.int32),
-               jnp.stack([jnp.asarray(layer, jnp.int32), jnp.asarray(window, jnp.int32)]))
-    page_specs = [pl.BlockSpec((None, None, None, s, kv, d), _page_index(i, c, s, p, b // r)) for i in range(c)]
+    table, pos = page_table.astype(jnp.int32), q_pos.reshape(b).astype(jnp.int32)
+    meta = jnp.stack([jnp.asarray(layer, jnp.int32), jnp.asarray(window, jnp.int32)])
     heads = pl.BlockSpec((None, g, kv, d), lambda i, j, *_: (i, 0, 0, 0))
     kernel = functools.partial(_kernel, page_size=s, pages=c, table_pages=p, scale=scale, softcap=softcap)
-    out = pl.pallas_call(
-        kernel,
-        grid_spec=pltpu.PrefetchScalarGridSpec(
-            num_scalar_prefetch=len(scalars), grid=(b, blocks), in_specs=[heads, *page_specs, *page_specs],
-            out_specs=heads,
-            scratch_shapes=[pltpu.VMEM((g, kv, 1), jnp.float32), pltpu.VMEM((g, kv, 1), jnp.float32),
-                            pltpu.VMEM((g, kv, d), jnp.float32)]),
-        out_shape=jax.ShapeDtypeStruct((b, g, kv, d), q.dtype),
-        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary")),
-        interpret=interpret,
-        name="paged_decode_attention_tpu",
-    )(*scalars, qg, *([k_pages] * c), *([v_pages] * c))
+    per_call = max(1, _MAX_TABLE_ENTRIES // p)  # rows whose page tables fit SMEM at once
+    outs = []
+    for first in range(0, b, per_call):
+        n = min(per_call, b - first)
+        page_specs = [pl.BlockSpec((None, None, None, s, kv, d), _page_index(i, c, s, p, b // r, first))
+                      for i in range(c)]
+        outs.append(pl.pallas_call(
+            kernel,
+            grid_spec=pltpu.PrefetchScalarGridSpec(
+                num_scalar_prefetch=3, grid=(n, -(-p // c)), in_specs=[heads, *page_specs, *page_specs],
+                out_specs=heads,
+                scratch_shapes=[pltpu.VMEM((g, kv, 1), jnp.float32), pltpu.VMEM((g, kv, 1), jnp.float32),
+                                pltpu.VMEM((g, kv, d), jnp.float32)]),
+            out_shape=jax.ShapeDtypeStruct((n, g, kv, d), q.dtype),
+            compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary")),
+            interpret=interpret,
+            name="paged_decode_attention_tpu",
+        )(table[first:first + n].reshape(-1), pos[first:first + n], meta, qg[first:first + n],
+          *([k_pages] * c), *([v_pages] * c)))
+    out = outs[0] if len(outs) == 1 else jnp.concatenate(outs)
     return out.transpose(0, 2, 1, 3).reshape(b, 1, h, d)
 
 
@@ -157,6 +167,9 @@ def paged_decode_attention(q, k_pages, v_pages, page_table, q_pos, layer=0, *, w
     if k_pages.shape != v_pages.shape or k_pages.dtype != v_pages.dtype:
         raise ValueError(f"k_pages {k_pages.shape} and v_pages {v_pages.shape} differ")
     s, p = k_pages.shape[3], page_table.shape[1]
+    if p > _MAX_TABLE_ENTRIES:
+        raise ValueError(f"a page table of {p} pages a row does not fit the kernel's SMEM budget "
+                         f"({_MAX_TABLE_ENTRIES} entries): use larger pages or the reference")
     pages = min(_MAX_PAGES, max(1, _BLOCK_TOKENS // s), p)
     if window is None or (isinstance(window, int) and window <= 0):
         window = 0

@@ -60,6 +60,18 @@ def test_reads_only_the_rows_keys():
     check(kernel(q, poison(k), poison(v), table, q_pos, window=window), _attend(q, k, v, table, q_pos, 0, window))
 
 
+def test_large_tables_split_the_rows_over_calls(monkeypatch):
+    """A step whose page tables exceed the SMEM budget runs as several calls over runs of rows
+    (here 2 table entries' budget: one row of 2 pages a call, across two replicas' rows)."""
+    import graphs.pallas_tpu_attention as tpu_attention
+
+    monkeypatch.setattr(tpu_attention, "_MAX_TABLE_ENTRIES", 2)
+    q, k, v, table, q_pos = make_case(17, lengths=[5, 8, 3, 7, 6, 2], h=4, kv=2, d=D, s=4, r=2)
+    check(kernel(q, k, v, table, q_pos, window=6), _attend(q, k, v, table, q_pos, 0, 6))
+    with pytest.raises(ValueError, match="does not fit the kernel's SMEM budget"):
+        kernel(*make_case(18, lengths=[9, 1], h=4, kv=2, d=D, s=4))
+
+
 def test_layers_windows_scale_and_softcap_traced_under_jit():
     """A stacked pool of 3 layers read at a traced layer, a traced window (0: full), two
     replicas, Gemma's scale and soft cap."""
@@ -196,10 +208,12 @@ TPU_SCRIPT = textwrap.dedent("""
     # One chip, a Llama-3.1-8B layer's pool (32 layers of 1,100 16-token pages, 8 KV heads of 128, bf16).
     one = Mesh(np.array(devices[:1]).reshape(1, 1, 1), ("data", "expert", "tensor"))
     mesh = Mesh(np.array(devices).reshape(2, 1, 2), ("data", "expert", "tensor"))
-    for name, m, (b, h, kv, p, r, n) in (("one_chip", one, (8, 32, 8, 128, 1, 1100)),
-                                          ("data2_tensor2", mesh, (8, 32, 8, 64, 2, 600))):
+    # A step of 128 rows of 2,048 pages: a 1 MiB page table, beyond the v5e's SMEM, split over calls.
+    for name, m, (b, h, kv, p, r, l, n) in (("one_chip", one, (8, 32, 8, 128, 1, 32, 1100)),
+                                             ("data2_tensor2", mesh, (8, 32, 8, 64, 2, 32, 600)),
+                                             ("large_table", one, (128, 32, 8, 2048, 1, 1, 2000))):
         s = lambda shape, dt, *spec: jax.ShapeDtypeStruct(shape, dt, sharding=NamedSharding(m, P(*spec)))
-        pool = s((r, 32, n, 16, kv, 128), jnp.bfloat16, "data", None, None, None, "tensor")
+        pool = s((r, l, n, 16, kv, 128), jnp.bfloat16, "data", None, None, None, "tensor")
         args = (s((b, 1, h, 128), jnp.bfloat16, "data", None, "tensor"), pool, pool, s((b, p), jnp.int32, "data"),
                 s((b, 1), jnp.int32, "data"), s((), jnp.int32))
         step = jax.jit(lambda q, k, v, t, pos, layer: paged_attention(
@@ -217,8 +231,8 @@ TPU_SCRIPT = textwrap.dedent("""
 @pytest.mark.tpu_target
 def test_compiles_for_tpu_without_copying_the_pool():
     """Mosaic compiles the kernel for TPU v5e (here, compile-only): on one chip over an 8B-shaped
-    pool, and on data 2 x tensor 2 chips per shard. No temporary as large as a pool (XLA would copy
-    one to give the kernel another layout) and no all-gather."""
+    pool, on data 2 x tensor 2 chips per shard, and for page tables larger than SMEM. No temporary
+    as large as a pool (XLA would copy one to give the kernel another layout), no all-gather."""
     env = _tpu_env()
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     r = subprocess.run([sys.executable, "-c", TPU_SCRIPT, root], capture_output=True, text=True, timeout=600,
@@ -229,6 +243,7 @@ def test_compiles_for_tpu_without_copying_the_pool():
         assert got["custom_calls"] >= 1 and got["gathers"] == 0, (name, got)
         assert got["temp"] < 2**20, (name, got)  # KBs of outputs and scalars; one pool is GiBs
     assert report["one_chip"]["arguments"] > 2 * 2**30  # the two pools are arguments, as the model holds them
+    assert report["large_table"]["custom_calls"] == 4  # 128 rows of 2,048 pages: 32 rows a call
 
 
 @pytest.mark.slow  # about 35 s: `make test-slow` (the kernel's own TPU compile is in the fast suite)
