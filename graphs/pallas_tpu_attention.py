@@ -1,8 +1,8 @@
 """Decode attention over the paged KV pool as a Pallas TPU (Mosaic) kernel: the TPU path.
 
 Same contract and layout as `graphs.pallas_attention` (the GPU kernel; see its docstring),
-with `graphs.layers._attend` as the reference the tests compare it with (Pallas interpret
-mode on CPU), and compiled for TPU v5e by the tests that compile for a TPU slice.
+with `graphs.layers._attend` as the reference the tests compare it with (Pallas's TPU
+interpret mode on CPU), and compiled for TPU v5e by the tests that compile for a TPU slice.
 
 The pool stays as it is, [R, L, N, S, KV, D]: no per-layer slice, no gather of pages into a
 new array. The kernel runs one grid step per (row, block of `pages_per_block` table entries).
@@ -11,6 +11,8 @@ Each of a block's pages is its own input whose block index is read from the page
 the pool into VMEM while the previous block computes. Table entries outside the row's keys
 (past its last key, or before its window) map to the nearest page it does read, so the
 pipeline sees an unchanged block index and copies nothing, and the step computes nothing.
+The page tables are prefetched into SMEM, `_MAX_TABLE_ENTRIES` a call: a step with more runs
+as several calls, each over a run of rows.
 
 Each page is folded into a float32 online softmax kept in VMEM scratch per query head of the
 group (running max, running sum, unnormalised output), with the KV heads on sublanes and the
@@ -56,7 +58,7 @@ def supported(q, k_pages) -> bool:
 
 def _kernel(table_ref, pos_ref, meta_ref, q_ref, *refs, page_size: int, pages: int, table_pages: int,
             scale: float | None, softcap: float | None):
-    # Scalars (SMEM): table_ref [B * P'] the page table, row by row; pos_ref [B] the queries'
+    # Scalars (SMEM): table_ref [B * P] the call's rows' page tables, row by row; pos_ref [B] the queries'
     # positions; meta_ref [2] (layer, window). q_ref [G, KV, D] this row's query heads, group-
     # major; refs: `pages` k pages [S, KV, D], as many v pages, the output [G, KV, D], then the
     # scratch: running max and sum [G, KV, 1], unnormalised output [G, KV, D] (float32).
