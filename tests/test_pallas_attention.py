@@ -293,3 +293,45 @@ def test_a_model_the_kernel_does_not_take_says_so(eight_head_models, tiny_models
         assert bool(said) == warned, said
         if warned:
             assert "graphs.pallas_attention does not take" in said[0] and "8 query heads, 2 KV heads of 8" in said[0]
+
+
+MESH_MODEL_SCRIPT = """
+import json, os, sys
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+sys.path.insert(0, sys.argv[1])
+from conftest import random_prompt
+from maxlike.entrypoints import LLM
+from maxlike.interfaces import SamplingParams
+from maxlike.pipelines import PipelineConfig
+
+prompts = [random_prompt(n, seed=n).tolist() for n in (5, 17, 9, 30)]
+report = {}
+for kernel in ("xla", "pallas"):
+    llm = LLM(PipelineConfig(model_path=sys.argv[2], max_length=64, max_batch_size=4, devices="4",
+                             data_parallel_degree=2, tensor_parallel_degree=2, decode_attention=kernel), progress=False)
+    outs = llm.generate_outputs(prompts, sampling_params=SamplingParams(top_k=1, max_new_tokens=8, ignore_eos=True),
+                                use_tqdm=False)
+    hlo = [exe.as_text() for exe in llm.pipeline.model.session.executables()]
+    report[kernel] = {"tokens": [o.token_ids for o in outs], "gathers": sum(h.count(" all-gather(") for h in hlo),
+                      "kernel": sum(h.count("paged_decode_attention") for h in hlo)}
+print(json.dumps(report))
+"""
+
+
+def test_a_model_under_a_mesh_runs_the_kernel_per_shard(tiny_models):
+    """data 2 x tensor 2 on fake CPU devices with decode_attention="pallas": the decoder hands the
+    kernel its mesh, so its executables hold the kernel and gather nothing more than XLA's
+    attention's do, and the greedy tokens are XLA attention's."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    r = subprocess.run([sys.executable, "-c", MESH_MODEL_SCRIPT, here, tiny_models["llama"][0]],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    report = json.loads(r.stdout.strip().splitlines()[-1])
+    assert report["pallas"]["tokens"] == report["xla"]["tokens"]
+    assert report["pallas"]["kernel"] > 0 and report["xla"]["kernel"] == 0
+    assert report["pallas"]["gathers"] == report["xla"]["gathers"], report
