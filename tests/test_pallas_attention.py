@@ -318,6 +318,7 @@ print(json.dumps(report))
 """
 
 
+@pytest.mark.slow  # about 40 s: `make test-slow` (test_pallas_tpu_attention's mesh test covers shard_map fast)
 def test_a_model_under_a_mesh_runs_the_kernel_per_shard(tiny_models):
     """data 2 x tensor 2 on fake CPU devices with decode_attention="pallas": the decoder hands the
     kernel its mesh, so its executables hold the kernel and gather nothing more than XLA's
