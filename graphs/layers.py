@@ -128,10 +128,15 @@ def decode_kernel(backend: str):
     return module, backend not in ("gpu", "tpu")
 
 
+def _several_devices(mesh):
+    """`mesh` when it has more than one device (the kernel then runs per shard), else None."""
+    return mesh if mesh is not None and mesh.size > 1 else None
+
+
 def pallas_decode_takes(backend: str, mesh, q, k_pages) -> bool:
     """Whether the backend's Pallas kernel takes a decode step of q [B, 1, H, D] over the pool
     [R, L, N, S, KV, D] (arrays or shapes), as each device holds them under `mesh`."""
-    mesh = mesh if mesh is not None and mesh.size > 1 else None
+    mesh = _several_devices(mesh)
     data, tensor = (mesh.shape["data"], mesh.shape["tensor"]) if mesh is not None else (1, 1)
     b, t, h, d = q.shape
     r, l, n, s, kv, _ = k_pages.shape
@@ -148,7 +153,7 @@ def _pallas_decode(mesh, backend, q, k_pages, v_pages, page_table, q_pos, layer,
     if not pallas_decode_takes(backend, mesh, q, k_pages):
         return None
     module, interpret = decode_kernel(backend)
-    mesh = mesh if mesh is not None and mesh.size > 1 else None
+    mesh = _several_devices(mesh)
     window = jnp.asarray(0 if window is None else window, jnp.int32)
 
     def attend(q, k_pages, v_pages, page_table, q_pos, layer, window):
