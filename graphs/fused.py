@@ -22,6 +22,7 @@ import numpy as np
 from graphs.base import WeightSpec
 
 QKV, GATE_UP = "qkv", "gate_up"
+GROUPS = {QKV: ("q", "k", "v"), GATE_UP: ("gate", "up")}  # each fused weight and the ones it joins
 PARTS = ("", "_scale", "_offset")  # a weight and its quantization scales and offsets (maxlike.weights.quantize)
 
 
@@ -33,18 +34,19 @@ def _layer_prefixes(names) -> list[str]:
     return sorted({name[: name.rindex(".") + 1] for name in names if name.startswith("layers.")})
 
 
-def fuse_specs(specs: dict[str, WeightSpec], kv_heads: int) -> dict[str, WeightSpec]:
-    """Per-layer specs with q/k/v and gate/up (and their scales) replaced by qkv and gate_up."""
+def fuse_specs(specs: dict[str, WeightSpec], kv_heads: int, groups=tuple(GROUPS)) -> dict[str, WeightSpec]:
+    """Per-layer specs with q/k/v and gate/up (and their scales) replaced by qkv and gate_up (those
+    of them in `groups`: parts stored alike, maxlike.weights.quantize.fusable)."""
     out = dict(specs)
     for p in _layer_prefixes(specs):
         for suffix in PARTS:
-            if _fusable(specs, p, ("q", "k", "v"), suffix):
+            if QKV in groups and _fusable(specs, p, GROUPS[QKV], suffix):
                 q = out.pop(p + "q" + suffix)
                 out.pop(p + "k" + suffix), out.pop(p + "v" + suffix)
                 lead, (h, d) = q.shape[:-2], q.shape[-2:]
                 out[p + QKV + suffix] = WeightSpec((*lead, kv_heads, h // kv_heads + 2, d),
                                                    (*q.axes[:-2], "kv_heads", None, "head_dim"))
-            if _fusable(specs, p, ("gate", "up"), suffix):
+            if GATE_UP in groups and _fusable(specs, p, GROUPS[GATE_UP], suffix):
                 gate = out.pop(p + "gate" + suffix)
                 out.pop(p + "up" + suffix)
                 out[p + GATE_UP + suffix] = WeightSpec((*gate.shape[:-1], 2, gate.shape[-1]),
@@ -52,17 +54,17 @@ def fuse_specs(specs: dict[str, WeightSpec], kv_heads: int) -> dict[str, WeightS
     return out
 
 
-def fuse_weights(host: dict[str, np.ndarray], kv_heads: int) -> dict[str, np.ndarray]:
+def fuse_weights(host: dict[str, np.ndarray], kv_heads: int, groups=tuple(GROUPS)) -> dict[str, np.ndarray]:
     """Host arrays named as `weight_specs` (per layer) -> fused as `fuse_specs` describes."""
     out = dict(host)
     for p in _layer_prefixes(host):
         for suffix in PARTS:
-            if _fusable(host, p, ("q", "k", "v"), suffix):
+            if QKV in groups and _fusable(host, p, GROUPS[QKV], suffix):
                 q, k, v = (np.asarray(out.pop(p + kind + suffix)) for kind in ("q", "k", "v"))
                 lead = q.shape[:-2]
                 q = q.reshape(*lead, kv_heads, -1, q.shape[-1])
                 out[p + QKV + suffix] = np.concatenate([q, k[..., None, :], v[..., None, :]], axis=-2)
-            if _fusable(host, p, ("gate", "up"), suffix):
+            if GATE_UP in groups and _fusable(host, p, GROUPS[GATE_UP], suffix):
                 out[p + GATE_UP + suffix] = np.stack([out.pop(p + "gate" + suffix), out.pop(p + "up" + suffix)],
                                                      axis=-2)
     return out

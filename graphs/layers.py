@@ -279,13 +279,21 @@ def projection(mask):
 
 
 def dequantize_grouped(values, scale, offset, in_shape: tuple, dtype) -> jax.Array:
-    """values [*in, *out] (or 4-bit packed: uint8 [prod(in) / 2, *out], maxlike.weights.quantize);
-    scale (and offset) [groups, *out], one per run of consecutive inputs over the flattened input
-    axes -> the weight [*in, *out], values * scale (+ offset), in `dtype`."""
+    """values [*in, *out] (or 4- / 6-bit packed: uint8 [prod(in) * bits / 8, *out],
+    maxlike.weights.quantize); scale (and offset) [groups, *out], one per run of consecutive inputs
+    over the flattened input axes -> the weight [*in, *out], values * scale (+ offset), in `dtype`."""
     out = values.shape[1:] if values.dtype == jnp.uint8 else values.shape[len(in_shape):]
     grouped = values.reshape(scale.shape[0], -1, *out)
-    if values.dtype == jnp.uint8:  # byte j of a group: value j in the low nibble, j + 16 in the high one, + 8
-        w = jnp.concatenate([grouped & 15, grouped >> 4], axis=1).astype(dtype) - 8
+    if values.dtype == jnp.uint8:
+        # byte j of a group: value j in the low nibble, j + group / 2 in the high one; 6-bit groups
+        # of 16 add 4 bytes of top bits, value j's at bit 2 (j // 4) of byte 8 + j % 4; then - 8 (- 32)
+        six = grouped.shape[1] * 4 == math.prod(in_shape) // scale.shape[0] * 3
+        low = grouped[:, :8] if six else grouped
+        w = jnp.concatenate([low & 15, low >> 4], axis=1)
+        if six:
+            top = grouped[:, 8:]
+            w = w | (jnp.concatenate([top & 3, (top >> 2) & 3, (top >> 4) & 3, top >> 6], axis=1) << 4)
+        w = w.astype(dtype) - (32 if six else 8)
     else:
         w = grouped.astype(dtype)
     w = w * scale.astype(dtype)[:, None]

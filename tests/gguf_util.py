@@ -51,7 +51,9 @@ def _writer(path, arch: str, c) -> gguf.GGUFWriter:
 
 
 def write_llama_gguf(path, hf_config, state_dict: dict[str, np.ndarray], qtype: str = "F32",
-                     extra_tensors: dict | None = None) -> None:
+                     extra_tensors: dict | None = None, qtypes: dict[str, str] | None = None) -> None:
+    """`qtype` for every 2-D tensor, or `qtypes[gguf name]` where given (a mixed file, as llama.cpp's
+    Q4_K_M: Q6_K for some layers' attn_v and ffn_down)."""
     c = hf_config
     w = _writer(path, "llama", c)
     w.add_rope_freq_base(float(c.rope_parameters["rope_theta"]))
@@ -62,13 +64,15 @@ def write_llama_gguf(path, hf_config, state_dict: dict[str, np.ndarray], qtype: 
             arr = permute(arr, c.num_attention_heads)
         elif name.endswith("k_proj.weight"):
             arr = permute(arr, c.num_key_value_heads)
-        kind = gguf.GGMLQuantizationType[qtype if arr.ndim == 2 else "F32"]
+        kind = gguf.GGMLQuantizationType[(qtypes or {}).get(gguf_name(name), qtype) if arr.ndim == 2 else "F32"]
         if kind == gguf.GGMLQuantizationType.F32:
             w.add_tensor(gguf_name(name), arr)
         elif kind == gguf.GGMLQuantizationType.F16:
             w.add_tensor(gguf_name(name), arr.astype(np.float16))
         elif kind == gguf.GGMLQuantizationType.Q4_K:  # the gguf package has no Q4_K quantizer
             w.add_tensor(gguf_name(name), quantize_q4_k(arr), raw_dtype=kind)
+        elif kind == gguf.GGMLQuantizationType.Q6_K:  # nor a Q6_K one
+            w.add_tensor(gguf_name(name), quantize_q6_k(arr), raw_dtype=kind)
         else:
             w.add_tensor(gguf_name(name), quantize(arr, kind), raw_dtype=kind)
     for name, (raw, kind) in (extra_tensors or {}).items():
@@ -100,6 +104,30 @@ def quantize_q4_k(w: np.ndarray) -> np.ndarray:
     qs = (q[..., 0::2, :] | (q[..., 1::2, :] << 4)).reshape(rows, cols // 256, 128)
     halves = np.stack([d, dmin], axis=-1).view(np.uint8)  # [rows, blocks, 4]
     return np.concatenate([halves, scales, qs], axis=-1).reshape(rows, -1)
+
+
+def quantize_q6_k(w: np.ndarray) -> np.ndarray:
+    """[rows, cols] float32 -> Q6_K blocks [rows, cols / 256 * 210] uint8 (block_q6_K in ggml-common.h):
+    w ~ d * sc_j * (q - 32) per 16 values, q 0..63, sc_j int8, d float16. Round to nearest; each
+    sub-block's value of largest magnitude maps to -32. In each half of 128 values, value 32 k + l
+    keeps its low 4 bits in ql[32 (k % 2) + l] (low nibble for k < 2, high after) and its top 2 bits
+    at bit 2 k of qh[l]."""
+    rows, cols = w.shape
+    b = w.reshape(rows, cols // 256, 16, 16)
+    peak = np.take_along_axis(b, np.abs(b).argmax(-1)[..., None], axis=-1)[..., 0]
+    sub = peak / -32  # [rows, blocks, 16]
+    d = (np.abs(sub).max(-1) / 127).astype(np.float16)
+    d = np.where(d == 0, np.float16(1), d)
+    sc = np.clip(np.rint(sub / d[..., None].astype(np.float32)), -128, 127).astype(np.int8)
+    step = (d[..., None].astype(np.float32) * sc)[..., None]
+    q = (np.clip(np.rint(b / np.where(step == 0, 1, step)), -32, 31) + 32).astype(np.uint8)
+    q = q.reshape(rows, cols // 256, 2, 4, 32)  # [.., half, k, l]
+    ql = np.concatenate([q[:, :, :, 0] & 15 | (q[:, :, :, 2] & 15) << 4,
+                         q[:, :, :, 1] & 15 | (q[:, :, :, 3] & 15) << 4], axis=-1)  # [.., half, 64]
+    top = q >> 4
+    qh = top[:, :, :, 0] | top[:, :, :, 1] << 2 | top[:, :, :, 2] << 4 | top[:, :, :, 3] << 6  # [.., half, 32]
+    return np.concatenate([ql.reshape(rows, -1, 128), qh.reshape(rows, -1, 64), sc.view(np.uint8),
+                           d[..., None].view(np.uint8)], axis=-1).reshape(rows, -1)
 
 
 # What llama.cpp's converter calls each layer tensor of the other architectures (HF suffix -> GGUF).

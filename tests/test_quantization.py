@@ -1,4 +1,4 @@
-"""Weights kept quantized on the device (quantization_encoding int8, float8_e4m3fn, q8_0, q4_0, q4_k):
+"""Weights kept quantized on the device (quantization_encoding int8, float8_e4m3fn, q8_0, q4_0, q4_k, q6_k):
 the stored values against the checkpoint's own weights (each encoding's definition written out
 here) and the logits against HF run with those values; GGUF blocks kept as the file holds them
 (against the gguf package's dequantization); SmolLM2's tokens and perplexity against the float
@@ -13,19 +13,27 @@ from conftest import build_model, held, random_prompt
 from maxlike.pipelines.context import TextContext
 
 
-# encoding -> (scale per group of this many inputs, 0: per output channel; values per byte)
-ENCODINGS = {"int8": (0, 1), "float8_e4m3fn": (0, 1), "q8_0": (32, 1), "q4_0": (32, 2), "q4_k": (32, 2)}
+# encoding -> (scale per group of this many inputs, 0: per output channel; bits per value)
+ENCODINGS = {"int8": (0, 8), "float8_e4m3fn": (0, 8), "q8_0": (32, 8), "q4_0": (32, 4), "q4_k": (32, 4),
+             "q6_k": (16, 6)}
 
 
 def _stored_weight(params: dict, name: str, n_in: int, shape: tuple, encoding: str) -> tuple[np.ndarray, np.ndarray]:
     """(the weight the stored values stand for, the bound on |it - source| per value), written out
     from the encodings' definitions (maxlike.weights.quantize's module docstring), not its code."""
-    group, per_byte = ENCODINGS[encoding]
+    group, bits = ENCODINGS[encoding]
     values, scale = np.asarray(params[name]), np.asarray(params[name + "_scale"]).astype(np.float32)
     out = shape[n_in:]
-    if per_byte == 2:  # byte j of a 32-input group: value j in the low nibble, j + 16 in the high one, plus 8
+    if bits == 4:  # byte j of a 32-input group: value j in the low nibble, j + 16 in the high one, plus 8
         b = values.reshape(-1, 16, *out).astype(np.int16)
         values = np.concatenate([b & 15, b >> 4], axis=1) - 8
+    elif bits == 6:  # 12 bytes per 16 inputs: value j + 32's low 4 bits in byte j % 8 (low nibble for j < 8),
+        # its top 2 at bit 2 * (j // 4) of byte 8 + j % 4
+        b = values.reshape(-1, 12, *out).astype(np.int16)
+        j = np.arange(16)
+        low = np.where((j < 8).reshape(1, 16, *[1] * len(out)), b[:, j % 8] & 15, b[:, j % 8] >> 4)
+        top = (b[:, 8 + j % 4] >> (2 * (j // 4)).reshape(1, 16, *[1] * len(out))) & 3
+        values = low + 16 * top - 32
     values = values.astype(np.float32).reshape(shape)
     if not group:
         return values * scale, np.abs(scale) / 2
@@ -81,11 +89,13 @@ def test_quantized_weights_are_the_checkpoint_within_a_step_and_compute_like_hf(
         else:
             g = source.reshape(-1, group, *source.shape[n_in:])
             expected = {"q8_0": np.abs(g).max(axis=1) / 127, "q4_k": (g.max(axis=1) - g.min(axis=1)) / 15,
-                        # llama.cpp's Q4_0: the input of largest magnitude maps to -8 exactly; the other
-                        # side's extreme may be clipped to 7, so allow a whole step
-                        "q4_0": np.take_along_axis(g, np.abs(g).argmax(axis=1)[:, None], axis=1)[:, 0] / -8}
+                        # llama.cpp's Q4_0 and Q6_K: the input of largest magnitude maps to -8 (-32) exactly;
+                        # the other side's extreme may be clipped to 7 (31), so allow a whole step
+                        "q4_0": np.take_along_axis(g, np.abs(g).argmax(axis=1)[:, None], axis=1)[:, 0] / -8,
+                        "q6_k": np.take_along_axis(g, np.abs(g).argmax(axis=1)[:, None], axis=1)[:, 0] / -32}
             np.testing.assert_allclose(scale, expected[encoding], rtol=1e-3)  # float16 scales
-            bound = bound * (2 if encoding == "q4_0" else 1.002)
+            # a whole step there, with the float16 scale's rounding (2^-11 of it) times up to 32 steps
+            bound = bound * (2.02 if encoding in ("q4_0", "q6_k") else 1.002)
         assert np.all(np.abs(got - source) <= bound + 1e-7), name
         swapped[hf_name] = got.reshape(-1, int(np.prod(got.shape[n_in:]))).T  # back to HF's [out, in]
     assert len(swapped) == 7 * hf.config.num_hidden_layers
@@ -95,7 +105,7 @@ def test_quantized_weights_are_the_checkpoint_within_a_step_and_compute_like_hf(
     with torch.no_grad():
         expected = _hf_with(hf, swapped)(torch.tensor(prompt[None], dtype=torch.long)).logits[0].numpy()
     np.testing.assert_allclose(logits, expected, atol=2e-4)
-    if encoding in ("int8", "q4_k"):  # the layer loop, with q/k/v and gate/up fused (graphs.fused), holds the
+    if encoding in ("int8", "q4_k", "q6_k"):  # the layer loop, with q/k/v and gate/up fused (graphs.fused), holds the
         # same values stacked and fused, and computes the same logits
         scan = build_model(path, quantization_encoding=encoding, return_logits="all", scan_layers=True,
                            fuse_projections=True)
@@ -120,14 +130,16 @@ def test_groups_that_do_not_divide_the_inputs_are_named(tmp_path):
         build_model(str(tmp_path), quantization_encoding="q4_k")
 
 
-# GGUF block type -> the encoding that keeps it, and how close the kept weights are to the file's
-# own dequantization (relative to the largest weight): Q8_0 and Q4_0 exactly (their float16 scales
-# are stored as they are); Q4_1's offsets and Q4_K's products of two scales round to float16.
-KEPT = {"Q8_0": ("q8_0", 0.0), "Q4_0": ("q4_0", 0.0), "Q4_1": ("q4_k", 2e-3), "Q4_K": ("q4_k", 2e-3)}
+# (GGUF block type, the encoding that keeps it, how close the kept weights are to the file's own
+# dequantization, relative to the largest weight): Q8_0 and Q4_0 exactly (their float16 scales are
+# stored as they are; q6_k gives each of Q4_0's scales to two groups of 16); Q4_1's offsets and the
+# K-quants' products of two scales round to float16.
+KEPT = [("Q8_0", "q8_0", 0.0), ("Q4_0", "q4_0", 0.0), ("Q4_1", "q4_k", 2e-3), ("Q4_K", "q4_k", 2e-3),
+        ("Q6_K", "q6_k", 2e-3), ("Q4_0", "q6_k", 0.0)]
 
 
-@pytest.mark.parametrize("qtype", list(KEPT))
-def test_gguf_blocks_are_kept_and_equal_the_file_dequantized(tmp_path, monkeypatch, qtype):
+@pytest.mark.parametrize("qtype, encoding, tol", KEPT)
+def test_gguf_blocks_are_kept_and_equal_the_file_dequantized(tmp_path, monkeypatch, qtype, encoding, tol):
     """A GGUF's quantized projections stay in their blocks (never read as floats, so never
     requantized): the weights they stand for equal the file read as floats (the gguf package's
     dequantization), within float16 rounding of the scales, and so do the logits."""
@@ -141,7 +153,6 @@ def test_gguf_blocks_are_kept_and_equal_the_file_dequantized(tmp_path, monkeypat
     float_read = GGUFTensors.read
     monkeypatch.setattr(GGUFTensors, "read", lambda self, name: read_as_float.append(name) or float_read(self, name))
 
-    encoding, tol = KEPT[qtype]
     torch.manual_seed(0)  # hidden 256: Q4_K's blocks are 256 values
     hf = tf.LlamaForCausalLM(tf.LlamaConfig(vocab_size=320, hidden_size=256, intermediate_size=512,
                                             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -171,6 +182,57 @@ def test_gguf_blocks_are_kept_and_equal_the_file_dequantized(tmp_path, monkeypat
     np.testing.assert_allclose(logits[1], logits[0], atol=1e-4 + 20 * tol * np.abs(logits[0]).max())
 
 
+def test_a_mixed_gguf_keeps_each_kinds_blocks(tmp_path, monkeypatch):
+    """A file mixing block types as llama.cpp's Q4_K_M does (Q6_K for some layers' attn_v and every
+    ffn_down, Q4_K elsewhere), quantization_encoding unset on an accelerator: each projection kind
+    runs in the most precise encoding among its layers' blocks. down keeps its Q6_K blocks as q6_k;
+    v is q6_k too, its Q4_K layer requantized; q/k/o/gate/up keep Q4_K as q4_k. q/k/v then differ
+    and stay apart, gate/up fuse. Weights and logits against the file read as floats."""
+    import torch
+    import transformers as tf
+
+    from gguf_util import write_llama_gguf
+    from maxlike.weights import quantize
+    from maxlike.weights.gguf_file import GGUFTensors
+
+    torch.manual_seed(0)
+    hf = tf.LlamaForCausalLM(tf.LlamaConfig(vocab_size=320, hidden_size=256, intermediate_size=512,
+                                            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                            max_position_embeddings=256)).eval()
+    path = str(tmp_path / "tiny-Q4_K_M.gguf")
+    qtypes = {"blk.0.attn_v.weight": "Q6_K", "blk.0.ffn_down.weight": "Q6_K", "blk.1.ffn_down.weight": "Q6_K"}
+    write_llama_gguf(path, hf.config, {k: v.numpy() for k, v in hf.state_dict().items()}, qtype="Q4_K",
+                     qtypes=qtypes)
+    plain = build_model(path, return_logits="all", quantization_encoding="float32", fuse_projections=False)
+    read_as_float = []
+    float_read = GGUFTensors.read
+    monkeypatch.setattr(GGUFTensors, "read", lambda self, name: read_as_float.append(name) or float_read(self, name))
+    monkeypatch.setitem(quantize.KEEP_GGUF_BLOCKS, "cpu", True)  # this CPU as an accelerator
+    mixed = build_model(path, return_logits="all", fuse_projections=True)
+    assert mixed.encoding == "q4_k (gate, k, o, q, up), q6_k (down, v)"
+    assert [n for n in read_as_float if n.startswith("blk.") and not n.endswith("norm.weight")] == [
+        "blk.1.attn_v.weight"]
+    assert "layers.0.gate_up" in mixed.params and "layers.0.qkv" not in mixed.params
+    assert mixed.params["layers.1.v"].shape[0] == 256 * 3 // 4 and mixed.params["layers.1.down"].shape[0] == 512 * 3 // 4
+    for name, ref in plain.params.items():
+        kind = name.rsplit(".", 1)[-1]
+        if kind in ("q", "k", "v", "o", "down"):
+            ref = np.asarray(ref)
+            encoding = "q6_k" if kind in ("v", "down") else "q4_k"
+            got, bound = _stored_weight(mixed.params, name, 2 if kind == "o" else 1, ref.shape, encoding)
+            if name == "layers.1.v":  # quantized again from the file's Q4_K values: within a q6_k step
+                assert np.all(np.abs(got - ref) <= 2.02 * bound + 1e-7), name
+            else:
+                assert np.abs(got - ref).max() <= 2e-3 * np.abs(ref).max(), name
+    prompt = random_prompt(11, seed=1)
+    logits = []
+    for m in (plain, mixed):
+        ctx = held(m, TextContext("q", prompt, 32))
+        logits.append(np.asarray(m.execute(m.prepare_initial_token_inputs([[ctx]])).logits)[0, -len(prompt):])
+    # (measured: 0.015 of a largest logit of 1.12, most of it from layer 1's v quantized again)
+    np.testing.assert_allclose(logits[1], logits[0], atol=0.02 * np.abs(logits[0]).max())
+
+
 # encoding -> how far its perplexity may be from the float model's (the issue's bounds: 8-bit 1%, 4-bit 5%).
 # SmolLM2's file is Q4_1: q4_k keeps its blocks; q4_0 quantizes those 4-bit values again onto a symmetric
 # grid, which measured 1.66x the float perplexity, so q4_0's ratio is printed, not bounded.
@@ -197,6 +259,15 @@ def test_a_gguf_keeps_its_blocks_by_default_on_accelerators_only(tmp_path):
     assert resolve_encoding(PipelineConfig(model_path=path, quantization_encoding="int8").model, "gpu") == "int8"
     hf.save_pretrained(tmp_path / "st")
     assert resolve_encoding(PipelineConfig(model_path=str(tmp_path / "st")).model, "gpu") is None
+    # Q6_K blocks (256 values: a 256-wide model) run as q6_k; a file mixing types runs in the one most of its
+    # projection weights are in (here, as llama.cpp's Q4_K_M, Q6_K for attn_v and ffn_down, Q4_K for the rest)
+    wide = tf.LlamaForCausalLM(tf.LlamaConfig(vocab_size=320, hidden_size=256, intermediate_size=512,
+                                              num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2))
+    state = {k: v.numpy() for k, v in wide.state_dict().items()}
+    mixed = {"blk.0.attn_v.weight": "Q6_K", "blk.0.ffn_down.weight": "Q6_K"}
+    for name, qtype, qtypes, expected in (("q6", "Q6_K", None, "q6_k"), ("km", "Q4_K", mixed, "q4_k")):
+        write_llama_gguf(str(tmp_path / f"{name}.gguf"), wide.config, state, qtype=qtype, qtypes=qtypes)
+        assert resolve_encoding(PipelineConfig(model_path=str(tmp_path / f"{name}.gguf")).model, "tpu") == expected
     # sized for the TPU it compiles for: 1 byte per projection weight and a float16 scale per 32, against 4 on CPU
     on_cpu = DecoderPipelineModel.estimate_weights_size(PipelineConfig(model_path=path, dtype="float32"))
     on_tpu = DecoderPipelineModel.estimate_weights_size(PipelineConfig(

@@ -24,6 +24,9 @@ def test_counts_follow_the_model(tiny_models):
     projections = sum(p.numel() for n, p in hf.named_parameters() if n.endswith("proj.weight"))
     assert rl.matmul_flops_per_token(q4) == rl.matmul_flops_per_token(model)
     assert rl.weight_bytes(q4) == 4 * (params - projections) + projections // 2 + 2 * 2 * projections // 32
+    # q6_k: 6 bits per projection weight plus a float16 scale per 16 of them
+    q6 = build_model(path, quantization_encoding="q6_k")
+    assert rl.weight_bytes(q6) == 4 * (params - projections) + projections * 3 // 4 + 2 * projections // 16
     head_dim = c.hidden_size // c.num_attention_heads
     assert rl.kv_bytes(model, 3, 50) == 2 * c.num_hidden_layers * 3 * 50 * c.num_key_value_heads * head_dim * 4
     assert rl.attention_flops(model, 10, 20) == 4 * c.num_hidden_layers * 10 * 20 * c.num_attention_heads * head_dim

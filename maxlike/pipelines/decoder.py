@@ -35,10 +35,11 @@ from maxlike.pipelines.sizing import DecoderSizing, log
 from maxlike.pipelines.step_inputs import next_inputs, place_replicated, place_sharded, unpack
 from maxlike.sharding import named_sharding, replicated
 from maxlike.weights import converted, quantize, read_weights
-from maxlike.weights.loader import resolve_encoding
+from maxlike.weights.loader import resolve_encodings
 
 from graphs.base import stack_layers, stacked_specs
-from graphs.fused import GATE_UP, QKV, fuse_specs, fuse_weights
+from graphs.fused import GROUPS as FUSED_GROUPS
+from graphs.fused import fuse_specs, fuse_weights
 from graphs.rope import at_length
 from graphs.layers import AttentionRun, GroupedPageTable
 
@@ -73,20 +74,25 @@ class DecoderPipelineModel(DecoderSizing, LogProbsMixin, ServingModel):
             self.config = dataclasses.replace(self.config, kv_heads=self.config.kv_heads * self.kv_repeat)
         self._layer_specs = self.arch.weight_specs(self.config)  # per layer, as checkpoints hold them
         self.scan_layers = layout.scan_layers(pipeline_config, session.platform, self._layer_specs)
-        # Quantized weights: the projections kept in `quantization_encoding` with their scales
-        encoding = resolve_encoding(pipeline_config.model, session.platform)
-        if encoding != pipeline_config.model.quantization_encoding:
-            log.info("keeping the GGUF's quantized blocks as quantization_encoding=%r (pass one to choose)", encoding)
-        self._encoding, self._quantized, self._layer_specs = quantize.plan(self._layer_specs, self.arch.lora_targets,
-                                                                           encoding)
+        # Quantized weights: the projections kept in their kind's encoding with their scales
+        encodings = resolve_encodings(pipeline_config.model, session.platform, self._layer_specs,
+                                      self.arch.checkpoint_names(self._source_config), self.arch.lora_targets)
+        self._encodings, self._quantized, self._layer_specs = quantize.plan(self._layer_specs, self.arch.lora_targets,
+                                                                            encodings)
+        self.encoding = quantize.describe(self._encodings)
+        if self._encodings and pipeline_config.model.quantization_encoding is None:
+            log.info("keeping the GGUF's quantized blocks: %s (pass quantization_encoding to choose one)",
+                     self.encoding)
         self.experts = layout.expert_run(pipeline_config, session.platform, mesh, getattr(self.config, "moe", None),
-                                         self._encoding)  # None: a model without experts
+                                         self.encoding)  # None: a model without experts
         self.fused = layout.fuse_projections(pipeline_config, session.platform)
-        specs = fuse_specs(self._layer_specs, self.config.kv_heads) if self.fused else self._layer_specs
-        if self.fused and self._quantized:
-            self._quantized = {**self._quantized, QKV: 1, GATE_UP: 1}
+        self._fused = {}  # q/k/v and gate/up fuse where stored alike (a Q4_K_M GGUF's v is q6_k, its q and k q4_k)
+        if self.fused:
+            self._fused, self._encodings, self._quantized = quantize.fusable(self._encodings, self._quantized,
+                                                                             FUSED_GROUPS)
+        specs = fuse_specs(self._layer_specs, self.config.kv_heads, self._fused) if self.fused else self._layer_specs
         specs = stacked_specs(specs) if self.scan_layers else specs
-        layout.check_divisible(specs, mesh, quantized=self._encoding is not None)
+        layout.check_divisible(specs, mesh, quantized=bool(self._encodings))
         self._specs = specs  # as `params` holds them
         self.weights_source = "none (compile-only)"  # or where `params` came from
         self.kv_params, self.max_batch_size, num_pages = self._plan_kv_cache(specs)
@@ -158,7 +164,8 @@ class DecoderPipelineModel(DecoderSizing, LogProbsMixin, ServingModel):
         cfg, source_config = self.pipeline_config, self._source_config
         self.weights_source = "checkpoint files"
         specs = self.arch.weight_specs(source_config)
-        keep = (self._encoding, quantize.linear_inputs(specs, self._quantized)) if self._quantized else None
+        keep = {name: (self._encodings[quantize.kind_of(name)], n_in)
+                for name, n_in in quantize.linear_inputs(specs, self._quantized).items()}
         return read_weights(cfg.model.model_path, specs, self.arch.checkpoint_names(source_config),
                             np.float32 if self._quantized else self.dtype, progress=progress,
                             weight_path=cfg.model.weight_path, keep=keep)
@@ -168,7 +175,7 @@ class DecoderPipelineModel(DecoderSizing, LogProbsMixin, ServingModel):
         cfg = self.pipeline_config
         if not cfg.weights_cache or jax.process_count() > 1:
             return None
-        conversion = (self.arch.name, str(self.dtype), self.kv_repeat, self._encoding,
+        conversion = (self.arch.name, str(self.dtype), self.kv_repeat, self.encoding,
                       tuple((name, spec.shape) for name, spec in self._specs.items()))
         return converted.checkpoint_dir(cfg.cache_dir or cache_root(), cfg.model.model_path, cfg.model.weight_path,
                                         conversion, code=self.arch.functions())
@@ -187,7 +194,7 @@ class DecoderPipelineModel(DecoderSizing, LogProbsMixin, ServingModel):
         """What makes this model's programs differ from another's (the executable cache's key parts).
         `code` hashes the architecture's and this class's source wherever they live, so an
         architecture registered from outside maxlike misses the cache when its code changes."""
-        program = repr((type(self).__name__, self.arch.name, self.config, str(self.dtype), self._encoding,
+        program = repr((type(self).__name__, self.arch.name, self.config, str(self.dtype), self.encoding,
                         self.kv_params, num_pages,
                         self.replicas, self.max_batch_size, self.max_length, self._max_prefill_tokens,
                         self.return_logits, self.return_hidden_states, self.scan_layers, self.fused,
@@ -218,14 +225,14 @@ class DecoderPipelineModel(DecoderSizing, LogProbsMixin, ServingModel):
         KV heads repeated for the mesh, layers stacked when they run as one loop."""
         host = {name: self._repeat_kv(host[name], spec) for name, spec in self._layer_specs.items() if name in host}
         if self._quantized:
-            host = quantize.quantize_host(host, quantize.linear_inputs(host, self._quantized), self._encoding)
+            host = quantize.quantize_host(host, quantize.linear_inputs(host, self._quantized), self._encodings)
         if self.fused:
-            host = fuse_weights(host, self.config.kv_heads)
+            host = fuse_weights(host, self.config.kv_heads, self._fused)
         return stack_layers(host) if self.scan_layers else host
 
     def _dtype_of(self, name: str):
         """A parameter's dtype: the model's, or the encoding's for quantized projections and their scales."""
-        return quantize.dtype_of(name, self._quantized, self.dtype, self._encoding)
+        return quantize.dtype_of(name, self._encodings, self.dtype)
 
     def _repeat_kv(self, array, spec) -> np.ndarray:
         if self.kv_repeat == 1 or "kv_heads" not in spec.axes:

@@ -49,14 +49,14 @@ def scan_layers(pipeline_config, platform: str, layer_specs: dict | None = None)
     return SCAN_LAYERS_DEFAULT.get(platform, False) and (layer_specs is None or uniform_layers(layer_specs))
 
 
-def expert_run(pipeline_config, platform: str, mesh, moe, encoding=None) -> ExpertRun | None:
+def expert_run(pipeline_config, platform: str, mesh, moe, encoding: str | None = None) -> ExpertRun | None:
     """How MoE layers run (graphs.moe.ExpertRun; None for a model without experts): `moe_kernel`,
-    else the backend's default."""
+    else the backend's default. `encoding`: the projections' (quantize.describe), None: float."""
     if moe is None:
         return None
     if encoding is not None:
-        log.warning("quantization_encoding=%r quantizes attention and dense MLP projections; the experts stay in "
-                    "the model's float dtype (quantized experts are not built yet)", encoding.name)
+        log.warning("quantization_encoding %s quantizes attention and dense MLP projections; the experts stay in "
+                    "the model's float dtype (quantized experts are not built yet)", encoding)
     return ExpertRun(pipeline_config.moe_kernel or MOE_KERNEL_DEFAULT.get(platform, "grouped"), mesh)
 
 
@@ -70,8 +70,8 @@ def fuse_projections(pipeline_config, platform: str) -> bool:
 
 
 def check_divisible(specs: dict, mesh, *, quantized: bool) -> None:
-    """Refuse, before anything is read, weights the mesh cannot split evenly (quantized groups of 32
-    inputs can be larger than a device's share of them)."""
+    """Refuse, before anything is read, weights the mesh cannot split evenly (quantized groups of 16
+    or 32 inputs can be larger than a device's share of them)."""
     uneven = indivisible(specs, mesh)
     if uneven:
         raise ConfigError(f"tensor_parallel_degree={mesh.shape['tensor']} cannot split {len(uneven)} weight(s) "

@@ -19,7 +19,7 @@ from maxlike.pipelines import memory
 from maxlike.pipelines.model import ReturnLogits, upper_bounded_default
 from maxlike.weights.lean import text_config_of
 from maxlike.weights import quantize
-from maxlike.weights.loader import resolve_encoding
+from maxlike.weights.loader import resolve_encodings
 from maxlike.pipelines.registry import PIPELINE_REGISTRY
 from maxlike.pipelines.serving import Bucket
 from maxlike.sharding import device_bytes
@@ -67,9 +67,11 @@ class DecoderSizing:
         hf = load_hf_config(pipeline_config.model.model_path)
         arch, cfg = cls._graph_and_config(hf)
         dtype = memory.resolve_dtype(pipeline_config.model.dtype, _platform(pipeline_config))
-        enc, kinds, specs = quantize.plan(arch.weight_specs(cfg), arch.lora_targets,
-                                          resolve_encoding(pipeline_config.model, _platform(pipeline_config)))
-        return memory.weights_bytes(specs, lambda name: quantize.dtype_of(name, kinds, dtype, enc))
+        specs = arch.weight_specs(cfg)
+        encodings = resolve_encodings(pipeline_config.model, _platform(pipeline_config), specs,
+                                      arch.checkpoint_names(cfg), arch.lora_targets)
+        encs, _, specs = quantize.plan(specs, arch.lora_targets, encodings)
+        return memory.weights_bytes(specs, lambda name: quantize.dtype_of(name, encs, dtype))
 
     @classmethod
     def estimate_activation_memory(cls, pipeline_config, huggingface_config) -> int:

@@ -1,8 +1,9 @@
 """llama.cpp's quantized blocks kept as they are: raw GGUF blocks -> values, scales and offsets.
 
 A tensor [rows, cols] quantized in blocks along cols becomes, in HF layout:
-values [rows, cols] (int8: Q8_0's values, or a 4-bit value minus 8 in -8..7), scale and offset
-[rows, cols / 32] float32, with w = values * scale (+ offset) per 32 consecutive columns. That is
+values [rows, cols] (int8: Q8_0's values, a 4-bit value minus 8 in -8..7, or Q6_K's 6-bit value
+minus 32 in -32..31), scale and offset [rows, cols / group] float32, with w = values * scale
+(+ offset) per `group` consecutive columns (32; Q6_K's sub-blocks: 16). That is
 `maxlike.weights.quantize`'s grouped form, so the device holds the file's own numbers (scales
 rounded to float16). Block layouts: ggml-common.h; all fields little-endian.
 """
@@ -10,8 +11,6 @@ rounded to float16). Block layouts: ggml-common.h; all fields little-endian.
 from __future__ import annotations
 
 import numpy as np
-
-GROUP = 32
 
 
 def _half(raw: np.ndarray) -> np.ndarray:
@@ -53,17 +52,32 @@ def _q4_k(b):
     return q, scale[..., None], (8 * scale - dmin * mn.astype(np.float32))[..., None]
 
 
-# GGUF type -> (bytes per block, values per block, decoder)
-BLOCKS = {"Q8_0": (34, 32, _q8_0), "Q4_0": (18, 32, _q4_0), "Q4_1": (20, 32, _q4_1), "Q4_K": (144, 256, _q4_k)}
+def _q6_k(b):
+    """block_q6_K (256 values): ql[128], qh[64], 16 int8 sub-block scales, d. w = d * sc_j * (q - 32)
+    per 16 values. Each half of 128 values takes 64 bytes of ql and 32 of qh; in it, value
+    32 k + l (k = 0..3, l = 0..31) has its low 4 bits in the low (k < 2) or high nibble of
+    ql[l + 32 (k % 2)] and its top 2 bits at bit 2 k of qh[l]."""
+    ql = b[..., 0:128].reshape(*b.shape[:-1], 2, 1, 64)
+    low = np.concatenate([ql & 15, ql >> 4], axis=-2).reshape(*b.shape[:-1], 2, 4, 32)
+    qh = b[..., 128:192].reshape(*b.shape[:-1], 2, 1, 32)
+    top = (qh >> np.array([0, 2, 4, 6], np.uint8)[:, None]) & 3  # [..., 2, 4, 32]
+    q = (low | (top << 4)).astype(np.int8).reshape(*b.shape[:-1], 16, 16) - 32
+    scale = _half(b[..., 208:210]) * b[..., 192:208].view(np.int8).astype(np.float32)  # [..., 16]
+    return q, scale[..., None], None
+
+
+# GGUF type -> (bytes per block, values per block, values per scale, decoder)
+BLOCKS = {"Q8_0": (34, 32, 32, _q8_0), "Q4_0": (18, 32, 32, _q4_0), "Q4_1": (20, 32, 32, _q4_1),
+          "Q4_K": (144, 256, 32, _q4_k), "Q6_K": (210, 256, 16, _q6_k)}
 
 
 def decode(raw: np.ndarray, qtype: str, rows: int, cols: int) -> dict[str, np.ndarray]:
-    """A tensor's raw bytes -> {"": values [rows, cols] int8, "_scale": [rows, cols / 32] float32,
-    "_offset": the same (zeros when the type has none)}."""
-    nbytes, per_block, fn = BLOCKS[qtype]
+    """A tensor's raw bytes -> {"": values [rows, cols] int8, "_scale": [rows, cols / group] float32,
+    "_offset": the same (zeros when the type has none)}, group the type's values per scale."""
+    nbytes, per_block, group, fn = BLOCKS[qtype]
     blocks = np.asarray(raw, np.uint8).reshape(rows, cols // per_block, nbytes)
     values, scale, offset = fn(blocks)
-    groups = cols // GROUP
+    groups = cols // group
     scale = np.broadcast_to(scale, (*values.shape[:-1], 1)).reshape(rows, groups)
     offset = np.zeros_like(scale) if offset is None else offset.reshape(rows, groups)
     return {"": values.reshape(rows, cols), "_scale": scale, "_offset": offset}

@@ -172,7 +172,7 @@ def _write_tokenizer_with_transformers(model_path: str, folder: str) -> None:
 
 def read_weights(
     model_path: str, specs: Mapping[str, Any], names: Mapping[str, Any], dtype: Any, *, progress: bool = True,
-    weight_path: tuple[str, ...] = (), keep: tuple[Any, dict[str, int]] | None = None,
+    weight_path: tuple[str, ...] = (), keep: dict[str, tuple[Any, int]] | None = None,
 ) -> dict[str, np.ndarray]:
     """Read, convert and cast every weight in `specs` (graphs.WeightSpec: our shape) from the
     checkpoint tensors `names` maps it to (graphs.Source) into host arrays of `dtype`.
@@ -182,8 +182,8 @@ def read_weights(
     in `model_path`. The whole checkpoint is validated first (headers, sizes,
     types, names).
 
-    `keep` = (encoding, {projection name: input axes}) (maxlike.weights.quantize): GGUF
-    projections whose blocks the encoding stores exactly come back already quantized, as
+    `keep` = {projection name: (Encoding, input axes)} (maxlike.weights.quantize): GGUF
+    projections whose blocks their encoding stores exactly come back already quantized, as
     `name` plus its scale (and offset) arrays, in our layout.
     """
     fmt = weights_format(model_path)
@@ -202,12 +202,12 @@ def read_weights(
             "the checkpoint does not match its config (wrong architecture or an incomplete download)."
         )
     out: dict[str, np.ndarray] = {}
-    enc, kept = keep if keep is not None and fmt == "gguf" else (None, {})
+    kept = keep if keep is not None and fmt == "gguf" else {}
     for name, spec in tqdm(specs.items(), desc="loading weights", unit="tensor", disable=not progress):
         source = names[name]
         parts = None
-        if name in kept and reader.quant_type(source_names[name]) in enc.kept_gguf:
-            parts = _kept(reader.read_blocks(source_names[name]), source, kept[name], enc, name)
+        if name in kept and reader.quant_type(source_names[name]) in kept[name][0].kept_gguf:
+            parts = _kept(reader.read_blocks(source_names[name]), source, kept[name][1], kept[name][0], name)
             arr = parts[name]
         else:
             arr = _read(reader, source_names[name])
@@ -275,6 +275,28 @@ def resolve_encoding(model_config, platform: str) -> str | None:
         if t.name.startswith("blk.") and t.name.endswith(quantize.GGUF_PROJECTIONS):
             sizes[t.tensor_type.name] = sizes.get(t.tensor_type.name, 0) + int(t.n_elements)
     return quantize.GGUF_ENCODING.get(max(sizes, key=sizes.get)) if sizes else None
+
+
+def resolve_encodings(model_config, platform: str, specs: dict, names: dict, lora_targets: dict) -> dict[str, str]:
+    """{projection kind: encoding name} the model runs in ({}: float). `quantization_encoding` set:
+    every kind in it. Unset, a GGUF on an accelerator keeps its blocks: each kind runs in the most
+    precise encoding (quantize.PRECISION) among its layers' block types, so a Q4_K_M file keeps its
+    Q6_K attn_v and ffn_down as q6_k and the rest as q4_k; a kind none of whose types has an
+    encoding (F16, Q5_K, ...) runs in the one most of the file's projections are in.
+    specs, names: the per-layer weight specs and their checkpoint names (graphs.Source)."""
+    kinds = sorted({kind for kind, _ in lora_targets.values()})
+    model = resolve_encoding(model_config, platform)
+    if model_config.quantization_encoding is not None or model is None:
+        return {kind: model for kind in kinds} if model in quantize.ENCODINGS else {}
+    reader = gguf_file.check_file(checkpoint_files(model_config.model_path, model_config.weight_path)[0])
+    types = {t.name: t.tensor_type.name for t in reader.tensors}
+    found: dict[str, set] = {kind: set() for kind in kinds}
+    for name in quantize.linear_inputs(specs, {kind: 0 for kind in kinds}):
+        sources = names[name].gguf_name
+        for source in (sources,) if isinstance(sources, str) else sources:
+            if types.get(source) in quantize.GGUF_ENCODING:
+                found[quantize.kind_of(name)].add(quantize.GGUF_ENCODING[types[source]])
+    return {kind: max(found[kind], key=quantize.PRECISION.index) if found[kind] else model for kind in kinds}
 
 
 def checkpoint_files(model_path: str, weight_path: tuple[str, ...] = ()) -> list[str]:

@@ -5,21 +5,26 @@ values) plus `name + "_scale"` and, for affine 4-bit, `name + "_offset"`:
 
 - per output channel (int8, float8_e4m3fn): scale [*out] float32; w ~ values * scale. The graph
   multiplies x by the values, then by the scale.
-- grouped (q8_0, q4_0, q4_k): one scale (and offset) per `group` consecutive input values of each
-  output channel, counted over the flattened input axes as llama.cpp's blocks are: scale
-  [prod(in) / group, *out] float16; w ~ values * scale (+ offset). The graph dequantizes the
-  weight in the matmul's input (`graphs.layers.projection`).
+- grouped (q8_0, q4_0, q4_k in groups of 32, q6_k in groups of 16): one scale (and offset) per
+  `group` consecutive input values of each output channel, counted over the flattened input axes
+  as llama.cpp's blocks are: scale [prod(in) / group, *out] float16; w ~ values * scale
+  (+ offset). The graph dequantizes the weight in the matmul's input (`graphs.layers.projection`).
 - 4-bit values (-8..7) are stored packed, two to a byte, as uint8 [prod(in) / 2, *out]: within
   each group of 32 inputs, byte j holds value j + 8 in its low nibble and value j + 16 + 8 in its
   high one (llama.cpp's Q4_0 order). Packing by hand rather than as jnp.int4 keeps the bytes
   halved on every backend and in the converted-weights cache (XLA:CPU and TensorStore do not
   hold int4 packed).
+- 6-bit values (-32..31) are stored as uint8 [prod(in) * 3 / 4, *out], 12 bytes per group of 16
+  inputs: value j + 32 (0..63) has its low 4 bits in byte j % 8 (the low nibble for j < 8, the
+  high one after) and its top 2 bits in byte 8 + j % 4, at bit 2 * (j // 4). The same split as
+  llama.cpp's Q6_K (4 low bits and 2 high bits in separate planes), over one group.
 
 Quantize-on-load (from float weights) rounds to nearest. GGUF tensors whose blocks fit an
-encoding exactly (Q8_0 for q8_0; Q4_0 for q4_0; Q4_0, Q4_1 and Q4_K for q4_k) are kept as they
-are (`maxlike.weights.gguf_blocks`); any other tensor is dequantized and quantized again. Without
-an encoding, a GGUF keeps its blocks on GPU and TPU (`maxlike.weights.loader.resolve_encoding`).
-Embeddings, norms and the LM head stay in the model's dtype. Works on per-layer names
+encoding exactly (Q8_0 for q8_0; Q4_0 for q4_0; Q4_0, Q4_1 and Q4_K for q4_k; Q6_K and Q4_0 for
+q6_k) are kept as they are (`maxlike.weights.gguf_blocks`); any other tensor is dequantized and
+quantized again. Each projection kind has its encoding ({kind: Encoding}): one for all, or, for a
+GGUF without `quantization_encoding` on GPU and TPU, the one keeping its layers' blocks
+(`maxlike.weights.loader.resolve_encodings`). Embeddings, norms and the LM head stay in the model's dtype. Works on per-layer names
 ("layers.{i}.{kind}"); stacking for the layer loop comes after, scales included.
 """
 
@@ -61,6 +66,9 @@ ENCODINGS = {e.name: e for e in (
     Encoding("q4_0", np.uint8, bits=4, group=32, scale_dtype=np.float16, kept_gguf=("Q4_0",)),
     Encoding("q4_k", np.uint8, bits=4, group=32, offset=True, scale_dtype=np.float16,
              kept_gguf=("Q4_0", "Q4_1", "Q4_K")),
+    # Q6_K's scale per 16 is the product of its block's float16 and a sub-block's int8; stored as
+    # one float16 (rounded), 7 bits a weight in all against Q6_K's 6.56.
+    Encoding("q6_k", np.uint8, bits=6, group=16, scale_dtype=np.float16, kept_gguf=("Q6_K", "Q4_0")),
 )}
 FP8_MAX = float(ml_dtypes.finfo(ml_dtypes.float8_e4m3fn).max)  # 448
 
@@ -68,65 +76,94 @@ FP8_MAX = float(ml_dtypes.finfo(ml_dtypes.float8_e4m3fn).max)  # 448
 # quantization_encoding=None on a GGUF: on accelerators, the encoding that keeps the blocks most of its
 # projection weights are in (MAX reads a GGUF's encoding from the file too). On CPU the file is
 # dequantized: XLA:CPU runs float weights several times faster (README, Performance).
-GGUF_ENCODING = {"Q8_0": "q8_0", "Q4_0": "q4_0", "Q4_1": "q4_k", "Q4_K": "q4_k"}
+GGUF_ENCODING = {"Q8_0": "q8_0", "Q4_0": "q4_0", "Q4_1": "q4_k", "Q4_K": "q4_k", "Q6_K": "q6_k"}
 KEEP_GGUF_BLOCKS = {"gpu": True, "tpu": True, "cpu": False}
 GGUF_PROJECTIONS = ("attn_q.weight", "attn_k.weight", "attn_v.weight", "attn_qkv.weight", "attn_output.weight",
                     "ffn_gate.weight", "ffn_up.weight", "ffn_down.weight")
 
 
-def encoding_of(name: str | None) -> Encoding | None:
-    """The quantized encoding `quantization_encoding` names (None for float dtypes / none)."""
-    return ENCODINGS.get(name) if name else None
+# Encodings from least to most precise: a GGUF projection kind whose layers hold different block types runs in
+# the most precise of their encodings (llama.cpp's Q4_K_M: Q6_K for some layers' attn_v and ffn_down).
+PRECISION = ("q4_0", "q4_k", "q6_k", "q8_0")
 
 
-def plan(specs: dict[str, WeightSpec], lora_targets: dict, encoding: str | None):
-    """(encoding, {projection kind: input axes}, specs with the scales) for `quantization_encoding`
-    (None, {}, specs unchanged for a float model). The projections quantized are the kinds LoRA
-    can target (the architecture's `lora_targets`)."""
-    enc = encoding_of(encoding)
-    if enc is None:
-        return None, {}, specs
-    kinds = {kind: n_in for kind, n_in in lora_targets.values()}
-    return enc, kinds, quantized_specs(specs, linear_inputs(specs, kinds), enc)
+def kind_of(name: str) -> str:
+    """The projection kind of a per-layer or stacked weight name ("layers.3.v" -> "v")."""
+    return name.rsplit(".", 1)[-1]
+
+
+def plan(specs: dict[str, WeightSpec], lora_targets: dict, encodings: dict[str, str]):
+    """({projection kind: Encoding}, {projection kind: input axes}, specs with the scales) for
+    `encodings` ({kind: encoding name}, maxlike.weights.loader.resolve_encodings); ({}, {}, specs
+    unchanged) for a float model. The projection kinds are those LoRA can target (the
+    architecture's `lora_targets`)."""
+    encs = {kind: ENCODINGS[name] for kind, name in encodings.items() if name in ENCODINGS}
+    if not encs:
+        return {}, {}, specs
+    inputs = {kind: n_in for kind, n_in in lora_targets.values()}
+    kinds = {kind: inputs[kind] for kind in encs}
+    return encs, kinds, quantized_specs(specs, linear_inputs(specs, kinds), encs)
+
+
+def describe(encs: dict[str, Encoding]) -> str | None:
+    """The encodings of a plan in words ("q4_k" when every kind shares one, else
+    "q4_k (gate, k, o, q, up), q6_k (down, v)"); None for a float model."""
+    by_name: dict[str, list[str]] = {}
+    for kind, enc in sorted(encs.items()):
+        by_name.setdefault(enc.name, []).append(kind)
+    if len(by_name) <= 1:
+        return next(iter(by_name), None)
+    return ", ".join(f"{name} ({', '.join(kinds)})" for name, kinds in sorted(by_name.items()))
+
+
+def fusable(encs: dict[str, Encoding], kinds: dict[str, int], groups: dict[str, tuple[str, ...]]):
+    """(the fused weights of `groups` ({fused name: the kinds it joins}, graphs.fused.GROUPS) whose
+    parts share an encoding, or are all float: fusing concatenates values and scales alike; encs
+    and kinds (input axes) with those fused weights added where quantized)."""
+    fused = {name: parts for name, parts in groups.items() if len({encs.get(kind) for kind in parts}) == 1}
+    quantized = [name for name, parts in fused.items() if parts[0] in encs]
+    return (fused, {**encs, **{name: encs[fused[name][0]] for name in quantized}},
+            {**kinds, **{name: 1 for name in quantized}})
 
 
 def linear_inputs(specs: dict[str, WeightSpec], kinds: dict[str, int]) -> dict[str, int]:
     """The projection weights among per-layer `specs` (kind in `kinds`: kind -> input axes)."""
-    return {name: kinds[name.rsplit(".", 1)[-1]] for name in specs
-            if name.startswith("layers.") and name.rsplit(".", 1)[-1] in kinds}
+    return {name: kinds[kind_of(name)] for name in specs
+            if name.startswith("layers.") and kind_of(name) in kinds}
 
 
-def quantized_specs(specs: dict[str, WeightSpec], inputs: dict[str, int], enc: Encoding) -> dict[str, WeightSpec]:
-    """`specs` plus each projection's scale (and offset): per channel, its shape and axes without
-    the input axes; grouped, one leading axis of groups named as the first input axis."""
+def quantized_specs(specs: dict[str, WeightSpec], inputs: dict[str, int], encs: dict[str, Encoding]
+                    ) -> dict[str, WeightSpec]:
+    """`specs` plus each projection's scale (and offset) in its kind's encoding: per channel, its
+    shape and axes without the input axes; grouped, one leading axis of groups named as the first
+    input axis."""
     out = dict(specs)
     for name, n_in in inputs.items():
-        spec = specs[name]
+        spec, enc = specs[name], encs[kind_of(name)]
         if enc.group:
             size = math.prod(spec.shape[:n_in])
             if size % enc.group:
                 raise ConfigError(f"quantization_encoding={enc.name!r} quantizes {enc.group} input values at a time, "
                                   f"and {name} has {size} inputs: use int8 or float8_e4m3fn for this model.")
             part = WeightSpec((size // enc.group, *spec.shape[n_in:]), (spec.axes[0], *spec.axes[n_in:]))
-            if enc.bits == 4:
-                out[name] = WeightSpec((size // 2, *spec.shape[n_in:]), part.axes)
+            if enc.bits < 8:  # packed (module doc)
+                out[name] = WeightSpec((size * enc.bits // 8, *spec.shape[n_in:]), part.axes)
         else:
             part = WeightSpec(spec.shape[n_in:], spec.axes[n_in:])
         out.update({name + suffix: part for suffix in enc.parts})
     return out
 
 
-def dtype_of(name: str, kinds, dtype, enc: Encoding | None = None):
-    """A parameter's dtype (kinds: the projection kinds quantized; empty: none): the encoding's
-    values for those projections (per layer or stacked), its scale dtype for their scales and
-    offsets, else `dtype`."""
-    kind = name.rsplit(".", 1)[-1]
-    if kinds and enc is not None:
-        for suffix in enc.parts:
-            if kind.endswith(suffix) and kind[: -len(suffix)] in kinds:
-                return np.dtype(enc.scale_dtype)
-        if kind in kinds:
-            return np.dtype(enc.values)
+def dtype_of(name: str, encs: dict[str, Encoding], dtype):
+    """A parameter's dtype (encs: {projection kind: Encoding}, empty for a float model): the kind's
+    encoding's values for those projections (per layer or stacked), its scale dtype for their
+    scales and offsets, else `dtype`."""
+    kind = kind_of(name)
+    if kind in encs:
+        return np.dtype(encs[kind].values)
+    for suffix in (SCALE, OFFSET):
+        if kind.endswith(suffix) and kind[: -len(suffix)] in encs:
+            return np.dtype(encs[kind[: -len(suffix)]].scale_dtype)
     return np.dtype(dtype)
 
 
@@ -156,9 +193,10 @@ def quantize(w: np.ndarray, n_in: int, enc: Encoding) -> dict[str, np.ndarray]:
         parts = {SCALE: scale, OFFSET: offset}
         lowest, highest = -8, 7
     else:
-        if enc.name == "q4_0":  # llama.cpp: the value of largest magnitude maps to -8 exactly
+        if enc.bits < 8:  # llama.cpp's Q4_0 and Q6_K: the value of largest magnitude maps to -8 (-32) exactly
             peak = np.take_along_axis(g, np.abs(g).argmax(axis=1)[:, None], axis=1)[:, 0]
-            scale, lowest, highest = peak / -8, -8, 7
+            lowest = -(1 << (enc.bits - 1))
+            scale, highest = peak / lowest, -lowest - 1
         else:
             scale, lowest, highest = np.abs(g).max(axis=1) / 127, -127, 127
         scale = scale.astype(enc.scale_dtype)
@@ -168,32 +206,43 @@ def quantize(w: np.ndarray, n_in: int, enc: Encoding) -> dict[str, np.ndarray]:
     return {"": np.clip(q, lowest, highest).astype(np.int8).reshape(w.shape), **parts}
 
 
-def pack4(values: np.ndarray, n_in: int, group: int) -> np.ndarray:
-    """4-bit values (int8 -8..7) [*in, *out] -> uint8 [prod(in) / 2, *out], two to a byte (module doc)."""
-    g = (_grouped(values, n_in, group) + 8).astype(np.uint8)
-    return (g[:, : group // 2] | (g[:, group // 2:] << 4)).reshape(-1, *values.shape[n_in:])
+def pack(values: np.ndarray, n_in: int, enc: Encoding) -> np.ndarray:
+    """4- or 6-bit values (int8, -8..7 or -32..31) [*in, *out] -> uint8 [prod(in) * bits / 8, *out]
+    (module doc)."""
+    g = (_grouped(values, n_in, enc.group) + (1 << (enc.bits - 1))).astype(np.uint8)
+    half = enc.group // 2
+    low = (g[:, :half] & 15) | ((g[:, half:] & 15) << 4)
+    if enc.bits == 6:
+        top, q = g >> 4, enc.group // 4
+        low = np.concatenate([low, top[:, :q] | (top[:, q:2 * q] << 2) | (top[:, 2 * q:3 * q] << 4)
+                              | (top[:, 3 * q:] << 6)], axis=1)
+    return low.reshape(-1, *values.shape[n_in:])
 
 
-def quantize_host(host: dict[str, np.ndarray], inputs: dict[str, int], enc: Encoding) -> dict[str, np.ndarray]:
-    """Host weights -> quantized projections with their scales, as stored (projections kept
-    quantized from the checkpoint arrive with their scales; the rest unchanged)."""
+def quantize_host(host: dict[str, np.ndarray], inputs: dict[str, int], encs: dict[str, Encoding]
+                  ) -> dict[str, np.ndarray]:
+    """Host weights -> quantized projections with their scales, as stored, each in its kind's
+    encoding (projections kept quantized from the checkpoint arrive with their scales; the rest
+    unchanged)."""
     out = dict(host)
     for name, n_in in inputs.items():
+        enc = encs[kind_of(name)]
         if name + SCALE not in host:
             out.update({name + suffix: a for suffix, a in quantize(host[name], n_in, enc).items()})
-        if enc.bits == 4:
-            out[name] = pack4(out[name], n_in, enc.group)
+        if enc.bits < 8:
+            out[name] = pack(out[name], n_in, enc)
         else:
             out[name] = np.asarray(out[name]).astype(enc.values)
     return out
 
 
 def in_layout(parts: dict[str, np.ndarray], convert, n_in: int, enc: Encoding) -> dict[str, np.ndarray]:
-    """A kept GGUF tensor's parts in HF layout (values [out, in]; scales [out, in / group]) ->
-    ours, through the weight's own conversion (transposes, reshapes, row permutations): each
-    scale is spread over its group, converted as the weight is, then taken once per group."""
+    """A kept GGUF tensor's parts in HF layout (values [out, in]; scales [out, in / its block's
+    group]) -> ours, through the weight's own conversion (transposes, reshapes, row permutations):
+    each scale is spread over its block's group, converted as the weight is, then taken once per
+    group of the encoding (which divides the block's: Q4_0's 32 into q6_k's 16)."""
     out = {"": convert(parts[""])}
     for suffix in enc.parts:
-        spread = convert(np.repeat(parts[suffix], enc.group, axis=-1))
+        spread = convert(np.repeat(parts[suffix], parts[""].shape[-1] // parts[suffix].shape[-1], axis=-1))
         out[suffix] = _grouped(spread, n_in, enc.group)[:, 0]
     return out
