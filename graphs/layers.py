@@ -279,21 +279,20 @@ def projection(mask):
 
 
 def dequantize_grouped(values, scale, offset, in_shape: tuple, dtype) -> jax.Array:
-    """values [*in, *out] (or 4- / 6-bit packed: uint8 [prod(in) * bits / 8, *out],
+    """values [*in, *out] (or 4-, 5- or 6-bit packed: uint8 [prod(in) * bits / 8, *out],
     maxlike.weights.quantize); scale (and offset) [groups, *out], one per run of consecutive inputs
     over the flattened input axes -> the weight [*in, *out], values * scale (+ offset), in `dtype`."""
     out = values.shape[1:] if values.dtype == jnp.uint8 else values.shape[len(in_shape):]
     grouped = values.reshape(scale.shape[0], -1, *out)
-    if values.dtype == jnp.uint8:
-        # byte j of a group: value j in the low nibble, j + group / 2 in the high one; 6-bit groups
-        # of 16 add 4 bytes of top bits, value j's at bit 2 (j // 4) of byte 8 + j % 4; then - 8 (- 32)
-        six = grouped.shape[1] * 4 == math.prod(in_shape) // scale.shape[0] * 3
-        low = grouped[:, :8] if six else grouped
-        w = jnp.concatenate([low & 15, low >> 4], axis=1)
-        if six:
-            top = grouped[:, 8:]
-            w = w | (jnp.concatenate([top & 3, (top >> 2) & 3, (top >> 4) & 3, top >> 6], axis=1) << 4)
-        w = w.astype(dtype) - (32 if six else 8)
+    if values.dtype == jnp.uint8:  # packed: per group, value j's nibble in byte j (low) or j - group / 2 (high)
+        group = math.prod(in_shape) // scale.shape[0]
+        bits, half = grouped.shape[1] * 8 // group, group // 2
+        w = jnp.concatenate([grouped[:, :half] & 15, grouped[:, :half] >> 4], axis=1)
+        if bits > 4:  # 5 / 6 bits: the rest of value j at bit (bits - 4) * (j // 4) of byte half + j % 4
+            top, extra = grouped[:, half:], bits - 4
+            w = w | (jnp.concatenate([(top >> (extra * i)) & ((1 << extra) - 1) for i in range(8 // extra)],
+                                     axis=1) << 4)
+        w = w.astype(dtype) - (1 << (bits - 1))
     else:
         w = grouped.astype(dtype)
     w = w * scale.astype(dtype)[:, None]

@@ -17,10 +17,10 @@ from typing import Any
 
 _DTYPES = ("auto", "float32", "bfloat16", "float16")
 # Weights kept quantized on the device (activations in `dtype`; maxlike.weights.quantize): int8 and
-# float8_e4m3fn with a float32 scale per output channel; q8_0, q4_0 and q4_k (affine) in groups of 32
-# inputs and q6_k in groups of 16, with float16 scales, as llama.cpp's blocks. MAX's other names, not
+# float8_e4m3fn with a float32 scale per output channel; q8_0, q4_0, q4_k and q5_k (the last two affine) in
+# groups of 32 inputs and q6_k in groups of 16, with float16 scales, as llama.cpp's blocks. MAX's other names, not
 # built yet, are refused by name.
-QUANTIZED_ENCODINGS = ("int8", "float8_e4m3fn", "q8_0", "q4_0", "q4_k", "q6_k")
+QUANTIZED_ENCODINGS = ("int8", "float8_e4m3fn", "q8_0", "q4_0", "q4_k", "q5_k", "q6_k")
 NOT_BUILT_ENCODINGS = ("gptq",)
 
 
@@ -51,8 +51,8 @@ class ModelConfig:
             _check(
                 self.quantization_encoding in _DTYPES[1:] + QUANTIZED_ENCODINGS,
                 f"quantization_encoding={self.quantization_encoding!r} is not supported: "
-                f"use one of {_DTYPES[1:] + QUANTIZED_ENCODINGS} (a GGUF's Q8_0 / Q4_0 / Q4_1 / Q4_K / Q6_K blocks "
-                "are kept by the encoding that stores them: q8_0, q4_0, q4_k, q6_k).",
+                f"use one of {_DTYPES[1:] + QUANTIZED_ENCODINGS} (a GGUF's Q8_0 / Q4_0 / Q4_1 / Q4_K / Q5_K / "
+                "Q6_K blocks are kept by the encoding that stores them: q8_0, q4_0, q4_k, q5_k, q6_k).",
             )
             if self.dtype == "auto" and self.quantization_encoding in _DTYPES:
                 object.__setattr__(self, "dtype", self.quantization_encoding)

@@ -71,7 +71,9 @@ def write_llama_gguf(path, hf_config, state_dict: dict[str, np.ndarray], qtype: 
             w.add_tensor(gguf_name(name), arr.astype(np.float16))
         elif kind == gguf.GGMLQuantizationType.Q4_K:  # the gguf package has no Q4_K quantizer
             w.add_tensor(gguf_name(name), quantize_q4_k(arr), raw_dtype=kind)
-        elif kind == gguf.GGMLQuantizationType.Q6_K:  # nor a Q6_K one
+        elif kind == gguf.GGMLQuantizationType.Q5_K:  # nor Q5_K
+            w.add_tensor(gguf_name(name), quantize_q4_k(arr, bits=5), raw_dtype=kind)
+        elif kind == gguf.GGMLQuantizationType.Q6_K:  # nor Q6_K
             w.add_tensor(gguf_name(name), quantize_q6_k(arr), raw_dtype=kind)
         else:
             w.add_tensor(gguf_name(name), quantize(arr, kind), raw_dtype=kind)
@@ -83,14 +85,17 @@ def write_llama_gguf(path, hf_config, state_dict: dict[str, np.ndarray], qtype: 
     w.close()
 
 
-def quantize_q4_k(w: np.ndarray) -> np.ndarray:
+def quantize_q4_k(w: np.ndarray, bits: int = 4) -> np.ndarray:
     """[rows, cols] float32 -> Q4_K blocks [rows, cols / 256 * 144] uint8 (block_q4_K in ggml-common.h):
     per 32 values, w ~ d * sc * q - dmin * m with q 0..15 and 6-bit sc, m per sub-block. A plain
-    round-to-nearest quantizer (llama.cpp searches for better scales); enough for a valid file."""
+    round-to-nearest quantizer (llama.cpp searches for better scales); enough for a valid file.
+    bits=5: Q5_K (176 bytes a block), q 0..31, its fifth bits in qh[32] before qs (value l of
+    sub-block j: bit j of qh[l])."""
     rows, cols = w.shape
+    top = (1 << bits) - 1
     b = w.reshape(rows, cols // 256, 8, 32)
     sub_min = -np.minimum(b.min(-1), 0)  # [rows, blocks, 8] >= 0
-    sub_scale = (b.max(-1) + sub_min) / 15
+    sub_scale = (b.max(-1) + sub_min) / top
     d = (sub_scale.max(-1) / 63).astype(np.float16)
     dmin = (sub_min.max(-1) / 63).astype(np.float16)
     d, dmin = np.where(d == 0, np.float16(1), d), np.where(dmin == 0, np.float16(1), dmin)
@@ -98,12 +103,13 @@ def quantize_q4_k(w: np.ndarray) -> np.ndarray:
     mn = np.clip(np.rint(sub_min / dmin[..., None].astype(np.float32)), 0, 63).astype(np.uint8)
     step = (d[..., None].astype(np.float32) * sc)[..., None]
     low = (dmin[..., None].astype(np.float32) * mn)[..., None]
-    q = np.clip(np.rint((b + low) / np.where(step == 0, 1, step)), 0, 15).astype(np.uint8)  # [rows, blocks, 8, 32]
+    q = np.clip(np.rint((b + low) / np.where(step == 0, 1, step)), 0, top).astype(np.uint8)  # [rows, blocks, 8, 32]
     scales = np.concatenate([sc[..., :4] | ((sc[..., 4:] >> 4) << 6), mn[..., :4] | ((mn[..., 4:] >> 4) << 6),
                              (sc[..., 4:] & 15) | ((mn[..., 4:] & 15) << 4)], axis=-1)  # 12 bytes
-    qs = (q[..., 0::2, :] | (q[..., 1::2, :] << 4)).reshape(rows, cols // 256, 128)
+    qs = ((q[..., 0::2, :] & 15) | ((q[..., 1::2, :] & 15) << 4)).reshape(rows, cols // 256, 128)
     halves = np.stack([d, dmin], axis=-1).view(np.uint8)  # [rows, blocks, 4]
-    return np.concatenate([halves, scales, qs], axis=-1).reshape(rows, -1)
+    qh = [np.bitwise_or.reduce((q >> 4) << np.arange(8, dtype=np.uint8)[:, None], axis=-2)] if bits == 5 else []
+    return np.concatenate([halves, scales, *qh, qs], axis=-1).reshape(rows, -1)
 
 
 def quantize_q6_k(w: np.ndarray) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""Weights kept quantized on the device (quantization_encoding int8, float8_e4m3fn, q8_0, q4_0, q4_k, q6_k):
+"""Weights kept quantized on the device (quantization_encoding int8, float8_e4m3fn, q8_0, q4_0, q4_k, q5_k, q6_k):
 the stored values against the checkpoint's own weights (each encoding's definition written out
 here) and the logits against HF run with those values; GGUF blocks kept as the file holds them
 (against the gguf package's dequantization); SmolLM2's tokens and perplexity against the float
@@ -15,7 +15,7 @@ from maxlike.pipelines.context import TextContext
 
 # encoding -> (scale per group of this many inputs, 0: per output channel; bits per value)
 ENCODINGS = {"int8": (0, 8), "float8_e4m3fn": (0, 8), "q8_0": (32, 8), "q4_0": (32, 4), "q4_k": (32, 4),
-             "q6_k": (16, 6)}
+             "q5_k": (32, 5), "q6_k": (16, 6)}
 
 
 def _stored_weight(params: dict, name: str, n_in: int, shape: tuple, encoding: str) -> tuple[np.ndarray, np.ndarray]:
@@ -27,13 +27,14 @@ def _stored_weight(params: dict, name: str, n_in: int, shape: tuple, encoding: s
     if bits == 4:  # byte j of a 32-input group: value j in the low nibble, j + 16 in the high one, plus 8
         b = values.reshape(-1, 16, *out).astype(np.int16)
         values = np.concatenate([b & 15, b >> 4], axis=1) - 8
-    elif bits == 6:  # 12 bytes per 16 inputs: value j + 32's low 4 bits in byte j % 8 (low nibble for j < 8),
-        # its top 2 at bit 2 * (j // 4) of byte 8 + j % 4
-        b = values.reshape(-1, 12, *out).astype(np.int16)
-        j = np.arange(16)
-        low = np.where((j < 8).reshape(1, 16, *[1] * len(out)), b[:, j % 8] & 15, b[:, j % 8] >> 4)
-        top = (b[:, 8 + j % 4] >> (2 * (j // 4)).reshape(1, 16, *[1] * len(out))) & 3
-        values = low + 16 * top - 32
+    elif bits in (5, 6):  # per group, value j + 16 (+ 32)'s low 4 bits in byte j % (group / 2) (the low nibble
+        # in the group's first half), the rest at bit (bits - 4) * (j // 4) of byte group / 2 + j % 4
+        half, j = group // 2, np.arange(group)
+        at = j.reshape(1, group, *[1] * len(out))  # j, broadcast over the outputs
+        b = values.reshape(-1, group * bits // 8, *out).astype(np.int16)
+        low = np.where(at < half, b[:, j % half] & 15, b[:, j % half] >> 4)
+        top = (b[:, half + j % 4] >> ((bits - 4) * (at // 4))) & ((1 << (bits - 4)) - 1)
+        values = low + 16 * top - (1 << (bits - 1))
     values = values.astype(np.float32).reshape(shape)
     if not group:
         return values * scale, np.abs(scale) / 2
@@ -89,6 +90,7 @@ def test_quantized_weights_are_the_checkpoint_within_a_step_and_compute_like_hf(
         else:
             g = source.reshape(-1, group, *source.shape[n_in:])
             expected = {"q8_0": np.abs(g).max(axis=1) / 127, "q4_k": (g.max(axis=1) - g.min(axis=1)) / 15,
+                        "q5_k": (g.max(axis=1) - g.min(axis=1)) / 31,
                         # llama.cpp's Q4_0 and Q6_K: the input of largest magnitude maps to -8 (-32) exactly;
                         # the other side's extreme may be clipped to 7 (31), so allow a whole step
                         "q4_0": np.take_along_axis(g, np.abs(g).argmax(axis=1)[:, None], axis=1)[:, 0] / -8,
@@ -135,7 +137,7 @@ def test_groups_that_do_not_divide_the_inputs_are_named(tmp_path):
 # stored as they are; q6_k gives each of Q4_0's scales to two groups of 16); Q4_1's offsets and the
 # K-quants' products of two scales round to float16.
 KEPT = [("Q8_0", "q8_0", 0.0), ("Q4_0", "q4_0", 0.0), ("Q4_1", "q4_k", 2e-3), ("Q4_K", "q4_k", 2e-3),
-        ("Q6_K", "q6_k", 2e-3), ("Q4_0", "q6_k", 0.0)]
+        ("Q5_K", "q5_k", 2e-3), ("Q4_K", "q5_k", 2e-3), ("Q6_K", "q6_k", 2e-3), ("Q4_0", "q6_k", 0.0)]
 
 
 @pytest.mark.parametrize("qtype, encoding, tol", KEPT)
@@ -192,6 +194,8 @@ def test_a_mixed_gguf_keeps_each_kinds_blocks(tmp_path, monkeypatch):
     import transformers as tf
 
     from gguf_util import write_llama_gguf
+    from maxlike.pipelines import PipelineConfig
+    from maxlike.pipelines.decoder import DecoderPipelineModel
     from maxlike.weights import quantize
     from maxlike.weights.gguf_file import GGUFTensors
 
@@ -214,6 +218,9 @@ def test_a_mixed_gguf_keeps_each_kinds_blocks(tmp_path, monkeypatch):
         "blk.1.attn_v.weight"]
     assert "layers.0.gate_up" in mixed.params and "layers.0.qkv" not in mixed.params
     assert mixed.params["layers.1.v"].shape[0] == 256 * 3 // 4 and mixed.params["layers.1.down"].shape[0] == 512 * 3 // 4
+    # sized (memory planning) as the per-kind encodings store it
+    assert DecoderPipelineModel.estimate_weights_size(PipelineConfig(model_path=path, dtype="float32")) == sum(
+        a.nbytes for a in mixed.params.values())
     for name, ref in plain.params.items():
         kind = name.rsplit(".", 1)[-1]
         if kind in ("q", "k", "v", "o", "down"):
@@ -266,7 +273,8 @@ def test_a_gguf_keeps_its_blocks_by_default_on_accelerators_only(tmp_path):
                                               num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2))
     state = {k: v.numpy() for k, v in wide.state_dict().items()}
     mixed = {"blk.0.attn_v.weight": "Q6_K", "blk.0.ffn_down.weight": "Q6_K"}
-    for name, qtype, qtypes, expected in (("q6", "Q6_K", None, "q6_k"), ("km", "Q4_K", mixed, "q4_k")):
+    for name, qtype, qtypes, expected in (("q6", "Q6_K", None, "q6_k"), ("q5", "Q5_K", mixed, "q5_k"),
+                                          ("km", "Q4_K", mixed, "q4_k")):
         write_llama_gguf(str(tmp_path / f"{name}.gguf"), wide.config, state, qtype=qtype, qtypes=qtypes)
         assert resolve_encoding(PipelineConfig(model_path=str(tmp_path / f"{name}.gguf")).model, "tpu") == expected
     # sized for the TPU it compiles for: 1 byte per projection weight and a float16 scale per 32, against 4 on CPU

@@ -1,8 +1,8 @@
 """llama.cpp's quantized blocks kept as they are: raw GGUF blocks -> values, scales and offsets.
 
 A tensor [rows, cols] quantized in blocks along cols becomes, in HF layout:
-values [rows, cols] (int8: Q8_0's values, a 4-bit value minus 8 in -8..7, or Q6_K's 6-bit value
-minus 32 in -32..31), scale and offset [rows, cols / group] float32, with w = values * scale
+values [rows, cols] (int8: Q8_0's values, a 4-, 5- or 6-bit value minus 8, 16 or 32: -8..7,
+-16..15, -32..31), scale and offset [rows, cols / group] float32, with w = values * scale
 (+ offset) per `group` consecutive columns (32; Q6_K's sub-blocks: 16). That is
 `maxlike.weights.quantize`'s grouped form, so the device holds the file's own numbers (scales
 rounded to float16). Block layouts: ggml-common.h; all fields little-endian.
@@ -36,20 +36,31 @@ def _q4_1(b):  # d, m, qs[16]: w = d * q + m = d * (q - 8) + (m + 8 d)
     return _nibbles(b[..., 4:]) - 8, d, _half(b[..., 2:4]) + 8 * d
 
 
-def _q4_k(b):
+def _q4_k(b, qs_at: int = 16, high=None):
     """block_q4_K (256 values): d, dmin, 12 bytes of 6-bit sub-block scales and mins, qs[128].
     Sub-block j (32 values): w = d * sc_j * q - dmin * m_j, q 0..15; qs holds sub-blocks 2c and
-    2c + 1 in the low and high nibbles of bytes 32c..32c + 31."""
+    2c + 1 in the low and high nibbles of bytes 32c..32c + 31. Q5_K (`high`: each value's fifth
+    bit, [..., 8, 32]) is the same with q 0..31 and qs after its qh."""
     d, dmin = _half(b[..., 0:2]), _half(b[..., 2:4])
     s = b[..., 4:16].astype(np.int32)
-    low, high = s[..., 0:4], s[..., 4:8]
+    low, high_bits = s[..., 0:4], s[..., 4:8]
     top = s[..., 8:12]
     sc = np.concatenate([low & 63, (top & 15) | ((low >> 6) << 4)], axis=-1)  # [..., 8]
-    mn = np.concatenate([high & 63, (top >> 4) | ((high >> 6) << 4)], axis=-1)
-    qs = b[..., 16:].reshape(*b.shape[:-1], 4, 1, 32)
-    q = np.concatenate([qs & 15, qs >> 4], axis=-2).reshape(*b.shape[:-1], 8, 32).astype(np.int8) - 8
+    mn = np.concatenate([high_bits & 63, (top >> 4) | ((high_bits >> 6) << 4)], axis=-1)
+    qs = b[..., qs_at:qs_at + 128].reshape(*b.shape[:-1], 4, 1, 32)
+    q = np.concatenate([qs & 15, qs >> 4], axis=-2).reshape(*b.shape[:-1], 8, 32)
+    mid = 8 if high is None else 16  # values minus the middle of their range: -8..7, -16..15
+    q = (q if high is None else q | (high << 4)).astype(np.int8) - mid
     scale = d * sc.astype(np.float32)  # [..., 8]
-    return q, scale[..., None], (8 * scale - dmin * mn.astype(np.float32))[..., None]
+    return q, scale[..., None], (mid * scale - dmin * mn.astype(np.float32))[..., None]
+
+
+def _q5_k(b):
+    """block_q5_K (256 values): d, dmin, 12 bytes of scales and mins as Q4_K's, qh[32], qs[128]:
+    Q4_K's values plus a fifth bit, bit j of qh[l] for value l of sub-block j."""
+    qh = b[..., 16:48]
+    high = (qh[..., None, :] >> np.arange(8, dtype=np.uint8)[:, None]) & 1  # [..., 8, 32]
+    return _q4_k(b, qs_at=48, high=high)
 
 
 def _q6_k(b):
@@ -68,7 +79,7 @@ def _q6_k(b):
 
 # GGUF type -> (bytes per block, values per block, values per scale, decoder)
 BLOCKS = {"Q8_0": (34, 32, 32, _q8_0), "Q4_0": (18, 32, 32, _q4_0), "Q4_1": (20, 32, 32, _q4_1),
-          "Q4_K": (144, 256, 32, _q4_k), "Q6_K": (210, 256, 16, _q6_k)}
+          "Q4_K": (144, 256, 32, _q4_k), "Q5_K": (176, 256, 32, _q5_k), "Q6_K": (210, 256, 16, _q6_k)}
 
 
 def decode(raw: np.ndarray, qtype: str, rows: int, cols: int) -> dict[str, np.ndarray]:

@@ -1,11 +1,11 @@
 """Weights kept quantized on the device (`quantization_encoding`, MAX's names).
 
 A projection's weight [*in, *out] (first `n_in` axes its input) becomes `name` (the quantized
-values) plus `name + "_scale"` and, for affine 4-bit, `name + "_offset"`:
+values) plus `name + "_scale"` and, for the affine q4_k and q5_k, `name + "_offset"`:
 
 - per output channel (int8, float8_e4m3fn): scale [*out] float32; w ~ values * scale. The graph
   multiplies x by the values, then by the scale.
-- grouped (q8_0, q4_0, q4_k in groups of 32, q6_k in groups of 16): one scale (and offset) per
+- grouped (q8_0, q4_0, q4_k, q5_k in groups of 32, q6_k in groups of 16): one scale (and offset) per
   `group` consecutive input values of each output channel, counted over the flattened input axes
   as llama.cpp's blocks are: scale [prod(in) / group, *out] float16; w ~ values * scale
   (+ offset). The graph dequantizes the weight in the matmul's input (`graphs.layers.projection`).
@@ -14,14 +14,15 @@ values) plus `name + "_scale"` and, for affine 4-bit, `name + "_offset"`:
   high one (llama.cpp's Q4_0 order). Packing by hand rather than as jnp.int4 keeps the bytes
   halved on every backend and in the converted-weights cache (XLA:CPU and TensorStore do not
   hold int4 packed).
-- 6-bit values (-32..31) are stored as uint8 [prod(in) * 3 / 4, *out], 12 bytes per group of 16
-  inputs: value j + 32 (0..63) has its low 4 bits in byte j % 8 (the low nibble for j < 8, the
-  high one after) and its top 2 bits in byte 8 + j % 4, at bit 2 * (j // 4). The same split as
-  llama.cpp's Q6_K (4 low bits and 2 high bits in separate planes), over one group.
+- 5- and 6-bit values (-16..15 in groups of 32, -32..31 in groups of 16) are stored as uint8
+  [prod(in) * bits / 8, *out], the bits above the fourth in a plane of their own after the
+  nibbles, as llama.cpp's Q5_K and Q6_K split them: in each group, the nibbles of values + 16
+  (+ 32) as 4-bit values are (group / 2 bytes), then 4 bytes of top bits, value j's at byte
+  group / 2 + j % 4, bit (bits - 4) * (j // 4).
 
 Quantize-on-load (from float weights) rounds to nearest. GGUF tensors whose blocks fit an
-encoding exactly (Q8_0 for q8_0; Q4_0 for q4_0; Q4_0, Q4_1 and Q4_K for q4_k; Q6_K and Q4_0 for
-q6_k) are kept as they are (`maxlike.weights.gguf_blocks`); any other tensor is dequantized and
+encoding exactly (Q8_0 for q8_0; Q4_0 for q4_0; Q4_0, Q4_1 and Q4_K for q4_k, and those and Q5_K
+for q5_k; Q6_K and Q4_0 for q6_k) are kept as they are (`maxlike.weights.gguf_blocks`); any other tensor is dequantized and
 quantized again. Each projection kind has its encoding ({kind: Encoding}): one for all, or, for a
 GGUF without `quantization_encoding` on GPU and TPU, the one keeping its layers' blocks
 (`maxlike.weights.loader.resolve_encodings`). Embeddings, norms and the LM head stay in the model's dtype. Works on per-layer names
@@ -66,6 +67,8 @@ ENCODINGS = {e.name: e for e in (
     Encoding("q4_0", np.uint8, bits=4, group=32, scale_dtype=np.float16, kept_gguf=("Q4_0",)),
     Encoding("q4_k", np.uint8, bits=4, group=32, offset=True, scale_dtype=np.float16,
              kept_gguf=("Q4_0", "Q4_1", "Q4_K")),
+    Encoding("q5_k", np.uint8, bits=5, group=32, offset=True, scale_dtype=np.float16,
+             kept_gguf=("Q4_0", "Q4_1", "Q4_K", "Q5_K")),
     # Q6_K's scale per 16 is the product of its block's float16 and a sub-block's int8; stored as
     # one float16 (rounded), 7 bits a weight in all against Q6_K's 6.56.
     Encoding("q6_k", np.uint8, bits=6, group=16, scale_dtype=np.float16, kept_gguf=("Q6_K", "Q4_0")),
@@ -76,7 +79,7 @@ FP8_MAX = float(ml_dtypes.finfo(ml_dtypes.float8_e4m3fn).max)  # 448
 # quantization_encoding=None on a GGUF: on accelerators, the encoding that keeps the blocks most of its
 # projection weights are in (MAX reads a GGUF's encoding from the file too). On CPU the file is
 # dequantized: XLA:CPU runs float weights several times faster (README, Performance).
-GGUF_ENCODING = {"Q8_0": "q8_0", "Q4_0": "q4_0", "Q4_1": "q4_k", "Q4_K": "q4_k", "Q6_K": "q6_k"}
+GGUF_ENCODING = {"Q8_0": "q8_0", "Q4_0": "q4_0", "Q4_1": "q4_k", "Q4_K": "q4_k", "Q5_K": "q5_k", "Q6_K": "q6_k"}
 KEEP_GGUF_BLOCKS = {"gpu": True, "tpu": True, "cpu": False}
 GGUF_PROJECTIONS = ("attn_q.weight", "attn_k.weight", "attn_v.weight", "attn_qkv.weight", "attn_output.weight",
                     "ffn_gate.weight", "ffn_up.weight", "ffn_down.weight")
@@ -84,7 +87,7 @@ GGUF_PROJECTIONS = ("attn_q.weight", "attn_k.weight", "attn_v.weight", "attn_qkv
 
 # Encodings from least to most precise: a GGUF projection kind whose layers hold different block types runs in
 # the most precise of their encodings (llama.cpp's Q4_K_M: Q6_K for some layers' attn_v and ffn_down).
-PRECISION = ("q4_0", "q4_k", "q6_k", "q8_0")
+PRECISION = ("q4_0", "q4_k", "q5_k", "q6_k", "q8_0")
 
 
 def kind_of(name: str) -> str:
@@ -184,14 +187,15 @@ def quantize(w: np.ndarray, n_in: int, enc: Encoding) -> dict[str, np.ndarray]:
             return {"": (w / scale).astype(enc.values), SCALE: scale}
         return {"": np.clip(np.rint(w / scale), -127, 127).astype(np.int8), SCALE: scale}
     g = _grouped(w, n_in, enc.group)
-    if enc.offset:  # 16 levels from the group's min to its max; values -8..7 around the offset
+    if enc.offset:  # 2^bits levels from the group's min to its max; values -8..7 (-16..15) around the offset
+        mid = 1 << (enc.bits - 1)
         lo, hi = g.min(axis=1), g.max(axis=1)
-        scale = ((hi - lo) / 15).astype(enc.scale_dtype)
+        scale = ((hi - lo) / (2 * mid - 1)).astype(enc.scale_dtype)
         scale = np.where(scale == 0, np.ones_like(scale), scale)
-        offset = (lo + 8 * scale.astype(np.float32)).astype(enc.scale_dtype)
+        offset = (lo + mid * scale.astype(np.float32)).astype(enc.scale_dtype)
         q = np.rint((g - offset[:, None].astype(np.float32)) / scale[:, None].astype(np.float32))
         parts = {SCALE: scale, OFFSET: offset}
-        lowest, highest = -8, 7
+        lowest, highest = -mid, mid - 1
     else:
         if enc.bits < 8:  # llama.cpp's Q4_0 and Q6_K: the value of largest magnitude maps to -8 (-32) exactly
             peak = np.take_along_axis(g, np.abs(g).argmax(axis=1)[:, None], axis=1)[:, 0]
@@ -207,16 +211,16 @@ def quantize(w: np.ndarray, n_in: int, enc: Encoding) -> dict[str, np.ndarray]:
 
 
 def pack(values: np.ndarray, n_in: int, enc: Encoding) -> np.ndarray:
-    """4- or 6-bit values (int8, -8..7 or -32..31) [*in, *out] -> uint8 [prod(in) * bits / 8, *out]
+    """4-, 5- or 6-bit values (int8 around 0) [*in, *out] -> uint8 [prod(in) * bits / 8, *out]
     (module doc)."""
     g = (_grouped(values, n_in, enc.group) + (1 << (enc.bits - 1))).astype(np.uint8)
-    half = enc.group // 2
-    low = (g[:, :half] & 15) | ((g[:, half:] & 15) << 4)
-    if enc.bits == 6:
-        top, q = g >> 4, enc.group // 4
-        low = np.concatenate([low, top[:, :q] | (top[:, q:2 * q] << 2) | (top[:, 2 * q:3 * q] << 4)
-                              | (top[:, 3 * q:] << 6)], axis=1)
-    return low.reshape(-1, *values.shape[n_in:])
+    half, extra = enc.group // 2, enc.bits - 4
+    out = (g[:, :half] & 15) | ((g[:, half:] & 15) << 4)
+    if extra:  # the top bits: 4 bytes, value j's at byte j % 4, bit extra * (j // 4)
+        top = g >> 4
+        planes = [top[:, 4 * i: 4 * i + 4] << (extra * i) for i in range(8 // extra)]
+        out = np.concatenate([out, np.bitwise_or.reduce(planes)], axis=1)
+    return out.reshape(-1, *values.shape[n_in:])
 
 
 def quantize_host(host: dict[str, np.ndarray], inputs: dict[str, int], encs: dict[str, Encoding]
