@@ -42,8 +42,8 @@ def compile_one(encoding: str, batch: int, device) -> dict:
     x = jax.ShapeDtypeStruct((batch, 1, D), jnp.bfloat16, sharding=sharding)
     compiled = jax.jit(lambda x, lw: projection(None)("btd,df->btf", x, lw, "up")).trace(x, weights).lower().compile()
     memory, hlo = compiled.memory_analysis(), compiled.as_text()
-    return {"encoding": encoding, "batch": batch,
-            "weight_mib": round(sum(np.prod(w.shape) * np.dtype(w.dtype).itemsize for w in weights.values()) / 2**20, 1),
+    stored = sum(np.prod(w.shape) * np.dtype(w.dtype).itemsize for w in weights.values())
+    return {"encoding": encoding, "batch": batch, "weight_mib": round(stored / 2**20, 1),
             "temp_mib": round(memory.temp_size_in_bytes / 2**20, 1), "fusions": hlo.count(" fusion(")}
 
 

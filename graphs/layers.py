@@ -260,7 +260,8 @@ def projection(mask):
     token's LoRA update where the layer holds one for it (mask from `adapter_mask`). A quantized
     weight (maxlike.weights.quantize: it has a "{name}_scale") is dequantized in the product: with
     a scale per output channel, x @ values, times the scale; with grouped scales (and offsets),
-    x @ (values * scale + offset), the weight rebuilt in x's dtype inside the matmul's fusion.
+    x @ (values * scale + offset), the weight rebuilt in x's dtype for the matmul (XLA:TPU builds
+    it in a buffer rather than in the matmul: benchmarks/probe_tpu_dequant_fusion.py).
     The one place a graph multiplies by a projection weight."""
     def proj(eq: str, x, lw: dict, name: str, n_in: int = 1):
         w, scale = lw[name], lw.get(name + "_scale")

@@ -16,17 +16,18 @@ values) plus `name + "_scale"` and, for the affine q4_k and q5_k, `name + "_offs
   hold int4 packed).
 - 5- and 6-bit values (-16..15 in groups of 32, -32..31 in groups of 16) are stored as uint8
   [prod(in) * bits / 8, *out], the bits above the fourth in a plane of their own after the
-  nibbles, as llama.cpp's Q5_K and Q6_K split them: in each group, the nibbles of values + 16
-  (+ 32) as 4-bit values are (group / 2 bytes), then 4 bytes of top bits, value j's at byte
-  group / 2 + j % 4, bit (bits - 4) * (j // 4).
+  nibbles, as llama.cpp's Q5_K and Q6_K split them: in each group, the low 4 bits of each value
+  + 16 (+ 32), laid out as 4-bit values are (group / 2 bytes), then 4 bytes of the bits above,
+  value j's at byte group / 2 + j % 4, bit (bits - 4) * (j // 4).
 
 Quantize-on-load (from float weights) rounds to nearest. GGUF tensors whose blocks fit an
 encoding exactly (Q8_0 for q8_0; Q4_0 for q4_0; Q4_0, Q4_1 and Q4_K for q4_k, and those and Q5_K
-for q5_k; Q6_K and Q4_0 for q6_k) are kept as they are (`maxlike.weights.gguf_blocks`); any other tensor is dequantized and
-quantized again. Each projection kind has its encoding ({kind: Encoding}): one for all, or, for a
-GGUF without `quantization_encoding` on GPU and TPU, the one keeping its layers' blocks
-(`maxlike.weights.loader.resolve_encodings`). Embeddings, norms and the LM head stay in the model's dtype. Works on per-layer names
-("layers.{i}.{kind}"); stacking for the layer loop comes after, scales included.
+for q5_k; Q6_K and Q4_0 for q6_k) are kept as they are (`maxlike.weights.gguf_blocks`); any other
+tensor is dequantized and quantized again. Each projection kind has its encoding ({kind:
+Encoding}): one for all, or, for a GGUF without `quantization_encoding` on GPU and TPU, the one
+keeping its layers' blocks (`maxlike.weights.loader.resolve_encodings`). Embeddings, norms and
+the LM head stay in the model's dtype. Works on per-layer names ("layers.{i}.{kind}"); stacking
+for the layer loop comes after, scales included.
 """
 
 from __future__ import annotations
