@@ -12,7 +12,6 @@ means the step writes and reads that weight again besides reading the stored one
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
@@ -26,6 +25,7 @@ from graphs.base import WeightSpec  # noqa: E402
 from graphs.layers import projection  # noqa: E402
 from maxlike.engine.mesh import target_devices  # noqa: E402
 from maxlike.weights import quantize  # noqa: E402
+from probe_tpu_weight_layout import report  # noqa: E402  (benchmarks/: this script's folder)
 
 D, F = 4096, 14336
 
@@ -53,14 +53,7 @@ def main() -> None:
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args()
     device = target_devices("tpu:v5e:2x2")[0]
-    rows = []
-    for encoding in args.encodings:
-        for batch in (1, 8):
-            rows.append(compile_one(encoding, batch, device))
-            print(json.dumps(rows[-1]), flush=True)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1)
+    report((compile_one(encoding, batch, device) for encoding in args.encodings for batch in (1, 8)), args.json)
 
 
 if __name__ == "__main__":

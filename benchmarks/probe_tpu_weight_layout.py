@@ -67,16 +67,20 @@ def main() -> None:
     ap.add_argument("--json", help="write the rows here")
     args = ap.parse_args()
     device = target_devices("tpu:v5e:2x2")[0]
-    rows = []
-    for dtype in (jnp.bfloat16, jnp.int8):
-        for consumer in ("per_head", "flat"):
-            for layout in LAYOUTS:
-                for batch in (1, 2, 8):
-                    rows.append(compile_loop(layout, consumer, dtype, batch, device))
-                    print(json.dumps(rows[-1]), flush=True)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1)
+    report((compile_loop(layout, consumer, dtype, batch, device) for dtype in (jnp.bfloat16, jnp.int8)
+            for consumer in ("per_head", "flat") for layout in LAYOUTS for batch in (1, 2, 8)), args.json)
+
+
+def report(rows, path: str | None) -> list[dict]:
+    """Print each row (a dict) as JSON as it comes, then write them all to `path` (if given)."""
+    done = []
+    for row in rows:
+        done.append(row)
+        print(json.dumps(row), flush=True)
+    if path:
+        with open(path, "w") as f:
+            json.dump(done, f, indent=1)
+    return done
 
 
 if __name__ == "__main__":

@@ -31,11 +31,10 @@ from maxlike.pipelines.lora import LoRAManager
 from maxlike.pipelines.model import ModelInputs, ModelOutputs, ReturnHiddenStates, ReturnLogits
 from maxlike.pipelines.logprobs import LogProbsMixin
 from maxlike.pipelines.serving import BucketShapes, ServingModel
-from maxlike.pipelines.sizing import DecoderSizing, log
+from maxlike.pipelines.sizing import DecoderSizing
 from maxlike.pipelines.step_inputs import next_inputs, place_replicated, place_sharded, unpack
 from maxlike.sharding import named_sharding, replicated
 from maxlike.weights import converted, quantize, read_weights
-from maxlike.weights.loader import resolve_encodings
 
 from graphs.base import stack_layers, stacked_specs
 from graphs.fused import GROUPS as FUSED_GROUPS
@@ -75,14 +74,9 @@ class DecoderPipelineModel(DecoderSizing, LogProbsMixin, ServingModel):
         self._layer_specs = self.arch.weight_specs(self.config)  # per layer, as checkpoints hold them
         self.scan_layers = layout.scan_layers(pipeline_config, session.platform, self._layer_specs)
         # Quantized weights: the projections kept in their kind's encoding with their scales
-        encodings = resolve_encodings(pipeline_config.model, session.platform, self._layer_specs,
-                                      self.arch.checkpoint_names(self._source_config), self.arch.lora_targets)
-        self._encodings, self._quantized, self._layer_specs = quantize.plan(self._layer_specs, self.arch.lora_targets,
-                                                                            encodings)
+        self._encodings, self._quantized, self._layer_specs = layout.quantization(
+            pipeline_config, session.platform, self.arch, self._layer_specs, self._source_config)
         self.encoding = quantize.describe(self._encodings)
-        if self._encodings and pipeline_config.model.quantization_encoding is None:
-            log.info("keeping the GGUF's quantized blocks: %s (pass quantization_encoding to choose one)",
-                     self.encoding)
         self.experts = layout.expert_run(pipeline_config, session.platform, mesh, getattr(self.config, "moe", None),
                                          self.encoding)  # None: a model without experts
         self.fused = layout.fuse_projections(pipeline_config, session.platform)

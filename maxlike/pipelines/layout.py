@@ -1,6 +1,7 @@
 """How a decoder's weights are laid out on the device: layers as one loop or unrolled, q/k/v and
-gate/up fused or apart (the per-backend defaults, from measurements), and whether a mesh splits them;
-whether the decode-attention kernel asked for takes the model."""
+gate/up fused or apart (the per-backend defaults, from measurements), each projection kind's
+quantized encoding, and whether a mesh splits them; whether the decode-attention kernel asked for
+takes the model."""
 
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ from graphs.layers import decode_kernel, pallas_decode_takes
 from graphs.moe import ExpertRun
 from maxlike.config import ConfigError
 from maxlike.sharding import indivisible
+from maxlike.weights import quantize
+from maxlike.weights.loader import resolve_encodings
 
 log = logging.getLogger("maxlike")
 
@@ -47,6 +50,19 @@ def scan_layers(pipeline_config, platform: str, layer_specs: dict | None = None)
     if scan is not None:
         return scan
     return SCAN_LAYERS_DEFAULT.get(platform, False) and (layer_specs is None or uniform_layers(layer_specs))
+
+
+def quantization(pipeline_config, platform: str, arch, layer_specs: dict, source_config):
+    """({projection kind: Encoding}, {kind: input axes}, per-layer specs with the scales) of the
+    model (maxlike.weights.quantize.plan; empty for a float one), each kind in the encoding
+    `resolve_encodings` gives it. Says so when a GGUF's own blocks are kept by default."""
+    encodings = resolve_encodings(pipeline_config.model, platform, layer_specs, arch.checkpoint_names(source_config),
+                                  arch.lora_targets)
+    encs, kinds, specs = quantize.plan(layer_specs, arch.lora_targets, encodings)
+    if encs and pipeline_config.model.quantization_encoding is None:
+        log.info("keeping the GGUF's quantized blocks: %s (pass quantization_encoding to choose one)",
+                 quantize.describe(encs))
+    return encs, kinds, specs
 
 
 def expert_run(pipeline_config, platform: str, mesh, moe, encoding: str | None = None) -> ExpertRun | None:
