@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, NamedTuple, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -161,8 +161,20 @@ def stack_layers(weights: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 SCAN_UNROLL = 1
 
 
+class LayerOf(NamedTuple):
+    """Layer `index` of a stacked weight, handed to a looped layer whole (run_layers' `whole`): a
+    kernel that reads its layer by index takes `stack` as it is, where a slice would be a copy;
+    anything else takes `get()`."""
+
+    stack: jax.Array
+    index: jax.Array
+
+    def get(self) -> jax.Array:
+        return jax.lax.dynamic_index_in_dim(self.stack, self.index, keepdims=False)
+
+
 def run_layers(layer: Callable, x, weights: dict, kv: list, num_layers: int, *, scan: bool,
-               per_layer: dict[str, tuple[int, ...]] | None = None):
+               per_layer: dict[str, tuple[int, ...]] | None = None, whole: Callable[[str], bool] | None = None):
     """Run `layer(x, layer_weights, k_pages, v_pages, index) -> (x, k_pages, v_pages)`
     over every layer, `layer_weights` keyed by kind ("q", "attn_norm", ...).
 
@@ -171,7 +183,8 @@ def run_layers(layer: Callable, x, weights: dict, kv: list, num_layers: int, *, 
     stacked KV pool pair in the carry, `index` the layer (the pool is read and written
     by index, never sliced). `per_layer` ({name: one int per layer}, e.g. each layer's
     attention window) joins layer_weights: Python ints when unrolled (static), the
-    layer's entry of an int32 array under scan. Returns (x, kv)."""
+    layer's entry of an int32 array under scan. `whole(kind)`: under scan, the kinds handed to the
+    layer as LayerOf(the stack, index) rather than sliced. Returns (x, kv)."""
     per_layer = per_layer or {}
     if not scan:
         out = []
@@ -186,9 +199,11 @@ def run_layers(layer: Callable, x, weights: dict, kv: list, num_layers: int, *, 
     stacked = {name[len(LAYERS):]: w for name, w in weights.items() if _layer_kind(name) is None
                and name.startswith(LAYERS)}
     stacked.update({name: jnp.asarray(values, jnp.int32) for name, values in per_layer.items()})
+    kept = {kind: stacked.pop(kind) for kind in list(stacked) if whole is not None and whole(kind)}
 
     def body(carry, xs):
         (x, k, v), (own, index) = carry, xs
+        own = {**own, **{kind: LayerOf(w, index) for kind, w in kept.items()}}
         with jax.named_scope("layer"):
             return layer(x, own, k, v, index), None
 

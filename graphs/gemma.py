@@ -21,7 +21,7 @@ import jax.numpy as jnp
 
 from graphs.base import Architecture, Source, UnsupportedConfigError, WeightSpec, require, run_layers
 from graphs.fused import gate_up, qkv
-from graphs.layers import adapter_mask, paged_attention, projection, write_kv
+from graphs.layers import adapter_mask, kernel_weights, paged_attention, projection, write_kv
 from graphs.llama import COMMON_FEATURES, LORA_TARGETS, kv_shape, layer_windows
 from graphs.rope import RopeSpec, apply_rope, hf_rope_parameters, rope_from_hf
 
@@ -181,9 +181,9 @@ def _rotate(x: jax.Array, positions: jax.Array, cfg: GemmaConfig, window) -> jax
 
 
 def forward(cfg: GemmaConfig, w: dict, kv: list, tokens, positions, slots, page_table, *, backend: str = "cpu",
-            scan: bool = False, adapters=None, attention="xla"):
+            scan: bool = False, adapters=None, attention="xla", matmul="xla"):
     """As graphs.llama.forward (same arguments and results)."""
-    proj = projection(adapter_mask(w, adapters))
+    proj = projection(adapter_mask(w, adapters), matmul, backend)
     eps = cfg.rms_norm_eps
 
     def layer(x, lw, k_pages, v_pages, index):
@@ -208,7 +208,8 @@ def forward(cfg: GemmaConfig, w: dict, kv: list, tokens, positions, slots, page_
 
     x = w["embed"][tokens] * jnp.asarray(math.sqrt(cfg.hidden_size), w["embed"].dtype)  # [B, T, D]
     x, kv = run_layers(layer, x, w, kv, cfg.num_layers, scan=scan,
-                       per_layer={"window": cfg.layer_windows} if cfg.sliding_window else None)
+                       per_layer={"window": cfg.layer_windows} if cfg.sliding_window else None,
+                       whole=kernel_weights(w, matmul))
     return rms_norm(x, w["final_norm"], eps), kv
 
 

@@ -15,6 +15,8 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
+from graphs.base import LAYERS, LayerOf
+
 
 def rms_norm(x: jax.Array, w: jax.Array, eps: float) -> jax.Array:
     # Normalize in fp32, scale in the input dtype (as HF's Llama does).
@@ -255,23 +257,53 @@ def adapter_mask(w: dict, adapters) -> jax.Array | None:
     return lora_mask(adapters, slots, rank, w["embed"].dtype)
 
 
-def projection(mask):
+@dataclass(frozen=True)
+class MatmulRun:
+    """How products with 4-bit grouped weights run: `kernel` "xla" or "pallas" (graphs.pallas_tpu_matmul),
+    and under a mesh of several devices the mesh and, per weight kind the kernel takes, the mesh
+    axes splitting its inputs and its outputs (None: whole on each device)."""
+
+    kernel: str = "xla"
+    mesh: Any = None
+    splits: tuple = ()  # ((kind, input axis, output axis), ...)
+
+    def split(self, kind: str) -> tuple[str | None, str | None]:
+        return next(((i, o) for k, i, o in self.splits if k == kind), (None, None))
+
+    def local(self, shape: tuple, kind: str, stacked: bool) -> tuple:
+        """A weight's (or its scales') shape on one device."""
+        if _several_devices(self.mesh) is None:
+            return tuple(shape)
+        lead, (i, o) = int(stacked), self.split(kind)
+        ways = [self.mesh.shape[a] if a else 1 for a in (i, o)]
+        return (*shape[:lead], shape[lead] // ways[0], *shape[lead + 1:-1], shape[-1] // ways[1])
+
+
+def projection(mask, matmul: str | MatmulRun = "xla", backend: str = "cpu"):
     """proj(eq, x, layer_weights, name, n_in=1): the einsum of x with weight `name`, plus each
     token's LoRA update where the layer holds one for it (mask from `adapter_mask`). A quantized
     weight (maxlike.weights.quantize: it has a "{name}_scale") is dequantized in the product: with
     a scale per output channel, x @ values, times the scale; with grouped scales (and offsets),
     x @ (values * scale + offset), the weight rebuilt in x's dtype for the matmul (XLA:TPU builds
     it in a buffer rather than in the matmul: benchmarks/probe_tpu_dequant_fusion.py).
-    The one place a graph multiplies by a projection weight."""
+    matmul "pallas" (or a MatmulRun): the 4-bit grouped weights `grouped_kernel_takes` go through
+    the Pallas kernel that dequantizes in VMEM (graphs.pallas_tpu_matmul; interpret mode off the
+    TPU; per device under a mesh). A weight may come as a graphs.base.LayerOf (its layer of a
+    stack: `kernel_weights`). The one place a graph multiplies by a projection weight."""
+    run = matmul if isinstance(matmul, MatmulRun) else MatmulRun(matmul)
+
     def proj(eq: str, x, lw: dict, name: str, n_in: int = 1):
-        w, scale = lw[name], lw.get(name + "_scale")
-        if scale is None:
-            y = jnp.einsum(eq, x, w)
-        elif scale.ndim == w.ndim - n_in:  # per output channel
-            y = jnp.einsum(eq, x, w.astype(x.dtype)) * scale.astype(x.dtype)
+        w, scale, offset = lw[name], lw.get(name + "_scale"), lw.get(name + "_offset")
+        if run.kernel == "pallas" and scale is not None and grouped_kernel_takes(w, scale, run, name):
+            y = _grouped_kernel(x, w, scale, offset, n_in, backend, run, name)
         else:
-            w = dequantize_grouped(w, scale, lw.get(name + "_offset"), x.shape[x.ndim - n_in:], x.dtype)
-            y = jnp.einsum(eq, x, w)
+            w, scale, offset = (a.get() if isinstance(a, LayerOf) else a for a in (w, scale, offset))
+            if scale is None:
+                y = jnp.einsum(eq, x, w)
+            elif scale.ndim == w.ndim - n_in:  # per output channel
+                y = jnp.einsum(eq, x, w.astype(x.dtype)) * scale.astype(x.dtype)
+            else:
+                y = jnp.einsum(eq, x, dequantize_grouped(w, scale, offset, x.shape[x.ndim - n_in:], x.dtype))
         if mask is not None and name + "_lora_a" in lw:
             y = y + lora_delta(x, lw[name + "_lora_a"], lw[name + "_lora_b"], mask, n_in)
         return y
@@ -279,10 +311,66 @@ def projection(mask):
     return proj
 
 
+def grouped_kernel_takes(values, scale, run: MatmulRun | None = None, kind: str = "") -> bool:
+    """Whether graphs.pallas_tpu_matmul takes this quantized weight (arrays, shapes or LayerOf) as
+    each device holds it under `run`'s mesh."""
+    from graphs import pallas_tpu_matmul  # (Pallas is imported only where a model uses it)
+
+    run = run or MatmulRun()
+    stacked = isinstance(values, LayerOf)
+    if stacked:
+        values, scale = values.stack, scale.stack
+    return pallas_tpu_matmul.supported(run.local(values.shape, kind, stacked), values.dtype,
+                                       run.local(scale.shape, kind, stacked), stacked)
+
+
+def kernel_weights(w: dict, matmul: str | MatmulRun):
+    """run_layers' `whole` for matmul "pallas": the stacked kinds (values, scales, offsets) of the
+    weights the kernel takes, which it reads from their stack by layer index. None otherwise."""
+    run = matmul if isinstance(matmul, MatmulRun) else MatmulRun(matmul)
+    if run.kernel != "pallas":
+        return None
+    scales = [name for name in w if name.startswith(LAYERS) and name.endswith("_scale")]
+    kinds = {name[len(LAYERS):-len("_scale")] for name in scales}
+    taken = {k for k in kinds if grouped_kernel_takes(LayerOf(w[LAYERS + k], 0), LayerOf(w[LAYERS + k + "_scale"], 0),
+                                                      run, k)}
+    return {k + part for k in taken for part in ("", "_scale", "_offset")}.__contains__
+
+
+def _grouped_kernel(x, values, scale, offset, n_in: int, backend: str, run: MatmulRun, kind: str):
+    """x [*batch, *in] @ a 4-bit grouped weight [*in, N] through graphs.pallas_tpu_matmul. Under a
+    mesh, per device (`shard_map`): rows over `data`, the weight's inputs and outputs as `run`
+    splits them, and the partial products of split inputs summed over their axis."""
+    from graphs import pallas_tpu_matmul
+
+    stacked = isinstance(values, LayerOf)
+    layer = values.index if stacked else jnp.int32(0)
+    parts = [a.stack if stacked else a for a in (values, scale, offset) if a is not None]
+    batch = x.shape[:x.ndim - n_in]
+    rows = x.reshape(math.prod(batch), -1)
+    inputs, outputs = run.split(kind)
+
+    def local(rows, layer, values, scale, offset=None):
+        if not stacked:
+            layer = None
+        y = pallas_tpu_matmul.grouped_matmul(rows, values, scale, offset, layer, interpret=backend != "tpu")
+        return y if inputs is None else jax.lax.psum(y, inputs)
+
+    mesh = _several_devices(run.mesh)
+    if mesh is None:
+        y = local(rows, layer, *parts)
+    else:
+        weight = P(*(None,) * int(stacked), inputs, outputs)
+        y = jax.shard_map(local, mesh=mesh, in_specs=(P("data", inputs), P(), *(weight,) * len(parts)),
+                          out_specs=P("data", outputs), check_vma=False)(rows, layer, *parts)
+    return y.reshape(*batch, y.shape[-1])
+
+
 def dequantize_grouped(values, scale, offset, in_shape: tuple, dtype) -> jax.Array:
     """values [*in, *out] (or 4-, 5- or 6-bit packed: uint8 [prod(in) * bits / 8, *out],
     maxlike.weights.quantize); scale (and offset) [groups, *out], one per run of consecutive inputs
-    over the flattened input axes -> the weight [*in, *out], values * scale (+ offset), in `dtype`."""
+    over the flattened input axes (float, or float16 as uint16 bit patterns) -> the weight [*in, *out],
+    values * scale (+ offset), in `dtype`."""
     out = values.shape[1:] if values.dtype == jnp.uint8 else values.shape[len(in_shape):]
     grouped = values.reshape(scale.shape[0], -1, *out)
     if values.dtype == jnp.uint8:  # packed: per group, value j's nibble in byte j (low) or j - group / 2 (high)
@@ -296,6 +384,8 @@ def dequantize_grouped(values, scale, offset, in_shape: tuple, dtype) -> jax.Arr
         w = w.astype(dtype) - (1 << (bits - 1))
     else:
         w = grouped.astype(dtype)
+    scale, offset = (a if a is None or a.dtype != jnp.uint16 else jax.lax.bitcast_convert_type(a, jnp.float16)
+                     for a in (scale, offset))  # float16 held as bit patterns (graphs.pallas_tpu_matmul)
     w = w * scale.astype(dtype)[:, None]
     if offset is not None:
         w = w + offset.astype(dtype)[:, None]

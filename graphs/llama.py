@@ -16,7 +16,7 @@ import jax.numpy as jnp
 
 from graphs.base import Architecture, UnsupportedConfigError, WeightSpec, require, run_layers
 from graphs.fused import gate_up, qkv
-from graphs.layers import adapter_mask, paged_attention, projection, rms_norm, write_kv
+from graphs.layers import adapter_mask, kernel_weights, paged_attention, projection, rms_norm, write_kv
 from graphs.llama_checkpoint import checkpoint_names
 from graphs.moe import ExpertRun, MoESpec, expert_specs, moe_from_hf, moe_mlp
 from graphs.rope import RopeSpec, apply_rope, hf_rope_parameters, rope_from_hf
@@ -138,7 +138,7 @@ def weight_specs(cfg: LlamaConfig) -> dict[str, WeightSpec]:
 
 
 def forward(cfg: LlamaConfig, w: dict, kv: list, tokens, positions, slots, page_table, *, backend: str = "cpu",
-            scan: bool = False, adapters=None, attention="xla", experts: ExpertRun | None = None):
+            scan: bool = False, adapters=None, attention="xla", experts: ExpertRun | None = None, matmul="xla"):
     """tokens/positions/slots [B, T]; page_table [B, P]; kv: the pool's (k_pages, v_pages)
     pairs. `backend` (the mesh's platform) picks the op variants that are fast there;
     `scan` runs the layers as one loop over stacked weights (see graphs.base.run_layers).
@@ -146,8 +146,9 @@ def forward(cfg: LlamaConfig, w: dict, kv: list, tokens, positions, slots, page_
     "{projection}_lora_a" / "_lora_b" per layer (maxlike.pipelines.lora). `attention`: the decode
     attention kernel ("xla", "pallas", or a graphs.layers.AttentionRun with the mesh; see
     graphs.layers.paged_attention). `experts`: how MoE layers compute their experts
-    (graphs.moe.ExpertRun: kernel and mesh)."""
-    proj = projection(adapter_mask(w, adapters))
+    (graphs.moe.ExpertRun: kernel and mesh). `matmul`: how 4-bit grouped weights' products run
+    ("xla", "pallas", or a graphs.layers.MatmulRun with the mesh; see graphs.layers.projection)."""
+    proj = projection(adapter_mask(w, adapters), matmul, backend)
 
     def layer(x, lw, k_pages, v_pages, index):
         with jax.named_scope("attention"):
@@ -178,7 +179,8 @@ def forward(cfg: LlamaConfig, w: dict, kv: list, tokens, positions, slots, page_
 
     x = w["embed"][tokens]  # [B, T, D]
     x, kv = run_layers(layer, x, w, kv, cfg.num_layers, scan=scan,
-                       per_layer={"window": cfg.layer_windows} if cfg.sliding_window else None)
+                       per_layer={"window": cfg.layer_windows} if cfg.sliding_window else None,
+                       whole=kernel_weights(w, matmul))
     return rms_norm(x, w["final_norm"], cfg.rms_norm_eps), kv
 
 

@@ -204,6 +204,11 @@ class PipelineConfig:
     # (graphs.pallas_tpu_attention), Triton on GPU (graphs.pallas_attention; in interpret mode on CPU). Not yet
     # timed on a GPU or a TPU, so the default nowhere.
     decode_attention: str = "xla"
+    # Products with 4-bit grouped weights (q4_k, q4_0) of one output axis (o, gate, up, down): "xla" rebuilds
+    # the float weight for XLA's matmul, which XLA:TPU does in a buffer; "pallas" dequantizes each tile in VMEM
+    # (graphs.pallas_tpu_matmul; Mosaic on TPU, interpret mode elsewhere; per device under a mesh). Not yet
+    # timed on a TPU, so the default nowhere.
+    quantized_matmul: str = "xla"
     # How a mixture-of-experts model computes its experts: "grouped" (tokens sorted by expert, one
     # jax.lax.ragged_dot per projection), "dense" (every expert on every token, weighted; the reference),
     # "gather" (each token gathers its experts' weights) or "loop" (the experts that have tokens, one
@@ -277,6 +282,8 @@ class PipelineConfig:
                f"moe_kernel={self.moe_kernel!r} is not built: use 'grouped', 'dense', 'gather' or 'loop'.")
         _check(self.decode_attention in ("xla", "pallas"),
                f"decode_attention={self.decode_attention!r} is not built: use 'xla' or 'pallas'.")
+        _check(self.quantized_matmul in ("xla", "pallas"),
+               f"quantized_matmul={self.quantized_matmul!r} is not built: use 'xla' or 'pallas'.")
         _check(self.warmup or not self.forbid_compile,
                "forbid_compile needs warmup=True: without a warm-up the first request must compile.")
 

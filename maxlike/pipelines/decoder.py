@@ -88,6 +88,9 @@ class DecoderPipelineModel(DecoderSizing, LogProbsMixin, ServingModel):
         specs = stacked_specs(specs) if self.scan_layers else specs
         layout.check_divisible(specs, mesh, quantized=bool(self._encodings))
         self._specs = specs  # as `params` holds them
+        # (the scales the Pallas kernel reads are held as their float16 bit patterns)
+        self.matmul, self._as_bits = layout.quantized_matmul(pipeline_config, mesh, specs, self._encodings,
+                                                             stacked=self.scan_layers)
         self.weights_source = "none (compile-only)"  # or where `params` came from
         self.kv_params, self.max_batch_size, num_pages = self._plan_kv_cache(specs)
         self.compile_only = pipeline_config.compile_only
@@ -170,7 +173,7 @@ class DecoderPipelineModel(DecoderSizing, LogProbsMixin, ServingModel):
         if not cfg.weights_cache or jax.process_count() > 1:
             return None
         conversion = (self.arch.name, str(self.dtype), self.kv_repeat, self.encoding,
-                      tuple((name, spec.shape) for name, spec in self._specs.items()))
+                      tuple((name, spec.shape) for name, spec in self._specs.items()), tuple(sorted(self._as_bits)))
         return converted.checkpoint_dir(cfg.cache_dir or cache_root(), cfg.model.model_path, cfg.model.weight_path,
                                         conversion, code=self.arch.functions())
 
@@ -192,7 +195,7 @@ class DecoderPipelineModel(DecoderSizing, LogProbsMixin, ServingModel):
                         self.kv_params, num_pages,
                         self.replicas, self.max_batch_size, self.max_length, self._max_prefill_tokens,
                         self.return_logits, self.return_hidden_states, self.scan_layers, self.fused,
-                        self.pipeline_config.decode_attention, self.experts and self.experts.kernel,
+                        self.pipeline_config.decode_attention, self.experts and self.experts.kernel, self.matmul.kernel,
                         self.session.matmul_precision, self._lora_shape()))
         classes = [c for c in type(self).__mro__ if c.__module__ not in ("builtins", "abc", "typing")]
         return {"model": hashlib.sha256(program.encode()).hexdigest()[:16], "architecture": self.arch.name,
@@ -222,11 +225,14 @@ class DecoderPipelineModel(DecoderSizing, LogProbsMixin, ServingModel):
             host = quantize.quantize_host(host, quantize.linear_inputs(host, self._quantized), self._encodings)
         if self.fused:
             host = fuse_weights(host, self.config.kv_heads, self._fused)
-        return stack_layers(host) if self.scan_layers else host
+        host = stack_layers(host) if self.scan_layers else host
+        return {name: np.asarray(a, np.float16).view(np.uint16) if name in self._as_bits else a
+                for name, a in host.items()}
 
     def _dtype_of(self, name: str):
-        """A parameter's dtype: the model's, or the encoding's for quantized projections and their scales."""
-        return quantize.dtype_of(name, self._encodings, self.dtype)
+        """A parameter's dtype: the model's, or the encoding's for quantized projections and their scales
+        (uint16 for float16 scales held as bit patterns)."""
+        return np.dtype(np.uint16) if name in self._as_bits else quantize.dtype_of(name, self._encodings, self.dtype)
 
     def _repeat_kv(self, array, spec) -> np.ndarray:
         if self.kv_repeat == 1 or "kv_heads" not in spec.axes:
@@ -474,6 +480,8 @@ class DecoderPipelineModel(DecoderSizing, LogProbsMixin, ServingModel):
             extra["attention"] = AttentionRun(self.pipeline_config.decode_attention, self.session.mesh)
         if self.experts is not None:
             extra["experts"] = self.experts
+        if self.matmul.kernel != "xla":
+            extra["matmul"] = self.matmul
         hidden, kv = self.arch.forward(cfg, params, kv, tokens, arrays["positions"], arrays["slots"], table,
                                        backend=self.session.platform, scan=self.scan_layers, **extra)
         # Row i's logits come from hidden row i (mixed: from its replica's flat tokens).

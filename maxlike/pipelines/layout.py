@@ -10,11 +10,11 @@ import logging
 import jax
 import numpy as np
 
-from graphs.base import uniform_layers
-from graphs.layers import decode_kernel, pallas_decode_takes
+from graphs.base import LayerOf, uniform_layers
+from graphs.layers import MatmulRun, decode_kernel, grouped_kernel_takes, pallas_decode_takes
 from graphs.moe import ExpertRun
 from maxlike.config import ConfigError
-from maxlike.sharding import indivisible
+from maxlike.sharding import LOGICAL_TO_MESH, indivisible
 from maxlike.weights import quantize
 from maxlike.weights.loader import resolve_encodings
 
@@ -83,6 +83,38 @@ def fuse_projections(pipeline_config, platform: str) -> bool:
         raise ConfigError("fuse_projections=True cannot be combined with enable_lora: adapters update q, k, v, "
                           "gate and up apart. Leave fuse_projections unset (LoRA runs them unfused).")
     return (FUSE_PROJECTIONS_DEFAULT.get(platform, False) if fuse is None else fuse) and not lora
+
+
+def quantized_matmul(pipeline_config, mesh, specs: dict, encs: dict, *, stacked: bool) -> tuple[MatmulRun, frozenset]:
+    """How products with 4-bit grouped weights run (graphs.layers.MatmulRun), and the scales and
+    offsets to hold as their float16 bit patterns (uint16), which is how the kernel reads them.
+    `quantized_matmul` "pallas" takes effect for a model with weights the kernel takes as each
+    device holds them (else a warning, and XLA's product). `specs` as `params` holds them."""
+    if pipeline_config.quantized_matmul == "xla":
+        return MatmulRun(), frozenset()
+    lead = int(stacked)
+
+    def mesh_axis(logical):
+        axis = LOGICAL_TO_MESH.get(logical) if logical else None
+        return axis if axis and mesh.shape[axis] > 1 else None
+
+    splits = {quantize.kind_of(n): (mesh_axis(specs[n].axes[lead]), mesh_axis(specs[n].axes[-1]))
+              for n in specs if n + quantize.SCALE in specs}
+    run = MatmulRun("pallas", mesh, tuple((kind, *axes) for kind, axes in sorted(splits.items())))
+
+    def shape(name):
+        a = jax.ShapeDtypeStruct(specs[name].shape, quantize.dtype_of(name, encs, np.float32))
+        return LayerOf(a, 0) if stacked else a
+
+    taken = [n for n in specs if n + quantize.SCALE in specs
+             and grouped_kernel_takes(shape(n), shape(n + quantize.SCALE), run, quantize.kind_of(n))]
+    if not taken:
+        log.warning("quantized_matmul='pallas': no weight of this model is 4-bit grouped (q4_k, q4_0) with one "
+                    "output axis, which is what graphs.pallas_tpu_matmul takes: XLA's product runs")
+        return MatmulRun(), frozenset()
+    log.info("quantized_matmul='pallas': %d weights dequantize in VMEM (graphs.pallas_tpu_matmul), e.g. %s",
+             len(taken), taken[0])
+    return run, frozenset(n + part for n in taken for part in (quantize.SCALE, quantize.OFFSET) if n + part in specs)
 
 
 def check_divisible(specs: dict, mesh, *, quantized: bool) -> None:

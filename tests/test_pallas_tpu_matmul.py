@@ -1,0 +1,210 @@
+"""The 4-bit grouped matmul kernel (graphs.pallas_tpu_matmul) in Pallas's TPU interpret mode on
+CPU, against the product written out here from the layout's definition; a model that runs its
+products through it against the same model with XLA's; and its compile for a TPU v5e."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import build_model, held, random_prompt
+from graphs.pallas_tpu_matmul import grouped_matmul, supported
+from maxlike.pipelines.context import TextContext
+
+
+def _weight(rng, k: int, n: int, lead: tuple = ()):
+    """Random 4-bit values (0..15 stored, value - 8 meant), packed as maxlike.weights.quantize
+    defines q4_k: per group of 32 inputs, value j in the low nibble of byte j, value j + 16 in the
+    high nibble. Returns (packed, the values, float16 scales, float16 offsets)."""
+    q = rng.integers(0, 16, size=(*lead, k, n)).astype(np.uint8)
+    g = q.reshape(*lead, k // 32, 32, n)
+    packed = (g[..., :16, :] | (g[..., 16:, :] << 4)).reshape(*lead, k // 2, n)
+    scale = (rng.random((*lead, k // 32, n)) * 0.1 + 0.01).astype(np.float16)
+    offset = (rng.normal(size=(*lead, k // 32, n)) * 0.05).astype(np.float16)
+    return packed, q, scale, offset
+
+
+def _expected(x, q, scale, offset):
+    """x @ ((q - 8) * scale + offset), each scale and offset over its 32 inputs, in float64."""
+    w = (q.astype(np.float64) - 8) * np.repeat(scale.astype(np.float64), 32, axis=0)
+    if offset is not None:
+        w = w + np.repeat(offset.astype(np.float64), 32, axis=0)
+    return x.astype(np.float64) @ w
+
+
+@pytest.mark.parametrize("k, n, m, with_offset, layers, dtype", [
+    (1024, 256, 1, True, None, jnp.float32),  # two steps over the inputs, one tile of outputs
+    (576, 640, 3, False, 3, jnp.float32),  # inputs taken whole, five tiles of 128 outputs; layer 2 of a stack
+    (512, 1536, 9, True, 2, jnp.bfloat16),  # 16 rows (9 padded); bfloat16 input and output
+])
+def test_matches_the_product_written_out(k, n, m, with_offset, layers, dtype):
+    rng = np.random.default_rng(k + n + m)
+    lead = () if layers is None else (layers,)
+    packed, q, scale, offset = _weight(rng, k, n, lead)
+    x = rng.normal(size=(m, k)).astype(np.float32)
+    layer = None if layers is None else layers - 1
+    pick = (lambda a: a) if layers is None else (lambda a: a[layer])
+    got = grouped_matmul(jnp.asarray(x, dtype), jnp.asarray(packed), jnp.asarray(scale),
+                         jnp.asarray(offset) if with_offset else None,
+                         None if layer is None else jnp.int32(layer), interpret=True)
+    assert got.shape == (m, n) and got.dtype == dtype
+    xs = np.asarray(jnp.asarray(x, dtype).astype(jnp.float32))  # the input as the kernel saw it
+    want = _expected(xs, pick(q), pick(scale), pick(offset) if with_offset else None)
+    # float32: 1e-5 of the largest output; bfloat16: the weight tile is rounded to bfloat16 (2^-8)
+    tol = 1e-5 if dtype == jnp.float32 else 2e-2
+    np.testing.assert_allclose(np.asarray(got, np.float64), want, atol=tol * np.abs(want).max())
+
+
+def test_supported_shapes():
+    u8 = np.uint8
+    assert supported((512, 4096), u8, (32, 4096))  # q4_k / q4_0: 16 bytes a scale
+    assert supported((4, 2048, 14336), u8, (4, 128, 14336), stacked=True)
+    assert not supported((640, 4096), u8, (32, 4096))  # 20 bytes a scale: q5_k
+    assert not supported((384, 4096), u8, (64, 4096))  # 6 bytes a scale... q6_k's 12 per 16: not 4-bit
+    assert not supported((512, 32, 128), u8, (32, 32, 128))  # two output axes (q [K, H, D])
+    assert not supported((1024, 4096), np.int8, (64, 4096))  # q8_0
+    assert not supported((512, 5000), u8, (32, 5000))  # 5,000 outputs: no tile of 128 divides them
+    assert not supported((2320, 512), u8, (145, 512))  # 4,640 inputs: no tile of 512, too many to take whole
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_a_model_computes_the_same_through_the_kernel(tiny_models, monkeypatch, scan):
+    """A q4_k model (quantized on load) with quantized_matmul="pallas": o, gate, up and down
+    (one output axis) go through the kernel, q, k and v through XLA, and the logits of a prompt
+    equal those of the same model with XLA's products. Under the layer loop the kernel reads
+    each layer from the whole stack (graphs.base.LayerOf). Their scales and offsets are held as
+    float16 bit patterns."""
+    import graphs.pallas_tpu_matmul as kernel
+
+    calls = []
+    real = kernel.grouped_matmul
+
+    def counted(x, values, *args, **kw):
+        calls.append(values.shape)
+        return real(x, values, *args, **kw)
+
+    monkeypatch.setattr(kernel, "grouped_matmul", counted)
+    path, _ = tiny_models["llama"]
+    kw = dict(quantization_encoding="q4_k", return_logits="all", fuse_projections=False, scan_layers=scan)
+    prompt = random_prompt(11, seed=3)
+    logits = {}
+    for matmul in ("xla", "pallas"):
+        model = build_model(path, quantized_matmul=matmul, **kw)
+        assert model.matmul.kernel == matmul
+        scales = {str(a.dtype) for name, a in model.params.items() if name.endswith(("o_scale", "down_offset"))}
+        assert scales == {"uint16" if matmul == "pallas" else "float16"}  # the kernel's: float16 bit patterns
+        ctx = held(model, TextContext("q", prompt, 32))
+        logits[matmul] = np.asarray(model.execute(model.prepare_initial_token_inputs([[ctx]])).logits)
+    layers = model.config.num_layers
+    assert len(calls) == 4 * (1 if scan else layers)  # traced once: per layer kind under the loop
+    assert all(len(shape) == (3 if scan else 2) for shape in calls)  # the whole stack under the loop
+    np.testing.assert_allclose(logits["pallas"], logits["xla"], atol=1e-5)
+
+
+def test_pallas_is_not_taken_where_it_cannot_run(tiny_models, caplog):
+    """int8 weights have nothing the kernel takes: the model says so and runs XLA's products."""
+    path, _ = tiny_models["llama"]
+    with caplog.at_level("WARNING", logger="maxlike"):
+        model = build_model(path, quantization_encoding="int8", quantized_matmul="pallas")
+    assert model.matmul.kernel == "xla"
+    assert "no weight of this model is 4-bit grouped" in caplog.text
+
+
+MESH_SCRIPT = """
+import json, os, sys
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+sys.path.insert(0, sys.argv[1])
+import numpy as np
+from conftest import random_prompt
+from maxlike.entrypoints import LLM
+from maxlike.pipelines import PipelineConfig, TextContext
+
+prompts = [random_prompt(n, seed=n).tolist() for n in (5, 17, 9, 30)]
+out = {}
+for name, kw in (("one", dict(devices="1")), ("mesh", dict(devices="4", data_parallel_degree=2, tensor_parallel_degree=2,
+                                            scan_layers=True, quantized_matmul="pallas"))):
+    model = LLM(PipelineConfig(model_path=sys.argv[2], max_length=128, max_batch_size=4, quantization_encoding="q4_k",
+                               fuse_projections=False, **kw), progress=False).pipeline.model
+    dp = model.replicas
+    ctxs = [TextContext(f"x{i}", p, 40) for i, p in enumerate(prompts)]
+    batches = [ctxs[r::dp] for r in range(dp)]
+    for r, b in enumerate(batches):
+        for c in b:
+            model.kv_manager.claim(c.request_id, replica=r, total_tokens=c.max_length)
+    logits = np.asarray(model.execute(model.prepare_initial_token_inputs(batches)).next_token_logits)
+    per = logits.shape[0] // dp
+    rows = {c.request_id: r * per + j for r, b in enumerate(batches) for j, c in enumerate(b)}
+    hlo = model.session.executables("step")[0].as_text()
+    out[name] = dict(logits=logits[[rows[c.request_id] for c in ctxs]].tolist(), matmul=model.matmul.kernel,
+                     splits=[list(s) for s in model.matmul.splits],
+                     gathers=[line.split("=")[1].split()[0] for line in hlo.splitlines() if " all-gather(" in line],
+                     bits=sorted({str(a.dtype) for n, a in model.params.items() if n.endswith("_scale")}))
+print(json.dumps(out))
+"""
+
+
+def test_the_kernel_runs_per_device_under_a_mesh(eight_head_models):
+    """data 2 x tensor 2 (fake CPU devices, layers as one loop), q4_k with the kernel: o and down
+    split over their inputs (partial products summed), gate and up over their outputs, rows over
+    the replicas. A prefill's logits equal one device's with XLA's products; nothing gathered."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    r = subprocess.run([sys.executable, "-c", MESH_SCRIPT, here, eight_head_models["llama"]], capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    report = json.loads(r.stdout.strip().splitlines()[-1])
+    one, mesh = report["one"], report["mesh"]
+    assert one["matmul"] == "xla" and mesh["matmul"] == "pallas"
+    splits = {kind: tuple(axes) for kind, *axes in mesh["splits"]}
+    assert splits["o"] == splits["down"] == ("tensor", None) and splits["gate"] == splits["up"] == (None, "tensor")
+    assert float(np.abs(np.asarray(mesh["logits"]) - np.asarray(one["logits"])).max()) < 1e-5
+    assert mesh["gathers"] == [], mesh["gathers"]  # (activations are not gathered either)
+    assert "uint16" in mesh["bits"] and one["bits"] == ["float16"]
+
+
+TPU_SCRIPT = """
+import json, sys
+import jax, jax.numpy as jnp
+sys.path.insert(0, sys.argv[1])
+from maxlike.engine.mesh import target_devices
+from graphs.layers import dequantize_grouped
+from graphs.pallas_tpu_matmul import grouped_matmul
+
+one = jax.sharding.SingleDeviceSharding(target_devices("tpu:v5e:2x2")[0])
+out = {}
+for name, k, n in (("mlp_in", 4096, 14336), ("mlp_out", 14336, 4096)):
+    args = [jax.ShapeDtypeStruct(s, d, sharding=one) for s, d in (
+        ((8, k), jnp.bfloat16), ((4, k // 2, n), jnp.uint8), ((4, k // 32, n), jnp.float16),
+        ((4, k // 32, n), jnp.float16), ((), jnp.int32))]
+    kernel = jax.jit(lambda x, v, s, o, layer: grouped_matmul(x, v, s, o, layer))
+    xla = jax.jit(lambda x, v, s, o, layer: x @ dequantize_grouped(v[layer], s[layer], o[layer], (k,), x.dtype))
+    for how, f in (("kernel", kernel), ("xla", xla)):
+        compiled = f.trace(*args).lower().compile()
+        out[f"{name}_{how}"] = {"custom_calls": compiled.as_text().count("tpu_custom_call"),
+                                "temp": compiled.memory_analysis().temp_size_in_bytes}
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.tpu_target
+def test_compiles_for_tpu_without_a_dequantized_copy():
+    """Mosaic compiles the kernel for a TPU v5e (here, compile-only) over a stack of 8B-MLP-shaped
+    weights read by a traced layer index, at batch 8: no temporary buffer, where XLA's own
+    dequantization builds the float weight (112 MiB) in one."""
+    from test_tpu_target import _tpu_env
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run([sys.executable, "-c", TPU_SCRIPT, root], capture_output=True, text=True, timeout=600,
+                       env=_tpu_env())
+    assert r.returncode == 0, r.stderr[-3000:]
+    report = json.loads(r.stdout.strip().splitlines()[-1])
+    for name in ("mlp_in", "mlp_out"):
+        kernel, xla = report[f"{name}_kernel"], report[f"{name}_xla"]
+        assert kernel["custom_calls"] >= 1 and xla["custom_calls"] == 0, report
+        assert kernel["temp"] < 2**20, report  # x's halves and the output: KBs
+        assert xla["temp"] >= 4096 * 14336 * 2 * 0.9, report  # the bfloat16 weight, rebuilt in HBM
