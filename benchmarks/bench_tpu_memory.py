@@ -2,9 +2,11 @@
 
     .venv/bin/python benchmarks/bench_tpu_memory.py [--encodings bfloat16 int8 q4_k] [--out DIR]
         [--decode-attention xla pallas] [--quantized-matmul xla pallas] [--max-batch-size 1]
+        [--tensor-parallel-degree 1]
 
-For each encoding, `maxlike warm-cache --target tpu:v5e:2x2 --devices 1` (one chip of the slice,
-compile-only: no weights are read) compiles the whole executable set of a batch-1, 2048-token
+For each encoding, `maxlike warm-cache --target tpu:v5e:2x2 --devices 1` (one chip of the slice, or
+as many as `--tensor-parallel-degree` splits the model over, figures per chip; compile-only: no
+weights are read) compiles the whole executable set of a batch-1, 2048-token
 model, then reads XLA's `memory_analysis()` of every executable from the cache records: the peak
 of a step is its arguments (weights, KV pool, inputs) + outputs - aliased (donated) + temporaries.
 An encoding that does not fit stops with XLA's RESOURCE_EXHAUSTED, which is printed. Each
@@ -57,6 +59,7 @@ def main() -> None:
     ap.add_argument("--max-batch-size", type=int, default=1)
     ap.add_argument("--decode-attention", nargs="+", default=["xla"], choices=["xla", "pallas"])
     ap.add_argument("--quantized-matmul", nargs="+", default=["xla"], choices=["xla", "pallas"])
+    ap.add_argument("--tensor-parallel-degree", type=int, default=1)
     ap.add_argument("--json", help="write the results here")
     ap.add_argument("--write-config", metavar="DIR", help="only write the Llama-3.1-8B config folder to DIR")
     args = ap.parse_args()
@@ -67,20 +70,21 @@ def main() -> None:
     write_llama8b(model)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.join(ROOT, ".venv", "tpu-site"), ROOT]))
     results = []
+    tp = args.tensor_parallel_degree
     runs = [(e, a, m) for e in args.encodings for a in args.decode_attention for m in args.quantized_matmul]
     for encoding, attention, matmul in runs:
-        cache = os.path.join(args.out, f"cache_{encoding}_{attention}_{matmul}_b{args.max_batch_size}")
+        cache = os.path.join(args.out, f"cache_{encoding}_{attention}_{matmul}_b{args.max_batch_size}_tp{tp}")
         cmd = [sys.executable, "-m", "maxlike.entrypoints.cli", "warm-cache", "--target", "tpu:v5e:2x2", "--devices",
-               "1", "--model-path", model, "--max-batch-size", str(args.max_batch_size), "--max-length",
-               str(args.max_length), "--quantization-encoding", encoding, "--decode-attention", attention,
-               "--quantized-matmul", matmul,
+               str(tp), "--tensor-parallel-degree", str(tp), "--model-path", model,
+               "--max-batch-size", str(args.max_batch_size), "--max-length", str(args.max_length),
+               "--quantization-encoding", encoding, "--decode-attention", attention, "--quantized-matmul", matmul,
                "--no-convert-weights", "--jobs", "1", "--quiet", "--cache-dir", cache]
         run = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=ROOT)
         records = [json.load(open(p)) for p in glob.glob(os.path.join(cache, "executables", "*.json"))]
         records = [r for r in records if r.get("memory")]
         top = max(records, key=peak) if records else None
         row = {"encoding": encoding, "decode_attention": attention, "quantized_matmul": matmul,
-               "max_batch_size": args.max_batch_size,
+               "max_batch_size": args.max_batch_size, "tensor_parallel_degree": tp,
                "fits": run.returncode == 0, "executables": len(records),
                "step_arguments_gib": None, "peak_gib": round(peak(top) / 2**30, 2) if top else None,
                "decode_temp_mib": None, "error": None if run.returncode == 0 else run.stderr.strip().splitlines()[-1]}

@@ -89,8 +89,8 @@ class DecoderPipelineModel(DecoderSizing, LogProbsMixin, ServingModel):
         layout.check_divisible(specs, mesh, quantized=bool(self._encodings))
         self._specs = specs  # as `params` holds them
         # (the scales the Pallas kernel reads are held as their float16 bit patterns)
-        self.matmul, self._as_bits = layout.quantized_matmul(pipeline_config, mesh, specs, self._encodings,
-                                                             stacked=self.scan_layers)
+        self.matmul, self._as_bits = layout.quantized_matmul(pipeline_config, session.platform, mesh, specs,
+                                                             self._encodings, stacked=self.scan_layers)
         self.weights_source = "none (compile-only)"  # or where `params` came from
         self.kv_params, self.max_batch_size, num_pages = self._plan_kv_cache(specs)
         self.compile_only = pipeline_config.compile_only
@@ -219,7 +219,8 @@ class DecoderPipelineModel(DecoderSizing, LogProbsMixin, ServingModel):
 
     def _to_layout(self, host: dict) -> dict:
         """Host arrays as the checkpoint gives them (per layer) -> as `params` holds them:
-        KV heads repeated for the mesh, layers stacked when they run as one loop."""
+        KV heads repeated for the mesh, projections quantized and fused, layers stacked when they
+        run as one loop, the Pallas matmul's scales as float16 bit patterns."""
         host = {name: self._repeat_kv(host[name], spec) for name, spec in self._layer_specs.items() if name in host}
         if self._quantized:
             host = quantize.quantize_host(host, quantize.linear_inputs(host, self._quantized), self._encodings)

@@ -85,12 +85,18 @@ def fuse_projections(pipeline_config, platform: str) -> bool:
     return (FUSE_PROJECTIONS_DEFAULT.get(platform, False) if fuse is None else fuse) and not lora
 
 
-def quantized_matmul(pipeline_config, mesh, specs: dict, encs: dict, *, stacked: bool) -> tuple[MatmulRun, frozenset]:
+def quantized_matmul(pipeline_config, platform: str, mesh, specs: dict, encs: dict, *,
+                     stacked: bool) -> tuple[MatmulRun, frozenset]:
     """How products with 4-bit grouped weights run (graphs.layers.MatmulRun), and the scales and
     offsets to hold as their float16 bit patterns (uint16), which is how the kernel reads them.
-    `quantized_matmul` "pallas" takes effect for a model with weights the kernel takes as each
-    device holds them (else a warning, and XLA's product). `specs` as `params` holds them."""
+    `quantized_matmul` "pallas" takes effect on TPU (and CPU, in interpret mode) for a model with
+    weights the kernel takes as each device holds them (else a warning, and XLA's product).
+    `specs` as `params` holds them."""
     if pipeline_config.quantized_matmul == "xla":
+        return MatmulRun(), frozenset()
+    if platform == "gpu":
+        log.warning("quantized_matmul='pallas': graphs.pallas_tpu_matmul is a TPU (Mosaic) kernel, which a GPU would "
+                    "run in interpret mode: XLA's product runs")
         return MatmulRun(), frozenset()
     lead = int(stacked)
 
