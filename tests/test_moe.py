@@ -190,6 +190,7 @@ def test_roofline_counts_the_routed_experts(moe_models):
     assert roofline.matmul_flops_per_token(model) == 2 * (rest - hf.vocab_size * d + experts * 2 // 8)
 
 
+@pytest.mark.slow  # about 25 s: `make test-slow` (the fast suite must stay under 15 minutes)
 @pytest.mark.tpu_target
 def test_tpu_slice_split_by_experts_compiles(moe_models, tmp_path):
     """warm-cache for a TPU v5e 2x2 slice with the tiny Mixtral's 8 experts split 4 ways."""

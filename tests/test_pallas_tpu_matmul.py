@@ -149,6 +149,7 @@ print(json.dumps(out))
 """
 
 
+@pytest.mark.slow  # about 25 s: `make test-slow` (the fast suite must stay under 15 minutes)
 def test_the_kernel_runs_per_device_under_a_mesh(eight_head_models):
     """data 2 x tensor 2 (fake CPU devices, layers as one loop), q4_k with the kernel: o and down
     split over their inputs (partial products summed), gate and up over their outputs, rows over
@@ -177,7 +178,7 @@ from graphs.pallas_tpu_matmul import grouped_matmul
 
 one = jax.sharding.SingleDeviceSharding(target_devices("tpu:v5e:2x2")[0])
 out = {}
-for name, k, n in (("mlp_in", 4096, 14336), ("mlp_out", 14336, 4096)):
+for name, k, n in (("mlp_in", 4096, 14336),):
     args = [jax.ShapeDtypeStruct(s, d, sharding=one) for s, d in (
         ((8, k), jnp.bfloat16), ((4, k // 2, n), jnp.uint8), ((4, k // 32, n), jnp.float16),
         ((4, k // 32, n), jnp.float16), ((), jnp.int32))]
@@ -203,8 +204,7 @@ def test_compiles_for_tpu_without_a_dequantized_copy():
                        env=_tpu_env())
     assert r.returncode == 0, r.stderr[-3000:]
     report = json.loads(r.stdout.strip().splitlines()[-1])
-    for name in ("mlp_in", "mlp_out"):
-        kernel, xla = report[f"{name}_kernel"], report[f"{name}_xla"]
-        assert kernel["custom_calls"] >= 1 and xla["custom_calls"] == 0, report
-        assert kernel["temp"] < 2**20, report  # x's halves and the output: KBs
-        assert xla["temp"] >= 4096 * 14336 * 2 * 0.9, report  # the bfloat16 weight, rebuilt in HBM
+    kernel, xla = report["mlp_in_kernel"], report["mlp_in_xla"]
+    assert kernel["custom_calls"] >= 1 and xla["custom_calls"] == 0, report
+    assert kernel["temp"] < 2**20, report  # x's halves and the output: KBs
+    assert xla["temp"] >= 4096 * 14336 * 2 * 0.9, report  # the bfloat16 weight, rebuilt in HBM
