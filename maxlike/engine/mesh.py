@@ -60,9 +60,11 @@ def target_devices(target: str) -> list:
         raise ConfigError(f"compile_target={target!r} is not understood: use 'tpu:<topology>', e.g. 'tpu:v5e:2x2' "
                           "(a TPU v5e slice of 2x2 chips).")
     # Without these libtpu asks a metadata server which TPU this host belongs to (there is none here)
-    # and prints a page of warnings; they only describe the local host, not the target.
+    # and prints a page of warnings; they only describe the local host, not the target. Its lockfile
+    # would admit one process per machine: two compiling at once (two test workers) failed with
+    # "Internal error when accessing libtpu multi-process lockfile"; compiling uses no TPU to share.
     for name, value in (("TPU_ACCELERATOR_TYPE", "v5litepod-4"), ("TPU_WORKER_HOSTNAMES", "localhost"),
-                        ("TPU_SKIP_MDS_QUERY", "1")):
+                        ("TPU_SKIP_MDS_QUERY", "1"), ("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")):
         os.environ.setdefault(name, value)
     from jax.experimental import topologies
 
