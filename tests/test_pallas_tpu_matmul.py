@@ -127,8 +127,8 @@ from maxlike.pipelines import PipelineConfig, TextContext
 
 prompts = [random_prompt(n, seed=n).tolist() for n in (5, 17, 9, 30)]
 out = {}
-for name, kw in (("one", dict(devices="1")), ("mesh", dict(devices="4", data_parallel_degree=2, tensor_parallel_degree=2,
-                                            scan_layers=True, quantized_matmul="pallas"))):
+mesh = dict(devices="4", data_parallel_degree=2, tensor_parallel_degree=2, scan_layers=True, quantized_matmul="pallas")
+for name, kw in (("one", dict(devices="1")), ("mesh", mesh)):
     model = LLM(PipelineConfig(model_path=sys.argv[2], max_length=128, max_batch_size=4, quantization_encoding="q4_k",
                                fuse_projections=False, **kw), progress=False).pipeline.model
     dp = model.replicas
