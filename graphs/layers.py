@@ -259,9 +259,10 @@ def adapter_mask(w: dict, adapters) -> jax.Array | None:
 
 @dataclass(frozen=True)
 class MatmulRun:
-    """How products with 4-bit grouped weights run: `kernel` "xla" or "pallas" (graphs.pallas_tpu_matmul),
-    and under a mesh of several devices the mesh and, per weight kind the kernel takes, the mesh
-    axes splitting its inputs and its outputs (None: whole on each device)."""
+    """How products with 4-, 5- and 6-bit grouped weights run: `kernel` "xla" or "pallas"
+    (graphs.pallas_tpu_matmul), and under a mesh of several devices the mesh and, per weight kind
+    the kernel takes, the mesh axes splitting its inputs and its outputs (None: whole on each
+    device)."""
 
     kernel: str = "xla"
     mesh: Any = None
@@ -286,7 +287,7 @@ def projection(mask, matmul: str | MatmulRun = "xla", backend: str = "cpu"):
     a scale per output channel, x @ values, times the scale; with grouped scales (and offsets),
     x @ (values * scale + offset), the weight rebuilt in x's dtype for the matmul (XLA:TPU builds
     it in a buffer rather than in the matmul: benchmarks/probe_tpu_dequant_fusion.py).
-    matmul "pallas" (or a MatmulRun): the 4-bit grouped weights `grouped_kernel_takes` go through
+    matmul "pallas" (or a MatmulRun): the grouped weights `grouped_kernel_takes` go through
     the Pallas kernel that dequantizes in VMEM (graphs.pallas_tpu_matmul; interpret mode off the
     TPU; per device under a mesh). A weight may come as a graphs.base.LayerOf (its layer of a
     stack: `kernel_weights`). The one place a graph multiplies by a projection weight."""
@@ -320,8 +321,17 @@ def grouped_kernel_takes(values, scale, run: MatmulRun | None = None, kind: str 
     stacked = isinstance(values, LayerOf)
     if stacked:
         values, scale = values.stack, scale.stack
-    return pallas_tpu_matmul.supported(run.local(values.shape, kind, stacked), values.dtype,
+    shape = _matrix_shape(values.shape, scale.shape, int(stacked))
+    return pallas_tpu_matmul.supported(run.local(shape, kind, stacked), values.dtype,
                                        run.local(scale.shape, kind, stacked), stacked)
+
+
+def _matrix_shape(shape: tuple, scale_shape: tuple, lead: int) -> tuple:
+    """A grouped weight's shape with its input axes as one: [*lead, *in, *out] -> [*lead, in, *out]
+    (the scales [*lead, groups, *out] tell the output axes). Packed values have theirs as one
+    already; int8's (q8_0) keep o's [heads, head dim]."""
+    n_in = len(shape) - len(scale_shape) + 1
+    return (*shape[:lead], math.prod(shape[lead:lead + n_in]), *shape[lead + n_in:])
 
 
 def kernel_weights(w: dict, matmul: str | MatmulRun):
@@ -338,7 +348,7 @@ def kernel_weights(w: dict, matmul: str | MatmulRun):
 
 
 def _grouped_kernel(x, values, scale, offset, n_in: int, backend: str, run: MatmulRun, kind: str):
-    """x [*batch, *in] @ a 4-bit grouped weight [*in, N] through graphs.pallas_tpu_matmul. Under a
+    """x [*batch, *in] @ a 4-, 5- or 6-bit grouped weight [*in, N] through graphs.pallas_tpu_matmul. Under a
     mesh, per device (`shard_map`): rows over `data`, the weight's inputs and outputs as `run`
     splits them, and the partial products of split inputs summed over their axis."""
     from graphs import pallas_tpu_matmul
@@ -346,6 +356,7 @@ def _grouped_kernel(x, values, scale, offset, n_in: int, backend: str, run: Matm
     stacked = isinstance(values, LayerOf)
     layer = values.index if stacked else jnp.int32(0)
     parts = [a.stack if stacked else a for a in (values, scale, offset) if a is not None]
+    parts[0] = parts[0].reshape(_matrix_shape(parts[0].shape, parts[1].shape, int(stacked)))  # (q8_0's o)
     batch = x.shape[:x.ndim - n_in]
     rows = x.reshape(math.prod(batch), -1)
     inputs, outputs = run.split(kind)

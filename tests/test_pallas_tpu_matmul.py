@@ -1,6 +1,6 @@
-"""The 4-bit grouped matmul kernel (graphs.pallas_tpu_matmul) in Pallas's TPU interpret mode on
-CPU, against the product written out here from the layout's definition; a model that runs its
-products through it against the same model with XLA's; and its compile for a TPU v5e."""
+"""The grouped matmul kernel (graphs.pallas_tpu_matmul: 4, 5 and 6 bits) in Pallas's TPU interpret
+mode on CPU, against the product written out here from the values; a model that runs its products
+through it against the same model with XLA's; and its compile for a TPU v5e."""
 
 from __future__ import annotations
 
@@ -14,8 +14,9 @@ import numpy as np
 import pytest
 
 from conftest import build_model, held, random_prompt
-from graphs.pallas_tpu_matmul import grouped_matmul, supported
+from graphs.pallas_tpu_matmul import grouped_matmul, kernel_layout, supported
 from maxlike.pipelines.context import TextContext
+from maxlike.weights.quantize import ENCODINGS, pack
 
 
 def _weight(rng, k: int, n: int, lead: tuple = ()):
@@ -61,25 +62,82 @@ def test_matches_the_product_written_out(k, n, m, with_offset, layers, dtype):
     np.testing.assert_allclose(np.asarray(got, np.float64), want, atol=tol * np.abs(want).max())
 
 
+@pytest.mark.parametrize("encoding, k, n, m, layers", [
+    ("q6_k", 1024, 256, 3, None),  # two steps over the inputs
+    ("q5_k", 576, 384, 5, 2),  # inputs taken whole, three tiles of outputs; layer 1 of a stack
+    ("q6_k", 576, 128, 1, None),
+    ("q8_0", 1024, 384, 2, 2),
+])
+def test_five_six_and_eight_bits_match_the_product_written_out(encoding, k, n, m, layers):
+    """q5_k (affine, groups of 32) and q6_k (groups of 16): values packed as the model stores them
+    (maxlike.weights.quantize.pack), then laid out for the kernel (kernel_layout); q8_0 (int8,
+    groups of 32) as they are. Against x @ (q * scale (+ offset)) from the values themselves,
+    in float64."""
+    enc = ENCODINGS[encoding]
+    rng = np.random.default_rng(k + n)
+    lead = () if layers is None else (layers,)
+    mid = 1 << (enc.bits - 1)
+    q = rng.integers(-mid, mid, size=(*lead, k, n)).astype(np.int8)  # every value the bits hold
+    if enc.bits == 8:
+        packed = q
+    else:
+        packed = np.stack([pack(a, 1, enc) for a in q.reshape(-1, k, n)]).reshape(*lead, k * enc.bits // 8, n)
+    scale = (rng.random((*lead, k // enc.group, n)) * 0.1 + 0.01).astype(np.float16)
+    offset = (rng.normal(size=scale.shape) * 0.05).astype(np.float16) if enc.offset else None
+    x = rng.normal(size=(m, k)).astype(np.float32)
+    layer = None if layers is None else layers - 1
+    pick = (lambda a: a) if layers is None else (lambda a: a[layer])
+    got = grouped_matmul(jnp.asarray(x), jnp.asarray(kernel_layout(packed, enc.bits, enc.group)), jnp.asarray(scale),
+                         None if offset is None else jnp.asarray(offset),
+                         None if layer is None else jnp.int32(layer), interpret=True)
+    w = pick(q).astype(np.float64) * np.repeat(pick(scale).astype(np.float64), enc.group, axis=0)
+    if offset is not None:
+        w = w + np.repeat(pick(offset).astype(np.float64), enc.group, axis=0)
+    want = x.astype(np.float64) @ w
+    np.testing.assert_allclose(np.asarray(got, np.float64), want, atol=1e-5 * np.abs(want).max())
+
+
+def test_a_layout_in_parts_serves_each_part_alone():
+    """kernel_layout(parts=2), as a device holding half the inputs of o or down under a mesh reads
+    it: each half of the rows, through the kernel with its half of the inputs, sums to the whole
+    product."""
+    enc = ENCODINGS["q6_k"]
+    rng = np.random.default_rng(5)
+    k, n = 1024, 128
+    q = rng.integers(-32, 32, size=(k, n)).astype(np.int8)
+    scale = (rng.random((k // 16, n)) * 0.1 + 0.01).astype(np.float16)
+    laid = kernel_layout(pack(q, 1, enc), 6, 16, parts=2)
+    x = rng.normal(size=(2, k)).astype(np.float32)
+    rows, groups = k * 6 // 8 // 2, k // 16 // 2  # each half's
+    halves = [grouped_matmul(jnp.asarray(x[:, i * k // 2:(i + 1) * k // 2]), jnp.asarray(laid[i * rows:(i + 1) * rows]),
+                             jnp.asarray(scale[i * groups:(i + 1) * groups]), interpret=True) for i in (0, 1)]
+    want = x.astype(np.float64) @ (q.astype(np.float64) * np.repeat(scale.astype(np.float64), 16, axis=0))
+    np.testing.assert_allclose(np.asarray(halves[0] + halves[1], np.float64), want, atol=1e-5 * np.abs(want).max())
+
+
 def test_supported_shapes():
     u8 = np.uint8
     assert supported((512, 4096), u8, (32, 4096))  # q4_k / q4_0: 16 bytes a scale
     assert supported((4, 2048, 14336), u8, (4, 128, 14336), stacked=True)
-    assert not supported((640, 4096), u8, (32, 4096))  # 20 bytes a scale: q5_k
-    assert not supported((384, 4096), u8, (64, 4096))  # 6 bytes a scale... q6_k's 12 per 16: not 4-bit
+    assert supported((640, 4096), u8, (32, 4096))  # q5_k: 20 bytes a scale (32 inputs)
+    assert supported((768, 4096), u8, (64, 4096))  # q6_k: 12 bytes a scale (16 inputs)
+    assert not supported((340, 4096), u8, (17, 4096))  # q5_k over 544 inputs: its top bits do not tile
+    assert not supported((384, 4096), u8, (64, 4096))  # 6 bytes a scale: no form the kernel reads
     assert not supported((512, 32, 128), u8, (32, 32, 128))  # two output axes (q [K, H, D])
-    assert not supported((1024, 4096), np.int8, (64, 4096))  # q8_0
+    assert supported((1024, 4096), np.int8, (32, 4096))  # q8_0: int8, 32 bytes a scale
+    assert not supported((1024, 4096), np.int8, (64, 4096))  # int8 in groups of 16: no form the kernel reads
     assert not supported((512, 5000), u8, (32, 5000))  # 5,000 outputs: no tile of 128 divides them
     assert not supported((2320, 512), u8, (145, 512))  # 4,640 inputs: no tile of 512, too many to take whole
 
 
-@pytest.mark.parametrize("scan", [False, True])
-def test_a_model_computes_the_same_through_the_kernel(tiny_models, monkeypatch, scan):
-    """A q4_k model (quantized on load) with quantized_matmul="pallas": o, gate, up and down
-    (one output axis) go through the kernel, q, k and v through XLA, and the logits of a prompt
-    equal those of the same model with XLA's products. Under the layer loop the kernel reads
-    each layer from the whole stack (graphs.base.LayerOf). Their scales and offsets are held as
-    float16 bit patterns."""
+@pytest.mark.parametrize("encoding, scan", [("q4_k", False), ("q4_k", True), ("q6_k", True), ("q5_k", False),
+                                            ("q8_0", True)])
+def test_a_model_computes_the_same_through_the_kernel(tiny_models, monkeypatch, encoding, scan):
+    """A model quantized on load with quantized_matmul="pallas": o, gate, up and down (one output
+    axis) go through the kernel, q, k and v through XLA, and the logits of a prompt equal those of
+    the same model with XLA's products. Under the layer loop the kernel reads each layer from the
+    whole stack (graphs.base.LayerOf). Their scales and offsets are held as float16 bit patterns,
+    5- and 6-bit values in the kernel's layout."""
     import graphs.pallas_tpu_matmul as kernel
 
     calls = []
@@ -91,7 +149,7 @@ def test_a_model_computes_the_same_through_the_kernel(tiny_models, monkeypatch, 
 
     monkeypatch.setattr(kernel, "grouped_matmul", counted)
     path, _ = tiny_models["llama"]
-    kw = dict(quantization_encoding="q4_k", return_logits="all", fuse_projections=False, scan_layers=scan)
+    kw = dict(quantization_encoding=encoding, return_logits="all", fuse_projections=False, scan_layers=scan)
     prompt = random_prompt(11, seed=3)
     logits = {}
     for matmul in ("xla", "pallas"):
@@ -113,7 +171,7 @@ def test_pallas_is_not_taken_where_it_cannot_run(tiny_models, caplog):
     with caplog.at_level("WARNING", logger="maxlike"):
         model = build_model(path, quantization_encoding="int8", quantized_matmul="pallas")
     assert model.matmul.kernel == "xla"
-    assert "no weight of this model is 4-bit grouped" in caplog.text
+    assert "no weight of this model is grouped in 4, 5, 6 or 8 bits" in caplog.text
 
 
 MESH_SCRIPT = """
@@ -129,8 +187,9 @@ prompts = [random_prompt(n, seed=n).tolist() for n in (5, 17, 9, 30)]
 out = {}
 mesh = dict(devices="4", data_parallel_degree=2, tensor_parallel_degree=2, scan_layers=True, quantized_matmul="pallas")
 for name, kw in (("one", dict(devices="1")), ("mesh", mesh)):
-    model = LLM(PipelineConfig(model_path=sys.argv[2], max_length=128, max_batch_size=4, quantization_encoding="q4_k",
-                               fuse_projections=False, **kw), progress=False).pipeline.model
+    model = LLM(PipelineConfig(model_path=sys.argv[2], max_length=128, max_batch_size=4,
+                               quantization_encoding=sys.argv[3], fuse_projections=False, **kw),
+                progress=False).pipeline.model
     dp = model.replicas
     ctxs = [TextContext(f"x{i}", p, 40) for i, p in enumerate(prompts)]
     batches = [ctxs[r::dp] for r in range(dp)]
@@ -149,14 +208,16 @@ print(json.dumps(out))
 """
 
 
-@pytest.mark.slow  # about 25 s: `make test-slow` (the fast suite must stay under 15 minutes)
-def test_the_kernel_runs_per_device_under_a_mesh(eight_head_models):
-    """data 2 x tensor 2 (fake CPU devices, layers as one loop), q4_k with the kernel: o and down
-    split over their inputs (partial products summed), gate and up over their outputs, rows over
-    the replicas. A prefill's logits equal one device's with XLA's products; nothing gathered."""
+@pytest.mark.slow  # about 25 s each: `make test-slow` (the fast suite must stay under 15 minutes)
+@pytest.mark.parametrize("encoding", ["q4_k", "q6_k"])
+def test_the_kernel_runs_per_device_under_a_mesh(eight_head_models, encoding):
+    """data 2 x tensor 2 (fake CPU devices, layers as one loop) with the kernel: o and down split
+    over their inputs (partial products summed; q6_k's laid out per device's half), gate and up
+    over their outputs, rows over the replicas. A prefill's logits equal one device's with XLA's
+    products; nothing gathered."""
     here = os.path.dirname(os.path.abspath(__file__))
-    r = subprocess.run([sys.executable, "-c", MESH_SCRIPT, here, eight_head_models["llama"]], capture_output=True,
-                       text=True, timeout=600)
+    r = subprocess.run([sys.executable, "-c", MESH_SCRIPT, here, eight_head_models["llama"], encoding],
+                       capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     report = json.loads(r.stdout.strip().splitlines()[-1])
     one, mesh = report["one"], report["mesh"]
@@ -178,14 +239,17 @@ from graphs.pallas_tpu_matmul import grouped_matmul
 
 one = jax.sharding.SingleDeviceSharding(target_devices("tpu:v5e:2x2")[0])
 out = {}
-for name, k, n in (("mlp_in", 4096, 14336),):
+for name, k, n, bits, group, hows in (("mlp_in", 4096, 14336, 4, 32, ("kernel", "xla")),
+                                      ("down_q6_k", 14336, 4096, 6, 16, ("kernel",)),
+                                      ("o_q8_0", 4096, 4096, 8, 32, ("kernel",))):
+    values = jnp.int8 if bits == 8 else jnp.uint8
     args = [jax.ShapeDtypeStruct(s, d, sharding=one) for s, d in (
-        ((8, k), jnp.bfloat16), ((4, k // 2, n), jnp.uint8), ((4, k // 32, n), jnp.float16),
-        ((4, k // 32, n), jnp.float16), ((), jnp.int32))]
-    kernel = jax.jit(lambda x, v, s, o, layer: grouped_matmul(x, v, s, o, layer))
+        ((8, k), jnp.bfloat16), ((4, k * bits // 8, n), values), ((4, k // group, n), jnp.float16),
+        ((4, k // group, n), jnp.float16), ((), jnp.int32))]
+    kernel = jax.jit(lambda x, v, s, o, layer, affine=bits == 4: grouped_matmul(x, v, s, o if affine else None, layer))
     xla = jax.jit(lambda x, v, s, o, layer: x @ dequantize_grouped(v[layer], s[layer], o[layer], (k,), x.dtype))
-    for how, f in (("kernel", kernel), ("xla", xla)):
-        compiled = f.trace(*args).lower().compile()
+    for how in hows:
+        compiled = dict(kernel=kernel, xla=xla)[how].trace(*args).lower().compile()
         out[f"{name}_{how}"] = {"custom_calls": compiled.as_text().count("tpu_custom_call"),
                                 "temp": compiled.memory_analysis().temp_size_in_bytes}
 print(json.dumps(out))
@@ -196,7 +260,8 @@ print(json.dumps(out))
 def test_compiles_for_tpu_without_a_dequantized_copy():
     """Mosaic compiles the kernel for a TPU v5e (here, compile-only) over a stack of 8B-MLP-shaped
     weights read by a traced layer index, at batch 8: no temporary buffer, where XLA's own
-    dequantization builds the float weight (112 MiB) in one."""
+    dequantization builds the float weight (112 MiB) in one. Likewise in q6_k (down's shape) and
+    q8_0 (o's)."""
     from test_tpu_target import _tpu_env
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -208,3 +273,5 @@ def test_compiles_for_tpu_without_a_dequantized_copy():
     assert kernel["custom_calls"] >= 1 and xla["custom_calls"] == 0, report
     assert kernel["temp"] < 2**20, report  # x's halves and the output: KBs
     assert xla["temp"] >= 4096 * 14336 * 2 * 0.9, report  # the bfloat16 weight, rebuilt in HBM
+    for other in ("down_q6_k_kernel", "o_q8_0_kernel"):
+        assert report[other]["custom_calls"] >= 1 and report[other]["temp"] < 2**20, report

@@ -88,8 +88,8 @@ class DecoderPipelineModel(DecoderSizing, LogProbsMixin, ServingModel):
         specs = stacked_specs(specs) if self.scan_layers else specs
         layout.check_divisible(specs, mesh, quantized=bool(self._encodings))
         self._specs = specs  # as `params` holds them
-        # (the scales the Pallas kernel reads are held as their float16 bit patterns)
-        self.matmul, self._as_bits = layout.quantized_matmul(pipeline_config, session.platform, mesh, specs,
+        # (the arrays the Pallas matmul reads are held its way: layout.hold)
+        self.matmul, self._held = layout.quantized_matmul(pipeline_config, session.platform, mesh, specs,
                                                              self._encodings, stacked=self.scan_layers)
         self.weights_source = "none (compile-only)"  # or where `params` came from
         self.kv_params, self.max_batch_size, num_pages = self._plan_kv_cache(specs)
@@ -173,7 +173,8 @@ class DecoderPipelineModel(DecoderSizing, LogProbsMixin, ServingModel):
         if not cfg.weights_cache or jax.process_count() > 1:
             return None
         conversion = (self.arch.name, str(self.dtype), self.kv_repeat, self.encoding,
-                      tuple((name, spec.shape) for name, spec in self._specs.items()), tuple(sorted(self._as_bits)))
+                      tuple((name, spec.shape) for name, spec in self._specs.items()),
+                      tuple(sorted(self._held.items())))
         return converted.checkpoint_dir(cfg.cache_dir or cache_root(), cfg.model.model_path, cfg.model.weight_path,
                                         conversion, code=self.arch.functions())
 
@@ -220,20 +221,21 @@ class DecoderPipelineModel(DecoderSizing, LogProbsMixin, ServingModel):
     def _to_layout(self, host: dict) -> dict:
         """Host arrays as the checkpoint gives them (per layer) -> as `params` holds them:
         KV heads repeated for the mesh, projections quantized and fused, layers stacked when they
-        run as one loop, the Pallas matmul's scales as float16 bit patterns."""
+        run as one loop, what the Pallas matmul reads held its way (layout.hold)."""
         host = {name: self._repeat_kv(host[name], spec) for name, spec in self._layer_specs.items() if name in host}
         if self._quantized:
             host = quantize.quantize_host(host, quantize.linear_inputs(host, self._quantized), self._encodings)
         if self.fused:
             host = fuse_weights(host, self.config.kv_heads, self._fused)
         host = stack_layers(host) if self.scan_layers else host
-        return {name: np.asarray(a, np.float16).view(np.uint16) if name in self._as_bits else a
-                for name, a in host.items()}
+        return {name: layout.hold(a, self._held[name]) if name in self._held else a for name, a in host.items()}
 
     def _dtype_of(self, name: str):
         """A parameter's dtype: the model's, or the encoding's for quantized projections and their scales
         (uint16 for float16 scales held as bit patterns)."""
-        return np.dtype(np.uint16) if name in self._as_bits else quantize.dtype_of(name, self._encodings, self.dtype)
+        if self._held.get(name) == ("bits",):
+            return np.dtype(np.uint16)
+        return quantize.dtype_of(name, self._encodings, self.dtype)
 
     def _repeat_kv(self, array, spec) -> np.ndarray:
         if self.kv_repeat == 1 or "kv_heads" not in spec.axes:

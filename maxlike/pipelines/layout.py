@@ -86,18 +86,21 @@ def fuse_projections(pipeline_config, platform: str) -> bool:
 
 
 def quantized_matmul(pipeline_config, platform: str, mesh, specs: dict, encs: dict, *,
-                     stacked: bool) -> tuple[MatmulRun, frozenset]:
-    """How products with 4-bit grouped weights run (graphs.layers.MatmulRun), and the scales and
-    offsets to hold as their float16 bit patterns (uint16), which is how the kernel reads them.
+                     stacked: bool) -> tuple[MatmulRun, dict]:
+    """How products with grouped weights run (graphs.layers.MatmulRun), and how the arrays the
+    kernel reads are held ({name: how}, for `hold`): scales and offsets as their float16 bit
+    patterns (uint16), 5/6-bit values in the kernel's layout, per device's share of their inputs.
     `quantized_matmul` "pallas" takes effect on TPU (and CPU, in interpret mode) for a model with
     weights the kernel takes as each device holds them (else a warning, and XLA's product).
     `specs` as `params` holds them."""
     if pipeline_config.quantized_matmul == "xla":
-        return MatmulRun(), frozenset()
+        return MatmulRun(), {}
     if platform == "gpu":
         log.warning("quantized_matmul='pallas': graphs.pallas_tpu_matmul is a TPU (Mosaic) kernel, which a GPU would "
                     "run in interpret mode: XLA's product runs")
-        return MatmulRun(), frozenset()
+        return MatmulRun(), {}
+    from graphs import pallas_tpu_matmul
+
     lead = int(stacked)
 
     def mesh_axis(logical):
@@ -115,12 +118,30 @@ def quantized_matmul(pipeline_config, platform: str, mesh, specs: dict, encs: di
     taken = [n for n in specs if n + quantize.SCALE in specs
              and grouped_kernel_takes(shape(n), shape(n + quantize.SCALE), run, quantize.kind_of(n))]
     if not taken:
-        log.warning("quantized_matmul='pallas': no weight of this model is 4-bit grouped (q4_k, q4_0) with one "
-                    "output axis, which is what graphs.pallas_tpu_matmul takes: XLA's product runs")
-        return MatmulRun(), frozenset()
+        log.warning("quantized_matmul='pallas': no weight of this model is grouped in 4, 5, 6 or 8 bits (q4_k, "
+                    "q4_0, q5_k, q6_k, q8_0) with one output axis, which is what graphs.pallas_tpu_matmul takes: XLA's product "
+                    "runs")
+        return MatmulRun(), {}
     log.info("quantized_matmul='pallas': %d weights dequantize in VMEM (graphs.pallas_tpu_matmul), e.g. %s",
              len(taken), taken[0])
-    return run, frozenset(n + part for n in taken for part in (quantize.SCALE, quantize.OFFSET) if n + part in specs)
+    held = {n + part: ("bits",) for n in taken for part in (quantize.SCALE, quantize.OFFSET) if n + part in specs}
+    for n in (n for n in taken if quantize.dtype_of(n, encs, np.float32) == np.uint8):  # packed: [in, out]
+        bits, group = pallas_tpu_matmul.form(specs[n].shape, np.uint8, specs[n + quantize.SCALE].shape)
+        if bits > 4:
+            inputs = run.split(quantize.kind_of(n))[0]
+            held[n] = ("laid", bits, group, mesh.shape[inputs] if inputs else 1)
+    return run, held
+
+
+def hold(array, how: tuple) -> np.ndarray:
+    """A host array (as maxlike.weights.quantize stores it) -> as `params` holds it for the Pallas
+    matmul, `how` from `quantized_matmul`: ("bits",) float16 as uint16; ("laid", bits, group,
+    parts) graphs.pallas_tpu_matmul.kernel_layout."""
+    if how[0] == "bits":
+        return np.asarray(array, np.float16).view(np.uint16)
+    from graphs import pallas_tpu_matmul
+
+    return pallas_tpu_matmul.kernel_layout(np.asarray(array), *how[1:])
 
 
 def check_divisible(specs: dict, mesh, *, quantized: bool) -> None:
