@@ -208,12 +208,12 @@ print(json.dumps(out))
 """
 
 
-@pytest.mark.slow  # about 25 s each: `make test-slow` (the fast suite must stay under 15 minutes)
-@pytest.mark.parametrize("encoding", ["q4_k", "q6_k"])
+@pytest.mark.slow  # about 25-40 s each: `make test-slow` (the fast suite must stay under 15 minutes)
+@pytest.mark.parametrize("encoding", ["q4_k", "q6_k", "q8_0"])
 def test_the_kernel_runs_per_device_under_a_mesh(eight_head_models, encoding):
     """data 2 x tensor 2 (fake CPU devices, layers as one loop) with the kernel: o and down split
-    over their inputs (partial products summed; q6_k's laid out per device's half), gate and up
-    over their outputs, rows over the replicas. A prefill's logits equal one device's with XLA's
+    over their inputs (partial products summed; q6_k's laid out per device's half, q8_0's o
+    [heads, head dim] taken as one axis), gate and up over their outputs, rows over the replicas. A prefill's logits equal one device's with XLA's
     products; nothing gathered."""
     here = os.path.dirname(os.path.abspath(__file__))
     r = subprocess.run([sys.executable, "-c", MESH_SCRIPT, here, eight_head_models["llama"], encoding],
