@@ -45,6 +45,29 @@ def _stored_weight(params: dict, name: str, n_in: int, shape: tuple, encoding: s
     return g.reshape(shape), bound.reshape(shape)
 
 
+def _check_searched(source, got, scale, offset, n_in: int, group: int, bits: int) -> tuple[float, float]:
+    """A 4-, 5- or 6-bit weight whose grid was searched (maxlike.weights.quantize.GRIDS): each
+    stored value is its source's nearest level under the stored scale (and offset), within the
+    range. Returns the squared errors of it and of the reference quantizers' rounding to nearest
+    (llama.cpp's Q4_0 and Q6_K: the group's value of largest magnitude maps to -8 (-32); q4_k
+    and q5_k: the group's range spans the levels)."""
+    out, mid = source.shape[n_in:], 1 << (bits - 1)
+    g = source.reshape(-1, group, *out).astype(np.float64)
+    s = scale.astype(np.float64)[:, None]
+    o = 0.0 if offset is None else np.asarray(offset).astype(np.float64)[:, None]
+    nearest = np.clip(np.rint((g - o) / s), -mid, mid - 1) * s + o
+    np.testing.assert_allclose(got.reshape(g.shape), nearest, atol=1e-6 * np.abs(g).max())
+    if offset is None:
+        plain = np.take_along_axis(g, np.abs(g).argmax(axis=1)[:, None], axis=1) / -mid
+        plain = np.where(plain == 0, 1, plain)
+        rounded = np.clip(np.rint(g / plain), -mid, mid - 1) * plain
+    else:
+        lo, hi = g.min(axis=1, keepdims=True), g.max(axis=1, keepdims=True)
+        plain = np.where(hi > lo, (hi - lo) / (2 * mid - 1), 1)
+        rounded = np.clip(np.rint((g - lo) / plain), 0, 2 * mid - 1) * plain + lo
+    return float(((nearest - g) ** 2).sum()), float(((rounded - g) ** 2).sum())
+
+
 def _hf_with(hf, weights: dict[str, np.ndarray]):
     """A copy of HF's model with these HF-named [out, in] weights swapped in."""
     import copy
@@ -70,8 +93,8 @@ def test_quantized_weights_are_the_checkpoint_within_a_step_and_compute_like_hf(
     names = model.arch.checkpoint_names(model.config)
     state = {k: v.numpy() for k, v in hf.state_dict().items()}
     inputs = {kind: n_in for kind, n_in in model.arch.lora_targets.values()}
-    group, _ = ENCODINGS[encoding]
-    swapped = {}
+    group, bits = ENCODINGS[encoding]
+    swapped, searched = {}, {encoding: []}
     for name, arr in model.params.items():
         kind = name.rsplit(".", 1)[-1]
         if kind not in inputs:
@@ -87,20 +110,20 @@ def test_quantized_weights_are_the_checkpoint_within_a_step_and_compute_like_hf(
         elif encoding == "float8_e4m3fn":  # 3 mantissa bits: within 1/16 of the value, or a subnormal step
             np.testing.assert_allclose(scale, amax / 448, rtol=1e-6)
             bound = np.abs(source) / 16 + scale * 2.0**-9
-        else:
+        elif encoding == "q8_0":  # the group's largest magnitude maps to 127
             g = source.reshape(-1, group, *source.shape[n_in:])
-            expected = {"q8_0": np.abs(g).max(axis=1) / 127, "q4_k": (g.max(axis=1) - g.min(axis=1)) / 15,
-                        "q5_k": (g.max(axis=1) - g.min(axis=1)) / 31,
-                        # llama.cpp's Q4_0 and Q6_K: the input of largest magnitude maps to -8 (-32) exactly;
-                        # the other side's extreme may be clipped to 7 (31), so allow a whole step
-                        "q4_0": np.take_along_axis(g, np.abs(g).argmax(axis=1)[:, None], axis=1)[:, 0] / -8,
-                        "q6_k": np.take_along_axis(g, np.abs(g).argmax(axis=1)[:, None], axis=1)[:, 0] / -32}
-            np.testing.assert_allclose(scale, expected[encoding], rtol=1e-3)  # float16 scales
-            # a whole step there, with the float16 scale's rounding (2^-11 of it) times up to 32 steps
-            bound = bound * (2.02 if encoding in ("q4_0", "q6_k") else 1.002)
+            np.testing.assert_allclose(scale, np.abs(g).max(axis=1) / 127, rtol=1e-3)  # float16 scales
+            bound = bound * 1.002  # the float16 scale's rounding (2^-11 of it) times up to 127 steps
+        else:
+            searched[encoding].append(_check_searched(source, got, scale, model.params.get(name + "_offset"),
+                                                      n_in, group, bits))
+            bound = np.inf  # (a searched grid may clip a group's extreme: checked as the nearest level above)
         assert np.all(np.abs(got - source) <= bound + 1e-7), name
         swapped[hf_name] = got.reshape(-1, int(np.prod(got.shape[n_in:]))).T  # back to HF's [out, in]
     assert len(swapped) == 7 * hf.config.num_hidden_layers
+    if searched[encoding]:  # least squares over a few grids fits better than rounding to nearest (written out below)
+        errors = np.asarray(searched[encoding]).sum(axis=0)  # (searched, rounded to nearest) squared errors
+        assert errors[0] < 0.95 * errors[1], errors
     prompt = random_prompt(11, seed=1)
     ctx = held(model, TextContext("q", prompt, 32))
     logits = np.asarray(model.execute(model.prepare_initial_token_inputs([[ctx]])).logits)[0, -len(prompt):]

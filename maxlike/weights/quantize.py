@@ -20,7 +20,9 @@ values) plus `name + "_scale"` and, for the affine q4_k and q5_k, `name + "_offs
   + 16 (+ 32), laid out as 4-bit values are (group / 2 bytes), then 4 bytes of the bits above,
   value j's at byte group / 2 + j % 4, bit (bits - 4) * (j // 4).
 
-Quantize-on-load (from float weights) rounds to nearest. GGUF tensors whose blocks fit an
+Quantize-on-load (from float weights): int8, float8_e4m3fn and q8_0 scale each channel's or
+group's largest magnitude to the top of the range and round to nearest; the 4-, 5- and 6-bit
+encodings search a few grids per group for the least-squares scale (and offset) (`GRIDS`). GGUF tensors whose blocks fit an
 encoding exactly (Q8_0 for q8_0; Q4_0 for q4_0; Q4_0, Q4_1 and Q4_K for q4_k, and those and Q5_K
 for q5_k; Q6_K and Q4_0 for q6_k) are kept as they are (`maxlike.weights.gguf_blocks`); any other
 tensor is dequantized and quantized again. Each projection kind has its encoding ({kind:
@@ -188,27 +190,81 @@ def quantize(w: np.ndarray, n_in: int, enc: Encoding) -> dict[str, np.ndarray]:
             return {"": (w / scale).astype(enc.values), SCALE: scale}
         return {"": np.clip(np.rint(w / scale), -127, 127).astype(np.int8), SCALE: scale}
     g = _grouped(w, n_in, enc.group)
-    if enc.offset:  # 2^bits levels from the group's min to its max; values -8..7 (-16..15) around the offset
-        mid = 1 << (enc.bits - 1)
-        lo, hi = g.min(axis=1), g.max(axis=1)
-        scale = ((hi - lo) / (2 * mid - 1)).astype(enc.scale_dtype)
+    if enc.bits == 8:  # q8_0 as llama.cpp's: the largest magnitude maps to 127
+        scale = (np.abs(g).max(axis=1) / 127).astype(enc.scale_dtype)
         scale = np.where(scale == 0, np.ones_like(scale), scale)
-        offset = (lo + mid * scale.astype(np.float32)).astype(enc.scale_dtype)
-        q = np.rint((g - offset[:, None].astype(np.float32)) / scale[:, None].astype(np.float32))
+        q = np.clip(np.rint(g / scale[:, None].astype(np.float32)), -127, 127)
+        return {"": q.astype(np.int8).reshape(w.shape), SCALE: scale}
+    mid = 1 << (enc.bits - 1)
+    if enc.offset:
+        scale, low = _fit_affine(g, 2 * mid - 1)  # w = level * scale + low, levels 0..2 mid - 1
+        scale = _nonzero(scale.astype(enc.scale_dtype))
+        offset = (low + mid * scale.astype(np.float32)).astype(enc.scale_dtype)
         parts = {SCALE: scale, OFFSET: offset}
-        lowest, highest = -mid, mid - 1
+        q = (g - offset[:, None].astype(np.float32)) / scale[:, None].astype(np.float32)
     else:
-        if enc.bits < 8:  # llama.cpp's Q4_0 and Q6_K: the value of largest magnitude maps to -8 (-32) exactly
-            peak = np.take_along_axis(g, np.abs(g).argmax(axis=1)[:, None], axis=1)[:, 0]
-            lowest = -(1 << (enc.bits - 1))
-            scale, highest = peak / lowest, -lowest - 1
+        parts = {SCALE: _nonzero(_fit_symmetric(g, mid).astype(enc.scale_dtype))}
+        q = g / parts[SCALE][:, None].astype(np.float32)
+    return {"": np.clip(np.rint(q), -mid, mid - 1).astype(np.int8).reshape(w.shape), **parts}
+
+
+# Quantize-on-load tries these grids around the plain one (the group's extreme on the grid's last level) and keeps,
+# per group, the one whose least-squares scale (and offset) fits best: the search of llama.cpp's make_qx_quants and
+# make_qkx2_quants, with fewer grids. On SmolLM2's weights and on Student-t(5) noise, five grids gave within 1% of
+# the root-mean-square error of 19 (llama.cpp's count) at a quarter of the time: 0.87-0.96 of rounding to nearest.
+GRIDS = (-0.8, -0.4, 0.0, 0.4, 0.8)
+
+
+def _nonzero(scale: np.ndarray) -> np.ndarray:
+    return np.where(scale == 0, np.ones_like(scale), scale)
+
+
+def _fit_symmetric(g: np.ndarray, mid: int) -> np.ndarray:
+    """Groups g [groups, group, *out] -> scales [groups, *out] for values -mid..mid - 1: per grid,
+    the value of largest magnitude maps to -(mid + the grid's shift), the others round to that
+    grid, and the scale is their least-squares one (sum(x * l) / sum(l * l)); the grid whose fit
+    leaves the least squared error wins."""
+    peak = np.take_along_axis(g, np.abs(g).argmax(axis=1)[:, None], axis=1)  # signed
+    inverse = 1 / np.where(peak == 0, 1, peak)
+    best = scale = None
+    for shift in GRIDS:
+        levels = np.clip(np.rint(g * (inverse * -(mid + shift))), -mid, mid - 1)
+        xl, ll = (g * levels).sum(axis=1), (levels * levels).sum(axis=1)
+        ll = np.where(ll == 0, 1, ll)
+        gain = xl * xl / ll  # the squared error is sum(x * x) - gain
+        fit = xl / ll
+        if best is None:
+            best, scale = gain, fit
         else:
-            scale, lowest, highest = np.abs(g).max(axis=1) / 127, -127, 127
-        scale = scale.astype(enc.scale_dtype)
-        scale = np.where(scale == 0, np.ones_like(scale), scale)
-        q = np.rint(g / scale[:, None].astype(np.float32))
-        parts = {SCALE: scale}
-    return {"": np.clip(q, lowest, highest).astype(np.int8).reshape(w.shape), **parts}
+            better = gain > best
+            best, scale = np.where(better, gain, best), np.where(better, fit, scale)
+    return scale
+
+
+def _fit_affine(g: np.ndarray, top: int) -> tuple[np.ndarray, np.ndarray]:
+    """Groups g [groups, group, *out] -> (scale, lowest value) [groups, *out] for levels 0..top:
+    per grid, the group's range spans top + the grid's shift levels, the values round to it, and
+    scale and lowest are the least-squares line through (level, value); the grid whose line
+    leaves the least squared error wins."""
+    lo, hi = g.min(axis=1), g.max(axis=1)
+    span = np.where(hi > lo, hi - lo, 1)
+    n, sx, sxx = g.shape[1], g.sum(axis=1), (g * g).sum(axis=1)
+    best = scale = low = None
+    for shift in GRIDS:
+        levels = np.clip(np.rint((g - lo[:, None]) * ((top + shift) / span)[:, None]), 0, top)
+        sl, sll, sxl = levels.sum(axis=1), (levels * levels).sum(axis=1), (g * levels).sum(axis=1)
+        det = n * sll - sl * sl
+        ok = det > 0  # else every value on one level: the range's own line
+        a = np.where(ok, (n * sxl - sl * sx) / np.where(ok, det, 1), span / top)
+        a = np.where(a > 0, a, span / top)
+        b = np.where(ok, (sx - a * sl) / n, lo)
+        err = sxx + a * a * sll + n * b * b - 2 * a * sxl - 2 * b * sx + 2 * a * b * sl
+        if best is None:
+            best, scale, low = err, a, b
+        else:
+            better = err < best
+            best, scale, low = np.where(better, err, best), np.where(better, a, scale), np.where(better, b, low)
+    return scale, low
 
 
 def pack(values: np.ndarray, n_in: int, enc: Encoding) -> np.ndarray:
