@@ -130,8 +130,8 @@ def test_supported_shapes():
     assert not supported((2320, 512), u8, (145, 512))  # 4,640 inputs: no tile of 512, too many to take whole
 
 
-@pytest.mark.parametrize("encoding, scan", [("q4_k", False), ("q4_k", True), ("q6_k", True), ("q5_k", False),
-                                            ("q8_0", True)])
+@pytest.mark.parametrize("encoding, scan", [("q4_k", False), ("q4_k", True), ("q6_k", True), ("q8_0", True),
+                                            pytest.param("q5_k", False, marks=pytest.mark.slow)])  # (suite time)
 def test_a_model_computes_the_same_through_the_kernel(tiny_models, monkeypatch, encoding, scan):
     """A model quantized on load with quantized_matmul="pallas": o, gate, up and down (one output
     axis) go through the kernel, q, k and v through XLA, and the logits of a prompt equal those of
