@@ -259,7 +259,7 @@ def adapter_mask(w: dict, adapters) -> jax.Array | None:
 
 @dataclass(frozen=True)
 class MatmulRun:
-    """How products with 4-, 5- and 6-bit grouped weights run: `kernel` "xla" or "pallas"
+    """How products with grouped weights (4, 5, 6 or 8 bits) run: `kernel` "xla" or "pallas"
     (graphs.pallas_tpu_matmul), and under a mesh of several devices the mesh and, per weight kind
     the kernel takes, the mesh axes splitting its inputs and its outputs (None: whole on each
     device)."""
@@ -348,8 +348,8 @@ def kernel_weights(w: dict, matmul: str | MatmulRun):
 
 
 def _grouped_kernel(x, values, scale, offset, n_in: int, backend: str, run: MatmulRun, kind: str):
-    """x [*batch, *in] @ a 4-, 5- or 6-bit grouped weight [*in, N] through graphs.pallas_tpu_matmul. Under a
-    mesh, per device (`shard_map`): rows over `data`, the weight's inputs and outputs as `run`
+    """x [*batch, *in] @ a grouped weight [*in, N] through graphs.pallas_tpu_matmul. Under a mesh,
+    per device (`shard_map`): rows over `data`, the weight's inputs and outputs as `run`
     splits them, and the partial products of split inputs summed over their axis."""
     from graphs import pallas_tpu_matmul
 

@@ -146,7 +146,7 @@ def forward(cfg: LlamaConfig, w: dict, kv: list, tokens, positions, slots, page_
     "{projection}_lora_a" / "_lora_b" per layer (maxlike.pipelines.lora). `attention`: the decode
     attention kernel ("xla", "pallas", or a graphs.layers.AttentionRun with the mesh; see
     graphs.layers.paged_attention). `experts`: how MoE layers compute their experts
-    (graphs.moe.ExpertRun: kernel and mesh). `matmul`: how 4-bit grouped weights' products run
+    (graphs.moe.ExpertRun: kernel and mesh). `matmul`: how grouped weights' products run
     ("xla", "pallas", or a graphs.layers.MatmulRun with the mesh; see graphs.layers.projection)."""
     proj = projection(adapter_mask(w, adapters), matmul, backend)
 

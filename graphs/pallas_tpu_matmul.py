@@ -178,11 +178,11 @@ def grouped_matmul(x: jax.Array, values: jax.Array, scale: jax.Array, offset: ja
     """x [M, K] @ the grouped weight -> [M, N] in x's dtype.
 
     values [K * bits / 8, N] uint8 (4 bits as maxlike.weights.quantize packs them; 5 and 6 in
-    `kernel_layout`) or [K, N] int8 (8 bits, groups of 32: q8_0), scale (offset) [K / group, N] float16 or its bit patterns as uint16 (what a
-    model stores for the weights this kernel takes: XLA:TPU converts a float16 stack to uint16 in
-    a buffer, not as a bitcast); or, with `layer` (an int32 scalar), stacks [L, ...] of which
-    layer `layer` is read. Shapes must pass `supported`; `interpret` runs Pallas's TPU interpret
-    mode (off the TPU)."""
+    `kernel_layout`) or [K, N] int8 (8 bits, groups of 32: q8_0), scale (offset) [K / group, N]
+    float16 or its bit patterns as uint16 (what a model stores for the weights this kernel takes:
+    XLA:TPU converts a float16 stack to uint16 in a buffer, not as a bitcast); or, with `layer`
+    (an int32 scalar), stacks [L, ...] of which layer `layer` is read. Shapes must pass
+    `supported`; `interpret` runs Pallas's TPU interpret mode (off the TPU)."""
     if layer is None:
         values, scale = values[None], scale[None]
         offset = None if offset is None else offset[None]

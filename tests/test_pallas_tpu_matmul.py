@@ -213,8 +213,8 @@ print(json.dumps(out))
 def test_the_kernel_runs_per_device_under_a_mesh(eight_head_models, encoding):
     """data 2 x tensor 2 (fake CPU devices, layers as one loop) with the kernel: o and down split
     over their inputs (partial products summed; q6_k's laid out per device's half, q8_0's o
-    [heads, head dim] taken as one axis), gate and up over their outputs, rows over the replicas. A prefill's logits equal one device's with XLA's
-    products; nothing gathered."""
+    [heads, head dim] taken as one axis), gate and up over their outputs, rows over the replicas.
+    A prefill's logits equal one device's with XLA's products; nothing gathered."""
     here = os.path.dirname(os.path.abspath(__file__))
     r = subprocess.run([sys.executable, "-c", MESH_SCRIPT, here, eight_head_models["llama"], encoding],
                        capture_output=True, text=True, timeout=600)

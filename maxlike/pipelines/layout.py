@@ -119,8 +119,8 @@ def quantized_matmul(pipeline_config, platform: str, mesh, specs: dict, encs: di
              and grouped_kernel_takes(shape(n), shape(n + quantize.SCALE), run, quantize.kind_of(n))]
     if not taken:
         log.warning("quantized_matmul='pallas': no weight of this model is grouped in 4, 5, 6 or 8 bits (q4_k, "
-                    "q4_0, q5_k, q6_k, q8_0) with one output axis, which is what graphs.pallas_tpu_matmul takes: XLA's product "
-                    "runs")
+                    "q4_0, q5_k, q6_k, q8_0) with one output axis, which is what graphs.pallas_tpu_matmul takes: "
+                    "XLA's product runs")
         return MatmulRun(), {}
     log.info("quantized_matmul='pallas': %d weights dequantize in VMEM (graphs.pallas_tpu_matmul), e.g. %s",
              len(taken), taken[0])

@@ -20,16 +20,17 @@ values) plus `name + "_scale"` and, for the affine q4_k and q5_k, `name + "_offs
   + 16 (+ 32), laid out as 4-bit values are (group / 2 bytes), then 4 bytes of the bits above,
   value j's at byte group / 2 + j % 4, bit (bits - 4) * (j // 4).
 
-Quantize-on-load (from float weights): int8, float8_e4m3fn and q8_0 scale each channel's or
-group's largest magnitude to the top of the range and round to nearest; the 4-, 5- and 6-bit
-encodings search a few grids per group for the least-squares scale (and offset) (`GRIDS`). GGUF tensors whose blocks fit an
-encoding exactly (Q8_0 for q8_0; Q4_0 for q4_0; Q4_0, Q4_1 and Q4_K for q4_k, and those and Q5_K
-for q5_k; Q6_K and Q4_0 for q6_k) are kept as they are (`maxlike.weights.gguf_blocks`); any other
-tensor is dequantized and quantized again. Each projection kind has its encoding ({kind:
-Encoding}): one for all, or, for a GGUF without `quantization_encoding` on GPU and TPU, the one
-keeping its layers' blocks (`maxlike.weights.loader.resolve_encodings`). Embeddings, norms and
-the LM head stay in the model's dtype. Works on per-layer names ("layers.{i}.{kind}"); stacking
-for the layer loop comes after, scales included.
+Quantize-on-load (from float weights): int8, float8_e4m3fn and q8_0 scale each channel's or group's
+largest magnitude to the top of the range and round to nearest; the 4-, 5- and 6-bit encodings
+search a few grids per group for the least-squares scale (and offset) (`GRIDS`). GGUF tensors whose
+blocks fit an encoding exactly (Q8_0 for q8_0; Q4_0 for q4_0; Q4_0, Q4_1 and Q4_K for q4_k, and
+those and Q5_K for q5_k; Q6_K and Q4_0 for q6_k) are kept as they are
+(`maxlike.weights.gguf_blocks`); any other tensor is dequantized and quantized again. Each
+projection kind has its encoding ({kind: Encoding}): one for all, or, for a GGUF without
+`quantization_encoding` on GPU and TPU, the one keeping its layers' blocks
+(`maxlike.weights.loader.resolve_encodings`). Embeddings, norms and the LM head stay in the model's
+dtype. Works on per-layer names ("layers.{i}.{kind}"); stacking for the layer loop comes after,
+scales included.
 """
 
 from __future__ import annotations
