@@ -272,12 +272,13 @@ class MatmulRun:
         return next(((i, o) for k, i, o in self.splits if k == kind), (None, None))
 
     def local(self, shape: tuple, kind: str, stacked: bool) -> tuple:
-        """A weight's (or its scales') shape on one device."""
+        """A weight's (or its scales') shape [*lead, in, *out] on one device (the first output axis
+        split: N, or the heads)."""
         if _several_devices(self.mesh) is None:
             return tuple(shape)
         lead, (i, o) = int(stacked), self.split(kind)
         ways = [self.mesh.shape[a] if a else 1 for a in (i, o)]
-        return (*shape[:lead], shape[lead] // ways[0], *shape[lead + 1:-1], shape[-1] // ways[1])
+        return (*shape[:lead], shape[lead] // ways[0], shape[lead + 1] // ways[1], *shape[lead + 2:])
 
 
 def projection(mask, matmul: str | MatmulRun = "xla", backend: str = "cpu"):
@@ -371,10 +372,11 @@ def _grouped_kernel(x, values, scale, offset, n_in: int, backend: str, run: Matm
     if mesh is None:
         y = local(rows, layer, *parts)
     else:
-        weight = P(*(None,) * int(stacked), inputs, outputs)
+        more = (None,) * (parts[1].ndim - int(stacked) - 2)  # a head dim after the heads
+        weight = P(*(None,) * int(stacked), inputs, outputs, *more)
         y = jax.shard_map(local, mesh=mesh, in_specs=(P("data", inputs), P(), *(weight,) * len(parts)),
-                          out_specs=P("data", outputs), check_vma=False)(rows, layer, *parts)
-    return y.reshape(*batch, y.shape[-1])
+                          out_specs=P("data", outputs, *more), check_vma=False)(rows, layer, *parts)
+    return y.reshape(*batch, *y.shape[1:])
 
 
 def dequantize_grouped(values, scale, offset, in_shape: tuple, dtype) -> jax.Array:

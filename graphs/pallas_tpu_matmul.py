@@ -25,10 +25,13 @@ The weight can be a stack of layers ([L, ...]), read at layer `layer` (scalar pr
 under the layer loop (graphs.base.run_layers) the kernel takes the whole stack, since a custom
 call handed one layer's slice would get a copy of it.
 
-Weights with one output axis only (o, gate, up, down). Those with several (q [K, H, D], the fused
-qkv and gate_up of graphs.fused) stay with XLA: Mosaic refuses a block that squeezes the
-second-minor axis, and taking them as [K / 2, H * D] would cost a relayout copy, since XLA:TPU
-tiles their two minor axes (and moves a small one, gate_up's 2, out of them) in HBM.
+Weights with one output axis (o, gate, up, down), tiled over it, or two ([heads, head dim]: q,
+k, v with heads of 128), whose heads a step takes whole: a block of some heads is misaligned for
+8-bit tiles, and one squeezing the heads axis is refused. In VMEM the tile is read as [rows,
+heads x head dim]; viewing the weight so in HBM instead would be a relayout copy, since XLA:TPU
+tiles its two minor axes. Such steps cover fewer inputs (256) and rows (the float32 accumulator
+stays within 2 MiB): a 512-row step of 4,096 outputs ran out of the v5e's VMEM. The fused qkv
+and gate_up (graphs.fused: three or two-by-N outputs) stay with XLA.
 
 `graphs.layers.dequantize_grouped` followed by XLA's matmul is the reference the tests compare
 this with (Pallas's TPU interpret mode on CPU); the tests that compile for a TPU slice compile it.
@@ -37,6 +40,7 @@ this with (Pallas's TPU interpret mode on CPU); the tests that compile for a TPU
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -48,8 +52,10 @@ from jax.experimental.pallas import tpu as pltpu
 FORMS = {("uint8", 16): (4, 32), ("uint8", 20): (5, 32), ("uint8", 12): (6, 16), ("int8", 32): (8, 32)}
 _SPAN = 8  # top-bit rows a block of the kernel's 5/6-bit layout holds (kernel_layout)
 _TILE_K, _TILE_N = 512, 512  # inputs and outputs a grid step covers (K / 32 = 16 scale rows: uint16's sublane tile)
+_TILE_K_HEADS = 256  # inputs a grid step covers for [heads, head dim] outputs, taken whole (up to _MAX_WHOLE of them)
 _TILE_M = 512  # rows (tokens) a grid step covers: a 2,048-token prefill in one block overflowed a v5e's 16 MiB of VMEM
 _MAX_WHOLE = 4096  # an axis not divisible by its tile is taken whole up to this size
+_TILE_ROWS_X_OUT = 1 << 19  # rows x outputs a grid step covers at most (the float32 accumulator: 2 MiB)
 
 
 def _tile(size: int, tile: int, step: int) -> int | None:
@@ -61,10 +67,10 @@ def _tile(size: int, tile: int, step: int) -> int | None:
     return size if size <= _MAX_WHOLE else None
 
 
-def form(values_shape: tuple, values_dtype, scale_shape: tuple) -> tuple[int, int] | None:
-    """(bits, group) of a grouped weight [*lead, packed, N] with scales [*lead, groups, N], from
-    its dtype and bytes per scale (FORMS); None when it is no form the kernel reads."""
-    packed, groups = values_shape[-2], scale_shape[-2]
+def form(values_shape: tuple, values_dtype, scale_shape: tuple, lead: int = 0) -> tuple[int, int] | None:
+    """(bits, group) of a grouped weight [*lead, packed, *out] with scales [*lead, groups, *out],
+    from its dtype and bytes per scale (FORMS); None when it is no form the kernel reads."""
+    packed, groups = values_shape[lead], scale_shape[lead]
     if not groups or packed % groups:
         return None
     return FORMS.get((jnp.dtype(values_dtype).name, packed // groups))
@@ -78,22 +84,33 @@ def _spread(bits: int) -> int:
 def supported(values_shape: tuple, values_dtype, scale_shape: tuple, stacked: bool = False) -> bool:
     """Whether `grouped_matmul` takes this weight: 4-bit values in groups of 32 (q4_k, q4_0),
     5-bit in groups of 32 (q5_k), 6-bit in groups of 16 (q6_k) or 8-bit in groups of 32 (q8_0);
-    one output axis; and an input and an output axis the tiles can cover. `stacked`: a leading
-    layer axis."""
+    one output axis, or two ([heads, head dim]: q, k, v) taken whole; and an input and an output
+    axis the tiles can cover. `stacked`: a leading layer axis."""
     lead = 1 if stacked else 0
-    if len(values_shape) != lead + 2 or len(scale_shape) != lead + 2:
+    out = values_shape[lead + 1:]
+    if len(out) not in (1, 2) or len(scale_shape) != len(values_shape):
         return False
-    bits_group = form(values_shape, values_dtype, scale_shape)
+    bits_group = form(values_shape, values_dtype, scale_shape, lead)
     if bits_group is None:
         return False
     bits, group = bits_group
-    tk = _tile(scale_shape[lead] * group, _TILE_K, 512)
+    tk = _tiles(scale_shape[lead] * group, out)[0]
     if tk is None or (4 < bits < 8 and (tk // 2) % (_spread(bits) * _SPAN)):
         return False
-    return _tile(values_shape[-1], _TILE_N, 128) is not None
+    if len(out) == 2:  # Mosaic takes the heads whole (a block of some of them is misaligned for 8-bit tiles)
+        return out[-1] % 128 == 0 and out[0] * out[1] <= _MAX_WHOLE
+    return _tile(out[0], _TILE_N, 128) is not None
 
 
-def kernel_layout(values: np.ndarray, bits: int, group: int, parts: int = 1) -> np.ndarray:
+def _tiles(k: int, out: tuple) -> tuple[int | None, int | None]:
+    """(inputs, outputs) a grid step covers: for [heads, head dim] outputs all of them, with fewer
+    inputs (the dequantized tile stays within VMEM)."""
+    if len(out) == 2:
+        return _tile(k, _TILE_K_HEADS, 256), out[0] * out[1]
+    return _tile(k, _TILE_K, 512), _tile(out[0], _TILE_N, 128)
+
+
+def kernel_layout(values: np.ndarray, bits: int, group: int, parts: int = 1, out_axes: int = 1) -> np.ndarray:
     """A 5- or 6-bit weight packed as maxlike.weights.quantize stores it ([*lead, K * bits / 8, N]:
     per group its nibble bytes, then 4 bytes of top bits) -> as `grouped_matmul` reads it, the
     same size: the nibble bytes of all groups (the 4-bit kernel's rows), then the top bits laid
@@ -101,9 +118,12 @@ def kernel_layout(values: np.ndarray, bits: int, group: int, parts: int = 1) -> 
     nibble row (c * spread + h) * 8 + b: its low value's at bit 2 * (bits - 4) * h, its high
     value's just above. A tile rebuilds them by stacking shifted copies (no shuffle of rows).
     `parts`: the weight's inputs split into that many runs (a device's share each under a mesh),
-    each laid out on its own. 4- and 8-bit weights come back as they are."""
+    each laid out on its own. `out_axes`: the output axes after the packed one (2 for [heads, head
+    dim]). 4- and 8-bit weights come back as they are."""
     if not 4 < bits < 8:
         return values
+    shape = values.shape
+    values = values.reshape(*shape[:-out_axes], -1)
     *lead, packed, n = values.shape
     extra, spread, half = bits - 4, _spread(bits), group // 2
     g = values.reshape(*lead, parts, -1, group * bits // 8, n)
@@ -117,7 +137,7 @@ def kernel_layout(values: np.ndarray, bits: int, group: int, parts: int = 1) -> 
     planes = ((low << shifts) | (high << (shifts + extra))).sum(axis=-3)  # [..., blocks, _SPAN, n]
     out = np.concatenate([nibbles.reshape(*lead, parts, rows, n), planes.reshape(*lead, parts, rows // spread, n)],
                          axis=-2)
-    return out.reshape(*lead, packed, n).astype(np.uint8)
+    return out.reshape(shape).astype(np.uint8)
 
 
 def _float16(bits):
@@ -147,21 +167,23 @@ def _kernel(layer_ref, *refs, steps: int, bits: int, group: int, has_offset: boo
         acc[...] = jnp.zeros_like(acc)
 
     v = values[...].astype(jnp.int32)
-    rows, tn = v.shape
+    rows, tn = v.shape[0], math.prod(v.shape[1:])
+    v = v.reshape(rows, tn)  # ([heads, head dim] blocks as one axis)
     if bits == 8:
         parts, mid = [v], 0
     else:
         parts, mid = [v & 15, v >> 4], 1 << (bits - 1)
     if top is not None:  # kernel_layout: stacked shifted copies of the top-bit rows line up with the nibble rows
         extra, spread = bits - 4, _spread(bits)
-        t = top[...].astype(jnp.int32).reshape(rows // (spread * _SPAN), 1, _SPAN, tn)
+        t = top[...].astype(jnp.int32).reshape(rows // (spread * _SPAN), 1, _SPAN, tn)  # (any heads as one axis)
         t = jnp.concatenate([t >> (2 * extra * h) for h in range(spread)], axis=1).reshape(rows, tn)
         mask = (1 << extra) - 1
         parts = [parts[0] | ((t & mask) << 4), parts[1] | (((t >> extra) & mask) << 4)]
 
-    def per_row(a):  # [tk / group, tn] -> [rows, tn], each group's value on its rows
-        each = rows // a.shape[0]
-        return jnp.broadcast_to(_float16(a)[:, None, :], (a.shape[0], each, tn)).reshape(rows, tn)
+    def per_row(a):  # [tk / group, *out] -> [rows, tn], each group's value on its rows
+        groups = a.shape[0]
+        a = _float16(a).reshape(groups, 1, tn)
+        return jnp.broadcast_to(a, (groups, rows // groups, tn)).reshape(rows, tn)
 
     s = per_row(scale[...])
     o = per_row(offset[...]) if offset is not None else 0.0
@@ -170,16 +192,16 @@ def _kernel(layer_ref, *refs, steps: int, bits: int, group: int, has_offset: boo
 
     @pl.when(k == steps - 1)
     def _():
-        y[...] = acc[...].astype(y.dtype)
+        y[...] = acc[...].reshape(y.shape).astype(y.dtype)
 
 
 def grouped_matmul(x: jax.Array, values: jax.Array, scale: jax.Array, offset: jax.Array | None = None,
                    layer=None, *, interpret: bool = False) -> jax.Array:
-    """x [M, K] @ the grouped weight -> [M, N] in x's dtype.
+    """x [M, K] @ the grouped weight -> [M, *out] in x's dtype.
 
-    values [K * bits / 8, N] uint8 (4 bits as maxlike.weights.quantize packs them; 5 and 6 in
-    `kernel_layout`) or [K, N] int8 (8 bits, groups of 32: q8_0), scale (offset) [K / group, N]
-    float16 or its bit patterns as uint16 (what a model stores for the weights this kernel takes:
+    values [K * bits / 8, *out] uint8 (out: [N], or [heads, head dim]; 4 bits as
+    maxlike.weights.quantize packs them, 5 and 6 in `kernel_layout`) or [K, *out] int8 (8 bits,
+    groups of 32: q8_0), scale (offset) [K / group, *out] float16 or its bit patterns as uint16 (what a model stores for the weights this kernel takes:
     XLA:TPU converts a float16 stack to uint16 in a buffer, not as a bitcast); or, with `layer`
     (an int32 scalar), stacks [L, ...] of which layer `layer` is read. Shapes must pass
     `supported`; `interpret` runs Pallas's TPU interpret mode (off the TPU)."""
@@ -188,10 +210,13 @@ def grouped_matmul(x: jax.Array, values: jax.Array, scale: jax.Array, offset: ja
         offset = None if offset is None else offset[None]
         layer = 0
     m, k = x.shape
-    n = values.shape[-1]
-    bits, group = form(values.shape, values.dtype, scale.shape)
-    tk, tn = _tile(k, _TILE_K, 512), _tile(n, _TILE_N, 128)
-    tm = min(_TILE_M, max(8, -(-m // 8) * 8))  # rows a grid step covers (sublanes: a multiple of 8)
+    out = values.shape[2:]  # [N] or [heads, head dim]
+    n = math.prod(out)
+    bits, group = form(values.shape, values.dtype, scale.shape, lead=1)
+    tk, tn = _tiles(k, out)
+    block, tail = ((tn,), lambda j: (j,)) if len(out) == 1 else (out, lambda j: (j, 0))  # (heads taken whole)
+    most = max(8, _TILE_ROWS_X_OUT // tn // 8 * 8)  # (a 512 x 4096 step ran out of the v5e's VMEM)
+    tm = min(_TILE_M, most, max(8, -(-m // 8) * 8))  # rows a grid step covers (sublanes: a multiple of 8)
     rows = -(-m // tm) * tm
     x = jnp.pad(x, ((0, rows - m), (0, 0)))
     if bits == 8:
@@ -203,20 +228,20 @@ def grouped_matmul(x: jax.Array, values: jax.Array, scale: jax.Array, offset: ja
                     for a in (scale, offset) if a is not None]
     # Grid (m / tm, n / tn, k / tk); index maps get (r, j, i, the prefetched layer).
     inputs = pl.BlockSpec((tm, packed), lambda r, j, i, layer: (r, i))
-    weights = [pl.BlockSpec((None, packed, tn), lambda r, j, i, layer: (layer[0], i, j))]
+    weights = [pl.BlockSpec((None, packed, *block), lambda r, j, i, layer: (layer[0], i, *tail(j)))]
     if 4 < bits < 8:  # the top bits, after the K / 2 rows of nibbles: blocks of tk / 2 / spread rows
         spread = _spread(bits)
-        weights.append(pl.BlockSpec((None, tk // 2 // spread, tn),
-                                    lambda r, j, i, layer: (layer[0], spread * k // tk + i, j)))
-    per_group = pl.BlockSpec((None, tk // group, tn), lambda r, j, i, layer: (layer[0], i, j))
+        weights.append(pl.BlockSpec((None, tk // 2 // spread, *block),
+                                    lambda r, j, i, layer: (layer[0], spread * k // tk + i, *tail(j))))
+    per_group = pl.BlockSpec((None, tk // group, *block), lambda r, j, i, layer: (layer[0], i, *tail(j)))
     y = pl.pallas_call(
         functools.partial(_kernel, steps=k // tk, bits=bits, group=group, has_offset=offset is not None),
         grid_spec=pltpu.PrefetchScalarGridSpec(
             num_scalar_prefetch=1, grid=(rows // tm, n // tn, k // tk),
             in_specs=[inputs] * len(xs) + weights + [per_group] * len(bit_patterns),
-            out_specs=pl.BlockSpec((tm, tn), lambda r, j, i, layer: (r, j)),
+            out_specs=pl.BlockSpec((tm, *block), lambda r, j, i, layer: (r, *tail(j))),
             scratch_shapes=[pltpu.VMEM((tm, tn), jnp.float32)]),
-        out_shape=jax.ShapeDtypeStruct((rows, n), x.dtype),
+        out_shape=jax.ShapeDtypeStruct((rows, *out), x.dtype),
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary")),
         interpret=interpret, name="grouped_matmul_tpu",
     )(jnp.asarray(layer, jnp.int32).reshape(1), *xs, *[values] * len(weights), *bit_patterns)

@@ -204,8 +204,8 @@ class PipelineConfig:
     # (graphs.pallas_tpu_attention), Triton on GPU (graphs.pallas_attention; in interpret mode on CPU). Not yet
     # timed on a GPU or a TPU, so the default nowhere.
     decode_attention: str = "xla"
-    # Products with 4-, 5- and 6-bit grouped weights (q4_k, q4_0, q5_k, q6_k) of one output axis (o, gate, up,
-    # down): "xla" rebuilds the float weight for XLA's matmul, which XLA:TPU does in a buffer; "pallas"
+    # Products with grouped weights (q4_k, q4_0, q5_k, q6_k, q8_0) of one output axis (o, gate, up, down) or of
+    # heads of 128 (q, k, v): "xla" rebuilds the float weight for XLA's matmul, which XLA:TPU does in a buffer; "pallas"
     # dequantizes each tile in VMEM (graphs.pallas_tpu_matmul; Mosaic on TPU, interpret mode elsewhere; per
     # device under a mesh). Not yet timed on a TPU, so the default nowhere.
     quantized_matmul: str = "xla"

@@ -107,36 +107,37 @@ def quantized_matmul(pipeline_config, platform: str, mesh, specs: dict, encs: di
         axis = LOGICAL_TO_MESH.get(logical) if logical else None
         return axis if axis and mesh.shape[axis] > 1 else None
 
-    splits = {quantize.kind_of(n): (mesh_axis(specs[n].axes[lead]), mesh_axis(specs[n].axes[-1]))
-              for n in specs if n + quantize.SCALE in specs}
+    scales = {n: specs[n + quantize.SCALE] for n in specs  # grouped ones: [*lead, groups, *out]
+              if n + quantize.SCALE in specs and getattr(encs.get(quantize.kind_of(n)), "group", 0)}
+    splits = {quantize.kind_of(n): (mesh_axis(s.axes[lead]), mesh_axis(s.axes[lead + 1])) for n, s in scales.items()}
     run = MatmulRun("pallas", mesh, tuple((kind, *axes) for kind, axes in sorted(splits.items())))
 
     def shape(name):
         a = jax.ShapeDtypeStruct(specs[name].shape, quantize.dtype_of(name, encs, np.float32))
         return LayerOf(a, 0) if stacked else a
 
-    taken = [n for n in specs if n + quantize.SCALE in specs
-             and grouped_kernel_takes(shape(n), shape(n + quantize.SCALE), run, quantize.kind_of(n))]
+    taken = [n for n in scales
+             if grouped_kernel_takes(shape(n), shape(n + quantize.SCALE), run, quantize.kind_of(n))]
     if not taken:
         log.warning("quantized_matmul='pallas': no weight of this model is grouped in 4, 5, 6 or 8 bits (q4_k, "
-                    "q4_0, q5_k, q6_k, q8_0) with one output axis, which is what graphs.pallas_tpu_matmul takes: "
-                    "XLA's product runs")
+                    "q4_0, q5_k, q6_k, q8_0) with one output axis or heads of 128, which is what "
+                    "graphs.pallas_tpu_matmul takes: XLA's product runs")
         return MatmulRun(), {}
     log.info("quantized_matmul='pallas': %d weights dequantize in VMEM (graphs.pallas_tpu_matmul), e.g. %s",
              len(taken), taken[0])
     held = {n + part: ("bits",) for n in taken for part in (quantize.SCALE, quantize.OFFSET) if n + part in specs}
-    for n in (n for n in taken if quantize.dtype_of(n, encs, np.float32) == np.uint8):  # packed: [in, out]
-        bits, group = pallas_tpu_matmul.form(specs[n].shape, np.uint8, specs[n + quantize.SCALE].shape)
+    for n in (n for n in taken if quantize.dtype_of(n, encs, np.float32) == np.uint8):  # packed: [in, *out]
+        bits, group = pallas_tpu_matmul.form(specs[n].shape, np.uint8, scales[n].shape, lead)
         if bits > 4:
             inputs = run.split(quantize.kind_of(n))[0]
-            held[n] = ("laid", bits, group, mesh.shape[inputs] if inputs else 1)
+            held[n] = ("laid", bits, group, mesh.shape[inputs] if inputs else 1, len(scales[n].shape) - lead - 1)
     return run, held
 
 
 def hold(array, how: tuple) -> np.ndarray:
     """A host array (as maxlike.weights.quantize stores it) -> as `params` holds it for the Pallas
     matmul, `how` from `quantized_matmul`: ("bits",) float16 as uint16; ("laid", bits, group,
-    parts) graphs.pallas_tpu_matmul.kernel_layout."""
+    parts, output axes) graphs.pallas_tpu_matmul.kernel_layout."""
     if how[0] == "bits":
         return np.asarray(array, np.float16).view(np.uint16)
     from graphs import pallas_tpu_matmul
