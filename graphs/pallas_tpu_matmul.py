@@ -203,9 +203,9 @@ def grouped_matmul(x: jax.Array, values: jax.Array, scale: jax.Array, offset: ja
     maxlike.weights.quantize packs them, 5 and 6 in `kernel_layout`) or [K, *out] int8 (8 bits,
     groups of 32: q8_0), scale (offset) [K / group, *out] float16 or its bit patterns as uint16
     (what a model stores for the weights this kernel takes: XLA:TPU converts a float16 stack to
-    uint16 in a buffer, not as a bitcast); or, with `layer`
-    (an int32 scalar), stacks [L, ...] of which layer `layer` is read. Shapes must pass
-    `supported`; `interpret` runs Pallas's TPU interpret mode (off the TPU)."""
+    uint16 in a buffer, not as a bitcast); or, with `layer` (an int32 scalar), stacks [L, ...] of
+    which layer `layer` is read. Shapes must pass `supported`; `interpret` runs Pallas's TPU
+    interpret mode (off the TPU)."""
     if layer is None:
         values, scale = values[None], scale[None]
         offset = None if offset is None else offset[None]
