@@ -13,6 +13,12 @@ README's GPU section, so the figures compare with them. HF transformers' generat
 the same weights on the same device in the same run as the peer, for single
 batches and for an offline workload of random-length prompts. `--shape tiny`
 runs the same script on CPU in seconds (a smoke test).
+
+Each row also gives its share of the memory roofline (maxlike.entrypoints.roofline: the bytes a
+decode step reads over the copy bandwidth measured at start); HF's rows are counted with the bf16
+setup's bytes (the same weights and KV). `--hf-static-batch-sizes`: HF generate with its static
+cache as well, which transformers compiles (torch.compile with CUDA graphs) on a GPU by itself.
+The JSON file is rewritten after every row, so a run stopped by a time limit keeps what it measured.
 """
 
 from __future__ import annotations
@@ -103,6 +109,7 @@ def setup_config(setup: str) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--shape", choices=sorted(SHAPES), default="llama-1b")
+    ap.add_argument("--model-path", help="keep the random checkpoint here, and reuse it if it is there already")
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 64])
     ap.add_argument("--variants", nargs="+", default=["1:sync", "10:sync", "10:async"],
                     help="decode steps per host call : sync|async scheduling")
@@ -112,21 +119,55 @@ def main() -> None:
     ap.add_argument("--max-length", type=int, default=1024)
     ap.add_argument("--page-size", type=int, default=128)
     ap.add_argument("--hf-batch-sizes", type=int, nargs="*", default=[1, 64])
+    ap.add_argument("--hf-static-batch-sizes", type=int, nargs="*", default=[],
+                    help="HF generate with its static cache (compiled) at these batch sizes")
     ap.add_argument("--json", help="write the results here")
     ap.add_argument("--setups", nargs="+", default=["bf16"], help="maxlike configurations (see the docstring)")
     args = ap.parse_args()
     variants = [(int(v.split(":")[0]), v.split(":")[1] == "async") for v in args.variants]
 
     import jax
+    import jax.numpy as jnp
     import torch
+
+    from maxlike.entrypoints import roofline as rl
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}; torch {torch.__version__} on {device}", flush=True)
-    results: dict = {"shape": args.shape, "device": jax.devices()[0].device_kind, "maxlike": [], "hf": []}
+    peaks = rl.measure_peaks(jax.devices()[0], jnp.bfloat16)
+    print(f"copy bandwidth {peaks.bandwidth_gb_s:.1f} GB/s, bf16 matmul {peaks.matmul_tflop_s:.1f} TFLOP/s", flush=True)
+    results: dict = {"shape": args.shape, "device": jax.devices()[0].device_kind, "jax": jax.__version__,
+                     "peaks": vars(peaks), "maxlike": [], "hf": []}
+    step_bytes: dict[int, int] = {}  # batch -> the bf16 setup's bytes a decode step reads (HF's rows)
+
+    def save():
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(results, f, indent=2)
     with tempfile.TemporaryDirectory() as path:
+        path = args.model_path or path
         t = time.perf_counter()
-        torch_model = build_model(args.shape, path, device)
-        print(f"built and saved random {args.shape} in {time.perf_counter() - t:.1f}s", flush=True)
+        if os.path.exists(os.path.join(path, "config.json")):
+            import transformers as tf
+
+            torch_model = tf.AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).to(device).eval()
+            print(f"loaded {path} in {time.perf_counter() - t:.1f}s", flush=True)
+        else:
+            torch_model = build_model(args.shape, path, device)
+            print(f"built and saved random {args.shape} in {time.perf_counter() - t:.1f}s", flush=True)
+        vocab = torch_model.config.vocab_size
+
+        def run_hf(b: int, static: bool) -> None:
+            t = time.perf_counter()
+            h = measure(hf_generate(torch_model, static), b, args.prompt_tokens, args.new_tokens, vocab)
+            h.update(cache="static" if static else "dynamic", wall_s=time.perf_counter() - t)
+            results["hf"].append(h)
+            save()
+            print(f"HF generate, {h['cache']} cache, batch {b:3d}: decode {h['decode_tok_s']:8.1f} tok/s, "
+                  f"prefill {h['prefill_tok_s']:8.0f} tok/s ({h['wall_s']:.0f}s incl. compiles)", flush=True)
+
+        for b in args.hf_batch_sizes:  # first: a run stopped by its time limit keeps the peer's figures
+            run_hf(b, False)
         for i, setup in enumerate(args.setups):
             if i:
                 del llm, ours
@@ -136,7 +177,6 @@ def main() -> None:
             t = time.perf_counter()
             llm, ours = maxlike_generate(config)
             print(f"maxlike {setup} loaded in {time.perf_counter() - t:.1f}s", flush=True)
-            vocab = llm.pipeline.model.config.vocab_size
             for b in args.batch_sizes:
                 for steps, overlap in variants if i == 0 else variants[-1:]:
                     llm.scheduler.max_num_steps = steps  # <= the loop's compiled length
@@ -145,9 +185,15 @@ def main() -> None:
                     m = measure(ours, b, args.prompt_tokens, args.new_tokens, vocab)
                     m.update(max_num_steps=steps, async_scheduling=overlap, wall_s=time.perf_counter() - t,
                              setup=setup)
+                    m = rl.report(llm.pipeline.model, peaks, [m], args.prompt_tokens, args.new_tokens)[0]
+                    del m["peaks"]
+                    if setup.split("+")[0] in ("bf16", "float", "fused", "unfused", "pallas"):
+                        step_bytes.setdefault(b, m["step_bytes"])
                     results["maxlike"].append(m)
+                    save()
                     print(f"maxlike {setup} batch {b:3d} steps/call {steps:2d} {'async' if overlap else 'sync '}: "
-                          f"decode {m['decode_tok_s']:8.1f} tok/s, prefill {m['prefill_tok_s']:8.0f} tok/s  "
+                          f"decode {m['decode_tok_s']:8.1f} tok/s ({100 * m['decode_roofline_share']:.1f}% of the "
+                          f"roofline: {m['step_bytes'] / 1e6:.0f} MB a step), prefill {m['prefill_tok_s']:8.0f} tok/s "
                           f"({m['wall_s']:.0f}s incl. compiles)", flush=True)
         if args.offline_requests:  # (the last setup's model)
             llm.scheduler.max_num_steps, llm.scheduler.async_scheduling = variants[-1]
@@ -156,26 +202,28 @@ def main() -> None:
         results["compile"] = {"executables": stats.compiled, "seconds": stats.compile_seconds}
         print(f"maxlike compiled {stats.compiled} executables in {stats.compile_seconds:.1f}s", flush=True)
         del llm
+        for b in args.hf_static_batch_sizes:  # last: each compiles for a while
+            run_hf(b, True)
         if args.offline_requests:
             results["offline"]["hf"] = offline_hf(torch_model, args, max(args.batch_sizes))
             o = results["offline"]
             print(f"offline, {args.offline_requests} requests: maxlike {o['maxlike']:.0f} output tok/s, HF generate "
                   f"(batches of {max(args.batch_sizes)}) {o['hf']:.0f} tok/s: {o['maxlike'] / o['hf']:.2f}x", flush=True)
-        theirs = hf_generate(torch_model)
-        for b in args.hf_batch_sizes:
-            h = measure(theirs, b, args.prompt_tokens, args.new_tokens, vocab)
-            results["hf"].append(h)
-            print(f"HF generate batch {b:3d}: decode {h['decode_tok_s']:8.1f} tok/s, "
-                  f"prefill {h['prefill_tok_s']:8.0f} tok/s", flush=True)
-    print("\nsetup             batch  steps  sched  maxlike tok/s  HF tok/s  ratio")
+    for h in results["hf"]:  # HF reads the bf16 setup's weights and KV
+        b = h["batch"]
+        if b in step_bytes:
+            achieved = step_bytes[b] * h["decode_tok_s"] / b / 1e9
+            h["decode_roofline_share"] = achieved / peaks.bandwidth_gb_s
+            print(f"HF generate, {h['cache']} cache, batch {b:3d}: {100 * h['decode_roofline_share']:.1f}% of the "
+                  "roofline", flush=True)
+    print("\nsetup             batch  steps  sched  maxlike tok/s  roofline  best HF tok/s  ratio")
     for m in results["maxlike"]:
-        h = next((h for h in results["hf"] if h["batch"] == m["batch"]), None)
-        hf = f"{h['decode_tok_s']:8.1f}  {m['decode_tok_s'] / h['decode_tok_s']:5.2f}x" if h else "       -      -"
+        h = max((h for h in results["hf"] if h["batch"] == m["batch"]), key=lambda h: h["decode_tok_s"], default=None)
+        hf = f"{h['decode_tok_s']:13.1f}  {m['decode_tok_s'] / h['decode_tok_s']:5.2f}x" if h else " " * 13 + "      -"
         sched = "async" if m["async_scheduling"] else "sync "
-        print(f"{m['setup']:16s}  {m['batch']:5d}  {m['max_num_steps']:5d}  {sched}  {m['decode_tok_s']:13.1f}  {hf}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
+        print(f"{m['setup']:16s}  {m['batch']:5d}  {m['max_num_steps']:5d}  {sched}  {m['decode_tok_s']:13.1f}  "
+              f"{100 * m['decode_roofline_share']:7.1f}%  {hf}")
+    save()
 
 
 if __name__ == "__main__":

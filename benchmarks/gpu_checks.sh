@@ -8,11 +8,14 @@
 # tests:   parity tests on this GPU (tiny models against HF on torch CPU, attention against numpy).
 # kernels: the Pallas decode-attention kernel against the XLA attention (agreement, ms per call), issue 16.
 # quant:   decode tok/s of the 1B shape per weight encoding, fused projections and the Pallas attention
-#          (bench_gpu_decode.py --setups), with HF in the same run, issue 16.
+#          (bench_gpu_decode.py --setups), each with its share of the memory roofline, with HF in the same run
+#          (dynamic cache; static cache, compiled, at batch 1), issue 16. The random checkpoint stays in
+#          /tmp/llama1b for the parts after it.
+# flags:   bf16 decode at batch 1 and 8 under XLA:GPU command-buffer settings (XLA_FLAGS), issue 16.
 # moe:     one MoE layer per expert kernel (grouped = ragged_dot, dense, gather, loop) in bf16 at Mixtral's width
 #          (8 experts, hidden 4096, 14336 wide) for 1..256 tokens, then a random 8-layer MoE's decode per
 #          kernel against HF eager: decides MOE_KERNEL_DEFAULT["gpu"], issue 17.
-# profile: a jax.profiler trace of the 1B shape's decode steps (bf16, int8) at batch 1 and 8, 10 steps per call:
+# profile: a jax.profiler trace of the 1B shape's decode steps (bf16 at batch 1 and 8, q4_k at 1), 10 steps a call:
 #          kernels per step, the time in them and above the bytes' floor, the top kernels, issue 16.
 set -u
 cd "$(dirname "$0")/.."
@@ -29,12 +32,24 @@ if [[ " $PARTS " == *" tests "* ]]; then
       tests/test_kv_cache.py -k "not smollm2" 2>&1 | tail -25 | tee "$OUT/pytest.log"
 fi
 if [[ " $PARTS " == *" kernels "* ]]; then
-  timeout 240 $PY benchmarks/probe_gpu_kernels.py --json "$OUT/kernels.json" 2>&1 | tee "$OUT/kernels.log"
+  timeout 75 $PY benchmarks/probe_gpu_kernels.py --json "$OUT/kernels.json" 2>&1 | tee "$OUT/kernels.log"
 fi
 if [[ " $PARTS " == *" quant "* ]]; then
-  timeout 420 $PY benchmarks/bench_gpu_decode.py --batch-sizes 1 8 64 --variants 10:sync --offline-requests 0 \
-      --setups bf16 fused int8 q8_0 q4_k float8_e4m3fn pallas --json "$OUT/quant.json" 2>&1 | grep -v "it/s]" \
+  timeout "${QUANT_LIMIT:-400}" $PY benchmarks/bench_gpu_decode.py --model-path /tmp/llama1b --batch-sizes 1 8 64 \
+      --variants 10:sync --offline-requests 0 --setups bf16 int8 q4_k fused pallas q8_0 float8_e4m3fn \
+      --hf-batch-sizes 1 8 64 --hf-static-batch-sizes 1 --json "$OUT/quant.json" 2>&1 | grep -v "it/s]" \
       | tee "$OUT/quant.log"
+fi
+if [[ " $PARTS " == *" flags "* ]]; then
+  # XLA:GPU command buffers (CUDA graphs): the default set, none, and with the decode loop's while/conditional
+  i=0
+  for flags in "" "--xla_gpu_enable_command_buffer=" "--xla_gpu_enable_command_buffer=+WHILE,+CONDITIONAL"; do
+    i=$((i + 1))
+    echo "== XLA_FLAGS='$flags'" | tee -a "$OUT/flags.log"
+    XLA_FLAGS="$flags" timeout 75 $PY benchmarks/bench_gpu_decode.py --model-path /tmp/llama1b --batch-sizes 1 8 \
+        --variants 10:sync --offline-requests 0 --setups bf16 --hf-batch-sizes --json "$OUT/flags_$i.json" 2>&1 \
+        | grep -v "it/s]" | tee -a "$OUT/flags.log"
+  done
 fi
 if [[ " $PARTS " == *" moe "* ]]; then
   timeout 180 $PY benchmarks/probe_moe_kernels.py --experts 8 --hidden 4096 --width 14336 --dtype bfloat16 \
@@ -43,9 +58,12 @@ if [[ " $PARTS " == *" moe "* ]]; then
       --json "$OUT/moe_decode.json" 2>&1 | grep -v "it/s]" | tee "$OUT/moe_decode.log"
 fi
 if [[ " $PARTS " == *" profile "* ]]; then
-  for setup in bf16 int8; do
-    timeout 200 $PY benchmarks/profile_step.py --shape llama-1b --setup $setup --batch-sizes 1 8 --new-tokens 41 \
-        --max-num-steps 10 --json "$OUT/profile_$setup.json" 2>&1 | grep -v "it/s]" | tee "$OUT/profile_$setup.log"
+  for run in "bf16 1 8" "q4_k 1"; do
+    set -- $run
+    setup=$1; shift
+    timeout 70 $PY benchmarks/profile_step.py --model-path /tmp/llama1b --setup $setup --batch-sizes "$@" \
+        --new-tokens 41 --max-num-steps 10 --json "$OUT/profile_$setup.json" 2>&1 | grep -v "it/s]" \
+        | tee -a "$OUT/profile.log"
   done
 fi
 if [[ " $PARTS " == *" probe "* ]]; then

@@ -78,9 +78,9 @@ def main() -> None:
                 row.update(xla_ms=best_ms(xla, *inputs), pallas_ms=best_ms(pallas, *inputs))
             rows.append(row)
             print(json.dumps(row), flush=True)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1)
+            if args.json:  # after every row: a run stopped by its time limit keeps what it measured
+                with open(args.json, "w") as f:
+                    json.dump(rows, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -41,18 +41,20 @@ def _timed(fn, *args) -> float:
     return time.perf_counter() - t
 
 
-def hf_generate(model):
+def hf_generate(model, static: bool = False):
     """`generate(prompts, n)` for an HF transformers model on its own device: greedy, exactly n new
-    tokens, finished when it returns (CUDA synchronized)."""
+    tokens, finished when it returns (CUDA synchronized). `static`: HF's static KV cache, with which
+    transformers compiles the decode step (torch.compile, CUDA graphs) on a GPU by itself."""
     import torch
 
     device = next(model.parameters()).device
+    extra = {"cache_implementation": "static"} if static else {}
 
     def generate(prompts, n):
         ids = torch.tensor(prompts, device=device)
         with torch.no_grad():
             model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
-                           do_sample=False, pad_token_id=0)
+                           do_sample=False, pad_token_id=0, **extra)
         if device.type == "cuda":
             torch.cuda.synchronize()
 
