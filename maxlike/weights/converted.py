@@ -47,7 +47,12 @@ def _code_hash(code: tuple) -> str:
     from maxlike.weights import gguf_file, loader, safetensors_dir
 
     files = defining_files(*code, gguf_file, loader, safetensors_dir, sys.modules[__name__])
-    libraries = [f"{name}={importlib.metadata.version(name)}" for name in ("gguf", "safetensors")]
+    libraries = []
+    for name in ("gguf", "safetensors"):
+        try:
+            libraries.append(f"{name}={importlib.metadata.version(name)}")
+        except importlib.metadata.PackageNotFoundError:  # not installed: none of its files can have been read
+            libraries.append(f"{name}=absent")
     return files_hash(files) + ",".join(libraries)
 
 
