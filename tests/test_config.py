@@ -98,3 +98,18 @@ def test_calculate_max_seq_len_is_the_seeds_upper_bounded_default(tiny_models):
     # What the seed's example reads exists under those names.
     config = PipelineConfig(model_path=path, max_length=100)
     assert (config.model.max_length, config.model.model_path) == (100, path)
+
+
+def test_fused_projections_default_per_backend_and_weights(tiny_llama):
+    """Unset, fusion follows the backend's measured default: CPU always, TPU never, GPU for float
+    weights only (the H200 figure is for bf16; quantized fused is unmeasured there). Set, it is kept."""
+    from maxlike.pipelines import layout
+
+    config = PipelineConfig(model_path=tiny_llama[0])
+    expected = {("cpu", False): True, ("cpu", True): True, ("tpu", False): False, ("tpu", True): False,
+                ("gpu", False): True, ("gpu", True): False}
+    for (platform, quantized), fused in expected.items():
+        assert layout.fuse_projections(config, platform, quantized) is fused, (platform, quantized)
+    for value in (True, False):
+        explicit = config.replace(fuse_projections=value)
+        assert all(layout.fuse_projections(explicit, p, q) is value for p, q in expected)

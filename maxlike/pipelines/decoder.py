@@ -79,7 +79,7 @@ class DecoderPipelineModel(DecoderSizing, LogProbsMixin, ServingModel):
         self.encoding = quantize.describe(self._encodings)
         self.experts = layout.expert_run(pipeline_config, session.platform, mesh, getattr(self.config, "moe", None),
                                          self.encoding)  # None: a model without experts
-        self.fused = layout.fuse_projections(pipeline_config, session.platform)
+        self.fused = layout.fuse_projections(pipeline_config, session.platform, bool(self._encodings))
         self._fused = {}  # q/k/v and gate/up fuse where stored alike (a Q4_K_M GGUF's v is q6_k, its q and k q4_k)
         if self.fused:
             self._fused, self._encodings, self._quantized = quantize.fusable(self._encodings, self._quantized,

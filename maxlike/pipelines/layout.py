@@ -28,8 +28,10 @@ SCAN_LAYERS_DEFAULT = {"tpu": True, "gpu": False, "cpu": False}
 # Whether q/k/v and gate/up run as one matmul each (PipelineConfig.fuse_projections=None), per backend.
 # CPU: SmolLM2 decodes 13-18% faster at batch 1 fused (3-4% slower at batch 8). TPU: compiled for a v5e,
 # a fused int8 gate/up is dequantized into a buffer instead of inside the matmul (1 GiB of temporaries
-# for 4 Llama-3.1-8B layers, 0.01 unfused). GPU: not measured yet.
-FUSE_PROJECTIONS_DEFAULT = {"tpu": False, "gpu": False, "cpu": True}
+# for 4 Llama-3.1-8B layers, 0.01 unfused). GPU ("float": fused when no projection is kept quantized): on an
+# H200 a Llama-3.2-1B shape in bf16 decodes 655 vs 602 tok/s at batch 1 and 5,601 vs 5,539 at batch 8 fused
+# (one process, the same weights; benchmarks/results/h200_decode_2026-11-29.json); quantized, not measured.
+FUSE_PROJECTIONS_DEFAULT = {"tpu": False, "gpu": "float", "cpu": True}
 
 
 # How mixture-of-experts layers compute their experts (PipelineConfig.moe_kernel=None), per backend
@@ -76,13 +78,17 @@ def expert_run(pipeline_config, platform: str, mesh, moe, encoding: str | None =
     return ExpertRun(pipeline_config.moe_kernel or MOE_KERNEL_DEFAULT.get(platform, "grouped"), mesh)
 
 
-def fuse_projections(pipeline_config, platform: str) -> bool:
-    """Whether q/k/v and gate/up run fused (graphs.fused): `fuse_projections`, else the backend's default."""
+def fuse_projections(pipeline_config, platform: str, quantized: bool = False) -> bool:
+    """Whether q/k/v and gate/up run fused (graphs.fused): `fuse_projections`, else the backend's default
+    (`quantized`: some projection is kept in a quantized encoding)."""
     fuse, lora = pipeline_config.fuse_projections, pipeline_config.lora.enable_lora
     if fuse and lora:
         raise ConfigError("fuse_projections=True cannot be combined with enable_lora: adapters update q, k, v, "
                           "gate and up apart. Leave fuse_projections unset (LoRA runs them unfused).")
-    return (FUSE_PROJECTIONS_DEFAULT.get(platform, False) if fuse is None else fuse) and not lora
+    if fuse is None:
+        fuse = FUSE_PROJECTIONS_DEFAULT.get(platform, False)
+        fuse = not quantized if fuse == "float" else fuse
+    return fuse and not lora
 
 
 def quantized_matmul(pipeline_config, platform: str, mesh, specs: dict, encs: dict, *,
