@@ -101,6 +101,8 @@ def setup_config(setup: str) -> dict:
             out["scan_layers"] = part == "scan"
         elif part == "pallas":
             out["decode_attention"] = "pallas"
+        elif part == "qpallas":
+            out["quantized_matmul"] = "pallas"
         elif part not in ("bf16", "float"):
             out["quantization_encoding"] = part
     return out

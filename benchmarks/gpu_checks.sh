@@ -1,5 +1,5 @@
 #!/bin/bash
-# One device session's GPU checks (issue 12), results under $OUT:
+# One device session's GPU checks (issues 12, 16, 17), results under $OUT:
 #     OUT=/some/folder PARTS="probe compile tests" bash benchmarks/gpu_checks.sh
 # probe:   batch-1 and batch-8 decode of a Llama-3.2-1B-shaped model, layers unrolled vs one scan
 #          (unroll 1 and 2), with the copies XLA left in the decode loop: decides SCAN_LAYERS_DEFAULT["gpu"].
@@ -11,6 +11,9 @@
 #          (bench_gpu_decode.py --setups), each with its share of the memory roofline, with HF in the same run
 #          (dynamic cache; static cache, compiled, at batch 1), issue 16. The random checkpoint stays in
 #          /tmp/llama1b for the parts after it.
+# qmatmul: decode's products with int8 / q8_0 / q4_k weights, graphs.pallas_gpu_matmul against XLA's and bf16
+#          (probe_gpu_quant_matmul.py, 1B and 8B layer shapes), then the 1B's decode with quantized_matmul=pallas
+#          against XLA's int8 in one run, issue 16.
 # flags:   bf16 decode at batch 1 and 8 under XLA:GPU command-buffer settings (XLA_FLAGS), issue 16.
 # moe:     one MoE layer per expert kernel (grouped = ragged_dot, dense, gather, loop) in bf16 at Mixtral's width
 #          (8 experts, hidden 4096, 14336 wide) for 1..256 tokens, then a random 8-layer MoE's decode per
@@ -39,6 +42,12 @@ if [[ " $PARTS " == *" quant "* ]]; then
       --variants 10:sync --offline-requests 0 --setups bf16 int8 q4_k fused pallas q8_0 float8_e4m3fn \
       --hf-batch-sizes 1 8 64 --hf-static-batch-sizes 1 --json "$OUT/quant.json" 2>&1 | grep -v "it/s]" \
       | tee "$OUT/quant.log"
+fi
+if [[ " $PARTS " == *" qmatmul "* ]]; then
+  timeout 150 $PY benchmarks/probe_gpu_quant_matmul.py --json "$OUT/qmatmul.json" 2>&1 | tee "$OUT/qmatmul.log"
+  timeout 240 $PY benchmarks/bench_gpu_decode.py --model-path /tmp/llama1b --batch-sizes 1 8 64 \
+      --variants 10:sync --offline-requests 0 --setups int8+qpallas q4_k+qpallas q8_0+qpallas int8 \
+      --hf-batch-sizes --json "$OUT/qmatmul_decode.json" 2>&1 | grep -v "it/s]" | tee "$OUT/qmatmul_decode.log"
 fi
 if [[ " $PARTS " == *" flags "* ]]; then
   # XLA:GPU command buffers (CUDA graphs): the default set, none, and with the decode loop's while/conditional

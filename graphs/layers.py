@@ -260,13 +260,15 @@ def adapter_mask(w: dict, adapters) -> jax.Array | None:
 @dataclass(frozen=True)
 class MatmulRun:
     """How products with grouped weights (4, 5, 6 or 8 bits) run: `kernel` "xla" or "pallas"
-    (graphs.pallas_tpu_matmul), and under a mesh of several devices the mesh and, per weight kind
-    the kernel takes, the mesh axes splitting its inputs and its outputs (None: whole on each
-    device)."""
+    (`target` "tpu": graphs.pallas_tpu_matmul; "gpu": graphs.pallas_gpu_matmul, which also takes
+    int8 with a scale per output, for decode's few rows, one device), and under a mesh of several
+    devices the mesh and, per weight kind the kernel takes, the mesh axes splitting its inputs and
+    its outputs (None: whole on each device)."""
 
     kernel: str = "xla"
     mesh: Any = None
     splits: tuple = ()  # ((kind, input axis, output axis), ...)
+    target: str = "tpu"
 
     def split(self, kind: str) -> tuple[str | None, str | None]:
         return next(((i, o) for k, i, o in self.splits if k == kind), (None, None))
@@ -296,9 +298,12 @@ def projection(mask, matmul: str | MatmulRun = "xla", backend: str = "cpu"):
 
     def proj(eq: str, x, lw: dict, name: str, n_in: int = 1):
         w, scale, offset = lw[name], lw.get(name + "_scale"), lw.get(name + "_offset")
-        if run.kernel == "pallas" and scale is not None and grouped_kernel_takes(w, scale, run, name):
+        y = None
+        if run.kernel == "pallas" and run.target == "gpu" and scale is not None:
+            y = _gpu_kernel(x, w, scale, offset, n_in, backend)
+        elif run.kernel == "pallas" and scale is not None and grouped_kernel_takes(w, scale, run, name):
             y = _grouped_kernel(x, w, scale, offset, n_in, backend, run, name)
-        else:
+        if y is None:
             w, scale, offset = (a.get() if isinstance(a, LayerOf) else a for a in (w, scale, offset))
             if scale is None:
                 y = jnp.einsum(eq, x, w)
@@ -339,7 +344,7 @@ def kernel_weights(w: dict, matmul: str | MatmulRun):
     """run_layers' `whole` for matmul "pallas": the stacked kinds (values, scales, offsets) of the
     weights the kernel takes, which it reads from their stack by layer index. None otherwise."""
     run = matmul if isinstance(matmul, MatmulRun) else MatmulRun(matmul)
-    if run.kernel != "pallas":
+    if run.kernel != "pallas" or run.target != "tpu":  # (the GPU kernel takes unstacked weights only)
         return None
     scales = [name for name in w if name.startswith(LAYERS) and name.endswith("_scale")]
     kinds = {name[len(LAYERS):-len("_scale")] for name in scales}
@@ -377,6 +382,29 @@ def _grouped_kernel(x, values, scale, offset, n_in: int, backend: str, run: Matm
         y = jax.shard_map(local, mesh=mesh, in_specs=(P("data", inputs), P(), *(weight,) * len(parts)),
                           out_specs=P("data", outputs, *more), check_vma=False)(rows, layer, *parts)
     return y.reshape(*batch, *y.shape[1:])
+
+
+def _gpu_kernel(x, values, scale, offset, n_in: int, backend: str):
+    """x [*batch, *in] @ a quantized weight through graphs.pallas_gpu_matmul, its axes flattened to
+    [K, N] (free reshapes of whole trailing axes), or None where the kernel does not take it (a
+    layer of a stack, 5- or 6-bit values, too many rows: XLA's product runs instead)."""
+    from graphs import pallas_gpu_matmul
+
+    if isinstance(values, LayerOf):
+        return None
+    per_channel = scale.ndim == values.ndim - n_in
+    out = scale.shape if per_channel else scale.shape[1:]
+    n = math.prod(out)
+    batch = x.shape[:x.ndim - n_in]
+    rows = x.reshape(math.prod(batch), -1)
+    matrix = values.reshape(-1, n)
+    scales = [a if a is None else a.reshape(-1, n) for a in (scale, offset)]
+    if per_channel:
+        scales[0] = scales[0].reshape(n)
+    if not pallas_gpu_matmul.supported(matrix.shape, matrix.dtype, scales[0].shape, rows.shape[0], x.dtype):
+        return None
+    y = pallas_gpu_matmul.grouped_matmul(rows, matrix, *scales, interpret=backend != "gpu")
+    return y.reshape(*batch, *out)
 
 
 def dequantize_grouped(values, scale, offset, in_shape: tuple, dtype) -> jax.Array:

@@ -91,20 +91,31 @@ def fuse_projections(pipeline_config, platform: str, quantized: bool = False) ->
     return fuse and not lora
 
 
+# Which Pallas matmul `quantized_matmul="pallas"` means, per backend (CPU: the TPU kernel, interpreted;
+# tests set "gpu" here to interpret the GPU one).
+PALLAS_MATMUL = {"tpu": "tpu", "gpu": "gpu", "cpu": "tpu"}
+
+
 def quantized_matmul(pipeline_config, platform: str, mesh, specs: dict, encs: dict, *,
                      stacked: bool) -> tuple[MatmulRun, dict]:
     """How products with grouped weights run (graphs.layers.MatmulRun), and how the arrays the
     kernel reads are held ({name: how}, for `hold`): scales and offsets as their float16 bit
     patterns (uint16), 5/6-bit values in the kernel's layout, per device's share of their inputs.
     `quantized_matmul` "pallas" takes effect on TPU (and CPU, in interpret mode) for a model with
-    weights the kernel takes as each device holds them (else a warning, and XLA's product).
+    weights the kernel takes as each device holds them (else a warning, and XLA's product); on
+    GPU (graphs.pallas_gpu_matmul) for a quantized model on one device, each product deciding
+    when it is traced (`graphs.layers._gpu_kernel`); nothing is held differently there.
     `specs` as `params` holds them."""
     if pipeline_config.quantized_matmul == "xla":
         return MatmulRun(), {}
-    if platform == "gpu":
-        log.warning("quantized_matmul='pallas': graphs.pallas_tpu_matmul is a TPU (Mosaic) kernel, which a GPU would "
-                    "run in interpret mode: XLA's product runs")
-        return MatmulRun(), {}
+    if PALLAS_MATMUL.get(platform) == "gpu":
+        if not encs or (mesh is not None and mesh.size > 1):
+            log.warning("quantized_matmul='pallas': graphs.pallas_gpu_matmul runs on one device, for weights kept "
+                        "quantized (quantization_encoding int8, q8_0, q4_0 or q4_k): XLA's product runs")
+            return MatmulRun(), {}
+        log.info("quantized_matmul='pallas': decode's products with int8 / q8_0 / q4_0 / q4_k weights dequantize "
+                 "in registers (graphs.pallas_gpu_matmul); other weights and prefill run XLA's")
+        return MatmulRun("pallas", target="gpu"), {}
     from graphs import pallas_tpu_matmul
 
     lead = int(stacked)

@@ -1,0 +1,128 @@
+"""GPU check of decode's products with quantized weights: the Pallas kernel
+(graphs.pallas_gpu_matmul) against XLA's products (the float weight rebuilt for the matmul, as
+graphs.layers.projection does; and, for int8, a multiply-and-sum XLA may fuse as a reduction) and
+against bf16, per projection shape of a Llama-3.2-1B and a Llama-3.1-8B layer, for 1, 8 and 64 rows.
+
+    python benchmarks/probe_gpu_quant_matmul.py [--shapes 1b 8b] [--rows 1 8 64] [--json out.json]
+
+Each variant multiplies by `--layers` different weights of the shape in one jitted call (more
+bytes than the GPU's L2, so every weight comes from HBM), and the time per product is the best
+call over `--layers`. Printed per row: microseconds a product, the weight bytes it read over that
+time (GB/s), and its speed against bf16's. Off a GPU the kernel runs in Pallas interpret mode on
+small shapes (agreement only; times mean nothing there). Part of benchmarks/gpu_checks.sh
+(PARTS=qmatmul), issue 16.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from graphs import pallas_gpu_matmul as gm  # noqa: E402
+from graphs.layers import dequantize_grouped  # noqa: E402
+from maxlike.weights import quantize  # noqa: E402
+
+SHAPES = {  # (name, K, N)
+    "1b": [("q/o", 2048, 2048), ("k/v", 2048, 512), ("gate/up", 2048, 8192), ("down", 8192, 2048)],
+    "8b": [("q/o", 4096, 4096), ("k/v", 4096, 1024), ("gate/up", 4096, 14336), ("down", 14336, 4096)],
+    "tiny": [("tiny", 256, 128)],
+}
+
+
+def weights(rng, k: int, n: int, layers: int, encoding: str):
+    """`layers` weights [K, N] in `encoding` (quantize-on-load's own storage), as device arrays."""
+    out = []
+    for _ in range(layers):
+        w = rng.standard_normal((k, n)).astype(np.float32) * 0.02
+        if encoding == "bf16":
+            out.append((jnp.asarray(w, jnp.bfloat16), None, None))
+            continue
+        parts = quantize.quantize_host({"w": w}, {"w": 1}, {"w": quantize.ENCODINGS[encoding]})
+        out.append(tuple(jnp.asarray(parts[key]) if key in parts else None for key in ("w", "w_scale", "w_offset")))
+    return out
+
+
+def xla_product(x, v, s, o):
+    """graphs.layers.projection's XLA product."""
+    if s is None:
+        return x @ v
+    if s.ndim == 1:
+        return (x @ v.astype(x.dtype)) * s.astype(x.dtype)
+    return x @ dequantize_grouped(v, s, o, (x.shape[1],), x.dtype)
+
+
+def reduce_product(x, v, s, o):
+    """int8 with a scale per output as a multiply and a sum over the inputs."""
+    return jnp.sum(x[:, :, None] * v.astype(x.dtype)[None], axis=1) * s.astype(x.dtype)
+
+
+def best_s(f, *args, n: int = 20) -> float:
+    jax.block_until_ready(f(*args))
+    times = []
+    for _ in range(n):
+        t = time.perf_counter()
+        jax.block_until_ready(f(*args))
+        times.append(time.perf_counter() - t)
+    return min(times)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shapes", nargs="+", default=["1b", "8b"])
+    ap.add_argument("--rows", type=int, nargs="+", default=[1, 8, 64])
+    ap.add_argument("--layers", type=int, default=16)
+    ap.add_argument("--encodings", nargs="+", default=["int8", "q8_0", "q4_k"])
+    ap.add_argument("--json")
+    args = ap.parse_args()
+    gpu = jax.devices()[0].platform == "gpu"
+    if not gpu:
+        args.shapes, args.layers = ["tiny"], 2
+    rng = np.random.default_rng(0)
+    rows_out = []
+    for shape in args.shapes:
+        for name, k, n in SHAPES[shape]:
+            stacks = {enc: weights(rng, k, n, args.layers, enc) for enc in ["bf16", *args.encodings]}
+            for m in args.rows:
+                x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
+                variants = {"bf16": ("bf16", xla_product)}
+                for enc in args.encodings:
+                    variants[f"{enc} xla"] = (enc, xla_product)
+                    if enc == "int8" and m <= 8:
+                        variants[f"{enc} xla-reduce"] = (enc, reduce_product)
+                    if gm.supported((stacks[enc][0][0].shape), stacks[enc][0][0].dtype, stacks[enc][0][1].shape, m,
+                                    x.dtype):
+                        variants[f"{enc} pallas"] = (enc, lambda x, v, s, o: gm.grouped_matmul(
+                            x, v, s, o, interpret=not gpu))
+                times, refs = {}, {}
+                for label, (enc, product) in variants.items():
+                    f = jax.jit(lambda x, ws, product=product: [product(x, *w) for w in ws])
+                    out = f(x, stacks[enc])
+                    ref = refs.setdefault(enc, np.asarray(jax.jit(lambda x, ws: [xla_product(
+                        x.astype(jnp.float32), *(a if a is None or a.dtype != jnp.bfloat16 else a.astype(jnp.float32)
+                                                 for a in w)) for w in ws])(x, stacks[enc])[0]))
+                    err = float(np.abs(np.asarray(out[0], np.float32) - ref).max() / np.abs(ref).max())
+                    seconds = best_s(f, x, stacks[enc]) / args.layers
+                    nbytes = sum(a.nbytes for a in stacks[enc][0] if a is not None)
+                    times[label] = seconds
+                    row = {"shape": shape, "weight": name, "k": k, "n": n, "rows": m, "variant": label,
+                           "us": seconds * 1e6, "gb_s": nbytes / seconds / 1e9, "weight_bytes": nbytes,
+                           "vs_bf16": times["bf16"] / seconds, "rel_err": err}
+                    rows_out.append(row)
+                    print(f"{shape:4s} {name:8s} [{k:5d}, {n:5d}] rows {m:3d}  {label:16s} {row['us']:8.1f} us "
+                          f"{row['gb_s']:7.0f} GB/s  {row['vs_bf16']:5.2f}x bf16  rel err {err:.1e}", flush=True)
+                    if args.json:  # after every row: a run stopped by its time limit keeps what it measured
+                        with open(args.json, "w") as fh:
+                            json.dump(rows_out, fh, indent=1)
+
+
+if __name__ == "__main__":
+    main()
