@@ -54,14 +54,17 @@ def test_matches_the_product_written_out(form, m, k, n):
 
 
 def test_splits_k_for_few_output_blocks():
-    """Few outputs, long K: the grid splits K (here 8 ways) and the partial products add up."""
-    assert gm._splits(steps=64, blocks=2) == 16 and gm._splits(steps=64, blocks=512) == 1
+    """Few outputs, long K: the grid splits K (here 32 ways: 128 groups, one output block) and the
+    partial products add up."""
+    assert gm._splits(steps=128, blocks=1) == 32 and gm._splits(steps=64, blocks=2) == 16
+    assert gm._splits(steps=64, blocks=512) == 1
     assert gm._splits(steps=6, blocks=1) == 1  # no split below _MIN_STEPS steps each
     rng = np.random.default_rng(1)
     v, s, o, weight = case(rng, "q4_k", 4096, 64)
     x = rng.standard_normal((2, 4096)).astype(np.float32)
     got = gm.grouped_matmul(jnp.asarray(x), jnp.asarray(v), jnp.asarray(s), jnp.asarray(o), interpret=True)
-    np.testing.assert_allclose(np.asarray(got), written_out(x, weight), atol=1e-5 * np.abs(written_out(x, weight)).max())
+    want = written_out(x, weight)
+    np.testing.assert_allclose(np.asarray(got), want, atol=1e-5 * np.abs(want).max())
 
 
 def test_the_weights_maxlike_stores_match_xlas_product():
