@@ -20,6 +20,12 @@
 #          kernel against HF eager: decides MOE_KERNEL_DEFAULT["gpu"], issue 17.
 # profile: a jax.profiler trace of the 1B shape's decode steps (bf16 at batch 1 and 8, q4_k at 1), 10 steps a call:
 #          kernels per step, the time in them and above the bytes' floor, the top kernels, issue 16.
+#
+# Durations seen on an H200 (2026-11-29), to fit a lease of 15 device minutes (a start took about 30 s):
+# kernels 30 s; quant 400 s for HF and 3.5 of its 7 setups (per setup at batch 1, 8 and 64: about 10-25 s to load,
+# 15-20 s, 20 s and 40-47 s to compile and time); profile about 60 s per setup. So one lease holds about:
+#     OUT=$OUT PARTS="qmatmul" bash benchmarks/gpu_checks.sh                  (the open question of issue 16)
+# then, warm, a second call with what is left (e.g. PARTS=profile, or quant with QUANT_LIMIT set).
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpu_checks}
