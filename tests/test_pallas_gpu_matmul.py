@@ -152,3 +152,18 @@ def test_a_model_decodes_the_same_with_the_kernel(tiny_models, monkeypatch, enco
         logits[matmul] = np.asarray(model.execute(model.prepare_initial_token_inputs([[ctx]])).logits)
     assert len(calls) == 5 * model.config.num_layers
     np.testing.assert_allclose(logits["pallas"], logits["xla"], atol=1e-5 * max(1.0, np.abs(logits["xla"]).max()))
+
+
+def test_where_the_gpu_kernel_cannot_run_the_model_says_so(tiny_models, monkeypatch, caplog):
+    """Layers as one loop (stacked weights) or float weights: a warning naming the fix, and XLA's product."""
+    from conftest import build_model
+    from maxlike.pipelines import layout
+
+    monkeypatch.setitem(layout.PALLAS_MATMUL, "cpu", "gpu")
+    path = tiny_models["llama"][0]
+    for kw in (dict(quantization_encoding="int8", scan_layers=True), dict(scan_layers=False)):
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="maxlike"):
+            model = build_model(path, quantized_matmul="pallas", **kw)
+        assert model.matmul.kernel == "xla"
+        assert "graphs.pallas_gpu_matmul runs on one device" in caplog.text and "scan_layers=False" in caplog.text

@@ -109,9 +109,10 @@ def quantized_matmul(pipeline_config, platform: str, mesh, specs: dict, encs: di
     if pipeline_config.quantized_matmul == "xla":
         return MatmulRun(), {}
     if PALLAS_MATMUL.get(platform) == "gpu":
-        if not encs or (mesh is not None and mesh.size > 1):
+        if not encs or stacked or (mesh is not None and mesh.size > 1):
             log.warning("quantized_matmul='pallas': graphs.pallas_gpu_matmul runs on one device, for weights kept "
-                        "quantized (quantization_encoding int8, q8_0, q4_0 or q4_k): XLA's product runs")
+                        "quantized (quantization_encoding int8, q8_0, q4_0 or q4_k) with the layers unrolled "
+                        "(scan_layers=False, the GPU default): XLA's product runs")
             return MatmulRun(), {}
         log.info("quantized_matmul='pallas': decode's products with int8 / q8_0 / q4_0 / q4_k weights dequantize "
                  "in registers (graphs.pallas_gpu_matmul); other weights and prefill run XLA's")
