@@ -16,7 +16,6 @@ import argparse
 import json
 import os
 import sys
-import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
@@ -25,6 +24,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from graphs.layers import _attend, decode_kernel  # noqa: E402
+from maxlike.entrypoints.roofline import best_seconds  # noqa: E402
 
 
 def case(rng, b: int, h: int, kv: int, d: int, s: int, context: int, dtype):
@@ -37,16 +37,6 @@ def case(rng, b: int, h: int, kv: int, d: int, s: int, context: int, dtype):
     q = jnp.asarray(rng.standard_normal((b, 1, h, d)), dtype)
     pos = jnp.full((b, 1), context - 1, jnp.int32)
     return q, k, v, table, pos
-
-
-def best_ms(f, *args, n=20) -> float:
-    jax.block_until_ready(f(*args))
-    times = []
-    for _ in range(n):
-        t = time.perf_counter()
-        jax.block_until_ready(f(*args))
-        times.append(time.perf_counter() - t)
-    return 1e3 * min(times)
 
 
 def main() -> None:
@@ -75,7 +65,8 @@ def main() -> None:
             row = {"dtype": jnp.dtype(dtype).name, "batch": b, "heads": h, "kv_heads": kv, "head_dim": d,
                    "page": s, "context": ctx, "max_abs_err": float(np.abs(got - ref).max())}
             if timed:
-                row.update(xla_ms=best_ms(xla, *inputs), pallas_ms=best_ms(pallas, *inputs))
+                row.update(xla_ms=1e3 * best_seconds(xla, *inputs, repeats=20),
+                           pallas_ms=1e3 * best_seconds(pallas, *inputs, repeats=20))
             rows.append(row)
             print(json.dumps(row), flush=True)
             if args.json:  # after every row: a run stopped by its time limit keeps what it measured

@@ -19,7 +19,6 @@ import argparse
 import json
 import os
 import sys
-import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
@@ -29,6 +28,7 @@ import numpy as np  # noqa: E402
 
 from graphs import pallas_gpu_matmul as gm  # noqa: E402
 from graphs.layers import dequantize_grouped  # noqa: E402
+from maxlike.entrypoints.roofline import best_seconds  # noqa: E402
 from maxlike.weights import quantize  # noqa: E402
 
 SHAPES = {  # (name, K, N)
@@ -63,16 +63,6 @@ def xla_product(x, v, s, o):
 def reduce_product(x, v, s, o):
     """int8 with a scale per output as a multiply and a sum over the inputs."""
     return jnp.sum(x[:, :, None] * v.astype(x.dtype)[None], axis=1) * s.astype(x.dtype)
-
-
-def best_s(f, *args, n: int = 20) -> float:
-    jax.block_until_ready(f(*args))
-    times = []
-    for _ in range(n):
-        t = time.perf_counter()
-        jax.block_until_ready(f(*args))
-        times.append(time.perf_counter() - t)
-    return min(times)
 
 
 def main() -> None:
@@ -110,7 +100,7 @@ def main() -> None:
                         x.astype(jnp.float32), *(a if a is None or a.dtype != jnp.bfloat16 else a.astype(jnp.float32)
                                                  for a in w)) for w in ws])(x, stacks[enc])[0]))
                     err = float(np.abs(np.asarray(out[0], np.float32) - ref).max() / np.abs(ref).max())
-                    seconds = best_s(f, x, stacks[enc]) / args.layers
+                    seconds = best_seconds(f, x, stacks[enc], repeats=20) / args.layers
                     nbytes = sum(a.nbytes for a in stacks[enc][0] if a is not None)
                     times[label] = seconds
                     row = {"shape": shape, "weight": name, "k": k, "n": n, "rows": m, "variant": label,

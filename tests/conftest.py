@@ -329,3 +329,17 @@ def dry_run_counts(stdout: str) -> dict[str, int]:
     """warm-cache's first line, "N executables (7 step, 7 unpack_inputs, ...)", as a dict."""
     listed = stdout.split(" executables (")[1].split(")")[0]
     return {name: int(n) for n, name in (part.split() for part in listed.split(", "))}
+
+
+def counted_calls(monkeypatch, module, name: str) -> list:
+    """Replace `module.name` by a wrapper that records each call's second argument's shape (a
+    kernel's weight) and calls the real one; returns the record."""
+    calls = []
+    real = getattr(module, name)
+
+    def counted(x, values, *args, **kw):
+        calls.append(values.shape)
+        return real(x, values, *args, **kw)
+
+    monkeypatch.setattr(module, name, counted)
+    return calls

@@ -128,18 +128,11 @@ def test_a_model_decodes_the_same_with_the_kernel(tiny_models, monkeypatch, enco
     """quantized_matmul="pallas" with the GPU kernel (interpreted here): the products it takes (q,
     o, gate, up, down: k and v are 32 wide) go through it, the rest through XLA, and the logits
     equal XLA's for the whole prompt."""
-    from conftest import build_model, held, random_prompt
+    from conftest import build_model, counted_calls, held, random_prompt
     from maxlike.pipelines import layout
     from maxlike.pipelines.context import TextContext
 
-    calls = []
-    real = gm.grouped_matmul
-
-    def counted(x, values, *args, **kw):
-        calls.append(values.shape)
-        return real(x, values, *args, **kw)
-
-    monkeypatch.setattr(gm, "grouped_matmul", counted)
+    calls = counted_calls(monkeypatch, gm, "grouped_matmul")
     monkeypatch.setitem(layout.PALLAS_MATMUL, "cpu", "gpu")
     path = tiny_models["llama"][0]
     prompt = random_prompt(11, seed=4)
@@ -154,16 +147,21 @@ def test_a_model_decodes_the_same_with_the_kernel(tiny_models, monkeypatch, enco
     np.testing.assert_allclose(logits["pallas"], logits["xla"], atol=1e-5 * max(1.0, np.abs(logits["xla"]).max()))
 
 
-def test_where_the_gpu_kernel_cannot_run_the_model_says_so(tiny_models, monkeypatch, caplog):
-    """Layers as one loop (stacked weights) or float weights: a warning naming the fix, and XLA's product."""
-    from conftest import build_model
-    from maxlike.pipelines import layout
+def test_where_the_gpu_kernel_cannot_run_the_model_says_so(tiny_models, caplog):
+    """Layers as one loop (stacked weights), float weights or several devices: a warning naming
+    the fix, and XLA's product; one quantized device with layers unrolled: the kernel."""
+    import types
 
-    monkeypatch.setitem(layout.PALLAS_MATMUL, "cpu", "gpu")
-    path = tiny_models["llama"][0]
-    for kw in (dict(quantization_encoding="int8", scan_layers=True), dict(scan_layers=False)):
+    from maxlike.pipelines import PipelineConfig, layout
+
+    config = PipelineConfig(model_path=tiny_models["llama"][0], quantized_matmul="pallas")
+    encs = {"q": quantize.ENCODINGS["int8"]}
+    two_devices = types.SimpleNamespace(size=2)
+    for mesh, e, stacked in ((None, encs, True), (None, {}, False), (two_devices, encs, False)):
         caplog.clear()
         with caplog.at_level("WARNING", logger="maxlike"):
-            model = build_model(path, quantized_matmul="pallas", **kw)
-        assert model.matmul.kernel == "xla"
+            run, held = layout.quantized_matmul(config, "gpu", mesh, {}, e, stacked=stacked)
+        assert (run.kernel, held) == ("xla", {})
         assert "graphs.pallas_gpu_matmul runs on one device" in caplog.text and "scan_layers=False" in caplog.text
+    run, held = layout.quantized_matmul(config, "gpu", None, {}, encs, stacked=False)
+    assert (run.kernel, run.target, held) == ("pallas", "gpu", {})

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import build_model, held, random_prompt
+from conftest import build_model, counted_calls, held, random_prompt
 from graphs.pallas_tpu_matmul import grouped_matmul, kernel_layout, supported
 from maxlike.pipelines.context import TextContext
 from maxlike.weights.quantize import ENCODINGS, pack
@@ -161,14 +161,7 @@ def test_a_model_computes_the_same_through_the_kernel(tiny_models, wide_head_lla
     6-bit values in the kernel's layout."""
     import graphs.pallas_tpu_matmul as kernel
 
-    calls = []
-    real = kernel.grouped_matmul
-
-    def counted(x, values, *args, **kw):
-        calls.append(values.shape)
-        return real(x, values, *args, **kw)
-
-    monkeypatch.setattr(kernel, "grouped_matmul", counted)
+    calls = counted_calls(monkeypatch, kernel, "grouped_matmul")
     path = wide_head_llama if wide else tiny_models["llama"][0]
     kw = dict(quantization_encoding=encoding, return_logits="all", fuse_projections=False, scan_layers=scan)
     prompt = random_prompt(11, seed=3)

@@ -28,7 +28,8 @@ class Peaks:
     matmul_tflop_s: float  # a square matmul in the model's dtype
 
 
-def _best(fn, *args, repeats: int = 5) -> float:
+def best_seconds(fn, *args, repeats: int = 5) -> float:
+    """The fastest of `repeats` runs of `fn(*args)` (after one untimed run: compile, first-run costs)."""
     jax.block_until_ready(fn(*args))  # compile and first run
     times = []
     for _ in range(repeats):
@@ -45,13 +46,13 @@ def measure_peaks(device, dtype, *, copy_mib: int | None = None, matmul_n: int |
     matmul_n = matmul_n or (8192 if accel else 2048)
     with jax.default_device(device):
         x = jnp.ones((copy_mib * 2**20 // 4,), jnp.float32)
-        t = _best(jax.jit(lambda a: a * 1.5 + 1.0), x)
+        t = best_seconds(jax.jit(lambda a: a * 1.5 + 1.0), x)
         passes = 2 * x.nbytes / t / 1e9
         side = int(np.sqrt(x.size))
-        t = _best(jax.jit(lambda w, v: w @ v), x[: side * side].reshape(side, side), jnp.ones((side, 1), jnp.float32))
+        t = best_seconds(jax.jit(lambda w, v: w @ v), x[: side * side].reshape(side, side), jnp.ones((side, 1), jnp.float32))
         gemv = side * side * 4 / t / 1e9
         a = jnp.ones((matmul_n, matmul_n), dtype)
-        t = _best(jax.jit(lambda p, q: p @ q), a, a)
+        t = best_seconds(jax.jit(lambda p, q: p @ q), a, a)
         flops = 2 * matmul_n**3 / t / 1e12
     return Peaks(max(passes, gemv), flops)
 
