@@ -274,7 +274,7 @@ PERPLEXITY_BOUND = {"int8": 0.01, "float8_e4m3fn": 0.01, "q8_0": 0.01, "q4_k": 0
 PRINTED_ONLY = ("q4_0",)
 
 
-def test_a_gguf_keeps_its_blocks_by_default_on_accelerators_only(tmp_path):
+def test_a_gguf_keeps_its_blocks_by_default_on_accelerators_only(tmp_path, caplog):
     """quantization_encoding unset: a Q8_0 GGUF runs as q8_0 on GPU and TPU (its weights sized so),
     as float on CPU; an explicit choice wins; safetensors stay float."""
     import transformers as tf
@@ -290,6 +290,21 @@ def test_a_gguf_keeps_its_blocks_by_default_on_accelerators_only(tmp_path):
     write_llama_gguf(path, hf.config, {k: v.numpy() for k, v in hf.state_dict().items()}, qtype="Q8_0")
     model = PipelineConfig(model_path=path).model
     assert [resolve_encoding(model, p) for p in ("gpu", "tpu", "cpu")] == ["q8_0", "q8_0", None]
+    # on GPU, where XLA decodes kept blocks slower than bfloat16 (measured), a warning names both ways out
+    from graphs import ARCHITECTURES
+    from maxlike.pipelines import layout
+    from maxlike.weights import quantize
+
+    arch = next(a for a in ARCHITECTURES if a.name == "LlamaForCausalLM")
+    cfg = arch.config_from_hf(hf.config)
+    for platform in ("tpu", "gpu"):
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="maxlike"):
+            encs, _, _ = layout.quantization(PipelineConfig(model_path=path), platform, arch, arch.weight_specs(cfg),
+                                             cfg)
+        assert quantize.describe(encs) == "q8_0"
+        warned = "quantization_encoding='bfloat16'" in caplog.text and "quantized_matmul='pallas'" in caplog.text
+        assert warned == (platform == "gpu"), caplog.text
     assert resolve_encoding(PipelineConfig(model_path=path, quantization_encoding="int8").model, "gpu") == "int8"
     hf.save_pretrained(tmp_path / "st")
     assert resolve_encoding(PipelineConfig(model_path=str(tmp_path / "st")).model, "gpu") is None

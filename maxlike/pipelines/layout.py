@@ -64,6 +64,11 @@ def quantization(pipeline_config, platform: str, arch, layer_specs: dict, source
     if encs and pipeline_config.model.quantization_encoding is None:
         log.info("keeping the GGUF's quantized blocks: %s (pass quantization_encoding to choose one)",
                  quantize.describe(encs))
+        if platform == "gpu" and pipeline_config.quantized_matmul == "xla":
+            log.warning("XLA:GPU decodes quantized weights slower than bfloat16 ones (an H200, Llama-3.2-1B shape: "
+                        "q4_k at 0.59x, int8 at 0.96x, batch 1): quantization_encoding='bfloat16' dequantizes this "
+                        "GGUF at load (more memory, faster decode); quantized_matmul='pallas' runs its int8 / q8_0 / "
+                        "q4_0 / q4_k products through graphs.pallas_gpu_matmul (not yet timed)")
     return encs, kinds, specs
 
 
