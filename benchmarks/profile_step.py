@@ -64,9 +64,11 @@ def kernel_events(path: str) -> list[tuple[str, float]]:
                 continue
             work = sorted(((e.start_ns, e.duration_ns, e.name) for e in line.events
                            if not e.name.startswith(NOT_KERNELS)), key=lambda t: (t[0], -t[1]))
-            # a loop or conditional holds its body's events: count those, not it
+            # a loop or conditional holds its body's events: count those, not it. Only an event that
+            # wholly holds the next is one: on a GPU a kernel may start before the last one ends
+            # (Hopper's programmatic dependent launch), and both are kernels.
             events += [(name, length / 1e3) for i, (start, length, name) in enumerate(work)
-                       if i + 1 == len(work) or work[i + 1][0] >= start + length]
+                       if i + 1 == len(work) or sum(work[i + 1][:2]) > start + length]
     return events
 
 
