@@ -13,7 +13,7 @@
 #          /tmp/llama1b for the parts after it.
 # qmatmul: decode's products with int8 / q8_0 / q4_k weights, graphs.pallas_gpu_matmul against XLA's and bf16
 #          (probe_gpu_quant_matmul.py, 1B and 8B layer shapes), then the 1B's decode with quantized_matmul=pallas
-#          against XLA's int8 in one run, issue 16.
+#          against XLA's int8 in one run, then the kernel's tilings at batch 1 (--sweep), issue 16.
 # flags:   bf16 decode at batch 1 and 8 under XLA:GPU command-buffer settings (XLA_FLAGS), issue 16.
 # moe:     one MoE layer per expert kernel (grouped = ragged_dot, dense, gather, loop) in bf16 at Mixtral's width
 #          (8 experts, hidden 4096, 14336 wide) for 1..256 tokens, then a random 8-layer MoE's decode per
@@ -55,6 +55,8 @@ if [[ " $PARTS " == *" qmatmul "* ]]; then
   timeout 240 $PY benchmarks/bench_gpu_decode.py --model-path /tmp/llama1b --batch-sizes 1 8 64 \
       --variants 10:sync --offline-requests 0 --setups int8+qpallas q4_k+qpallas q8_0+qpallas int8 \
       --hf-batch-sizes --json "$OUT/qmatmul_decode.json" 2>&1 | grep -v "it/s]" | tee "$OUT/qmatmul_decode.log"
+  timeout 150 $PY benchmarks/probe_gpu_quant_matmul.py --sweep --rows 1 --json "$OUT/qmatmul_sweep.json" 2>&1 \
+      | tee "$OUT/qmatmul_sweep.log"
 fi
 if [[ " $PARTS " == *" flags "* ]]; then
   # XLA:GPU command buffers (CUDA graphs): the default set, none, and with the decode loop's while/conditional

@@ -3,7 +3,7 @@
 graphs.layers.projection does; and, for int8, a multiply-and-sum XLA may fuse as a reduction) and
 against bf16, per projection shape of a Llama-3.2-1B and a Llama-3.1-8B layer, for 1, 8 and 64 rows.
 
-    python benchmarks/probe_gpu_quant_matmul.py [--shapes 1b 8b] [--rows 1 8 64] [--json out.json]
+    python benchmarks/probe_gpu_quant_matmul.py [--shapes 1b 8b] [--rows 1 8 64] [--json out.json] [--sweep]
 
 Each variant multiplies by `--layers` different weights of the shape in one jitted call (more
 bytes than the GPU's L2, so every weight comes from HBM), and the time per product is the best
@@ -11,6 +11,10 @@ call over `--layers`. Printed per row: microseconds a product, the weight bytes 
 time (GB/s), and its speed against bf16's. Off a GPU the kernel runs in Pallas interpret mode on
 small shapes (agreement only; times mean nothing there). Part of benchmarks/gpu_checks.sh
 (PARTS=qmatmul), issue 16.
+
+`--sweep`: instead, the kernel's tuning (`grouped_matmul(tuning=...)`: outputs a program, target
+programs, Triton warps, pipeline stages) over SWEEP, for the 1B's gate/up and down products at
+the first of `--rows`, int8 and q4_k; the five fastest of each are printed.
 """
 
 from __future__ import annotations
@@ -65,6 +69,40 @@ def reduce_product(x, v, s, o):
     return jnp.sum(x[:, :, None] * v.astype(x.dtype)[None], axis=1) * s.astype(x.dtype)
 
 
+SWEEP = [(bn, target, warps, stages) for bn in (32, 64, 128) for target in (256, 1024) for warps in (4, 8)
+         for stages in (2, 4)] + [None]  # None: the defaults
+
+
+def sweep(args, gpu: bool) -> None:
+    rng = np.random.default_rng(0)
+    rows_out = []
+    cases = [c for c in SHAPES["1b"] if c[0] in ("gate/up", "down")] if gpu else SHAPES["tiny"]
+    for name, k, n in cases:
+        for enc in ("int8", "q4_k"):
+            stack = weights(rng, k, n, args.layers, enc)
+            x = jnp.asarray(rng.standard_normal((args.rows[0], k)), jnp.bfloat16)
+            nbytes = sum(a.nbytes for a in stack[0] if a is not None)
+            results = []
+            for tuning in SWEEP if gpu else SWEEP[:2]:
+                f = jax.jit(lambda x, ws, tuning=tuning: [gm.grouped_matmul(x, *w, interpret=not gpu, tuning=tuning)
+                                                          for w in ws])
+                try:
+                    seconds = best_seconds(f, x, stack, repeats=20) / args.layers
+                except Exception as e:  # a tiling Triton refuses: say so, go on
+                    print(f"{name} {enc} {tuning}: {type(e).__name__}: {str(e)[:120]}", flush=True)
+                    continue
+                results.append({"weight": name, "k": k, "n": n, "rows": args.rows[0], "encoding": enc,
+                                "tuning": tuning, "us": seconds * 1e6, "gb_s": nbytes / seconds / 1e9})
+            results.sort(key=lambda r: r["us"])
+            for r in results[:5]:
+                print(f"{name:8s} [{k:5d}, {n:5d}] rows {r['rows']:3d} {enc:5s} tuning {str(r['tuning']):22s} "
+                      f"{r['us']:8.1f} us {r['gb_s']:7.0f} GB/s", flush=True)
+            rows_out += results
+            if args.json:
+                with open(args.json, "w") as fh:
+                    json.dump(rows_out, fh, indent=1)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--shapes", nargs="+", default=["1b", "8b"])
@@ -72,8 +110,11 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=16)
     ap.add_argument("--encodings", nargs="+", default=["int8", "q8_0", "q4_k"])
     ap.add_argument("--json")
+    ap.add_argument("--sweep", action="store_true", help="time the kernel's tunings instead (module doc)")
     args = ap.parse_args()
     gpu = jax.devices()[0].platform == "gpu"
+    if args.sweep:
+        return sweep(args, gpu)
     if not gpu:
         args.shapes, args.layers = ["tiny"], 2
     rng = np.random.default_rng(0)

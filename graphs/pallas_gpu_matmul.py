@@ -74,10 +74,10 @@ def supported(values_shape: tuple, values_dtype, scale_shape: tuple, rows: int, 
     return values_shape[1] % _BN == 0 and (group != k or k % _PER_CHANNEL_STEP == 0)
 
 
-def _splits(steps: int, blocks: int) -> int:
+def _splits(steps: int, blocks: int, target: int = _TARGET_PROGRAMS) -> int:
     """Splits of K's `steps` loop steps (a power of two dividing them) for `blocks` output blocks."""
     splits = 1
-    while (blocks * splits * 2 <= _TARGET_PROGRAMS and steps % (splits * 2) == 0
+    while (blocks * splits * 2 <= target and steps % (splits * 2) == 0
            and steps // (splits * 2) >= _MIN_STEPS):
         splits *= 2
     return splits
@@ -123,36 +123,39 @@ def _kernel(x_ref, v_ref, s_ref, *rest, bits: int, group: int, steps: int, per_c
     y_ref[...] = acc
 
 
-@functools.partial(jax.jit, static_argnames=("interpret",))
-def grouped_matmul(x, values, scale, offset=None, *, interpret: bool = False):
+@functools.partial(jax.jit, static_argnames=("interpret", "tuning"))
+def grouped_matmul(x, values, scale, offset=None, *, interpret: bool = False, tuning: tuple | None = None):
     """x [M, K] @ the weight `values` / `scale` / `offset` hold (module doc) -> [M, N] in x's dtype.
-    `interpret`: Pallas interpret mode (CPU tests)."""
+    `interpret`: Pallas interpret mode (CPU tests). `tuning`: (outputs a program, target programs,
+    Triton warps, pipeline stages), for benchmarks/probe_gpu_quant_matmul.py --sweep; None: the
+    module's defaults (64, 512, 4, 3)."""
+    bn, target, warps, stages = tuning or (_BN, _TARGET_PROGRAMS, 4, 3)
     bits, group = form(values.shape, values.dtype, scale.shape)
     m, k = x.shape
     n = values.shape[1]
     per_channel = group == k
-    if not supported(values.shape, values.dtype, scale.shape, m, x.dtype):
+    if not supported(values.shape, values.dtype, scale.shape, m, x.dtype) or n % bn:
         raise ValueError(f"grouped_matmul does not take {m} rows x {values.dtype}{list(values.shape)} with scales "
                          f"{list(scale.shape)} (see pallas_gpu_matmul.supported)")
     bm = max(_MIN_DOT, 1 << (m - 1).bit_length())
     rows = jnp.pad(x, ((0, bm - m), (0, 0))) if bm != m else x
     steps = k // (_PER_CHANNEL_STEP if per_channel else group)
-    blocks = n // _BN
-    splits = _splits(steps, blocks)
+    blocks = n // bn
+    splits = _splits(steps, blocks, target)
     parts = [values, scale] + ([offset] if offset is not None else [])
     if per_channel:
-        in_specs = [pl.BlockSpec((values.shape[0], _BN), lambda j, s: (0, j)), pl.BlockSpec((_BN,), lambda j, s: (j,))]
+        in_specs = [pl.BlockSpec((values.shape[0], bn), lambda j, s: (0, j)), pl.BlockSpec((bn,), lambda j, s: (j,))]
     else:
-        in_specs = [pl.BlockSpec((values.shape[0], _BN), lambda j, s: (0, j))] + \
-            [pl.BlockSpec((scale.shape[0], _BN), lambda j, s: (0, j))] * (len(parts) - 1)
+        in_specs = [pl.BlockSpec((values.shape[0], bn), lambda j, s: (0, j))] + \
+            [pl.BlockSpec((scale.shape[0], bn), lambda j, s: (0, j))] * (len(parts) - 1)
     kernel = functools.partial(_kernel, bits=bits, group=group, steps=steps // splits, per_channel=per_channel)
     partial = pl.pallas_call(
         kernel,
         grid=(blocks, splits),
         in_specs=[pl.BlockSpec((bm, k), lambda j, s: (0, 0))] + in_specs,
-        out_specs=pl.BlockSpec((None, bm, _BN), lambda j, s: (s, 0, j)),
+        out_specs=pl.BlockSpec((None, bm, bn), lambda j, s: (s, 0, j)),
         out_shape=jax.ShapeDtypeStruct((splits, bm, n), jnp.float32),
-        compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=3),
+        compiler_params=plgpu.CompilerParams(num_warps=warps, num_stages=stages),
         interpret=interpret,
         name="dequantizing_matmul",
     )(rows, *parts)

@@ -65,6 +65,10 @@ def test_splits_k_for_few_output_blocks():
     got = gm.grouped_matmul(jnp.asarray(x), jnp.asarray(v), jnp.asarray(s), jnp.asarray(o), interpret=True)
     want = written_out(x, weight)
     np.testing.assert_allclose(np.asarray(got), want, atol=1e-5 * np.abs(want).max())
+    # another tiling (32 outputs a program, 8 programs: 4 splits of K), as the probe's --sweep tries
+    got = gm.grouped_matmul(jnp.asarray(x), jnp.asarray(v), jnp.asarray(s), jnp.asarray(o), interpret=True,
+                            tuning=(32, 8, 2, 2))
+    np.testing.assert_allclose(np.asarray(got), want, atol=1e-5 * np.abs(want).max())
 
 
 def test_the_weights_maxlike_stores_match_xlas_product():
