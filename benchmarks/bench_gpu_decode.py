@@ -195,7 +195,7 @@ def main() -> None:
                              setup=setup)
                     m = rl.report(llm.pipeline.model, peaks, [m], args.prompt_tokens, args.new_tokens)[0]
                     del m["peaks"]
-                    if setup.split("+")[0] in ("bf16", "float", "fused", "unfused", "pallas"):
+                    if llm.pipeline.model.encoding is None:  # float weights, as HF's
                         step_bytes.setdefault(b, m["step_bytes"])
                     results["maxlike"].append(m)
                     save()

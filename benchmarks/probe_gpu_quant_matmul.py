@@ -64,6 +64,19 @@ def xla_product(x, v, s, o):
     return x @ dequantize_grouped(v, s, o, (x.shape[1],), x.dtype)
 
 
+def reference(x, w) -> np.ndarray:
+    """XLA's product in float32 (a bf16 weight converted) of x with one weight (values, scale, offset)."""
+    w = [a.astype(jnp.float32) if a is not None and a.dtype == jnp.bfloat16 else a for a in w]
+    return np.asarray(jax.jit(xla_product)(x.astype(jnp.float32), *w))
+
+
+def save(path: str | None, rows: list) -> None:
+    """Rewritten after every row: a run stopped by its time limit keeps what it measured."""
+    if path:
+        with open(path, "w") as fh:
+            json.dump(rows, fh, indent=1)
+
+
 def reduce_product(x, v, s, o):
     """int8 with a scale per output as a multiply and a sum over the inputs."""
     return jnp.sum(x[:, :, None] * v.astype(x.dtype)[None], axis=1) * s.astype(x.dtype)
@@ -98,9 +111,7 @@ def sweep(args, gpu: bool) -> None:
                 print(f"{name:8s} [{k:5d}, {n:5d}] rows {r['rows']:3d} {enc:5s} tuning {str(r['tuning']):22s} "
                       f"{r['us']:8.1f} us {r['gb_s']:7.0f} GB/s", flush=True)
             rows_out += results
-            if args.json:
-                with open(args.json, "w") as fh:
-                    json.dump(rows_out, fh, indent=1)
+            save(args.json, rows_out)
 
 
 def main() -> None:
@@ -129,17 +140,16 @@ def main() -> None:
                     variants[f"{enc} xla"] = (enc, xla_product)
                     if enc == "int8" and m <= 8:
                         variants[f"{enc} xla-reduce"] = (enc, reduce_product)
-                    if gm.supported((stacks[enc][0][0].shape), stacks[enc][0][0].dtype, stacks[enc][0][1].shape, m,
+                    if gm.supported(stacks[enc][0][0].shape, stacks[enc][0][0].dtype, stacks[enc][0][1].shape, m,
                                     x.dtype):
                         variants[f"{enc} pallas"] = (enc, lambda x, v, s, o: gm.grouped_matmul(
                             x, v, s, o, interpret=not gpu))
-                times, refs = {}, {}
+                times = {}
+                refs = {enc: reference(x, stacks[enc][0]) for enc in ["bf16", *args.encodings]}
                 for label, (enc, product) in variants.items():
                     f = jax.jit(lambda x, ws, product=product: [product(x, *w) for w in ws])
                     out = f(x, stacks[enc])
-                    ref = refs.setdefault(enc, np.asarray(jax.jit(lambda x, ws: [xla_product(
-                        x.astype(jnp.float32), *(a if a is None or a.dtype != jnp.bfloat16 else a.astype(jnp.float32)
-                                                 for a in w)) for w in ws])(x, stacks[enc])[0]))
+                    ref = refs[enc]
                     err = float(np.abs(np.asarray(out[0], np.float32) - ref).max() / np.abs(ref).max())
                     seconds = best_seconds(f, x, stacks[enc], repeats=20) / args.layers
                     nbytes = sum(a.nbytes for a in stacks[enc][0] if a is not None)
@@ -150,9 +160,7 @@ def main() -> None:
                     rows_out.append(row)
                     print(f"{shape:4s} {name:8s} [{k:5d}, {n:5d}] rows {m:3d}  {label:16s} {row['us']:8.1f} us "
                           f"{row['gb_s']:7.0f} GB/s  {row['vs_bf16']:5.2f}x bf16  rel err {err:.1e}", flush=True)
-                    if args.json:  # after every row: a run stopped by its time limit keeps what it measured
-                        with open(args.json, "w") as fh:
-                            json.dump(rows_out, fh, indent=1)
+                    save(args.json, rows_out)
 
 
 if __name__ == "__main__":

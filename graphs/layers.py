@@ -130,7 +130,7 @@ def decode_kernel(backend: str):
     return module, backend not in ("gpu", "tpu")
 
 
-def _several_devices(mesh):
+def several_devices(mesh):
     """`mesh` when it has more than one device (the kernel then runs per shard), else None."""
     return mesh if mesh is not None and mesh.size > 1 else None
 
@@ -138,7 +138,7 @@ def _several_devices(mesh):
 def pallas_decode_takes(backend: str, mesh, q, k_pages) -> bool:
     """Whether the backend's Pallas kernel takes a decode step of q [B, 1, H, D] over the pool
     [R, L, N, S, KV, D] (arrays or shapes), as each device holds them under `mesh`."""
-    mesh = _several_devices(mesh)
+    mesh = several_devices(mesh)
     data, tensor = (mesh.shape["data"], mesh.shape["tensor"]) if mesh is not None else (1, 1)
     b, t, h, d = q.shape
     r, l, n, s, kv, _ = k_pages.shape
@@ -155,7 +155,7 @@ def _pallas_decode(mesh, backend, q, k_pages, v_pages, page_table, q_pos, layer,
     if not pallas_decode_takes(backend, mesh, q, k_pages):
         return None
     module, interpret = decode_kernel(backend)
-    mesh = _several_devices(mesh)
+    mesh = several_devices(mesh)
     window = jnp.asarray(0 if window is None else window, jnp.int32)
 
     def attend(q, k_pages, v_pages, page_table, q_pos, layer, window):
@@ -276,7 +276,7 @@ class MatmulRun:
     def local(self, shape: tuple, kind: str, stacked: bool) -> tuple:
         """A weight's (or its scales') shape [*lead, in, *out] on one device (the first output axis
         split: N, or the heads)."""
-        if _several_devices(self.mesh) is None:
+        if several_devices(self.mesh) is None:
             return tuple(shape)
         lead, (i, o) = int(stacked), self.split(kind)
         ways = [self.mesh.shape[a] if a else 1 for a in (i, o)]
@@ -373,7 +373,7 @@ def _grouped_kernel(x, values, scale, offset, n_in: int, backend: str, run: Matm
         y = pallas_tpu_matmul.grouped_matmul(rows, values, scale, offset, layer, interpret=backend != "tpu")
         return y if inputs is None else jax.lax.psum(y, inputs)
 
-    mesh = _several_devices(run.mesh)
+    mesh = several_devices(run.mesh)
     if mesh is None:
         y = local(rows, layer, *parts)
     else:

@@ -98,12 +98,11 @@ def _kernel(x_ref, v_ref, s_ref, *rest, bits: int, group: int, steps: int, per_c
         at = first + i
         if bits == 4:  # a group's 16 bytes: low nibbles are inputs 0-15, high nibbles 16-31
             packed = v_ref[pl.ds(at * (group // 2), group // 2), :]
-            x_lo = x_ref[:, pl.ds(at * group, group // 2)]
-            x_hi = x_ref[:, pl.ds(at * group + group // 2, group // 2)]
-            part = dot(x_lo, (packed & 15).astype(x_ref.dtype)) + dot(x_hi, (packed >> 4).astype(x_ref.dtype))
+            xs = [x_ref[:, pl.ds(at * group + half, group // 2)] for half in (0, group // 2)]
+            part = dot(xs[0], (packed & 15).astype(x_ref.dtype)) + dot(xs[1], (packed >> 4).astype(x_ref.dtype))
         else:
-            x_blk = x_ref[:, pl.ds(at * k_step, k_step)]
-            part = dot(x_blk, v_ref[pl.ds(at * k_step, k_step), :].astype(x_ref.dtype))
+            xs = [x_ref[:, pl.ds(at * k_step, k_step)]]
+            part = dot(xs[0], v_ref[pl.ds(at * k_step, k_step), :].astype(x_ref.dtype))
         if per_channel:
             return acc + part
         scale = s_ref[pl.ds(at, 1), :].astype(jnp.float32)  # [1, BN]
@@ -112,8 +111,7 @@ def _kernel(x_ref, v_ref, s_ref, *rest, bits: int, group: int, steps: int, per_c
             shift = -8.0 * scale if bits == 4 else 0.0
             if o_ref is not None:
                 shift = shift + o_ref[pl.ds(at, 1), :].astype(jnp.float32)
-            x_sum = jnp.sum(x_lo.astype(jnp.float32), axis=1) + jnp.sum(x_hi.astype(jnp.float32), axis=1) \
-                if bits == 4 else jnp.sum(x_blk.astype(jnp.float32), axis=1)
+            x_sum = sum(jnp.sum(x.astype(jnp.float32), axis=1) for x in xs)
             acc = acc + x_sum[:, None] * shift
         return acc
 

@@ -11,7 +11,7 @@ import jax
 import numpy as np
 
 from graphs.base import LayerOf, uniform_layers
-from graphs.layers import MatmulRun, decode_kernel, grouped_kernel_takes, pallas_decode_takes
+from graphs.layers import MatmulRun, decode_kernel, grouped_kernel_takes, pallas_decode_takes, several_devices
 from graphs.moe import ExpertRun
 from maxlike.config import ConfigError
 from maxlike.sharding import LOGICAL_TO_MESH, indivisible
@@ -114,7 +114,7 @@ def quantized_matmul(pipeline_config, platform: str, mesh, specs: dict, encs: di
     if pipeline_config.quantized_matmul == "xla":
         return MatmulRun(), {}
     if PALLAS_MATMUL.get(platform) == "gpu":
-        if not encs or stacked or (mesh is not None and mesh.size > 1):
+        if not encs or stacked or several_devices(mesh) is not None:
             log.warning("quantized_matmul='pallas': graphs.pallas_gpu_matmul runs on one device, for weights kept "
                         "quantized (quantization_encoding int8, q8_0, q4_0 or q4_k) with the layers unrolled "
                         "(scan_layers=False, the GPU default): XLA's product runs")
