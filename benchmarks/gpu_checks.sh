@@ -13,7 +13,8 @@
 #          /tmp/llama1b for the parts after it.
 # qmatmul: decode's products with int8 / q8_0 / q4_k weights, graphs.pallas_gpu_matmul against XLA's and bf16
 #          (probe_gpu_quant_matmul.py, 1B and 8B layer shapes), then the 1B's decode with quantized_matmul=pallas
-#          against XLA's int8 in one run, then the kernel's tilings at batch 1 (--sweep), issue 16.
+#          (which also holds the LM head in q8_0: 1,254 against 1,500 MB a step in int8) against XLA's int8 in one
+#          run, then the kernel's tilings at batch 1 (--sweep), issue 16.
 # flags:   bf16 decode at batch 1 and 8 under XLA:GPU command-buffer settings (XLA_FLAGS), issue 16.
 # moe:     one MoE layer per expert kernel (grouped = ragged_dot, dense, gather, loop) in bf16 at Mixtral's width
 #          (8 experts, hidden 4096, 14336 wide) for 1..256 tokens, then a random 8-layer MoE's decode per

@@ -80,7 +80,10 @@ class Architecture:
         weights come stacked (`stacked_specs`) and the layers run through `run_layers`;
         page_table may be a `graphs.layers.GroupedPageTable` (a mixed step: tokens lie flat
         as [replicas, N], every op but attention sees them so, and attention takes the table)
-    lm_head(cfg, weights, hidden [..., D]) -> logits [..., V]
+    lm_head(cfg, weights, hidden [..., D]) -> logits [..., V]; with `quantized_head`, also
+        lm_head(..., matmul=, backend=) when the weights hold the vocabulary table as a quantized
+        "head" [D, V] (maxlike.weights.quantize.with_head), which forward and lm_head then read
+        through graphs.layers.embed_rows and head_logits
     """
 
     name: str  # the HF `architectures` entry
@@ -94,6 +97,7 @@ class Architecture:
     # LoRA: PEFT module name -> (weight kind, input axes); forward applies `adapters` to these
     lora_targets: dict = field(default_factory=dict)
     features: str = ""  # what it runs, for `maxlike list`
+    quantized_head: bool = False  # its graphs read the vocabulary table through embed_rows / head_logits
 
     def functions(self) -> tuple[Callable, ...]:
         """Every function of this architecture (whose source is part of cache keys)."""

@@ -21,7 +21,8 @@ import jax.numpy as jnp
 
 from graphs.base import Architecture, Source, UnsupportedConfigError, WeightSpec, require, run_layers
 from graphs.fused import gate_up, qkv
-from graphs.layers import adapter_mask, kernel_weights, paged_attention, projection, write_kv
+from graphs.layers import (adapter_mask, embed_rows, head_logits, kernel_weights, paged_attention, projection,
+                           write_kv)
 from graphs.llama import COMMON_FEATURES, LORA_TARGETS, kv_shape, layer_windows
 from graphs.rope import RopeSpec, apply_rope, hf_rope_parameters, rope_from_hf
 
@@ -206,16 +207,16 @@ def forward(cfg: GemmaConfig, w: dict, kv: list, tokens, positions, slots, page_
             x = x + rms_norm(m, lw["post_mlp_norm"], eps)
         return x, k_pages, v_pages
 
-    x = w["embed"][tokens] * jnp.asarray(math.sqrt(cfg.hidden_size), w["embed"].dtype)  # [B, T, D]
+    dtype = w["final_norm"].dtype
+    x = embed_rows(w, tokens, dtype) * jnp.asarray(math.sqrt(cfg.hidden_size), dtype)  # [B, T, D]
     x, kv = run_layers(layer, x, w, kv, cfg.num_layers, scan=scan,
                        per_layer={"window": cfg.layer_windows} if cfg.sliding_window else None,
                        whole=kernel_weights(w, matmul))
     return rms_norm(x, w["final_norm"], eps), kv
 
 
-def lm_head(cfg: GemmaConfig, w: dict, hidden: jax.Array) -> jax.Array:
-    table = w["embed"] if cfg.tie_word_embeddings else w["lm_head"]
-    logits = jnp.einsum("...d,vd->...v", hidden, table)
+def lm_head(cfg: GemmaConfig, w: dict, hidden: jax.Array, *, matmul="xla", backend: str = "cpu") -> jax.Array:
+    logits = head_logits(w, hidden, cfg.tie_word_embeddings, matmul, backend)
     if cfg.final_softcap:
         c = cfg.final_softcap
         logits = (jnp.tanh(logits.astype(jnp.float32) / c) * c).astype(logits.dtype)
@@ -224,7 +225,8 @@ def lm_head(cfg: GemmaConfig, w: dict, hidden: jax.Array) -> jax.Array:
 
 def _arch(name: str, model_types: tuple[str, ...], features: str) -> Architecture:
     return Architecture(name, model_types, config_from_hf, weight_specs, checkpoint_names, kv_shape, forward, lm_head,
-                        lora_targets=LORA_TARGETS, features=f"{features}; {COMMON_FEATURES}")
+                        lora_targets=LORA_TARGETS, features=f"{features}; {COMMON_FEATURES}",
+                        quantized_head=True)
 
 
 GEMMA_FAMILY = (

@@ -253,8 +253,8 @@ def adapter_mask(w: dict, adapters) -> jax.Array | None:
     weights in `w` ("{projection}_lora_a" per layer)."""
     if adapters is None:
         return None
-    slots, rank = w[next(n for n in w if n.endswith("_lora_a"))].shape[-2:]
-    return lora_mask(adapters, slots, rank, w["embed"].dtype)
+    a = w[next(n for n in w if n.endswith("_lora_a"))]
+    return lora_mask(adapters, *a.shape[-2:], a.dtype)
 
 
 @dataclass(frozen=True)
@@ -316,6 +316,27 @@ def projection(mask, matmul: str | MatmulRun = "xla", backend: str = "cpu"):
         return y
 
     return proj
+
+
+def embed_rows(w: dict, tokens: jax.Array, dtype) -> jax.Array:
+    """The embedding rows of `tokens` [B, T] -> [B, T, D] in `dtype`: from the table "embed" [V, D],
+    or, for a tied table held quantized as "head" [D, V] (maxlike.weights.quantize.with_head), its
+    columns dequantized."""
+    if "embed" in w:
+        return w["embed"][tokens].astype(dtype)
+    values, scale = w["head"], w["head_scale"]  # [D, V], [D / group, V]
+    cols = dequantize_grouped(values[:, tokens], scale[:, tokens], None, values.shape[:1], dtype)  # [D, B, T]
+    return jnp.moveaxis(cols, 0, -1)
+
+
+def head_logits(w: dict, hidden: jax.Array, tied: bool, matmul: str | MatmulRun = "xla",
+                backend: str = "cpu") -> jax.Array:
+    """hidden [..., D] -> logits [..., V]: times the table ("embed" when `tied`, else "lm_head",
+    [V, D]), or the quantized "head" [D, V] through `projection` (the Pallas matmul `matmul` names,
+    where it takes the head)."""
+    if "head" in w:
+        return projection(None, matmul, backend)("...d,dv->...v", hidden, w, "head")
+    return jnp.einsum("...d,vd->...v", hidden, w["embed"] if tied else w["lm_head"])
 
 
 def grouped_kernel_takes(values, scale, run: MatmulRun | None = None, kind: str = "") -> bool:

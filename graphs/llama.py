@@ -12,11 +12,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 
 from graphs.base import Architecture, UnsupportedConfigError, WeightSpec, require, run_layers
 from graphs.fused import gate_up, qkv
-from graphs.layers import adapter_mask, kernel_weights, paged_attention, projection, rms_norm, write_kv
+from graphs.layers import (adapter_mask, embed_rows, head_logits, kernel_weights, paged_attention, projection,
+                           rms_norm, write_kv)
 from graphs.llama_checkpoint import checkpoint_names
 from graphs.moe import ExpertRun, MoESpec, expert_specs, moe_from_hf, moe_mlp
 from graphs.rope import RopeSpec, apply_rope, hf_rope_parameters, rope_from_hf
@@ -177,16 +177,15 @@ def forward(cfg: LlamaConfig, w: dict, kv: list, tokens, positions, slots, page_
                 x = x + proj("btf,fd->btd", jax.nn.silu(g) * u, lw, "down")
         return x, k_pages, v_pages
 
-    x = w["embed"][tokens]  # [B, T, D]
+    x = embed_rows(w, tokens, w["final_norm"].dtype)  # [B, T, D]
     x, kv = run_layers(layer, x, w, kv, cfg.num_layers, scan=scan,
                        per_layer={"window": cfg.layer_windows} if cfg.sliding_window else None,
                        whole=kernel_weights(w, matmul))
     return rms_norm(x, w["final_norm"], cfg.rms_norm_eps), kv
 
 
-def lm_head(cfg: LlamaConfig, w: dict, hidden: jax.Array) -> jax.Array:
-    table = w["embed"] if cfg.tie_word_embeddings else w["lm_head"]
-    return jnp.einsum("...d,vd->...v", hidden, table)
+def lm_head(cfg: LlamaConfig, w: dict, hidden: jax.Array, *, matmul="xla", backend: str = "cpu") -> jax.Array:
+    return head_logits(w, hidden, cfg.tie_word_embeddings, matmul, backend)
 
 
 # LoRA: PEFT's module name -> (our weight kind, how many leading axes of it are the input).
@@ -206,7 +205,8 @@ COMMON_FEATURES = ("tensor parallel: degrees dividing the attention heads (KV he
 
 def _arch(name: str, model_types: tuple[str, ...], features: str) -> Architecture:
     return Architecture(name, model_types, config_from_hf, weight_specs, checkpoint_names, kv_shape, forward, lm_head,
-                        lora_targets=LORA_TARGETS, features=f"{features}; {COMMON_FEATURES}")
+                        lora_targets=LORA_TARGETS, features=f"{features}; {COMMON_FEATURES}",
+                        quantized_head=True)
 
 
 LLAMA_FAMILY = (

@@ -160,8 +160,10 @@ def test_a_model_computes_the_same_through_the_kernel(tiny_models, wide_head_lla
     (graphs.base.LayerOf). Their scales and offsets are held as float16 bit patterns, 5- and
     6-bit values in the kernel's layout."""
     import graphs.pallas_tpu_matmul as kernel
+    from maxlike.pipelines import layout
 
     calls = counted_calls(monkeypatch, kernel, "grouped_matmul")
+    monkeypatch.setattr(layout, "quantized_head", lambda *args, **kw: None)  # (the head: test_quantized_head.py)
     path = wide_head_llama if wide else tiny_models["llama"][0]
     kw = dict(quantization_encoding=encoding, return_logits="all", fuse_projections=False, scan_layers=scan)
     prompt = random_prompt(11, seed=3)
@@ -179,9 +181,15 @@ def test_a_model_computes_the_same_through_the_kernel(tiny_models, wide_head_lla
     np.testing.assert_allclose(logits["pallas"], logits["xla"], atol=1e-5 * max(1.0, np.abs(logits["xla"]).max()))
 
 
-def test_pallas_is_not_taken_where_it_cannot_run(tiny_models, caplog):
-    """int8 weights have nothing the kernel takes: the model says so and runs XLA's products."""
+def test_pallas_is_not_taken_where_it_cannot_run(tiny_models, caplog, monkeypatch):
+    """int8 weights have nothing the kernel takes but the q8_0 LM head (test_quantized_head.py);
+    without that either, the model says so and runs XLA's products."""
+    from maxlike.pipelines import layout
+
     path, _ = tiny_models["llama"]
+    model = build_model(path, quantization_encoding="int8", quantized_matmul="pallas")
+    assert model.matmul.kernel == "pallas" and [kind for kind, *_ in model.matmul.splits] == ["head"]
+    monkeypatch.setattr(layout, "quantized_head", lambda *args, **kw: None)
     with caplog.at_level("WARNING", logger="maxlike"):
         model = build_model(path, quantization_encoding="int8", quantized_matmul="pallas")
     assert model.matmul.kernel == "xla"
@@ -200,7 +208,7 @@ from maxlike.pipelines import PipelineConfig, TextContext
 prompts = [random_prompt(n, seed=n).tolist() for n in (5, 17, 9, 30)]
 out = {}
 mesh = dict(devices="4", data_parallel_degree=2, tensor_parallel_degree=2, scan_layers=True, quantized_matmul="pallas")
-for name, kw in (("one", dict(devices="1")), ("mesh", mesh)):
+for name, kw in (("one", dict(devices="1", quantized_matmul="pallas")), ("mesh", mesh)):
     model = LLM(PipelineConfig(model_path=sys.argv[2], max_length=128, max_batch_size=4,
                                quantization_encoding=sys.argv[3], fuse_projections=False, **kw),
                 progress=False).pipeline.model
@@ -228,23 +236,27 @@ def test_the_kernel_runs_per_device_under_a_mesh(eight_head_models, wide_head_ll
     """data 2 x tensor 2 (fake CPU devices, layers as one loop) with the kernel: o and down split
     over their inputs (partial products summed; q6_k's laid out per device's half, q8_0's o
     [heads, head dim] taken as one axis), gate and up over their outputs, rows over the replicas;
-    in q6_k and q8_0, on heads of 128, q, k and v too, split over their heads. A prefill's logits
-    equal one device's with XLA's products; nothing gathered."""
+    in q6_k and q8_0, on heads of 128, q, k and v too, split over their heads; the q8_0 LM head
+    over its vocabulary (tied in q4_k's model: its embedding rows gathered from the split head).
+    A prefill's logits equal one device's through the kernel (itself equal
+    to XLA's products: test_a_model_computes_the_same_through_the_kernel, and the head's to its
+    table: test_quantized_head.py); nothing gathered."""
     here = os.path.dirname(os.path.abspath(__file__))
-    path = eight_head_models["llama"] if encoding == "q4_k" else wide_head_llama
+    path = eight_head_models["qwen2"] if encoding == "q4_k" else wide_head_llama  # (qwen2's table is tied)
     r = subprocess.run([sys.executable, "-c", MESH_SCRIPT, here, path, encoding],
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     report = json.loads(r.stdout.strip().splitlines()[-1])
     one, mesh = report["one"], report["mesh"]
-    assert one["matmul"] == "xla" and mesh["matmul"] == "pallas"
+    assert one["matmul"] == mesh["matmul"] == "pallas"
     splits = {kind: tuple(axes) for kind, *axes in mesh["splits"]}
     assert splits["o"] == splits["down"] == ("tensor", None) and splits["gate"] == splits["up"] == (None, "tensor")
+    assert splits["head"] == (None, "tensor")
     if encoding != "q4_k":
         assert splits["q"] == splits["k"] == splits["v"] == (None, "tensor")
     assert float(np.abs(np.asarray(mesh["logits"]) - np.asarray(one["logits"])).max()) < 1e-5
     assert mesh["gathers"] == [], mesh["gathers"]  # (activations are not gathered either)
-    assert "uint16" in mesh["bits"] and one["bits"] == ["float16"]
+    assert "uint16" in mesh["bits"] and mesh["bits"] == one["bits"]
 
 
 TPU_SCRIPT = """
@@ -261,6 +273,8 @@ for name, k, n, bits, group, hows in (("mlp_in", 4096, (14336,), 4, 32, ("kernel
                                       ("down_q6_k", 14336, (4096,), 6, 16, ("kernel",)),
                                       ("o_q8_0", 4096, (4096,), 8, 32, ("kernel",)),
                                       ("q_q4_k", 4096, (32, 128), 4, 32, ("kernel",))):
+    if name not in sys.argv[2].split(","):
+        continue
     values = jnp.int8 if bits == 8 else jnp.uint8
     args = [jax.ShapeDtypeStruct(s, d, sharding=one) for s, d in (
         ((8, k), jnp.bfloat16), ((4, k * bits // 8, *n), values), ((4, k // group, *n), jnp.float16),
@@ -276,21 +290,26 @@ print(json.dumps(out))
 
 
 @pytest.mark.tpu_target
-def test_compiles_for_tpu_without_a_dequantized_copy():
+@pytest.mark.parametrize("shapes", ["mlp_in", pytest.param("down_q6_k,o_q8_0,q_q4_k", marks=pytest.mark.slow)])
+def test_compiles_for_tpu_without_a_dequantized_copy(shapes):
     """Mosaic compiles the kernel for a TPU v5e (here, compile-only) over a stack of 8B-MLP-shaped
     weights read by a traced layer index, at batch 8: no temporary buffer, where XLA's own
-    dequantization builds the float weight (112 MiB) in one. Likewise in q6_k (down's shape),
-    q8_0 (o's) and for q [D, heads, head dim] in q4_k."""
+    dequantization builds the float weight (112 MiB) in one. Likewise (`make test-slow`: the fast
+    suite must stay under 15 minutes) in q6_k (down's shape), q8_0 (o's) and for q [D, heads, head
+    dim] in q4_k."""
     from test_tpu_target import _tpu_env
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    r = subprocess.run([sys.executable, "-c", TPU_SCRIPT, root], capture_output=True, text=True, timeout=600,
-                       env=_tpu_env())
+    r = subprocess.run([sys.executable, "-c", TPU_SCRIPT, root, shapes], capture_output=True, text=True,
+                       timeout=600, env=_tpu_env())
     assert r.returncode == 0, r.stderr[-3000:]
     report = json.loads(r.stdout.strip().splitlines()[-1])
-    kernel, xla = report["mlp_in_kernel"], report["mlp_in_xla"]
-    assert kernel["custom_calls"] >= 1 and xla["custom_calls"] == 0, report
-    assert kernel["temp"] < 2**20, report  # x's halves and the output: KBs
-    assert xla["temp"] >= 4096 * 14336 * 2 * 0.9, report  # the bfloat16 weight, rebuilt in HBM
-    for other in ("down_q6_k_kernel", "o_q8_0_kernel", "q_q4_k_kernel"):
-        assert report[other]["custom_calls"] >= 1 and report[other]["temp"] < 2**20, report
+    if shapes == "mlp_in":
+        kernel, xla = report["mlp_in_kernel"], report["mlp_in_xla"]
+        assert kernel["custom_calls"] >= 1 and xla["custom_calls"] == 0, report
+        assert kernel["temp"] < 2**20, report  # x's halves and the output: KBs
+        assert xla["temp"] >= 4096 * 14336 * 2 * 0.9, report  # the bfloat16 weight, rebuilt in HBM
+        return
+    assert sorted(report) == sorted(f"{name}_kernel" for name in shapes.split(",")), report
+    for other in report.values():
+        assert other["custom_calls"] >= 1 and other["temp"] < 2**20, report

@@ -270,8 +270,12 @@ def test_a_mixed_gguf_keeps_each_kinds_blocks(tmp_path, monkeypatch):
 # bounded. q6_k quantizes them again onto a 6-bit grid: measured 1.0170 (1.0136 rounding to nearest; the grid
 # search lowers the weights' squared error, and this text cannot tell the two apart), bounded at 2% (between the 8
 # and 4 bits' bounds).
-PERPLEXITY_BOUND = {"int8": 0.01, "float8_e4m3fn": 0.01, "q8_0": 0.01, "q4_k": 0.05, "q5_k": 0.05, "q6_k": 0.02}
+PERPLEXITY_BOUND = {"int8": 0.01, "float8_e4m3fn": 0.01, "q8_0": 0.01, "q4_k": 0.05, "q5_k": 0.05, "q6_k": 0.02,
+                    "int8+head": 0.01}
 PRINTED_ONLY = ("q4_0",)
+# label -> PipelineConfig fields ("int8+head": int8 projections and the q8_0 LM head the Pallas matmul reads)
+SMOLLM2_RUNS = {None: {}, **{e: dict(quantization_encoding=e) for e in (*PERPLEXITY_BOUND, *PRINTED_ONLY)},
+                "int8+head": dict(quantization_encoding="int8", quantized_matmul="pallas")}
 
 
 def test_a_gguf_keeps_its_blocks_by_default_on_accelerators_only(tmp_path, caplog):
@@ -327,10 +331,12 @@ def test_a_gguf_keeps_its_blocks_by_default_on_accelerators_only(tmp_path, caplo
 
 
 @pytest.mark.xdist_group("hf_smollm2")
-@pytest.mark.slow  # about 5 minutes (six SmolLM2 pipelines, echo over every prompt): `make test-slow`
+@pytest.mark.slow  # about 6 minutes (nine SmolLM2 pipelines, echo over every prompt): `make test-slow`
 def test_quantized_smollm2_keeps_the_tokens_and_the_perplexity(smollm2_path, hf_smollm2):
-    """int8's greedy tokens equal HF's float ones for the chat prompts; over every prompt and HF's
-    continuations, each encoding's perplexity is within its bound of the float model's."""
+    """int8's greedy tokens equal HF's float ones for the chat prompts, with the LM head float or
+    q8_0 (test_quantized_head.py; SmolLM2's file holds its table in Q8_0, which the q8_0 head
+    keeps exactly); over every prompt and HF's continuations, each encoding's perplexity is within
+    its bound of the float model's."""
     import torch
 
     from maxlike.entrypoints import LLM
@@ -346,10 +352,11 @@ def test_quantized_smollm2_keeps_the_tokens_and_the_perplexity(smollm2_path, hf_
         with torch.no_grad():
             texts.append((list(ids), hf.generate(torch.tensor([ids]), max_new_tokens=32, do_sample=False)[0].tolist()))
     nll = {}
-    for encoding in (None, *PERPLEXITY_BOUND, *PRINTED_ONLY):
+    for encoding, fields in SMOLLM2_RUNS.items():
         llm = LLM(PipelineConfig(model_path=smollm2_path, max_length=256, max_batch_size=8, enable_echo=True,
-                                 quantization_encoding=encoding), progress=False)
-        if encoding == "int8":
+                                 **fields), progress=False)
+        assert ("head" in llm.pipeline.model.params) == (encoding == "int8+head")
+        if encoding in ("int8", "int8+head"):
             outs = llm.generate_outputs([p for p, _ in texts], sampling_params=SamplingParams(
                 top_k=1, max_new_tokens=32), use_tqdm=False)
             for (prompt, full), out, (_, chat) in zip(texts, outs, PROMPTS):

@@ -76,6 +76,10 @@ class DecoderPipelineModel(DecoderSizing, LogProbsMixin, ServingModel):
         # Quantized weights: the projections kept in their kind's encoding with their scales
         self._encodings, self._quantized, self._layer_specs = layout.quantization(
             pipeline_config, session.platform, self.arch, self._layer_specs, self._source_config)
+        # ... and the LM head too where the Pallas matmul runs it (the vocabulary table held as "head")
+        self._layer_specs, self._encodings, self._quantized, self._head_table = layout.with_quantized_head(
+            pipeline_config, session.platform, mesh, self.arch, self._layer_specs, self._encodings, self._quantized,
+            self.dtype, stacked=self.scan_layers)
         self.encoding = quantize.describe(self._encodings)
         self.experts = layout.expert_run(pipeline_config, session.platform, mesh, getattr(self.config, "moe", None),
                                          self.encoding)  # None: a model without experts
@@ -222,6 +226,8 @@ class DecoderPipelineModel(DecoderSizing, LogProbsMixin, ServingModel):
         """Host arrays as the checkpoint gives them (per layer) -> as `params` holds them:
         KV heads repeated for the mesh, projections quantized and fused, layers stacked when they
         run as one loop, what the Pallas matmul reads held its way (layout.hold)."""
+        if self._head_table:
+            host = quantize.head_from_table(host, self._head_table, self._encodings)
         host = {name: self._repeat_kv(host[name], spec) for name, spec in self._layer_specs.items() if name in host}
         if self._quantized:
             host = quantize.quantize_host(host, quantize.linear_inputs(host, self._quantized), self._encodings)
@@ -490,7 +496,8 @@ class DecoderPipelineModel(DecoderSizing, LogProbsMixin, ServingModel):
         # Row i's logits come from hidden row i (mixed: from its replica's flat tokens).
         picked = jnp.take_along_axis(hidden, index.reshape(hidden.shape[0], -1)[..., None], axis=1)
         picked = picked.reshape(*index.shape, -1)  # [B, N, D]
-        logits = self.arch.lm_head(cfg, params, picked).astype(jnp.float32)  # [B, N, V]
+        head = {"matmul": self.matmul, "backend": self.session.platform} if self._head_table else {}
+        logits = self.arch.lm_head(cfg, params, picked, **head).astype(jnp.float32)  # [B, N, V]
         out = {"next_token_logits": logits[:, -1]}
         if self.return_logits != ReturnLogits.LAST_TOKEN:
             out["logits"] = logits

@@ -6,11 +6,12 @@ takes the model."""
 from __future__ import annotations
 
 import logging
+from functools import partial
 
 import jax
 import numpy as np
 
-from graphs.base import LayerOf, uniform_layers
+from graphs.base import LAYERS, LayerOf, uniform_layers
 from graphs.layers import MatmulRun, decode_kernel, grouped_kernel_takes, pallas_decode_takes, several_devices
 from graphs.moe import ExpertRun
 from maxlike.config import ConfigError
@@ -124,20 +125,19 @@ def quantized_matmul(pipeline_config, platform: str, mesh, specs: dict, encs: di
         return MatmulRun("pallas", target="gpu"), {}
     from graphs import pallas_tpu_matmul
 
-    lead = int(stacked)
+    def lead(name):  # a stacked layer axis first (the quantized head is no layer's)
+        return int(stacked and name.startswith(LAYERS))
 
-    def mesh_axis(logical):
-        axis = LOGICAL_TO_MESH.get(logical) if logical else None
-        return axis if axis and mesh.shape[axis] > 1 else None
-
+    mesh_axis = partial(_mesh_axis, mesh)
     scales = {n: specs[n + quantize.SCALE] for n in specs  # grouped ones: [*lead, groups, *out]
               if n + quantize.SCALE in specs and getattr(encs.get(quantize.kind_of(n)), "group", 0)}
-    splits = {quantize.kind_of(n): (mesh_axis(s.axes[lead]), mesh_axis(s.axes[lead + 1])) for n, s in scales.items()}
+    splits = {quantize.kind_of(n): (mesh_axis(s.axes[lead(n)]), mesh_axis(s.axes[lead(n) + 1]))
+              for n, s in scales.items()}
     run = MatmulRun("pallas", mesh, tuple((kind, *axes) for kind, axes in sorted(splits.items())))
 
     def shape(name):
         a = jax.ShapeDtypeStruct(specs[name].shape, quantize.dtype_of(name, encs, np.float32))
-        return LayerOf(a, 0) if stacked else a
+        return LayerOf(a, 0) if lead(name) else a
 
     taken = [n for n in scales
              if grouped_kernel_takes(shape(n), shape(n + quantize.SCALE), run, quantize.kind_of(n))]
@@ -150,11 +150,53 @@ def quantized_matmul(pipeline_config, platform: str, mesh, specs: dict, encs: di
              len(taken), taken[0])
     held = {n + part: ("bits",) for n in taken for part in (quantize.SCALE, quantize.OFFSET) if n + part in specs}
     for n in (n for n in taken if quantize.dtype_of(n, encs, np.float32) == np.uint8):  # packed: [in, *out]
-        bits, group = pallas_tpu_matmul.form(specs[n].shape, np.uint8, scales[n].shape, lead)
+        bits, group = pallas_tpu_matmul.form(specs[n].shape, np.uint8, scales[n].shape, lead(n))
         if bits > 4:
             inputs = run.split(quantize.kind_of(n))[0]
-            held[n] = ("laid", bits, group, mesh.shape[inputs] if inputs else 1, len(scales[n].shape) - lead - 1)
+            held[n] = ("laid", bits, group, mesh.shape[inputs] if inputs else 1, len(scales[n].shape) - lead(n) - 1)
     return run, held
+
+
+def _mesh_axis(mesh, logical: str | None) -> str | None:
+    """The mesh axis splitting a logical axis, None where it is whole on each device."""
+    axis = LOGICAL_TO_MESH.get(logical) if logical and mesh is not None else None
+    return axis if axis and mesh.shape[axis] > 1 else None
+
+
+def with_quantized_head(pipeline_config, platform: str, mesh, arch, specs: dict, encs: dict, kinds: dict, dtype, *,
+                        stacked: bool):
+    """(per-layer specs, encs, kinds, the table quantized or None): `quantization`'s, with the LM head
+    quantized where `quantized_head` says it runs so (maxlike.weights.quantize.with_head)."""
+    table = quantized_head(pipeline_config, platform, mesh, arch, specs, encs, dtype, stacked=stacked)
+    return (*quantize.with_head(specs, encs, kinds, table), table) if table else (specs, encs, kinds, None)
+
+
+def quantized_head(pipeline_config, platform: str, mesh, arch, specs: dict, encs: dict, dtype, *,
+                   stacked: bool) -> str | None:
+    """The vocabulary table ("lm_head", or the tied "embed") whose product runs quantized in the Pallas
+    matmul (maxlike.weights.quantize.with_head), or None: with `quantized_matmul='pallas'`, for a model
+    whose projections are kept quantized, an architecture whose graphs take it (`quantized_head`), and
+    where the backend's kernel takes the [D, V] q8_0 head as each device holds it. `specs` per layer.
+    Anywhere else the table stays float: XLA would rebuild the whole head dequantized in each step
+    (compiled for a v5e: 0.98 GiB of temporaries for Llama-3.1-8B's head)."""
+    if pipeline_config.quantized_matmul != "pallas" or not encs or not arch.quantized_head:
+        return None
+    table = "lm_head" if "lm_head" in specs else "embed"
+    vocab, d = specs[table].shape
+    group = quantize.ENCODINGS[quantize.HEAD_ENCODING].group
+    if d % group:
+        return None
+    values = jax.ShapeDtypeStruct((d, vocab), np.int8)
+    scale = jax.ShapeDtypeStruct((d // group, vocab), np.float16)
+    if PALLAS_MATMUL.get(platform) == "gpu":
+        from graphs import pallas_gpu_matmul
+
+        takes = not stacked and several_devices(mesh) is None and pallas_gpu_matmul.supported(
+            values.shape, values.dtype, scale.shape, 1, dtype)
+    else:
+        run = MatmulRun("pallas", mesh, ((quantize.HEAD, _mesh_axis(mesh, "embed"), _mesh_axis(mesh, "vocab")),))
+        takes = grouped_kernel_takes(values, scale, run, quantize.HEAD)
+    return table if takes else None
 
 
 def hold(array, how: tuple) -> np.ndarray:

@@ -15,7 +15,7 @@ from maxlike.cache_files import read_json, write_json
 from maxlike.config import ConfigError
 from maxlike.engine import exe_cache
 from maxlike.kv_cache import KVCacheParams
-from maxlike.pipelines import memory
+from maxlike.pipelines import layout, memory
 from maxlike.pipelines.model import ReturnLogits, upper_bounded_default
 from maxlike.weights.lean import text_config_of
 from maxlike.weights import quantize
@@ -66,11 +66,14 @@ class DecoderSizing:
 
         hf = load_hf_config(pipeline_config.model.model_path)
         arch, cfg = cls._graph_and_config(hf)
-        dtype = memory.resolve_dtype(pipeline_config.model.dtype, _platform(pipeline_config))
+        platform = _platform(pipeline_config)
+        dtype = memory.resolve_dtype(pipeline_config.model.dtype, platform)
         specs = arch.weight_specs(cfg)
-        encodings = resolve_encodings(pipeline_config.model, _platform(pipeline_config), specs,
-                                      arch.checkpoint_names(cfg), arch.lora_targets)
-        encs, _, specs = quantize.plan(specs, arch.lora_targets, encodings)
+        encodings = resolve_encodings(pipeline_config.model, platform, specs, arch.checkpoint_names(cfg),
+                                      arch.lora_targets)
+        encs, kinds, specs = quantize.plan(specs, arch.lora_targets, encodings)
+        specs, encs, _, _ = layout.with_quantized_head(pipeline_config, platform, None, arch, specs, encs, kinds, dtype,
+                                                       stacked=layout.scan_layers(pipeline_config, platform, specs))
         return memory.weights_bytes(specs, lambda name: quantize.dtype_of(name, encs, dtype))
 
     @classmethod

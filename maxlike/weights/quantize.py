@@ -28,9 +28,12 @@ those and Q5_K for q5_k; Q6_K and Q4_0 for q6_k) are kept as they are
 (`maxlike.weights.gguf_blocks`); any other tensor is dequantized and quantized again. Each
 projection kind has its encoding ({kind: Encoding}): one for all, or, for a GGUF without
 `quantization_encoding` on GPU and TPU, the one keeping its layers' blocks
-(`maxlike.weights.loader.resolve_encodings`). Embeddings, norms and the LM head stay in the model's
-dtype. Works on per-layer names ("layers.{i}.{kind}"); stacking for the layer loop comes after,
-scales included.
+(`maxlike.weights.loader.resolve_encodings`). Norms stay in the model's dtype, and so do the
+embeddings and the LM head, except where a Pallas matmul runs the head (`with_head`): then the
+vocabulary table it multiplies by is held as "head" [D, V] in q8_0 (a scale per 32 inputs: one
+scale per vocabulary row moved SmolLM2's logits by up to 0.47), and a tied table's embedding rows
+are read from it. Works on per-layer names ("layers.{i}.{kind}"); stacking for the layer loop comes
+after, scales included.
 """
 
 from __future__ import annotations
@@ -112,6 +115,26 @@ def plan(specs: dict[str, WeightSpec], lora_targets: dict, encodings: dict[str, 
     inputs = {kind: n_in for kind, n_in in lora_targets.values()}
     kinds = {kind: inputs[kind] for kind in encs}
     return encs, kinds, quantized_specs(specs, linear_inputs(specs, kinds), encs)
+
+
+HEAD, HEAD_ENCODING = "head", "q8_0"
+
+
+def with_head(specs: dict[str, WeightSpec], encs: dict[str, Encoding], kinds: dict[str, int], table: str):
+    """(specs, encs, kinds) of a model whose LM head runs quantized: the vocabulary table `table`
+    ("lm_head", or the tied "embed") [V, D] replaced by HEAD [D, V] in HEAD_ENCODING, with its
+    scale (`head_from_table` converts the weights)."""
+    vocab, d = specs[table].shape
+    enc = ENCODINGS[HEAD_ENCODING]
+    specs = {**{n: s for n, s in specs.items() if n != table}, HEAD: WeightSpec((d, vocab), ("embed", "vocab"))}
+    return quantized_specs(specs, {HEAD: 1}, {HEAD: enc}), {**encs, HEAD: enc}, {**kinds, HEAD: 1}
+
+
+def head_from_table(host: dict[str, np.ndarray], table: str, encs: dict[str, Encoding]) -> dict[str, np.ndarray]:
+    """Host weights with the float table `table` [V, D] replaced by HEAD [D, V] quantized (and its
+    scale); `with_head` describes them."""
+    out = {n: a for n, a in host.items() if n != table}
+    return quantize_host({**out, HEAD: np.asarray(host[table], np.float32).T}, {HEAD: 1}, encs)
 
 
 def describe(encs: dict[str, Encoding]) -> str | None:
