@@ -130,8 +130,10 @@ def test_the_head_stays_float_where_no_kernel_runs_it(tiny_head_models):
 
 
 def test_weights_are_sized_with_the_quantized_head(tiny_head_models, monkeypatch):
-    """estimate_weights_size follows the head: the bytes the model holds, and a tied table of V x D
-    float32 replaced by V x D int8 and V x D / 32 float16 scales."""
+    """estimate_weights_size and the roofline's bytes a step reads follow the head: the bytes the
+    model holds, and a tied table of V x D float32 replaced by V x D int8 and V x D / 32 float16
+    scales."""
+    from maxlike.entrypoints import roofline
     from maxlike.pipelines import PipelineConfig, layout
     from maxlike.pipelines.decoder import DecoderPipelineModel
 
@@ -143,6 +145,7 @@ def test_weights_are_sized_with_the_quantized_head(tiny_head_models, monkeypatch
         sizes[matmul] = DecoderPipelineModel.estimate_weights_size(config)
         model = build_model(path, quantization_encoding="int8", quantized_matmul=matmul)
         assert sizes[matmul] == sum(a.nbytes for a in model.params.values())
+        assert roofline.weight_bytes(model, 2) == sizes[matmul]  # the tied table (float or q8_0) is read whole
     v, d = 320, 64
     assert sizes["xla"] - sizes["pallas"] == 4 * v * d - (v * d + 2 * v * d // 32)
 

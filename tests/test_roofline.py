@@ -16,24 +16,29 @@ def test_counts_follow_the_model(tiny_models):
     path, hf = tiny_models["llama"]
     model = build_model(path)
     c = hf.config
-    params = sum(p.numel() for p in hf.parameters())  # untied: embed and lm_head both count
-    assert rl.weight_bytes(model) == 4 * params  # fp32
+    params = sum(p.numel() for p in hf.parameters())
+    table = c.vocab_size * c.hidden_size  # untied: lm_head is read whole, the embeddings a row per token
+    assert rl.weight_bytes(model) == 4 * (params - table + c.hidden_size)  # fp32
+    assert rl.weight_bytes(model, 3) == 4 * (params - table + 3 * c.hidden_size)
+    tied_path, tied_hf = tiny_models["llama_tied"]  # the tied table is the head: read whole
+    assert rl.weight_bytes(build_model(tied_path), 3) == 4 * sum(p.numel() for p in tied_hf.parameters())
     assert rl.matmul_flops_per_token(model) == 2 * (params - c.vocab_size * c.hidden_size)  # the embedding is a gather
     # q4_k: the same matmuls; 4 bits per projection weight plus a float16 scale and offset per 32 of them
     q4 = build_model(path, quantization_encoding="q4_k")
     projections = sum(p.numel() for n, p in hf.named_parameters() if n.endswith("proj.weight"))
     assert rl.matmul_flops_per_token(q4) == rl.matmul_flops_per_token(model)
-    assert rl.weight_bytes(q4) == 4 * (params - projections) + projections // 2 + 2 * 2 * projections // 32
+    rest = 4 * (params - table + c.hidden_size - projections)
+    assert rl.weight_bytes(q4) == rest + projections // 2 + 2 * 2 * projections // 32
     # q6_k: 6 bits per projection weight plus a float16 scale per 16 of them
     q6 = build_model(path, quantization_encoding="q6_k")
-    assert rl.weight_bytes(q6) == 4 * (params - projections) + projections * 3 // 4 + 2 * projections // 16
+    assert rl.weight_bytes(q6) == rest + projections * 3 // 4 + 2 * projections // 16
     head_dim = c.hidden_size // c.num_attention_heads
     assert rl.kv_bytes(model, 3, 50) == 2 * c.num_hidden_layers * 3 * 50 * c.num_key_value_heads * head_dim * 4
     assert rl.attention_flops(model, 10, 20) == 4 * c.num_hidden_layers * 10 * 20 * c.num_attention_heads * head_dim
 
     peaks = rl.Peaks(bandwidth_gb_s=20.0, matmul_tflop_s=0.5)
     [row] = rl.report(model, peaks, [{"batch": 2, "decode_tok_s": 100.0, "prefill_tok_s": 400.0}], 8, 4)
-    step = 4 * params + rl.kv_bytes(model, 2, 8 + 2)  # weights once, and each row's mean context
+    step = 4 * (params - table + 2 * c.hidden_size) + rl.kv_bytes(model, 2, 8 + 2)  # weights once, each row's context
     assert row["step_bytes"] == step
     assert row["decode_gb_s"] == pytest.approx(step * 50 / 1e9)  # 100 tok/s over 2 rows: 50 steps per second
     assert row["decode_roofline_share"] == pytest.approx(step * 50 / 1e9 / 20.0)

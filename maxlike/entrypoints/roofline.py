@@ -64,12 +64,17 @@ def measure_peaks(device, dtype, *, copy_mib: int | None = None, matmul_n: int |
 
 
 def weight_bytes(model, batch: int = 1) -> int:
-    """Bytes of weights one device must read per step: each array's per-device shard; of a
-    mixture-of-experts layer's experts, only those `batch` tokens are routed to (`expert_share`)."""
+    """Bytes of weights one device must read per decode step of `batch` rows: each array's
+    per-device shard; of a mixture-of-experts layer's experts, only those the tokens are routed to
+    (`expert_share`); of an embedding table that is not also the LM head (untied), only the rows of
+    the step's tokens, at most `batch` of them on a device."""
     total = 0
     share = expert_share(model, batch)
+    tied = getattr(model.config, "tie_word_embeddings", False)
     for name, arr in model.params.items():
         shard = arr.sharding.shard_shape(arr.shape) if hasattr(arr, "sharding") else arr.shape
+        if name == "embed" and not tied:  # a gather of the tokens' rows
+            shard = (min(batch, shard[0]), *shard[1:])
         total += int(np.prod(shard)) * arr.dtype.itemsize * (share if ".experts_" in name else 1)
     return int(total)
 
