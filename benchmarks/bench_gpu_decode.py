@@ -6,7 +6,9 @@
 
 `--setups`: maxlike configurations measured one after another (the first with every variant and
 the offline run, the others with the last variant only): an encoding name (bf16 or a
-quantization_encoding), `fused` / `unfused` (fuse_projections), `pallas` (decode_attention), joined by +.
+quantization_encoding), `fused` / `unfused` (fuse_projections), `pallas` (decode_attention), `qpallas`
+(quantized_matmul="pallas", which also holds the LM head in q8_0), `floathead` (the LM head float even
+so, to tell the head's share), joined by +.
 
 The shape and cache (1024 tokens) are those of the plain-JAX anchors in the
 README's GPU section, so the figures compare with them. HF transformers' generate (dynamic cache) runs
@@ -29,11 +31,13 @@ import os
 import sys
 import tempfile
 import time
+from contextlib import nullcontext
+from unittest import mock
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from maxlike.entrypoints.bench import hf_generate, maxlike_generate, measure  # noqa: E402
-from maxlike.pipelines import PipelineConfig  # noqa: E402
+from maxlike.pipelines import PipelineConfig, layout  # noqa: E402
 
 SHAPES = {
     # Llama-3.2-1B: 16 layers, 2048 hidden, 32 q / 8 kv heads of 64, 8192 MLP, 128256 vocab, tied head.
@@ -109,6 +113,8 @@ def setup_config(setup: str) -> dict:
             out["decode_attention"] = "pallas"
         elif part == "qpallas":
             out["quantized_matmul"] = "pallas"
+        elif part == "floathead":
+            out["float_head"] = True  # (not a PipelineConfig field: see main)
         elif part not in ("bf16", "float"):
             out["quantization_encoding"] = part
     return out
@@ -179,11 +185,14 @@ def main() -> None:
         for i, setup in enumerate(args.setups):
             if i:
                 del llm, ours
+            fields = setup_config(setup)
+            float_head = fields.pop("float_head", False)
             config = PipelineConfig(model_path=path, max_length=args.max_length, max_batch_size=max(args.batch_sizes),
                                     dtype="bfloat16", kv_cache_page_size=args.page_size,
-                                    max_num_steps=max(steps for steps, _ in variants), **setup_config(setup))
+                                    max_num_steps=max(steps for steps, _ in variants), **fields)
             t = time.perf_counter()
-            llm, ours = maxlike_generate(config)
+            with mock.patch.object(layout, "quantized_head", lambda *a, **kw: None) if float_head else nullcontext():
+                llm, ours = maxlike_generate(config)
             print(f"maxlike {setup} loaded in {time.perf_counter() - t:.1f}s", flush=True)
             for b in args.batch_sizes:
                 for steps, overlap in variants if i == 0 else variants[-1:]:

@@ -12,9 +12,10 @@
 #          (dynamic cache; static cache, compiled, at batch 1), issue 16. The random checkpoint stays in
 #          /tmp/llama1b for the parts after it.
 # qmatmul: decode's products with int8 / q8_0 / q4_k weights, graphs.pallas_gpu_matmul against XLA's and bf16
-#          (probe_gpu_quant_matmul.py, 1B and 8B layer shapes), then the 1B's decode with quantized_matmul=pallas
-#          (which also holds the LM head in q8_0: 1,254 against 1,500 MB a step in int8) against XLA's int8 in one
-#          run, then the kernel's tilings at batch 1 (--sweep), issue 16.
+#          (probe_gpu_quant_matmul.py, 1B and 8B layer shapes), then the 1B's decode at batch 1 and 8: bf16, int8
+#          with quantized_matmul=pallas (which also holds the LM head in q8_0: 1,254 against 1,500 MB a step), the
+#          same with a float head, XLA's int8 and q4_k with the kernel, in one run (about 60 s a setup), then the
+#          kernel's tilings at batch 1 (--sweep), issue 16.
 # flags:   bf16 decode at batch 1 and 8 under XLA:GPU command-buffer settings (XLA_FLAGS), issue 16.
 # moe:     one MoE layer per expert kernel (grouped = ragged_dot, dense, gather, loop) in bf16 at Mixtral's width
 #          (8 experts, hidden 4096, 14336 wide) for 1..256 tokens, then a random 8-layer MoE's decode per
@@ -52,11 +53,11 @@ if [[ " $PARTS " == *" quant "* ]]; then
       | tee "$OUT/quant.log"
 fi
 if [[ " $PARTS " == *" qmatmul "* ]]; then
-  timeout 150 $PY benchmarks/probe_gpu_quant_matmul.py --json "$OUT/qmatmul.json" 2>&1 | tee "$OUT/qmatmul.log"
-  timeout 240 $PY benchmarks/bench_gpu_decode.py --model-path /tmp/llama1b --batch-sizes 1 8 64 \
-      --variants 10:sync --offline-requests 0 --setups int8+qpallas q4_k+qpallas q8_0+qpallas int8 \
+  timeout 120 $PY benchmarks/probe_gpu_quant_matmul.py --json "$OUT/qmatmul.json" 2>&1 | tee "$OUT/qmatmul.log"
+  timeout 300 $PY benchmarks/bench_gpu_decode.py --model-path /tmp/llama1b --batch-sizes 1 8 \
+      --variants 10:sync --offline-requests 0 --setups bf16 int8+qpallas int8+qpallas+floathead int8 q4_k+qpallas \
       --hf-batch-sizes --json "$OUT/qmatmul_decode.json" 2>&1 | grep -v "it/s]" | tee "$OUT/qmatmul_decode.log"
-  timeout 150 $PY benchmarks/probe_gpu_quant_matmul.py --sweep --rows 1 --json "$OUT/qmatmul_sweep.json" 2>&1 \
+  timeout 100 $PY benchmarks/probe_gpu_quant_matmul.py --sweep --rows 1 --json "$OUT/qmatmul_sweep.json" 2>&1 \
       | tee "$OUT/qmatmul_sweep.log"
 fi
 if [[ " $PARTS " == *" flags "* ]]; then
