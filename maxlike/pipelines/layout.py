@@ -1,7 +1,7 @@
 """How a decoder's weights are laid out on the device: layers as one loop or unrolled, q/k/v and
 gate/up fused or apart (the per-backend defaults, from measurements), each projection kind's
-quantized encoding, and whether a mesh splits them; whether the decode-attention kernel asked for
-takes the model."""
+quantized encoding (and the LM head's, where the Pallas matmul reads it), and whether a mesh splits
+them; whether the decode-attention kernel asked for takes the model."""
 
 from __future__ import annotations
 
