@@ -62,11 +62,15 @@ class DecoderSizing:
 
     @classmethod
     def estimate_weights_size(cls, pipeline_config) -> int:
+        return cls.weights_size_on(pipeline_config, _platform(pipeline_config))
+
+    @classmethod
+    def weights_size_on(cls, pipeline_config, platform: str) -> int:
+        """estimate_weights_size for a backend ("cpu", "gpu", "tpu") other than the config's, on one device."""
         from maxlike.weights import load_hf_config
 
         hf = load_hf_config(pipeline_config.model.model_path)
         arch, cfg = cls._graph_and_config(hf)
-        platform = _platform(pipeline_config)
         dtype = memory.resolve_dtype(pipeline_config.model.dtype, platform)
         specs = arch.weight_specs(cfg)
         encodings = resolve_encodings(pipeline_config.model, platform, specs, arch.checkpoint_names(cfg),

@@ -1,0 +1,57 @@
+"""Bytes of weights a model holds per encoding and `quantized_matmul`, per backend, from its config alone
+(nothing is read or allocated): `DecoderPipelineModel.weights_size_on`, which follows the encodings and
+the LM head held in q8_0 where the Pallas matmul reads it. For a tied table (Llama-3.2-1B) that is
+also what a decode step reads of the weights; an untied embedding table (Llama-3.1-8B) is held whole
+but read a row per token.
+
+    .venv/bin/python benchmarks/weights_per_encoding.py [--shapes llama-1b llama-8b] [--platforms gpu tpu]
+        [--setups bfloat16:xla int8:xla int8:pallas q8_0:pallas q4_k:xla q4_k:pallas] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from bench_gpu_decode import SHAPES  # noqa: E402
+from maxlike.pipelines import PipelineConfig  # noqa: E402
+from maxlike.pipelines.decoder import DecoderPipelineModel  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shapes", nargs="+", default=["llama-1b", "llama-8b"], choices=sorted(SHAPES))
+    ap.add_argument("--platforms", nargs="+", default=["gpu", "tpu"])
+    ap.add_argument("--setups", nargs="+", default=["bfloat16:xla", "int8:xla", "int8:pallas", "q8_0:pallas",
+                                                    "q4_k:xla", "q4_k:pallas"], help="encoding:quantized_matmul")
+    ap.add_argument("--json", help="write the rows here")
+    args = ap.parse_args()
+    import transformers as tf
+
+    rows = []
+    with tempfile.TemporaryDirectory() as folder:
+        for shape in args.shapes:
+            path = os.path.join(folder, shape)
+            tf.LlamaConfig(bos_token_id=1, eos_token_id=2, pad_token_id=0, **SHAPES[shape]).save_pretrained(path)
+            for platform in args.platforms:
+                for setup in args.setups:
+                    encoding, matmul = setup.split(":")
+                    config = PipelineConfig(model_path=path, dtype="bfloat16", quantization_encoding=encoding,
+                                            quantized_matmul=matmul)
+                    size = DecoderPipelineModel.weights_size_on(config, platform)
+                    rows.append(dict(shape=shape, platform=platform, encoding=encoding, quantized_matmul=matmul,
+                                     weight_mb=round(size / 1e6, 1)))
+                    print(json.dumps(rows[-1]), flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
