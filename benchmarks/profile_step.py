@@ -20,7 +20,9 @@ Printed per decode step (an average: a decode step's attention reads a power-of-
 pages, so its kernels change as the context grows): kernels, the time inside them (summed; they
 may overlap on CPU), the wall time without the profiler, the step's bytes (weights and the KV it
 attends to, maxlike.entrypoints.roofline) over the copy bandwidth measured at start, i.e. the
-step's floor, and what is left above that floor; then the kernels that took the most time.
+step's floor, and what is left above that floor; then the kernels that took the most time, each
+with the JAX op it came from (its HLO instruction's `op_name`, named scopes "attention" and "mlp"
+included) as the model's compiled executables name it.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import collections
 import glob
 import json
 import os
+import re
 import sys
 import tempfile
 import time
@@ -70,6 +73,20 @@ def kernel_events(path: str) -> list[tuple[str, float]]:
             events += [(name, length / 1e3) for i, (start, length, name) in enumerate(work)
                        if i + 1 == len(work) or sum(work[i + 1][:2]) > start + length]
     return events
+
+
+def kernel_origins(hlo_texts: list[str], names) -> dict[str, str]:
+    """{kernel name: the op_name of the HLO instruction of that name} over the executables' optimized
+    HLO texts (a trace writes "loop_add_fusion_19" where the text has "%loop_add_fusion.19")."""
+    wanted, found = set(names), {}
+    for text in hlo_texts:
+        for line in text.splitlines():
+            head = re.match(r"\s*(?:ROOT )?%?([\w.\-]+) = ", line)
+            key = head and head.group(1).replace(".", "_").replace("-", "_")
+            if key in wanted and key not in found:
+                op = re.search(r'op_name="([^"]*)"', line)
+                found[key] = op.group(1) if op else ""
+    return found
 
 
 def traced(generate, prompts, n: int, trace_dir: str) -> tuple[list[tuple[str, float]], float]:
@@ -138,13 +155,17 @@ def main() -> None:
                "top": sorted(((name, n / steps, us / steps / 1e3) for name, (n, us) in per_name.items()),
                              key=lambda t: -t[2])[: args.top]}
         row["above_floor_ms"] = row["wall_ms_per_step"] - floor_ms
+        origins = kernel_origins([e.as_text() for e in model.session.executables()],
+                                 [name.replace(".", "_").replace("-", "_") for name, _, _ in row["top"]])
+        row["top"] = [(name, n, ms, origins.get(name.replace(".", "_").replace("-", "_"), ""))
+                      for name, n, ms in row["top"]]
         rows.append(row)
         print(f"batch {batch}: {row['kernels_per_step']:.0f} kernels a decode step, {row['kernel_ms_per_step']:.2f} ms "
               f"in them, {row['wall_ms_per_step']:.2f} ms wall; its {step_bytes / 1e6:.1f} MB take "
               f"{floor_ms:.2f} ms at {peaks.bandwidth_gb_s:.1f} GB/s, so {row['above_floor_ms']:.2f} ms "
               f"({row['above_floor_ms'] / row['wall_ms_per_step']:.0%}) is not spent moving bytes", flush=True)
-        for name, count, ms in row["top"]:
-            print(f"    {ms:8.3f} ms  {count:6.1f} x  {name[:100]}")
+        for name, count, ms, origin in row["top"]:
+            print(f"    {ms:8.3f} ms  {count:6.1f} x  {name[:60]}  {origin[-100:]}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"peaks": vars(peaks), "rows": rows}, f, indent=1)

@@ -176,7 +176,8 @@ def test_quantized_attention_keeps_the_experts_in_float(moe_models, caplog):
 
 def test_roofline_counts_the_routed_experts(moe_models):
     """The roofline's bytes per decode step read only the experts a step's tokens are expected to
-    be routed to (1 - (1 - k/E)^tokens of them), and its FLOPs pass each token through k experts."""
+    be routed to (1 - (1 - k/E)^tokens of them) and, of the untied embedding table, the tokens'
+    rows; its FLOPs pass each token through k experts."""
     from maxlike.entrypoints import roofline
 
     model = build_model(moe_models["mixtral"][0])
@@ -184,9 +185,11 @@ def test_roofline_counts_the_routed_experts(moe_models):
     d, f, layers = hf.hidden_size, hf.intermediate_size, hf.num_hidden_layers
     experts = layers * 8 * 3 * d * f
     rest = sum(int(np.prod(a.shape)) for a in model.params.values()) - experts
+    assert not hf.tie_word_embeddings
     for tokens in (1, 8):
         share = 1 - (1 - 2 / 8) ** tokens
-        assert roofline.weight_bytes(model, tokens) == int(4 * (rest + experts * share))
+        gathered = rest - hf.vocab_size * d + tokens * d  # the embedding table: a row per token
+        assert roofline.weight_bytes(model, tokens) == int(4 * (gathered + experts * share))
     assert roofline.matmul_flops_per_token(model) == 2 * (rest - hf.vocab_size * d + experts * 2 // 8)
 
 
