@@ -22,7 +22,7 @@ may overlap on CPU), the wall time without the profiler, the step's bytes (weigh
 attends to, maxlike.entrypoints.roofline) over the copy bandwidth measured at start, i.e. the
 step's floor, and what is left above that floor; then the kernels that took the most time, each
 with the JAX op it came from (its HLO instruction's `op_name`, named scopes "attention" and "mlp"
-included) as the model's compiled executables name it.
+included) where the compiled HLO keeps that metadata (XLA:CPU drops it from some fusions and dots).
 """
 
 from __future__ import annotations
@@ -76,16 +76,26 @@ def kernel_events(path: str) -> list[tuple[str, float]]:
 
 
 def kernel_origins(hlo_texts: list[str], names) -> dict[str, str]:
-    """{kernel name: the op_name of the HLO instruction of that name} over the executables' optimized
-    HLO texts (a trace writes "loop_add_fusion_19" where the text has "%loop_add_fusion.19")."""
+    """{kernel name: the op_name of the HLO instruction of that name, or else of the first op inside
+    the computation it calls (a fusion's)} over the executables' optimized HLO texts, the first text
+    that has the name winning (a trace writes "loop_add_fusion_19" where the text has
+    "%loop_add_fusion.19")."""
     wanted, found = set(names), {}
     for text in hlo_texts:
+        inside, computation = {}, None  # computation name -> the first op_name in its body
+        for line in text.splitlines():
+            start = re.match(r"\s*(?:ENTRY )?%?([\w.\-]+) .*\{$", line)
+            if start and " = " not in line:
+                computation = start.group(1)
+            op = re.search(r'op_name="([^"]*)"', line)
+            if op and computation and computation not in inside:
+                inside[computation] = op.group(1)
         for line in text.splitlines():
             head = re.match(r"\s*(?:ROOT )?%?([\w.\-]+) = ", line)
             key = head and head.group(1).replace(".", "_").replace("-", "_")
             if key in wanted and key not in found:
-                op = re.search(r'op_name="([^"]*)"', line)
-                found[key] = op.group(1) if op else ""
+                op, calls = re.search(r'op_name="([^"]*)"', line), re.search(r"calls=%?([\w.\-]+)", line)
+                found[key] = op.group(1) if op else inside.get(calls.group(1), "") if calls else ""
     return found
 
 
@@ -155,8 +165,10 @@ def main() -> None:
                "top": sorted(((name, n / steps, us / steps / 1e3) for name, (n, us) in per_name.items()),
                              key=lambda t: -t[2])[: args.top]}
         row["above_floor_ms"] = row["wall_ms_per_step"] - floor_ms
-        origins = kernel_origins([e.as_text() for e in model.session.executables()],
-                                 [name.replace(".", "_").replace("-", "_") for name, _, _ in row["top"]])
+        # (each executable numbers its instructions on its own: the decode loops, which run the steps, first)
+        loops = model.session.executables("decode_loop")
+        texts = [e.as_text() for e in loops + [e for e in model.session.executables() if e not in loops]]
+        origins = kernel_origins(texts, [name.replace(".", "_").replace("-", "_") for name, _, _ in row["top"]])
         row["top"] = [(name, n, ms, origins.get(name.replace(".", "_").replace("-", "_"), ""))
                       for name, n, ms in row["top"]]
         rows.append(row)
