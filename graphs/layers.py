@@ -320,11 +320,12 @@ def projection(mask, matmul: str | MatmulRun = "xla", backend: str = "cpu"):
 
 def embed_rows(w: dict, tokens: jax.Array, dtype) -> jax.Array:
     """The embedding rows of `tokens` [B, T] -> [B, T, D] in `dtype`: from the table "embed" [V, D],
-    or, for a tied table held quantized as "head" [D, V] (maxlike.weights.quantize.with_head), its
-    columns dequantized."""
-    if "embed" in w:
-        return w["embed"][tokens].astype(dtype)
-    values, scale = w["head"], w["head_scale"]  # [D, V], [D / group, V]
+    or from a table held quantized as [D, V] (maxlike.weights.quantize.with_head: "embed" with its
+    "embed_scale", or a tied one as "head"), its columns dequantized."""
+    name = "embed" if "embed" in w else "head"
+    if name + "_scale" not in w:
+        return w[name][tokens].astype(dtype)
+    values, scale = w[name], w[name + "_scale"]  # [D, V], [D / group, V]
     cols = dequantize_grouped(values[:, tokens], scale[:, tokens], None, values.shape[:1], dtype)  # [D, B, T]
     return jnp.moveaxis(cols, 0, -1)
 

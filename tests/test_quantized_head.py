@@ -46,9 +46,10 @@ def tiny_head_models(tmp_path_factory):
 @pytest.mark.parametrize("tie", [True, False])
 def test_the_gpu_kernel_runs_a_q8_0_head(tiny_head_models, monkeypatch, tie):
     """int8 projections with quantized_matmul="pallas" and the GPU kernel (interpreted): the
-    vocabulary table is held as its q8_0 [D, V] (the tied one replaces "embed"), the kernel runs
-    the head once per layer's five products plus one, the logits are the final hidden states times
-    the dequantized table, and greedy tokens equal the float head's."""
+    vocabulary table is held as its q8_0 [D, V] (the tied one replaces "embed"; an untied "embed"
+    is held so too), the kernel runs the head once per layer's five products plus one, the logits
+    are the final hidden states times the dequantized table, the embedding rows the dequantized
+    columns, and greedy tokens equal the float head's."""
     import graphs.pallas_gpu_matmul as gm
     from graphs.layers import embed_rows
     from maxlike.pipelines import layout
@@ -64,13 +65,17 @@ def test_the_gpu_kernel_runs_a_q8_0_head(tiny_head_models, monkeypatch, tie):
     np.testing.assert_array_equal(np.asarray(model.params["head"]), values)
     np.testing.assert_array_equal(np.asarray(model.params["head_scale"]), scale)
     assert ("embed" in model.params) == (not tie) and "lm_head" not in model.params
-    assert model.encoding == "int8 (down, gate, k, o, q, up, v), q8_0 (head)"
+    rows_of = (values, scale)  # the tied table's rows: the head's columns
+    if not tie:  # the untied embedding table: q8_0 [D, V] as well, its rows gathered from it
+        rows_of = q8_0(hf.model.embed_tokens.weight.detach().numpy())
+        np.testing.assert_array_equal(np.asarray(model.params["embed"]), rows_of[0])
+        np.testing.assert_array_equal(np.asarray(model.params["embed_scale"]), rows_of[1])
+    assert model.encoding == "int8 (down, gate, k, o, q, up, v), q8_0 (" + ("head)" if tie else "embed, head)")
     logits, hidden = _run(model, prompts)
     assert len(calls) == 5 * model.config.num_layers + 1 and calls[-1] == (64, 320)
     np.testing.assert_allclose(logits, hidden @ dequantized(values, scale), atol=1e-5 * np.abs(logits).max())
-    if tie:  # the embedding rows: the dequantized table's columns
-        rows = np.asarray(embed_rows(model.params, np.asarray(prompts[0])[None], np.float32))[0]
-        np.testing.assert_allclose(rows, dequantized(values, scale)[:, prompts[0]].T, atol=1e-7)
+    rows = np.asarray(embed_rows(model.params, np.asarray(prompts[0])[None], np.float32))[0]
+    np.testing.assert_allclose(rows, dequantized(*rows_of)[:, prompts[0]].T, atol=1e-7)
     float_head, _ = _run(build_model(path, quantized_matmul="xla", **kw), prompts)
     assert (logits.argmax(-1) == float_head.argmax(-1)).all()
     assert np.abs(logits - float_head).max() < 0.02 * np.abs(float_head).max()  # q8_0's rounding, no more
@@ -132,7 +137,7 @@ def test_the_head_stays_float_where_no_kernel_runs_it(tiny_head_models):
 def test_weights_are_sized_with_the_quantized_head(tiny_head_models, monkeypatch):
     """estimate_weights_size and the roofline's bytes a step reads follow the head: the bytes the
     model holds, and a tied table of V x D float32 replaced by V x D int8 and V x D / 32 float16
-    scales."""
+    scales; an untied q8_0 embedding table is held whole and read a row per token."""
     from maxlike.entrypoints import roofline
     from maxlike.pipelines import PipelineConfig, layout
     from maxlike.pipelines.decoder import DecoderPipelineModel
@@ -148,6 +153,11 @@ def test_weights_are_sized_with_the_quantized_head(tiny_head_models, monkeypatch
         assert roofline.weight_bytes(model, 2) == sizes[matmul]  # the tied table (float or q8_0) is read whole
     v, d = 320, 64
     assert sizes["xla"] - sizes["pallas"] == 4 * v * d - (v * d + 2 * v * d // 32)
+    untied = build_model(tiny_head_models[False][0], quantization_encoding="int8", quantized_matmul="pallas")
+    held = sum(a.nbytes for a in untied.params.values())
+    assert DecoderPipelineModel.estimate_weights_size(untied.pipeline_config) == held
+    # an untied q8_0 embedding table is read a row per token: D int8 values and D / 32 float16 scales each
+    assert roofline.weight_bytes(untied, 2) == held - (v * d + 2 * v * d // 32) + 2 * (d + 2 * d // 32)
 
 
 def test_a_gguf_q8_0_table_is_kept_exactly(tmp_path, monkeypatch):

@@ -73,8 +73,9 @@ def weight_bytes(model, batch: int = 1) -> int:
     tied = getattr(model.config, "tie_word_embeddings", False)
     for name, arr in model.params.items():
         shard = arr.sharding.shard_shape(arr.shape) if hasattr(arr, "sharding") else arr.shape
-        if name == "embed" and not tied:  # a gather of the tokens' rows
-            shard = (min(batch, shard[0]), *shard[1:])
+        if name in ("embed", "embed_scale") and not tied:  # a gather of the tokens' rows: of the float
+            axis = arr.shape.index(model.config.vocab_size)  # [V, D], or the q8_0 [D, V] (quantized head)
+            shard = (*shard[:axis], min(batch, shard[axis]), *shard[axis + 1:])
         total += int(np.prod(shard)) * arr.dtype.itemsize * (share if ".experts_" in name else 1)
     return int(total)
 

@@ -31,9 +31,9 @@ projection kind has its encoding ({kind: Encoding}): one for all, or, for a GGUF
 (`maxlike.weights.loader.resolve_encodings`). Norms stay in the model's dtype, and so do the
 embeddings and the LM head, except where a Pallas matmul runs the head (`with_head`): then the
 vocabulary table it multiplies by is held as "head" [D, V] in q8_0 (a scale per 32 inputs: one
-scale per vocabulary row moved SmolLM2's logits by up to 0.47), and a tied table's embedding rows
-are read from it. Works on per-layer names ("layers.{i}.{kind}"); stacking for the layer loop comes
-after, scales included.
+scale per vocabulary row moved SmolLM2's logits by up to 0.47), a tied table's embedding rows
+are read from it, and an untied embedding table is held in q8_0 [D, V] too. Works on per-layer
+names ("layers.{i}.{kind}"); stacking for the layer loop comes after, scales included.
 """
 
 from __future__ import annotations
@@ -123,18 +123,29 @@ HEAD, HEAD_ENCODING = "head", "q8_0"
 def with_head(specs: dict[str, WeightSpec], encs: dict[str, Encoding], kinds: dict[str, int], table: str):
     """(specs, encs, kinds) of a model whose LM head runs quantized: the vocabulary table `table`
     ("lm_head", or the tied "embed") [V, D] replaced by HEAD [D, V] in HEAD_ENCODING, with its
-    scale (`head_from_table` converts the weights)."""
+    scale; an untied "embed" held the same way under its own name (its rows are gathered, not
+    multiplied: graphs.layers.embed_rows). `head_from_table` converts the weights."""
     vocab, d = specs[table].shape
     enc = ENCODINGS[HEAD_ENCODING]
-    specs = {**{n: s for n, s in specs.items() if n != table}, HEAD: WeightSpec((d, vocab), ("embed", "vocab"))}
-    return quantized_specs(specs, {HEAD: 1}, {HEAD: enc}), {**encs, HEAD: enc}, {**kinds, HEAD: 1}
+    tables = _tables(specs, table)
+    specs = {**{n: s for n, s in specs.items() if n != table},
+             **{name: WeightSpec((d, vocab), ("embed", "vocab")) for name in tables.values()}}
+    held = {name: enc for name in tables.values()}
+    return quantized_specs(specs, {name: 1 for name in held}, held), {**encs, **held}, {**kinds, HEAD: 1}
+
+
+def _tables(specs_or_host: dict, table: str) -> dict[str, str]:
+    """{the float table's name: the quantized one's}: `table` -> HEAD, and an untied "embed" -> itself."""
+    return {table: HEAD, **({"embed": "embed"} if table != "embed" and "embed" in specs_or_host else {})}
 
 
 def head_from_table(host: dict[str, np.ndarray], table: str, encs: dict[str, Encoding]) -> dict[str, np.ndarray]:
     """Host weights with the float table `table` [V, D] replaced by HEAD [D, V] quantized (and its
-    scale); `with_head` describes them."""
-    out = {n: a for n, a in host.items() if n != table}
-    return quantize_host({**out, HEAD: np.asarray(host[table], np.float32).T}, {HEAD: 1}, encs)
+    scale), and an untied "embed" quantized the same way; `with_head` describes them."""
+    tables = _tables(host, table)
+    out = {n: a for n, a in host.items() if n not in tables}
+    out.update({held: np.asarray(host[name], np.float32).T for name, held in tables.items()})
+    return quantize_host(out, {held: 1 for held in tables.values()}, encs)
 
 
 def describe(encs: dict[str, Encoding]) -> str | None:
