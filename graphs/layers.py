@@ -319,15 +319,17 @@ def projection(mask, matmul: str | MatmulRun = "xla", backend: str = "cpu"):
 
 
 def embed_rows(w: dict, tokens: jax.Array, dtype) -> jax.Array:
-    """The embedding rows of `tokens` [B, T] -> [B, T, D] in `dtype`: from the table "embed" [V, D],
-    or from a table held quantized as [D, V] (maxlike.weights.quantize.with_head: "embed" with its
-    "embed_scale", or a tied one as "head"), its columns dequantized."""
-    name = "embed" if "embed" in w else "head"
-    if name + "_scale" not in w:
-        return w[name][tokens].astype(dtype)
-    values, scale = w[name], w[name + "_scale"]  # [D, V], [D / group, V]
-    cols = dequantize_grouped(values[:, tokens], scale[:, tokens], None, values.shape[:1], dtype)  # [D, B, T]
-    return jnp.moveaxis(cols, 0, -1)
+    """The embedding rows of `tokens` [B, T] -> [B, T, D] in `dtype`, from the table "embed" [V, D]:
+    float, or in q8_0 with its "embed_scale" [V, D / group] (maxlike.weights.quantize.with_head),
+    the gathered rows dequantized."""
+    rows = w["embed"][tokens]
+    if "embed_scale" not in w:
+        return rows.astype(dtype)
+    scale = w["embed_scale"][tokens]  # [B, T, D / group]
+    if scale.dtype == jnp.uint16:  # float16 held as bit patterns
+        scale = jax.lax.bitcast_convert_type(scale, jnp.float16)
+    grouped = rows.reshape(*rows.shape[:-1], scale.shape[-1], -1).astype(dtype) * scale.astype(dtype)[..., None]
+    return grouped.reshape(rows.shape)
 
 
 def head_logits(w: dict, hidden: jax.Array, tied: bool, matmul: str | MatmulRun = "xla",

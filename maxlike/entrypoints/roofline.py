@@ -66,16 +66,15 @@ def measure_peaks(device, dtype, *, copy_mib: int | None = None, matmul_n: int |
 def weight_bytes(model, batch: int = 1) -> int:
     """Bytes of weights one device must read per decode step of `batch` rows: each array's
     per-device shard; of a mixture-of-experts layer's experts, only those the tokens are routed to
-    (`expert_share`); of an embedding table that is not also the LM head (untied), only the rows of
-    the step's tokens, at most `batch` of them on a device."""
+    (`expert_share`); of an embedding table that is not also the LM head (untied, or held apart
+    from a quantized head), only the rows of the step's tokens, at most `batch` of them on a device."""
     total = 0
     share = expert_share(model, batch)
     tied = getattr(model.config, "tie_word_embeddings", False)
     for name, arr in model.params.items():
         shard = arr.sharding.shard_shape(arr.shape) if hasattr(arr, "sharding") else arr.shape
-        if name in ("embed", "embed_scale") and not tied:  # a gather of the tokens' rows: of the float
-            axis = arr.shape.index(model.config.vocab_size)  # [V, D], or the q8_0 [D, V] (quantized head)
-            shard = (*shard[:axis], min(batch, shard[axis]), *shard[axis + 1:])
+        if name in ("embed", "embed_scale") and (not tied or "head" in model.params):  # a gather of the
+            shard = (min(batch, shard[0]), *shard[1:])  # tokens' rows (a tied table is the head, unless held apart)
         total += int(np.prod(shard)) * arr.dtype.itemsize * (share if ".experts_" in name else 1)
     return int(total)
 

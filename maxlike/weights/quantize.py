@@ -31,9 +31,9 @@ projection kind has its encoding ({kind: Encoding}): one for all, or, for a GGUF
 (`maxlike.weights.loader.resolve_encodings`). Norms stay in the model's dtype, and so do the
 embeddings and the LM head, except where a Pallas matmul runs the head (`with_head`): then the
 vocabulary table it multiplies by is held as "head" [D, V] in q8_0 (a scale per 32 inputs: one
-scale per vocabulary row moved SmolLM2's logits by up to 0.47), a tied table's embedding rows
-are read from it, and an untied embedding table is held in q8_0 [D, V] too. Works on per-layer
-names ("layers.{i}.{kind}"); stacking for the layer loop comes after, scales included.
+scale per vocabulary row moved SmolLM2's logits by up to 0.47), and the embedding table, tied
+or not, in q8_0 as [V, D], its rows gathered. Works on per-layer names ("layers.{i}.{kind}");
+stacking for the layer loop comes after, scales included.
 """
 
 from __future__ import annotations
@@ -122,30 +122,30 @@ HEAD, HEAD_ENCODING = "head", "q8_0"
 
 def with_head(specs: dict[str, WeightSpec], encs: dict[str, Encoding], kinds: dict[str, int], table: str):
     """(specs, encs, kinds) of a model whose LM head runs quantized: the vocabulary table `table`
-    ("lm_head", or the tied "embed") [V, D] replaced by HEAD [D, V] in HEAD_ENCODING, with its
-    scale; an untied "embed" held the same way under its own name (its rows are gathered, not
-    multiplied: graphs.layers.embed_rows). `head_from_table` converts the weights."""
+    ("lm_head", or the tied "embed") [V, D] held as HEAD [D, V] in HEAD_ENCODING (scale [D / 32, V]),
+    the layout the matmul kernels read; and the embedding table, tied or not, as "embed" [V, D] in
+    the same encoding with its scale [V, D / 32] (the same numbers transposed when tied), whose rows
+    the step gathers (graphs.layers.embed_rows; XLA:TPU copies a whole [D, V] table to gather its
+    columns). `head_from_table` converts the weights."""
     vocab, d = specs[table].shape
     enc = ENCODINGS[HEAD_ENCODING]
-    tables = _tables(specs, table)
-    specs = {**{n: s for n, s in specs.items() if n != table},
-             **{name: WeightSpec((d, vocab), ("embed", "vocab")) for name in tables.values()}}
-    held = {name: enc for name in tables.values()}
-    return quantized_specs(specs, {name: 1 for name in held}, held), {**encs, **held}, {**kinds, HEAD: 1}
-
-
-def _tables(specs_or_host: dict, table: str) -> dict[str, str]:
-    """{the float table's name: the quantized one's}: `table` -> HEAD, and an untied "embed" -> itself."""
-    return {table: HEAD, **({"embed": "embed"} if table != "embed" and "embed" in specs_or_host else {})}
+    out = {n: s for n, s in specs.items() if n != table}
+    out.update({HEAD: WeightSpec((d, vocab), ("embed", "vocab")),
+                HEAD + SCALE: WeightSpec((d // enc.group, vocab), ("embed", "vocab")),
+                "embed": WeightSpec((vocab, d), ("vocab", "embed")),
+                "embed" + SCALE: WeightSpec((vocab, d // enc.group), ("vocab", "embed"))})
+    return out, {**encs, HEAD: enc, "embed": enc}, {**kinds, HEAD: 1}
 
 
 def head_from_table(host: dict[str, np.ndarray], table: str, encs: dict[str, Encoding]) -> dict[str, np.ndarray]:
-    """Host weights with the float table `table` [V, D] replaced by HEAD [D, V] quantized (and its
-    scale), and an untied "embed" quantized the same way; `with_head` describes them."""
-    tables = _tables(host, table)
-    out = {n: a for n, a in host.items() if n not in tables}
-    out.update({held: np.asarray(host[name], np.float32).T for name, held in tables.items()})
-    return quantize_host(out, {held: 1 for held in tables.values()}, encs)
+    """Host weights with the float tables as `with_head` describes them: HEAD [D, V] and its scale
+    from `table` [V, D], "embed" [V, D] and its scale [V, D / 32] from the embedding table."""
+    head = quantize(np.asarray(host[table], np.float32).T, 1, encs[HEAD])
+    rows = head if table == "embed" else quantize(np.asarray(host["embed"], np.float32).T, 1, encs["embed"])
+    out = {n: a for n, a in host.items() if n not in (table, "embed")}
+    out.update({HEAD: head[""], HEAD + SCALE: head[SCALE],
+                "embed": np.ascontiguousarray(rows[""].T), "embed" + SCALE: np.ascontiguousarray(rows[SCALE].T)})
+    return out
 
 
 def describe(encs: dict[str, Encoding]) -> str | None:
