@@ -318,25 +318,11 @@ def projection(mask, matmul: str | MatmulRun = "xla", backend: str = "cpu"):
     return proj
 
 
-def embed_rows(w: dict, tokens: jax.Array, dtype) -> jax.Array:
-    """The embedding rows of `tokens` [B, T] -> [B, T, D] in `dtype`, from the table "embed" [V, D]:
-    float, or in q8_0 with its "embed_scale" [V, D / group] (maxlike.weights.quantize.with_head),
-    the gathered rows dequantized."""
-    rows = w["embed"][tokens]
-    if "embed_scale" not in w:
-        return rows.astype(dtype)
-    scale = w["embed_scale"][tokens]  # [B, T, D / group]
-    if scale.dtype == jnp.uint16:  # float16 held as bit patterns
-        scale = jax.lax.bitcast_convert_type(scale, jnp.float16)
-    grouped = rows.reshape(*rows.shape[:-1], scale.shape[-1], -1).astype(dtype) * scale.astype(dtype)[..., None]
-    return grouped.reshape(rows.shape)
-
-
 def head_logits(w: dict, hidden: jax.Array, tied: bool, matmul: str | MatmulRun = "xla",
                 backend: str = "cpu") -> jax.Array:
     """hidden [..., D] -> logits [..., V]: times the table ("embed" when `tied`, else "lm_head",
-    [V, D]), or the quantized "head" [D, V] through `projection` (the Pallas matmul `matmul` names,
-    where it takes the head)."""
+    [V, D]), or the quantized "head" [D, V] (maxlike.weights.quantize.with_head) through
+    `projection` (the Pallas matmul `matmul` names, where it takes the head)."""
     if "head" in w:
         return projection(None, matmul, backend)("...d,dv->...v", hidden, w, "head")
     return jnp.einsum("...d,vd->...v", hidden, w["embed"] if tied else w["lm_head"])

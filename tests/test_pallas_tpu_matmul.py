@@ -237,7 +237,7 @@ def test_the_kernel_runs_per_device_under_a_mesh(eight_head_models, wide_head_ll
     over their inputs (partial products summed; q6_k's laid out per device's half, q8_0's o
     [heads, head dim] taken as one axis), gate and up over their outputs, rows over the replicas;
     in q6_k and q8_0, on heads of 128, q, k and v too, split over their heads; the q8_0 LM head
-    over its vocabulary (tied in q4_k's model: its embedding rows gathered from the split head).
+    over its vocabulary (tied in q4_k's model, whose float table stays for the embeddings).
     A prefill's logits equal one device's through the kernel (itself equal
     to XLA's products: test_a_model_computes_the_same_through_the_kernel, and the head's to its
     table: test_quantized_head.py); nothing gathered."""

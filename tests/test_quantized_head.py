@@ -1,6 +1,6 @@
 """The LM head kept quantized (q8_0, [D, V]) where a Pallas matmul runs it: the table's q8_0 written
-out here (llama.cpp's Q8_0 rule), the logits as the final hidden states times that table, a tied
-table's embedding rows read from it, and the places it stays float."""
+out here (llama.cpp's Q8_0 rule), the logits as the final hidden states times that table, and the
+places it stays float."""
 
 from __future__ import annotations
 
@@ -46,12 +46,10 @@ def tiny_head_models(tmp_path_factory):
 @pytest.mark.parametrize("tie", [True, False])
 def test_the_gpu_kernel_runs_a_q8_0_head(tiny_head_models, monkeypatch, tie):
     """int8 projections with quantized_matmul="pallas" and the GPU kernel (interpreted): the
-    vocabulary table is held as its q8_0 [D, V] and the embedding table (the same one when tied)
-    as q8_0 [V, D], the kernel runs the head once per layer's five products plus one, the logits
-    are the final hidden states times the dequantized table, the embedding rows the dequantized
-    rows, and greedy tokens equal the float head's."""
+    head is held as the table's q8_0 [D, V] (the untied lm_head replaced; the embedding table
+    stays float), the kernel runs the head once per layer's five products plus one, the logits are
+    the final hidden states times the dequantized table, and greedy tokens equal the float head's."""
     import graphs.pallas_gpu_matmul as gm
-    from graphs.layers import embed_rows
     from maxlike.pipelines import layout
 
     monkeypatch.setitem(layout.PALLAS_MATMUL, "cpu", "gpu")
@@ -64,17 +62,13 @@ def test_the_gpu_kernel_runs_a_q8_0_head(tiny_head_models, monkeypatch, tie):
     model = build_model(path, quantized_matmul="pallas", **kw)
     np.testing.assert_array_equal(np.asarray(model.params["head"]), values)
     np.testing.assert_array_equal(np.asarray(model.params["head_scale"]), scale)
-    assert "lm_head" not in model.params
-    rows_of = (values, scale) if tie else q8_0(hf.model.embed_tokens.weight.detach().numpy())
-    # the embedding table, tied or not: q8_0 [V, D] with a scale per 32 of a row (the transposes of its head form)
-    np.testing.assert_array_equal(np.asarray(model.params["embed"]), rows_of[0].T)
-    np.testing.assert_array_equal(np.asarray(model.params["embed_scale"]), rows_of[1].T)
-    assert model.encoding == "int8 (down, gate, k, o, q, up, v), q8_0 (embed, head)"
+    assert "lm_head" not in model.params and "embed_scale" not in model.params
+    # the embedding table stays float, tied or not (a tied one is then held in both forms)
+    np.testing.assert_array_equal(np.asarray(model.params["embed"]), hf.model.embed_tokens.weight.detach().numpy())
+    assert model.encoding == "int8 (down, gate, k, o, q, up, v), q8_0 (head)"
     logits, hidden = _run(model, prompts)
     assert len(calls) == 5 * model.config.num_layers + 1 and calls[-1] == (64, 320)
     np.testing.assert_allclose(logits, hidden @ dequantized(values, scale), atol=1e-5 * np.abs(logits).max())
-    rows = np.asarray(embed_rows(model.params, np.asarray(prompts[0])[None], np.float32))[0]
-    np.testing.assert_allclose(rows, dequantized(*rows_of)[:, prompts[0]].T, atol=1e-7)
     float_head, _ = _run(build_model(path, quantized_matmul="xla", **kw), prompts)
     assert (logits.argmax(-1) == float_head.argmax(-1)).all()
     assert np.abs(logits - float_head).max() < 0.02 * np.abs(float_head).max()  # q8_0's rounding, no more
@@ -134,9 +128,9 @@ def test_the_head_stays_float_where_no_kernel_runs_it(tiny_head_models):
 
 
 def test_weights_are_sized_with_the_quantized_head(tiny_head_models, monkeypatch):
-    """estimate_weights_size and the roofline's bytes a step reads follow the tables: the bytes the
-    model holds; a tied table of V x D float32 replaced by two of V x D int8 and V x D / 32 float16
-    scales (the head, and the rows); the head read whole, the embedding table a row per token."""
+    """estimate_weights_size and the roofline's bytes a step reads follow the head: the bytes the
+    model holds (a tied float32 table stays, and the head adds V x D int8 and V x D / 32 float16
+    scales); the head read whole, the embedding table a row per token."""
     from maxlike.entrypoints import roofline
     from maxlike.pipelines import PipelineConfig, layout
     from maxlike.pipelines.decoder import DecoderPipelineModel
@@ -150,20 +144,19 @@ def test_weights_are_sized_with_the_quantized_head(tiny_head_models, monkeypatch
         model = build_model(path, quantization_encoding="int8", quantized_matmul=matmul)
         assert sizes[matmul] == sum(a.nbytes for a in model.params.values())
     v, d = 320, 64
-    q8_0_table, q8_0_row = v * d + 2 * v * d // 32, d + 2 * d // 32  # int8 values, a float16 scale per 32
-    assert sizes["xla"] - sizes["pallas"] == 4 * v * d - 2 * q8_0_table  # the head, and the rows apart
+    q8_0_table = v * d + 2 * v * d // 32  # int8 values, a float16 scale per 32
+    assert sizes["pallas"] - sizes["xla"] == q8_0_table  # tied: the float table stays, for the embeddings
     for tie in (True, False):
         model = build_model(tiny_head_models[tie][0], quantization_encoding="int8", quantized_matmul="pallas")
         held = sum(a.nbytes for a in model.params.values())
         assert DecoderPipelineModel.estimate_weights_size(model.pipeline_config) == held
-        # the head is read whole, the embedding table a row per token
-        assert roofline.weight_bytes(model, 2) == held - q8_0_table + 2 * q8_0_row
+        # the q8_0 head is read whole, the float embedding table a row per token
+        assert roofline.weight_bytes(model, 2) == held - 4 * v * d + 2 * 4 * d
 
 
 def test_a_gguf_q8_0_table_is_kept_exactly(tmp_path, monkeypatch):
     """A Q8_0 GGUF whose tied token_embd is Q8_0: the quantized head holds the file's own blocks
-    (read as floats, quantized again to the same values and scales), transposed to [D, V], and the
-    embedding rows the blocks as the file lays them out."""
+    (read as floats, quantized again to the same values and scales), transposed to [D, V]."""
     import gguf
 
     from gguf_util import write_llama_gguf
@@ -181,16 +174,14 @@ def test_a_gguf_q8_0_table_is_kept_exactly(tmp_path, monkeypatch):
     file_values = blocks[:, 2:].copy().view(np.int8).reshape(320, 64).T  # [D, V]
     model = build_model(path, quantization_encoding="q8_0", quantized_matmul="pallas")
     np.testing.assert_array_equal(np.asarray(model.params["head"]), file_values)
-    np.testing.assert_array_equal(np.asarray(model.params["embed"]), file_values.T)  # the rows, apart
     zero = file_scale == 0  # the padding token's row: a scale of 1 over zeros here, 0 in the file
     assert zero.sum() == 2 and (file_values.reshape(2, 32, 320)[zero.nonzero()[0], :, zero.nonzero()[1]] == 0).all()
     np.testing.assert_array_equal(np.where(zero, 0, np.asarray(model.params["head_scale"])), file_scale)
 
 
-def test_gemma2_reads_its_embeddings_and_soft_capped_logits_from_the_q8_0_head(arch_models, monkeypatch):
-    """Gemma 2 (tied table, embeddings scaled by sqrt(hidden), final soft-cap 3.0) with the q8_0
-    head: the logits are 3 tanh(hidden @ dequantized table / 3), and greedy tokens equal the
-    float head's."""
+def test_gemma2_soft_caps_the_q8_0_heads_logits(arch_models, monkeypatch):
+    """Gemma 2 (tied table, final soft-cap 3.0) with the q8_0 head: the logits are
+    3 tanh(hidden @ dequantized table / 3), and greedy tokens equal the float head's."""
     from maxlike.pipelines import layout
 
     monkeypatch.setitem(layout.PALLAS_MATMUL, "cpu", "gpu")
@@ -199,7 +190,7 @@ def test_gemma2_reads_its_embeddings_and_soft_capped_logits_from_the_q8_0_head(a
     prompts = [random_prompt(n, seed=n) for n in (9, 4)]
     kw = dict(quantization_encoding="int8", return_hidden_states="last", fuse_projections=False, scan_layers=False)
     model = build_model(path, quantized_matmul="pallas", **kw)
-    assert str(model.params["embed"].dtype) == "int8"
+    assert "head" in model.params and str(model.params["embed"].dtype) == "float32"
     logits, hidden = _run(model, prompts)
     np.testing.assert_allclose(logits, 3.0 * np.tanh(hidden @ dequantized(values, scale) / 3.0), atol=1e-5)
     float_head, _ = _run(build_model(path, quantized_matmul="xla", **kw), prompts)

@@ -31,9 +31,9 @@ projection kind has its encoding ({kind: Encoding}): one for all, or, for a GGUF
 (`maxlike.weights.loader.resolve_encodings`). Norms stay in the model's dtype, and so do the
 embeddings and the LM head, except where a Pallas matmul runs the head (`with_head`): then the
 vocabulary table it multiplies by is held as "head" [D, V] in q8_0 (a scale per 32 inputs: one
-scale per vocabulary row moved SmolLM2's logits by up to 0.47), and the embedding table, tied
-or not, in q8_0 as [V, D], its rows gathered. Works on per-layer names ("layers.{i}.{kind}");
-stacking for the layer loop comes after, scales included.
+scale per vocabulary row moved SmolLM2's logits by up to 0.47); the embedding table stays float
+(a tied one is held in both forms). Works on per-layer names ("layers.{i}.{kind}"); stacking for
+the layer loop comes after, scales included.
 """
 
 from __future__ import annotations
@@ -121,31 +121,22 @@ HEAD, HEAD_ENCODING = "head", "q8_0"
 
 
 def with_head(specs: dict[str, WeightSpec], encs: dict[str, Encoding], kinds: dict[str, int], table: str):
-    """(specs, encs, kinds) of a model whose LM head runs quantized: the vocabulary table `table`
-    ("lm_head", or the tied "embed") [V, D] held as HEAD [D, V] in HEAD_ENCODING (scale [D / 32, V]),
-    the layout the matmul kernels read; and the embedding table, tied or not, as "embed" [V, D] in
-    the same encoding with its scale [V, D / 32] (the same numbers transposed when tied), whose rows
-    the step gathers (graphs.layers.embed_rows; XLA:TPU copies a whole [D, V] table to gather its
-    columns). `head_from_table` converts the weights."""
+    """(specs, encs, kinds) of a model whose LM head runs quantized: HEAD [D, V] in HEAD_ENCODING
+    (scale [D / 32, V]), the layout the matmul kernels read, from the vocabulary table `table`
+    ("lm_head", which it replaces, or the tied "embed"). The embedding table stays float, for the
+    rows a step gathers: a tied one is then held twice. `head_from_table` converts the weights."""
     vocab, d = specs[table].shape
     enc = ENCODINGS[HEAD_ENCODING]
-    out = {n: s for n, s in specs.items() if n != table}
+    out = {n: s for n, s in specs.items() if n != "lm_head"}
     out.update({HEAD: WeightSpec((d, vocab), ("embed", "vocab")),
-                HEAD + SCALE: WeightSpec((d // enc.group, vocab), ("embed", "vocab")),
-                "embed": WeightSpec((vocab, d), ("vocab", "embed")),
-                "embed" + SCALE: WeightSpec((vocab, d // enc.group), ("vocab", "embed"))})
-    return out, {**encs, HEAD: enc, "embed": enc}, {**kinds, HEAD: 1}
+                HEAD + SCALE: WeightSpec((d // enc.group, vocab), ("embed", "vocab"))})
+    return out, {**encs, HEAD: enc}, {**kinds, HEAD: 1}
 
 
 def head_from_table(host: dict[str, np.ndarray], table: str, encs: dict[str, Encoding]) -> dict[str, np.ndarray]:
-    """Host weights with the float tables as `with_head` describes them: HEAD [D, V] and its scale
-    from `table` [V, D], "embed" [V, D] and its scale [V, D / 32] from the embedding table."""
+    """Host weights as `with_head` describes them: HEAD [D, V] and its scale from `table` [V, D]."""
     head = quantize(np.asarray(host[table], np.float32).T, 1, encs[HEAD])
-    rows = head if table == "embed" else quantize(np.asarray(host["embed"], np.float32).T, 1, encs["embed"])
-    out = {n: a for n, a in host.items() if n not in (table, "embed")}
-    out.update({HEAD: head[""], HEAD + SCALE: head[SCALE],
-                "embed": np.ascontiguousarray(rows[""].T), "embed" + SCALE: np.ascontiguousarray(rows[SCALE].T)})
-    return out
+    return {**{n: a for n, a in host.items() if n != "lm_head"}, HEAD: head[""], HEAD + SCALE: head[SCALE]}
 
 
 def describe(encs: dict[str, Encoding]) -> str | None:
