@@ -16,6 +16,9 @@
 #          with quantized_matmul=pallas (which also holds the LM head in q8_0: 1,254 against 1,500 MB a step), the
 #          same with a float head, XLA's int8 and q4_k with the kernel, in one run (about 60 s a setup), then the
 #          kernel's tilings at batch 1 (--sweep), issue 16.
+# big:     the Llama-3.1-8B shape (random bf16, built on the GPU and saved to /tmp/llama8b: 16 GB) at batch 1 and 8:
+#          bf16 and int8 with quantized_matmul=pallas (q8_0 head), with HF's dynamic and compiled static cache at
+#          batch 1 in the same run, issue 16. $BIG_LIMIT s at most (default 420); rows are written as they come.
 # flags:   bf16 decode at batch 1 and 8 under XLA:GPU command-buffer settings (XLA_FLAGS), issue 16.
 # moe:     one MoE layer per expert kernel (grouped = ragged_dot, dense, gather, loop) in bf16 at Mixtral's width
 #          (8 experts, hidden 4096, 14336 wide) for 1..256 tokens, then a random 8-layer MoE's decode per
@@ -28,7 +31,7 @@
 # 15-20 s, 20 s and 40-47 s to compile and time); profile about 60 s per setup. So one lease holds about:
 #     OUT=$OUT PARTS="qmatmul" bash benchmarks/gpu_checks.sh                  (the open question of issue 16)
 # then, warm, a second call with what is left (e.g. PARTS=profile, or quant with QUANT_LIMIT set). The 8B shape
-# (bench_gpu_decode.py --shape llama-8b --model-path /tmp/llama8b) is not in a part yet: 16 GB to build and save.
+# shape is PARTS=big, best alone in a second call (its build and save are not timed yet).
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpu_checks}
@@ -59,6 +62,11 @@ if [[ " $PARTS " == *" qmatmul "* ]]; then
       --hf-batch-sizes --json "$OUT/qmatmul_decode.json" 2>&1 | grep -v "it/s]" | tee "$OUT/qmatmul_decode.log"
   timeout 100 $PY benchmarks/probe_gpu_quant_matmul.py --sweep --rows 1 --json "$OUT/qmatmul_sweep.json" 2>&1 \
       | tee "$OUT/qmatmul_sweep.log"
+fi
+if [[ " $PARTS " == *" big "* ]]; then
+  timeout "${BIG_LIMIT:-420}" $PY benchmarks/bench_gpu_decode.py --shape llama-8b --model-path /tmp/llama8b \
+      --batch-sizes 1 8 --variants 10:sync --offline-requests 0 --setups bf16 int8+qpallas --hf-batch-sizes 1 \
+      --hf-static-batch-sizes 1 --json "$OUT/big.json" 2>&1 | grep -v "it/s]" | tee "$OUT/big.log"
 fi
 if [[ " $PARTS " == *" flags "* ]]; then
   # XLA:GPU command buffers (CUDA graphs): the default set, none, and with the decode loop's while/conditional
