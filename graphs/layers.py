@@ -305,10 +305,8 @@ def projection(mask, matmul: str | MatmulRun = "xla", backend: str = "cpu"):
             y = _grouped_kernel(x, w, scale, offset, n_in, backend, run, name)
         if y is None:
             w, scale, offset = (a.get() if isinstance(a, LayerOf) else a for a in (w, scale, offset))
-            if scale is None:
-                y = jnp.einsum(eq, x, w)
-            elif scale.ndim == w.ndim - n_in:  # per output channel
-                y = jnp.einsum(eq, x, w.astype(x.dtype)) * scale.astype(x.dtype)
+            if scale is None or scale.ndim == w.ndim - n_in:  # float, or a scale per output channel
+                y = _product(eq, x, w, scale, n_in, backend)
             else:
                 y = jnp.einsum(eq, x, dequantize_grouped(w, scale, offset, x.shape[x.ndim - n_in:], x.dtype))
         if mask is not None and name + "_lora_a" in lw:
@@ -316,6 +314,24 @@ def projection(mask, matmul: str | MatmulRun = "xla", backend: str = "cpu"):
         return y
 
     return proj
+
+
+def _product(eq: str, x, w, scale, n_in: int, backend: str):
+    """einsum(eq, x, w), times `scale` (per output channel) when given. On TPU a weight with several
+    output axes (q [D, heads, head dim]) is multiplied as one [*in, out] matrix, its product kept
+    whole behind an optimization barrier before it is split: otherwise XLA:TPU lays the weight out
+    head by head for a decode loop's product of 2 rows or more, a copy of the whole stack made
+    before the loop (780 MiB for a Llama-3.1-8B in int8; benchmarks/probe_tpu_weight_layout.py)."""
+    out_shape = w.shape[n_in:]
+    flat = backend == "tpu" and len(out_shape) > 1
+    if flat:
+        lead = x.shape[: x.ndim - n_in]
+        eq, x, w = "...i,io->...o", x.reshape(*lead, -1), w.reshape(-1, math.prod(out_shape))
+        scale = None if scale is None else scale.reshape(-1)
+    y = jnp.einsum(eq, x, w) if scale is None else jnp.einsum(eq, x, w.astype(x.dtype)) * scale.astype(x.dtype)
+    if not flat:
+        return y
+    return jax.lax.optimization_barrier(y).reshape(*lead, *out_shape)
 
 
 def head_logits(w: dict, hidden: jax.Array, tied: bool, matmul: str | MatmulRun = "xla",

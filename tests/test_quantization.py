@@ -373,3 +373,39 @@ def test_quantized_smollm2_keeps_the_tokens_and_the_perplexity(smollm2_path, hf_
     print(f"perplexity float {np.exp(nll[None]):.4f}; ratio to it: " + ", ".join(
         f"{encoding} {np.exp(nll[encoding]):.4f} ({ratio:.4f})" for encoding, ratio in ratios.items()))
     assert all(abs(ratios[e] - 1) < bound for e, bound in PERPLEXITY_BOUND.items()), ratios
+
+
+@pytest.mark.parametrize("backend", ["cpu", "tpu"])
+def test_products_per_output_channel_equal_the_formula(backend):
+    """graphs.layers.projection's float and per-output-channel products, x @ (values x scale),
+    against numpy in float64 for every projection shape of the graphs (q [D, heads, head dim], the
+    fused qkv and gate_up, o over two input axes). On "tpu" a weight of several output axes is
+    multiplied as one [D, out] matrix behind an optimization barrier (XLA:TPU otherwise copies the
+    stack before a decode loop: test_tpu_target); the values must be the same."""
+    import jax
+    import jax.numpy as jnp
+
+    from graphs.layers import projection
+
+    rng = np.random.default_rng(0)
+    cases = [("btd,dhk->bthk", (2, 3, 16), (16, 4, 8), (4, 8), 1),
+             ("btd,dkgh->btkgh", (2, 3, 16), (16, 2, 3, 8), None, 1),
+             ("btd,dcf->btcf", (2, 1, 16), (16, 2, 24), (2, 24), 1),
+             ("bthk,hkd->btd", (2, 3, 4, 8), (4, 8, 16), (16,), 2),
+             ("btf,fd->btd", (2, 3, 24), (24, 16), None, 1)]
+    proj = projection(None, "xla", backend)
+    for eq, x_shape, w_shape, scale_shape, n_in in cases:
+        x = rng.standard_normal(x_shape).astype(np.float32)
+        if scale_shape is None:
+            lw = {"w": rng.standard_normal(w_shape).astype(np.float32)}
+            weight = lw["w"].astype(np.float64)
+        else:
+            values = rng.integers(-127, 128, w_shape).astype(np.int8)
+            scale = rng.uniform(0.001, 0.02, scale_shape).astype(np.float32)
+            lw, weight = {"w": values, "w_scale": scale}, values.astype(np.float64) * scale
+        got = np.asarray(jax.jit(lambda x, lw: proj(eq, x, lw, "w", n_in))(jnp.asarray(x), lw))
+        want = np.einsum(eq, x.astype(np.float64), weight)
+        assert got.shape == want.shape, eq
+        assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max(), eq
+        barrier = "optimization_barrier" in str(jax.make_jaxpr(lambda x, lw: proj(eq, x, lw, "w", n_in))(x, lw))
+        assert barrier == (backend == "tpu" and len(w_shape) - n_in > 1), eq

@@ -147,6 +147,50 @@ def test_a_pool_larger_than_the_chips_fails_before_compiling(tmp_path):
     assert fits.returncode == 0 and "45 buckets, 120 executables" in fits.stdout, fits.stderr[-2000:]
 
 
+DECODE_LOOP_SCRIPT = """
+import glob, json, re, sys
+sys.path.insert(0, sys.argv[1])
+from maxlike.config import PipelineConfig
+from maxlike.pipelines.registry import PIPELINE_REGISTRY
+
+config = PipelineConfig(model_path=sys.argv[2], max_length=64, max_batch_size=2, kv_cache_page_size=16,
+                        quantization_encoding="int8", compile_only=True, compile_target="tpu:v5e:2x2", devices="1",
+                        warmup=False, executable_cache=True, cache_dir=sys.argv[3], max_num_steps=4)
+model = PIPELINE_REGISTRY.retrieve(config, progress=False)[1].model
+for bucket in model.step_buckets():
+    if bucket.tokens == 1 and bucket.rows == 2:
+        model.compile_bucket(bucket.rows, bucket.tokens, bucket.width, 4, per_rows=False, mixed=bucket.mixed)
+out = {}
+for path in glob.glob(sys.argv[3] + "/executables/*.json"):
+    with open(path) as f:
+        record = json.load(f)
+    out[record["key"]["name"]] = record["memory"]
+print(json.dumps(out))
+"""
+
+
+def test_the_decode_loop_keeps_the_q_k_v_stacks_as_stored(tmp_path):
+    """Compiled for one v5e chip, a 2-row decode loop over two int8 layers of Llama-3.1-8B's width
+    holds no copy of the q, k and v stacks (32 + 8 + 8 MiB): XLA:TPU laid them out head by head
+    for its products, a copy made before the loop, until graphs.layers multiplied them as
+    [D, heads x head dim] matrices behind an optimization barrier (780 MiB for the whole 8B)."""
+    import transformers as tf
+
+    from conftest import byte_tokenizer
+
+    cfg = tf.LlamaConfig(vocab_size=512, hidden_size=4096, intermediate_size=14336, num_hidden_layers=2,
+                         num_attention_heads=32, num_key_value_heads=8, head_dim=128, bos_token_id=1, eos_token_id=2)
+    cfg.architectures = ["LlamaForCausalLM"]
+    cfg.save_pretrained(tmp_path / "wide")  # compile-only reads no weights
+    byte_tokenizer().save_pretrained(tmp_path / "wide")
+    r = subprocess.run([sys.executable, "-c", DECODE_LOOP_SCRIPT, ROOT, str(tmp_path / "wide"), str(tmp_path / "c")],
+                       capture_output=True, text=True, timeout=600, env=_tpu_env())
+    assert r.returncode == 0, r.stderr[-3000:]
+    memory = json.loads(r.stdout.strip().splitlines()[-1])
+    assert memory["decode_loop"]["argument_size_in_bytes"] > 2 * 48 * 2**20  # the weights: q, k, v, o, MLP
+    assert memory["decode_loop"]["temp_size_in_bytes"] < 8 * 2**20, memory  # below one layer's k: no copy
+
+
 def test_outside_make_test_these_skip_and_the_suite_cleans_its_cache(tmp_path):
     """Without MAXLIKE_TPU_SITE (a bare pytest) the TPU-target tests skip with the reason; the
     suite's temporary cache folder is removed when the run ends."""
