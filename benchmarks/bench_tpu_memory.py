@@ -51,6 +51,16 @@ def peak(record: dict) -> int:
             + m["temp_size_in_bytes"])
 
 
+def decode_temps(records: list[dict]) -> dict[str, float]:
+    """{"step 2": MiB, "decode_loop 8": ...}: the temporaries of each decode executable (one token a row)."""
+    out = {}
+    for r in records:
+        rows = re.search(r"'tokens', \((\d+), 1\)", r["key"]["signature"])
+        if r["key"]["name"] in ("step", "decode_loop") and rows:
+            out[f"{r['key']['name']} {rows.group(1)}"] = round(r["memory"]["temp_size_in_bytes"] / 2**20, 1)
+    return dict(sorted(out.items(), key=lambda kv: (kv[0].split()[0], int(kv[0].split()[1]))))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--encodings", nargs="+", default=["bfloat16", "int8", "q4_k"])
@@ -91,10 +101,9 @@ def main() -> None:
         steps = [r["memory"]["argument_size_in_bytes"] for r in records if r["key"]["name"] == "step"]
         if steps:
             row["step_arguments_gib"] = round(min(steps) / 2**30, 2)
-        decode = [r["memory"]["temp_size_in_bytes"] for r in records if r["key"]["name"] in ("step", "decode_loop")
-                  and re.search(r"'tokens', \(\d+, 1\)", r["key"]["signature"])]
-        if decode:
-            row["decode_temp_mib"] = round(max(decode) / 2**20, 1)
+        row["decode_temp_mib_by_rows"] = decode_temps(records)
+        if row["decode_temp_mib_by_rows"]:
+            row["decode_temp_mib"] = max(row["decode_temp_mib_by_rows"].values())
         results.append(row)
         print(json.dumps(row), flush=True)
     if args.json:

@@ -212,23 +212,29 @@ def paged_attention(
     s, p = k_pages.shape[-3], page_table.shape[1]
     widths = [w for w in (2**i for i in range(p.bit_length())) if w < p] + [p]
     if len(widths) == 1 or q.shape[1] > 1 or not WIDTH_ON_DEVICE.get(backend, True):
-        return _attend(q, k_pages, v_pages, page_table, q_pos, layer, window, scale, softcap)
+        return _attend(q, k_pages, v_pages, page_table, q_pos, layer, window, scale, softcap, backend)
     need = jnp.max(q_pos) // s + 1  # pages the furthest query reaches
     branch = jnp.sum(need > jnp.asarray(widths[:-1], need.dtype))
-    return jax.lax.switch(branch, [partial(_attend_prefix, w, scale=scale, softcap=softcap) for w in widths],
-                          q, k_pages, v_pages, page_table, q_pos, layer, window)
+    branches = [partial(_attend_prefix, w, scale=scale, softcap=softcap, backend=backend) for w in widths]
+    return jax.lax.switch(branch, branches, q, k_pages, v_pages, page_table, q_pos, layer, window)
 
 
-def _attend_prefix(width: int, q, k_pages, v_pages, page_table, q_pos, layer, window, *, scale, softcap):
-    return _attend(q, k_pages, v_pages, page_table[:, :width], q_pos, layer, window, scale, softcap)
+def _attend_prefix(width: int, q, k_pages, v_pages, page_table, q_pos, layer, window, *, scale, softcap, backend):
+    return _attend(q, k_pages, v_pages, page_table[:, :width], q_pos, layer, window, scale, softcap, backend)
 
 
-def _attend(q, k_pages, v_pages, page_table, q_pos, layer, window=None, scale=None, softcap=None):
+def _attend(q, k_pages, v_pages, page_table, q_pos, layer, window=None, scale=None, softcap=None, backend="cpu"):
     b, t, h, d = q.shape
     kv, s = k_pages.shape[-2], k_pages.shape[-3]
     g, p = h // kv, page_table.shape[1]
     k = gather_pages(k_pages, page_table, layer)  # [B, P*S, KV, D]
     v = gather_pages(v_pages, page_table, layer)
+    if backend == "tpu" and b * t > 1:  # kept [B, P*S, KV x D] behind a barrier, as `_product` keeps q: else,
+        # with 2 KV heads a device (tensor parallelism), XLA:TPU copies the layer's whole pool in each layer of
+        # each decode step of 2+ rows, and of prefill, to gather its pages head by head (Llama-3.1-8B on 4 v5e
+        # chips: 257 MiB). Not for one row's decode: there the barrier made the copy (tests/test_tpu_target.py).
+        flat = jax.lax.optimization_barrier((k.reshape(b, -1, kv * d), v.reshape(b, -1, kv * d)))
+        k, v = (x.reshape(b, -1, kv, d) for x in flat)
     # Each KV head's T x G queries as one axis: one [T*G, D] x [D, L] product per (row,
     # head) instead of G x T separate ones (measured 3.5 vs 6.4 ms a layer at 32 rows on CPU).
     q = q.reshape(b, t, kv, g, d).transpose(0, 2, 1, 3, 4).reshape(b, kv, t * g, d)  # [B, KV, T*G, D]

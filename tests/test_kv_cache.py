@@ -108,13 +108,20 @@ def test_a_stacked_pool_is_written_and_read_at_a_traced_layer(replicas):
     np.testing.assert_array_equal(gathered, ref)
 
 
+@pytest.mark.parametrize("backend", ["cpu", "tpu"])
 @pytest.mark.parametrize("t", [1, 2])  # decode, prefill
 @pytest.mark.parametrize("furthest", [2, 4, 7, 13, 30])  # pages reached: 1, 1, 2, 4, 8 of 8
-def test_decode_attention_reads_as_many_pages_as_the_furthest_query_needs(furthest, t):
+def test_decode_attention_reads_as_many_pages_as_the_furthest_query_needs(furthest, t, backend):
     """One page-table width for every context: decode attention picks the prefix of the table it
     reads on device (prefill reads it all). Against a dense softmax written out in numpy, for
-    queries reaching 1 to 8 pages (pages past the furthest query hold garbage that must not matter)."""
+    queries reaching 1 to 8 pages (pages past the furthest query hold garbage that must not matter).
+    The "tpu" graph (run here on CPU) keeps the gathered pages [B, L, KV x D] behind an optimization
+    barrier (else XLA:TPU copies a layer's pool to gather it head by head); the values are the same."""
+    from functools import partial
+
     from graphs.layers import paged_attention
+
+    paged_attention = partial(paged_attention, backend=backend)
 
     rng = np.random.default_rng(furthest)
     s, n, kv, g, d, b = 4, 20, 2, 3, 8, 3
@@ -128,6 +135,8 @@ def test_decode_attention_reads_as_many_pages_as_the_furthest_query_needs(furthe
         out = np.asarray(jax.jit(paged_attention)(q, k_pages, v_pages, table, q_pos))
     if t == 1:  # the decode form holds one branch per width
         assert jax.jit(paged_attention).lower(q, k_pages, v_pages, table, q_pos).as_text().count("case") >= 1
+    barrier = "optimization_barrier" in str(jax.make_jaxpr(paged_attention)(q, k_pages, v_pages, table, q_pos))
+    assert barrier == (backend == "tpu")  # (b = 3 rows: one row has no barrier)
     for row in range(b):
         keys = k_pages[0, 0][table[row]].reshape(8 * s, kv, d)
         values = v_pages[0, 0][table[row]].reshape(8 * s, kv, d)

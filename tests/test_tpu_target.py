@@ -147,48 +147,76 @@ def test_a_pool_larger_than_the_chips_fails_before_compiling(tmp_path):
     assert fits.returncode == 0 and "45 buckets, 120 executables" in fits.stdout, fits.stderr[-2000:]
 
 
-DECODE_LOOP_SCRIPT = """
+DECODE_SCRIPT = """
 import glob, json, re, sys
 sys.path.insert(0, sys.argv[1])
 from maxlike.config import PipelineConfig
 from maxlike.pipelines.registry import PIPELINE_REGISTRY
 
-config = PipelineConfig(model_path=sys.argv[2], max_length=64, max_batch_size=2, kv_cache_page_size=16,
-                        quantization_encoding="int8", compile_only=True, compile_target="tpu:v5e:2x2", devices="1",
+encoding, chips, max_length, max_batch = sys.argv[4], int(sys.argv[5]), int(sys.argv[6]), int(sys.argv[7])
+config = PipelineConfig(model_path=sys.argv[2], max_length=max_length, max_batch_size=max_batch, kv_cache_page_size=16,
+                        quantization_encoding=None if encoding == "bfloat16" else encoding, compile_only=True,
+                        compile_target="tpu:v5e:2x2", devices=str(chips), tensor_parallel_degree=chips,
                         warmup=False, executable_cache=True, cache_dir=sys.argv[3], max_num_steps=4)
 model = PIPELINE_REGISTRY.retrieve(config, progress=False)[1].model
 for bucket in model.step_buckets():
-    if bucket.tokens == 1 and bucket.rows == 2:
+    if bucket.tokens == 1 and bucket.rows <= 2:
         model.compile_bucket(bucket.rows, bucket.tokens, bucket.width, 4, per_rows=False, mixed=bucket.mixed)
 out = {}
 for path in glob.glob(sys.argv[3] + "/executables/*.json"):
     with open(path) as f:
         record = json.load(f)
-    out[record["key"]["name"]] = record["memory"]
+    if record["key"]["name"] not in ("step", "decode_loop"):
+        continue
+    rows = re.search(r"'tokens', \\((\\d+), 1\\)", record["key"]["signature"]).group(1)
+    out[record["key"]["name"] + " " + rows] = record["memory"]
 print(json.dumps(out))
 """
 
 
+def _decode_memory(tmp_path, layers: int, vocab: int, encoding: str, chips: int, max_length: int,
+                   max_batch: int = 2) -> dict:
+    """memory_analysis() of the 1- and 2-row decode steps and loops ("step 2", ...) of a Llama of
+    Llama-3.1-8B's width, compiled alone for `chips` v5e chips (tensor parallel)."""
+    import transformers as tf
+
+    from conftest import byte_tokenizer
+
+    cfg = tf.LlamaConfig(vocab_size=vocab, hidden_size=4096, intermediate_size=14336, num_hidden_layers=layers,
+                         num_attention_heads=32, num_key_value_heads=8, head_dim=128, bos_token_id=1, eos_token_id=2)
+    cfg.architectures = ["LlamaForCausalLM"]
+    cfg.save_pretrained(tmp_path / "wide")  # compile-only reads no weights
+    byte_tokenizer().save_pretrained(tmp_path / "wide")
+    args = [ROOT, str(tmp_path / "wide"), str(tmp_path / "c"), encoding, str(chips), str(max_length), str(max_batch)]
+    r = subprocess.run([sys.executable, "-c", DECODE_SCRIPT, *args], capture_output=True, text=True, timeout=600,
+                       env=_tpu_env())
+    assert r.returncode == 0, r.stderr[-3000:]
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.slow  # about 30 s (`make test-slow`); test_quantization checks the products' barrier on "tpu"
 def test_the_decode_loop_keeps_the_q_k_v_stacks_as_stored(tmp_path):
     """Compiled for one v5e chip, a 2-row decode loop over two int8 layers of Llama-3.1-8B's width
     holds no copy of the q, k and v stacks (32 + 8 + 8 MiB): XLA:TPU laid them out head by head
     for its products, a copy made before the loop, until graphs.layers multiplied them as
     [D, heads x head dim] matrices behind an optimization barrier (780 MiB for the whole 8B)."""
-    import transformers as tf
+    memory = _decode_memory(tmp_path, 2, 512, "int8", 1, 64)
+    assert memory["decode_loop 2"]["argument_size_in_bytes"] > 2 * 48 * 2**20  # the weights: q, k, v, o, MLP
+    for loop in ("decode_loop 1", "decode_loop 2"):
+        assert memory[loop]["temp_size_in_bytes"] < 8 * 2**20, memory  # below one layer's k: no copy
 
-    from conftest import byte_tokenizer
 
-    cfg = tf.LlamaConfig(vocab_size=512, hidden_size=4096, intermediate_size=14336, num_hidden_layers=2,
-                         num_attention_heads=32, num_key_value_heads=8, head_dim=128, bos_token_id=1, eos_token_id=2)
-    cfg.architectures = ["LlamaForCausalLM"]
-    cfg.save_pretrained(tmp_path / "wide")  # compile-only reads no weights
-    byte_tokenizer().save_pretrained(tmp_path / "wide")
-    r = subprocess.run([sys.executable, "-c", DECODE_LOOP_SCRIPT, ROOT, str(tmp_path / "wide"), str(tmp_path / "c")],
-                       capture_output=True, text=True, timeout=600, env=_tpu_env())
-    assert r.returncode == 0, r.stderr[-3000:]
-    memory = json.loads(r.stdout.strip().splitlines()[-1])
-    assert memory["decode_loop"]["argument_size_in_bytes"] > 2 * 48 * 2**20  # the weights: q, k, v, o, MLP
-    assert memory["decode_loop"]["temp_size_in_bytes"] < 8 * 2**20, memory  # below one layer's k: no copy
+@pytest.mark.slow  # about 40 s (`make test-slow`); test_kv_cache checks the attention's barrier on "tpu"
+def test_a_decode_step_on_four_chips_gathers_pages_without_copying_the_pool(tmp_path):
+    """The Llama-3.1-8B shape in bfloat16 on 4 v5e chips (2 KV heads a chip), decode steps and loops
+    of 1 and 2 rows of 2,048 tokens (the pool sized for 8): no copy of a layer's KV pool (257 MiB a
+    chip), which XLA:TPU made in every layer of every step of 2 rows to gather the pages head by
+    head, until graphs.layers kept the gathered pages [rows, keys, KV x D] behind an optimization
+    barrier (of 2 rows or more: for one row the barrier made the copy)."""
+    memory = _decode_memory(tmp_path, 32, 128256, "bfloat16", 4, 2048, max_batch=8)
+    assert sorted(memory) == ["decode_loop 1", "decode_loop 2", "step 1", "step 2"], sorted(memory)
+    for name, got in memory.items():
+        assert got["temp_size_in_bytes"] < 16 * 2**20, (name, memory)  # 257 MiB with the copy
 
 
 def test_outside_make_test_these_skip_and_the_suite_cleans_its_cache(tmp_path):
