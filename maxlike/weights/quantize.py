@@ -127,16 +127,14 @@ def with_head(specs: dict[str, WeightSpec], encs: dict[str, Encoding], kinds: di
     rows a step gathers: a tied one is then held twice. `head_from_table` converts the weights."""
     vocab, d = specs[table].shape
     enc = ENCODINGS[HEAD_ENCODING]
-    out = {n: s for n, s in specs.items() if n != "lm_head"}
-    out.update({HEAD: WeightSpec((d, vocab), ("embed", "vocab")),
-                HEAD + SCALE: WeightSpec((d // enc.group, vocab), ("embed", "vocab"))})
-    return out, {**encs, HEAD: enc}, {**kinds, HEAD: 1}
+    specs = {**{n: s for n, s in specs.items() if n != "lm_head"}, HEAD: WeightSpec((d, vocab), ("embed", "vocab"))}
+    return quantized_specs(specs, {HEAD: 1}, {HEAD: enc}), {**encs, HEAD: enc}, {**kinds, HEAD: 1}
 
 
 def head_from_table(host: dict[str, np.ndarray], table: str, encs: dict[str, Encoding]) -> dict[str, np.ndarray]:
     """Host weights as `with_head` describes them: HEAD [D, V] and its scale from `table` [V, D]."""
-    head = quantize(np.asarray(host[table], np.float32).T, 1, encs[HEAD])
-    return {**{n: a for n, a in host.items() if n != "lm_head"}, HEAD: head[""], HEAD + SCALE: head[SCALE]}
+    out = {n: a for n, a in host.items() if n != "lm_head"}
+    return quantize_host({**out, HEAD: np.asarray(host[table], np.float32).T}, {HEAD: 1}, encs)
 
 
 def describe(encs: dict[str, Encoding]) -> str | None:
