@@ -22,6 +22,7 @@ import glob
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -84,6 +85,7 @@ def main() -> None:
     runs = [(e, a, m) for e in args.encodings for a in args.decode_attention for m in args.quantized_matmul]
     for encoding, attention, matmul in runs:
         cache = os.path.join(args.out, f"cache_{encoding}_{attention}_{matmul}_b{args.max_batch_size}_tp{tp}")
+        shutil.rmtree(cache, ignore_errors=True)  # this compile's records only (not an earlier code's)
         cmd = [sys.executable, "-m", "maxlike.entrypoints.cli", "warm-cache", "--target", "tpu:v5e:2x2", "--devices",
                str(tp), "--tensor-parallel-degree", str(tp), "--model-path", model,
                "--max-batch-size", str(args.max_batch_size), "--max-length", str(args.max_length),

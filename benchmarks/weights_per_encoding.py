@@ -1,8 +1,8 @@
 """Bytes of weights a model holds per encoding and `quantized_matmul`, per backend, from its config alone
 (nothing is read or allocated): `DecoderPipelineModel.weights_size_on`, which follows the encodings and
 the LM head held in q8_0 where the Pallas matmul reads it. Also what a batch-1 decode step reads of
-them: all but an embedding table that is not the head itself (untied, or beside a q8_0 head; it
-stays bf16), of which one row.
+them: all but an embedding table that is not the head itself (untied, or beside a q8_0 head, then
+held in q8_0 by rows), of which one row.
 
     .venv/bin/python benchmarks/weights_per_encoding.py [--shapes llama-1b llama-8b] [--platforms gpu tpu]
         [--setups bfloat16:xla int8:xla int8:pallas q8_0:pallas q4_k:xla q4_k:pallas] [--json out.json]
@@ -48,7 +48,8 @@ def main() -> None:
                     v, d = SHAPES[shape]["vocab_size"], SHAPES[shape]["hidden_size"]
                     q8_0_head = matmul == "pallas" and encoding != "bfloat16"
                     apart = q8_0_head or not SHAPES[shape]["tie_word_embeddings"]
-                    read = size - (v * d - d) * 2 if apart else size  # the bf16 embedding table: one row
+                    row = d + d // 32 * 2 if q8_0_head else d * 2  # q8_0 (a float16 scale per 32) or bf16
+                    read = size - (v - 1) * row if apart else size  # of the embedding table, one row
                     rows.append(dict(shape=shape, platform=platform, encoding=encoding, quantized_matmul=matmul,
                                      weight_mb=round(size / 1e6, 1), step_reads_mb=round(read / 1e6, 1)))
                     print(json.dumps(rows[-1]), flush=True)

@@ -82,7 +82,8 @@ class Architecture:
         as [replicas, N], every op but attention sees them so, and attention takes the table)
     lm_head(cfg, weights, hidden [..., D]) -> logits [..., V]; with `quantized_head`, also
         lm_head(..., matmul=, backend=) when the weights hold the head as a quantized "head"
-        [D, V] (maxlike.weights.quantize.with_head), which it reads through graphs.layers.head_logits
+        [D, V] (maxlike.weights.quantize.with_head), which it reads through graphs.layers.head_logits,
+        and the embedding table in q8_0 by rows, which forward reads through graphs.layers.embed_rows
     """
 
     name: str  # the HF `architectures` entry
@@ -96,7 +97,7 @@ class Architecture:
     # LoRA: PEFT module name -> (weight kind, input axes); forward applies `adapters` to these
     lora_targets: dict = field(default_factory=dict)
     features: str = ""  # what it runs, for `maxlike list`
-    quantized_head: bool = False  # its lm_head reads the head through graphs.layers.head_logits
+    quantized_head: bool = False  # its graphs read the tables through graphs.layers.head_logits / embed_rows
 
     def functions(self) -> tuple[Callable, ...]:
         """Every function of this architecture (whose source is part of cache keys)."""

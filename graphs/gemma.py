@@ -21,7 +21,8 @@ import jax.numpy as jnp
 
 from graphs.base import Architecture, Source, UnsupportedConfigError, WeightSpec, require, run_layers
 from graphs.fused import gate_up, qkv
-from graphs.layers import adapter_mask, head_logits, kernel_weights, paged_attention, projection, write_kv
+from graphs.layers import (adapter_mask, embed_rows, head_logits, kernel_weights, paged_attention, projection,
+                           write_kv)
 from graphs.llama import COMMON_FEATURES, LORA_TARGETS, kv_shape, layer_windows
 from graphs.rope import RopeSpec, apply_rope, hf_rope_parameters, rope_from_hf
 
@@ -206,7 +207,8 @@ def forward(cfg: GemmaConfig, w: dict, kv: list, tokens, positions, slots, page_
             x = x + rms_norm(m, lw["post_mlp_norm"], eps)
         return x, k_pages, v_pages
 
-    x = w["embed"][tokens] * jnp.asarray(math.sqrt(cfg.hidden_size), w["embed"].dtype)  # [B, T, D]
+    dtype = w["final_norm"].dtype
+    x = embed_rows(w, tokens, dtype) * jnp.asarray(math.sqrt(cfg.hidden_size), dtype)  # [B, T, D]
     x, kv = run_layers(layer, x, w, kv, cfg.num_layers, scan=scan,
                        per_layer={"window": cfg.layer_windows} if cfg.sliding_window else None,
                        whole=kernel_weights(w, matmul))

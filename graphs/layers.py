@@ -340,6 +340,20 @@ def _product(eq: str, x, w, scale, n_in: int, backend: str):
     return jax.lax.optimization_barrier(y).reshape(*lead, *out_shape)
 
 
+def embed_rows(w: dict, tokens: jax.Array, dtype) -> jax.Array:
+    """The embedding rows of `tokens` [B, T] -> [B, T, D] in `dtype`, from the table "embed" [V, D];
+    or, held in q8_0 by rows beside a quantized head (maxlike.weights.quantize.ROWS: int8 values
+    four to an int32 word [V, D / 4], "embed_scale" [V, D / 32]), the gathered rows unpacked and
+    dequantized."""
+    rows = w["embed"][tokens]
+    if "embed_scale" not in w:
+        return rows.astype(dtype)
+    values = jax.lax.bitcast_convert_type(rows, jnp.int8)  # [B, T, D / 4, 4]: byte i of word j is value 4j + i
+    scale = w["embed_scale"][tokens]  # [B, T, D / 32]
+    grouped = values.reshape(*tokens.shape, scale.shape[-1], -1).astype(dtype) * scale.astype(dtype)[..., None]
+    return grouped.reshape(*tokens.shape, -1)
+
+
 def head_logits(w: dict, hidden: jax.Array, tied: bool, matmul: str | MatmulRun = "xla",
                 backend: str = "cpu") -> jax.Array:
     """hidden [..., D] -> logits [..., V]: times the table ("embed" when `tied`, else "lm_head",

@@ -15,8 +15,8 @@ import jax
 
 from graphs.base import Architecture, UnsupportedConfigError, WeightSpec, require, run_layers
 from graphs.fused import gate_up, qkv
-from graphs.layers import (adapter_mask, head_logits, kernel_weights, paged_attention, projection, rms_norm,
-                           write_kv)
+from graphs.layers import (adapter_mask, embed_rows, head_logits, kernel_weights, paged_attention, projection,
+                           rms_norm, write_kv)
 from graphs.llama_checkpoint import checkpoint_names
 from graphs.moe import ExpertRun, MoESpec, expert_specs, moe_from_hf, moe_mlp
 from graphs.rope import RopeSpec, apply_rope, hf_rope_parameters, rope_from_hf
@@ -177,7 +177,7 @@ def forward(cfg: LlamaConfig, w: dict, kv: list, tokens, positions, slots, page_
                 x = x + proj("btf,fd->btd", jax.nn.silu(g) * u, lw, "down")
         return x, k_pages, v_pages
 
-    x = w["embed"][tokens]  # [B, T, D]
+    x = embed_rows(w, tokens, w["final_norm"].dtype)  # [B, T, D]
     x, kv = run_layers(layer, x, w, kv, cfg.num_layers, scan=scan,
                        per_layer={"window": cfg.layer_windows} if cfg.sliding_window else None,
                        whole=kernel_weights(w, matmul))

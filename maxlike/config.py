@@ -209,7 +209,7 @@ class PipelineConfig:
     # dequantizes each tile in VMEM (graphs.pallas_tpu_matmul; Mosaic on TPU, interpret mode elsewhere; per
     # device under a mesh). On GPU "pallas" is graphs.pallas_gpu_matmul (Triton): decode's products with int8,
     # q8_0, q4_0 and q4_k weights, one device. With "pallas" a quantized model's LM head is held in q8_0 too
-    # ([hidden, vocabulary]; the embedding table stays float, so a tied one is held twice) where the kernel takes it
+    # ([hidden, vocabulary]; the embedding table then in q8_0 by rows, tied or not) where the kernel takes it
     # (maxlike.pipelines.layout.quantized_head). Not yet timed on a TPU or a GPU, so the default nowhere.
     quantized_matmul: str = "xla"
     # How a mixture-of-experts model computes its experts: "grouped" (tokens sorted by expert, one

@@ -273,7 +273,8 @@ def test_a_mixed_gguf_keeps_each_kinds_blocks(tmp_path, monkeypatch):
 PERPLEXITY_BOUND = {"int8": 0.01, "float8_e4m3fn": 0.01, "q8_0": 0.01, "q4_k": 0.05, "q5_k": 0.05, "q6_k": 0.02,
                     "int8+head": 0.01}
 PRINTED_ONLY = ("q4_0",)
-# label -> PipelineConfig fields ("int8+head": int8 projections and the q8_0 LM head the Pallas matmul reads)
+# label -> PipelineConfig fields ("int8+head": int8 projections, the q8_0 LM head the Pallas matmul reads and the
+# embedding table in q8_0 by rows)
 SMOLLM2_RUNS = {None: {}, **{e: dict(quantization_encoding=e) for e in (*PERPLEXITY_BOUND, *PRINTED_ONLY)},
                 "int8+head": dict(quantization_encoding="int8", quantized_matmul="pallas")}
 
@@ -355,7 +356,8 @@ def test_quantized_smollm2_keeps_the_tokens_and_the_perplexity(smollm2_path, hf_
     for encoding, fields in SMOLLM2_RUNS.items():
         llm = LLM(PipelineConfig(model_path=smollm2_path, max_length=256, max_batch_size=8, enable_echo=True,
                                  **fields), progress=False)
-        assert ("head" in llm.pipeline.model.params) == (encoding == "int8+head")
+        params = llm.pipeline.model.params
+        assert ("head" in params) == ("embed_scale" in params) == (encoding == "int8+head")  # both tables q8_0
         if encoding in ("int8", "int8+head"):
             outs = llm.generate_outputs([p for p, _ in texts], sampling_params=SamplingParams(
                 top_k=1, max_new_tokens=32), use_tqdm=False)

@@ -1,6 +1,7 @@
-"""The LM head kept quantized (q8_0, [D, V]) where a Pallas matmul runs it: the table's q8_0 written
-out here (llama.cpp's Q8_0 rule), the logits as the final hidden states times that table, and the
-places it stays float."""
+"""The LM head kept quantized (q8_0, [D, V]) where a Pallas matmul runs it, and the embedding table
+then in q8_0 by rows ([V, D / 4] int32 words): the tables' q8_0 written out here (llama.cpp's Q8_0
+rule), the logits as the final hidden states times that table, the embedding rows as the table's
+rows dequantized, and the places both stay float."""
 
 from __future__ import annotations
 
@@ -29,6 +30,38 @@ def dequantized(values: np.ndarray, scale: np.ndarray) -> np.ndarray:
         values.shape)
 
 
+def packed_rows(values: np.ndarray) -> np.ndarray:
+    """Int8 rows [V, D] as four to an int32 word, written out: byte i of word j (bits 8i..8i+7) is
+    value 4j + i, two's complement."""
+    b = values.astype(np.int64).reshape(values.shape[0], -1, 4) & 0xFF
+    words = b[..., 0] | b[..., 1] << 8 | b[..., 2] << 16 | b[..., 3] << 24
+    return np.where(words >= 2**31, words - 2**32, words).astype(np.int32)
+
+
+def check_rows(model, table: np.ndarray) -> None:
+    """The model's embedding table is the q8_0 of `table` [V, D] by rows, packed."""
+    values, scale = q8_0(table)  # [D, V], [D / 32, V]: the same groups as rows
+    np.testing.assert_array_equal(np.asarray(model.params["embed"]), packed_rows(values.T))
+    np.testing.assert_array_equal(np.asarray(model.params["embed_scale"]), scale.T)
+
+
+def test_embedding_rows_unpack_and_dequantize_a_q8_0_table():
+    """graphs.layers.embed_rows on a q8_0 table by rows: each token's row is its 32-value groups'
+    int8 values times their scale, against numpy on a random table."""
+    import jax.numpy as jnp
+
+    from graphs.layers import embed_rows
+
+    table = np.random.default_rng(0).normal(size=(50, 96)).astype(np.float32)
+    values, scale = q8_0(table)
+    tokens = np.array([[3, 0, 49], [7, 7, 12]], np.int32)
+    rows = embed_rows({"embed": jnp.asarray(packed_rows(values.T)), "embed_scale": jnp.asarray(scale.T)},
+                      jnp.asarray(tokens), jnp.float32)
+    expected = dequantized(values, scale).T[tokens]  # [2, 3, 96]
+    np.testing.assert_allclose(np.asarray(rows), expected, rtol=1e-6)
+    assert np.abs(expected - table[tokens]).max() <= np.abs(table).max() / 127  # q8_0's step, no more
+
+
 def _run(model, prompts):
     """Each prompt's next-token logits [B, V] and the final hidden states they come from [B, D]."""
     ctxs = [held(model, TextContext(f"q{i}", p, 32)) for i, p in enumerate(prompts)]
@@ -46,8 +79,8 @@ def tiny_head_models(tmp_path_factory):
 @pytest.mark.parametrize("tie", [True, False])
 def test_the_gpu_kernel_runs_a_q8_0_head(tiny_head_models, monkeypatch, tie):
     """int8 projections with quantized_matmul="pallas" and the GPU kernel (interpreted): the
-    head is held as the table's q8_0 [D, V] (the untied lm_head replaced; the embedding table
-    stays float), the kernel runs the head once per layer's five products plus one, the logits are
+    head is held as the table's q8_0 [D, V] (the untied lm_head replaced), the embedding table in
+    q8_0 by rows, the kernel runs the head once per layer's five products plus one, the logits are
     the final hidden states times the dequantized table, and greedy tokens equal the float head's."""
     import graphs.pallas_gpu_matmul as gm
     from maxlike.pipelines import layout
@@ -62,10 +95,9 @@ def test_the_gpu_kernel_runs_a_q8_0_head(tiny_head_models, monkeypatch, tie):
     model = build_model(path, quantized_matmul="pallas", **kw)
     np.testing.assert_array_equal(np.asarray(model.params["head"]), values)
     np.testing.assert_array_equal(np.asarray(model.params["head_scale"]), scale)
-    assert "lm_head" not in model.params and "embed_scale" not in model.params
-    # the embedding table stays float, tied or not (a tied one is then held in both forms)
-    np.testing.assert_array_equal(np.asarray(model.params["embed"]), hf.model.embed_tokens.weight.detach().numpy())
-    assert model.encoding == "int8 (down, gate, k, o, q, up, v), q8_0 (head)"
+    assert "lm_head" not in model.params
+    check_rows(model, hf.model.embed_tokens.weight.detach().numpy())  # its own numbers, tied or not
+    assert model.encoding == "int8 (down, gate, k, o, q, up, v), q8_0 (embed, head)"
     logits, hidden = _run(model, prompts)
     assert len(calls) == 5 * model.config.num_layers + 1 and calls[-1] == (64, 320)
     np.testing.assert_allclose(logits, hidden @ dequantized(values, scale), atol=1e-5 * np.abs(logits).max())
@@ -89,6 +121,7 @@ def test_the_tpu_kernel_runs_a_q8_0_head(tiny_head_models, monkeypatch, scan):
     assert model.matmul.kernel == "pallas" and str(model.params["head_scale"].dtype) == "uint16"
     np.testing.assert_array_equal(np.asarray(model.params["head"]), values)
     np.testing.assert_array_equal(np.asarray(model.params["head_scale"]).view(np.float16), scale)
+    check_rows(model, hf.model.embed_tokens.weight.detach().numpy())
     logits, hidden = _run(model, [random_prompt(n, seed=n) for n in (11, 6)])
     assert calls == [(64, 320)]
     np.testing.assert_allclose(logits, hidden @ dequantized(values, scale), atol=1e-5 * np.abs(logits).max())
@@ -129,8 +162,8 @@ def test_the_head_stays_float_where_no_kernel_runs_it(tiny_head_models):
 
 def test_weights_are_sized_with_the_quantized_head(tiny_head_models, monkeypatch):
     """estimate_weights_size and the roofline's bytes a step reads follow the head: the bytes the
-    model holds (a tied float32 table stays, and the head adds V x D int8 and V x D / 32 float16
-    scales); the head read whole, the embedding table a row per token."""
+    model holds (a float32 table of V x D becomes the head and the embedding table in q8_0, each V x D
+    int8 and V x D / 32 float16 scales); the head read whole, the embedding table a row per token."""
     from maxlike.entrypoints import roofline
     from maxlike.pipelines import PipelineConfig, layout
     from maxlike.pipelines.decoder import DecoderPipelineModel
@@ -145,18 +178,19 @@ def test_weights_are_sized_with_the_quantized_head(tiny_head_models, monkeypatch
         assert sizes[matmul] == sum(a.nbytes for a in model.params.values())
     v, d = 320, 64
     q8_0_table = v * d + 2 * v * d // 32  # int8 values, a float16 scale per 32
-    assert sizes["pallas"] - sizes["xla"] == q8_0_table  # tied: the float table stays, for the embeddings
+    assert sizes["pallas"] - sizes["xla"] == 2 * q8_0_table - 4 * v * d  # tied: both tables from one
     for tie in (True, False):
         model = build_model(tiny_head_models[tie][0], quantization_encoding="int8", quantized_matmul="pallas")
         held = sum(a.nbytes for a in model.params.values())
         assert DecoderPipelineModel.estimate_weights_size(model.pipeline_config) == held
-        # the q8_0 head is read whole, the float embedding table a row per token
-        assert roofline.weight_bytes(model, 2) == held - 4 * v * d + 2 * 4 * d
+        # the q8_0 head is read whole, the q8_0 embedding table a row per token
+        assert roofline.weight_bytes(model, 2) == held - q8_0_table + 2 * (d + 2 * d // 32)
 
 
 def test_a_gguf_q8_0_table_is_kept_exactly(tmp_path, monkeypatch):
     """A Q8_0 GGUF whose tied token_embd is Q8_0: the quantized head holds the file's own blocks
-    (read as floats, quantized again to the same values and scales), transposed to [D, V]."""
+    (read as floats, quantized again to the same values and scales), transposed to [D, V], and the
+    embedding table the same blocks as rows."""
     import gguf
 
     from gguf_util import write_llama_gguf
@@ -177,6 +211,8 @@ def test_a_gguf_q8_0_table_is_kept_exactly(tmp_path, monkeypatch):
     zero = file_scale == 0  # the padding token's row: a scale of 1 over zeros here, 0 in the file
     assert zero.sum() == 2 and (file_values.reshape(2, 32, 320)[zero.nonzero()[0], :, zero.nonzero()[1]] == 0).all()
     np.testing.assert_array_equal(np.where(zero, 0, np.asarray(model.params["head_scale"])), file_scale)
+    np.testing.assert_array_equal(np.asarray(model.params["embed"]), packed_rows(file_values.T))
+    np.testing.assert_array_equal(np.where(zero.T, 0, np.asarray(model.params["embed_scale"])), file_scale.T)
 
 
 def test_gemma2_soft_caps_the_q8_0_heads_logits(arch_models, monkeypatch):
@@ -190,7 +226,8 @@ def test_gemma2_soft_caps_the_q8_0_heads_logits(arch_models, monkeypatch):
     prompts = [random_prompt(n, seed=n) for n in (9, 4)]
     kw = dict(quantization_encoding="int8", return_hidden_states="last", fuse_projections=False, scan_layers=False)
     model = build_model(path, quantized_matmul="pallas", **kw)
-    assert "head" in model.params and str(model.params["embed"].dtype) == "float32"
+    assert "head" in model.params
+    check_rows(model, hf.model.embed_tokens.weight.detach().numpy())
     logits, hidden = _run(model, prompts)
     np.testing.assert_allclose(logits, 3.0 * np.tanh(hidden @ dequantized(values, scale) / 3.0), atol=1e-5)
     float_head, _ = _run(build_model(path, quantized_matmul="xla", **kw), prompts)

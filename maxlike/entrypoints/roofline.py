@@ -73,8 +73,8 @@ def weight_bytes(model, batch: int = 1) -> int:
     tied = getattr(model.config, "tie_word_embeddings", False)
     for name, arr in model.params.items():
         shard = arr.sharding.shard_shape(arr.shape) if hasattr(arr, "sharding") else arr.shape
-        if name == "embed" and (not tied or "head" in model.params):  # a gather of the tokens' rows (a tied
-            shard = (min(batch, shard[0]), *shard[1:])  # table is the head too, unless a quantized one is held)
+        if name in ("embed", "embed_scale") and (not tied or "head" in model.params):  # a gather of the
+            shard = (min(batch, shard[0]), *shard[1:])  # tokens' rows (a tied table is the head, unless one is held)
         total += int(np.prod(shard)) * arr.dtype.itemsize * (share if ".experts_" in name else 1)
     return int(total)
 

@@ -129,8 +129,9 @@ def quantized_matmul(pipeline_config, platform: str, mesh, specs: dict, encs: di
         return int(stacked and name.startswith(LAYERS))
 
     mesh_axis = partial(_mesh_axis, mesh)
-    scales = {n: specs[n + quantize.SCALE] for n in specs  # grouped ones: [*lead, groups, *out]
-              if n + quantize.SCALE in specs and getattr(encs.get(quantize.kind_of(n)), "group", 0)}
+    scales = {n: specs[n + quantize.SCALE] for n in specs  # grouped products: [*lead, groups, *out] (the
+              if n != "embed" and n + quantize.SCALE in specs  # embedding table's rows are gathered)
+              and getattr(encs.get(quantize.kind_of(n)), "group", 0)}
     splits = {quantize.kind_of(n): (mesh_axis(s.axes[lead(n)]), mesh_axis(s.axes[lead(n) + 1]))
               for n, s in scales.items()}
     run = MatmulRun("pallas", mesh, tuple((kind, *axes) for kind, axes in sorted(splits.items())))

@@ -31,9 +31,9 @@ projection kind has its encoding ({kind: Encoding}): one for all, or, for a GGUF
 (`maxlike.weights.loader.resolve_encodings`). Norms stay in the model's dtype, and so do the
 embeddings and the LM head, except where a Pallas matmul runs the head (`with_head`): then the
 vocabulary table it multiplies by is held as "head" [D, V] in q8_0 (a scale per 32 inputs: one
-scale per vocabulary row moved SmolLM2's logits by up to 0.47); the embedding table stays float
-(a tied one is held in both forms). Works on per-layer names ("layers.{i}.{kind}"); stacking for
-the layer loop comes after, scales included.
+scale per vocabulary row moved SmolLM2's logits by up to 0.47), and the embedding table, tied or
+not, as "embed" in q8_0 by rows (`ROWS`), for the rows a step gathers. Works on per-layer names
+("layers.{i}.{kind}"); stacking for the layer loop comes after, scales included.
 """
 
 from __future__ import annotations
@@ -118,23 +118,38 @@ def plan(specs: dict[str, WeightSpec], lora_targets: dict, encodings: dict[str, 
 
 
 HEAD, HEAD_ENCODING = "head", "q8_0"
+# The embedding table beside a quantized head: q8_0 by rows, [V, D] int8 values packed four to an
+# int32 word ([V, D / 4], little-endian: value 4j + i in byte i of word j) and scales [V, D / 32]
+# float16. Gathering one row of an int8 table makes XLA:TPU re-tile the whole table (501 MiB of
+# temporaries for Llama-3.1-8B's, compiled for a v5e); of int32 words, none
+# (benchmarks/probe_tpu_table_rows.py). graphs.layers.embed_rows reads it.
+ROWS = Encoding("q8_0", np.int32, group=32, scale_dtype=np.float16)
 
 
 def with_head(specs: dict[str, WeightSpec], encs: dict[str, Encoding], kinds: dict[str, int], table: str):
     """(specs, encs, kinds) of a model whose LM head runs quantized: HEAD [D, V] in HEAD_ENCODING
     (scale [D / 32, V]), the layout the matmul kernels read, from the vocabulary table `table`
-    ("lm_head", which it replaces, or the tied "embed"). The embedding table stays float, for the
-    rows a step gathers: a tied one is then held twice. `head_from_table` converts the weights."""
+    ("lm_head", which it replaces, or the tied "embed"); and the embedding table, tied or not, in
+    `ROWS` (a tied one's numbers are the head's, transposed). `head_from_table` converts the weights."""
     vocab, d = specs[table].shape
     enc = ENCODINGS[HEAD_ENCODING]
     specs = {**{n: s for n, s in specs.items() if n != "lm_head"}, HEAD: WeightSpec((d, vocab), ("embed", "vocab"))}
-    return quantized_specs(specs, {HEAD: 1}, {HEAD: enc}), {**encs, HEAD: enc}, {**kinds, HEAD: 1}
+    rows = {"embed": WeightSpec((vocab, d // 4), ("vocab", "embed")),
+            "embed" + SCALE: WeightSpec((vocab, d // ROWS.group), ("vocab", "embed"))}
+    return ({**quantized_specs(specs, {HEAD: 1}, {HEAD: enc}), **rows}, {**encs, HEAD: enc, "embed": ROWS},
+            {**kinds, HEAD: 1})
 
 
 def head_from_table(host: dict[str, np.ndarray], table: str, encs: dict[str, Encoding]) -> dict[str, np.ndarray]:
-    """Host weights as `with_head` describes them: HEAD [D, V] and its scale from `table` [V, D]."""
-    out = {n: a for n, a in host.items() if n != "lm_head"}
-    return quantize_host({**out, HEAD: np.asarray(host[table], np.float32).T}, {HEAD: 1}, encs)
+    """Host weights as `with_head` describes them: HEAD [D, V] and its scale from `table` [V, D],
+    the embedding table in `ROWS`."""
+    out = quantize_host({**host, HEAD: np.asarray(host[table], np.float32).T}, {HEAD: 1}, encs)
+    rows = out if table == "embed" else quantize_host({HEAD: np.asarray(host["embed"], np.float32).T}, {HEAD: 1}, encs)
+    values = np.ascontiguousarray(rows[HEAD].T)  # [V, D] int8
+    out["embed"] = values.view("<i4")  # four to a word, little-endian, as graphs.layers.embed_rows unpacks them
+    out["embed" + SCALE] = np.ascontiguousarray(rows[HEAD + SCALE].T)
+    out.pop("lm_head", None)
+    return out
 
 
 def describe(encs: dict[str, Encoding]) -> str | None:
