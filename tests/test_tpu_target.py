@@ -219,6 +219,41 @@ def test_a_decode_step_on_four_chips_gathers_pages_without_copying_the_pool(tmp_
         assert got["temp_size_in_bytes"] < 16 * 2**20, (name, memory)  # 257 MiB with the copy
 
 
+TABLE_ROWS_SCRIPT = """
+import json, sys
+sys.path.insert(0, sys.argv[1])
+import jax, jax.numpy as jnp, numpy as np
+from graphs.base import WeightSpec
+from graphs.layers import embed_rows
+from maxlike.engine.mesh import target_devices
+from maxlike.weights import quantize
+
+vocab, d = 128256, 1024
+specs, encs, _ = quantize.with_head({"embed": WeightSpec((vocab, d), ("vocab", "embed"))}, {}, {}, "embed")
+on = jax.sharding.SingleDeviceSharding(target_devices("tpu:v5e:2x2")[0])
+w = {n: jax.ShapeDtypeStruct(specs[n].shape, quantize.dtype_of(n, encs, np.float32), sharding=on)
+     for n in ("embed", "embed_scale")}
+out = {}
+for rows in (1, 8):
+    tokens = jax.ShapeDtypeStruct((rows, 1), jnp.int32, sharding=on)
+    compiled = jax.jit(lambda w, t: embed_rows(w, t, jnp.bfloat16)).lower(w, tokens).compile()
+    out[rows] = compiled.memory_analysis().temp_size_in_bytes
+print(json.dumps(out))
+"""
+
+
+def test_a_q8_0_embedding_table_gives_up_rows_without_a_copy():
+    """The embedding table held beside a q8_0 head (maxlike.weights.quantize.ROWS), 128,256 rows of
+    1,024, compiled for one v5e chip: gathering the rows of 1 or 8 tokens copies nothing of it. Held
+    as int8 [V, D], XLA:TPU re-tiles the whole table to gather one row (125 MiB here, 501 MiB at the
+    8B's width; benchmarks/probe_tpu_table_rows.py), hence the int32 words."""
+    r = subprocess.run([sys.executable, "-c", TABLE_ROWS_SCRIPT, ROOT], capture_output=True, text=True, timeout=300,
+                       env=_tpu_env())
+    assert r.returncode == 0, r.stderr[-3000:]
+    temps = json.loads(r.stdout.strip().splitlines()[-1])
+    assert sorted(temps) == ["1", "8"] and max(temps.values()) < 2**20, temps  # the table is 125 MiB
+
+
 def test_outside_make_test_these_skip_and_the_suite_cleans_its_cache(tmp_path):
     """Without MAXLIKE_TPU_SITE (a bare pytest) the TPU-target tests skip with the reason; the
     suite's temporary cache folder is removed when the run ends."""
