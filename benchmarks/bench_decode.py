@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/bench_decode.py [--batch-sizes 1 8] [--new-tokens 64] [--prompt-tokens 64]
         [--layer-forms unrolled scan] [--encodings float int8 q4_k ...] [--fusion unfused fused] [--roofline]
+        [--max-length 512]
 
 Both run the same GGUF file in fp32 on the same prompts (random token ids),
 greedy, with EOS ignored so every run produces exactly N tokens.
@@ -38,6 +39,7 @@ def main() -> None:
     ap.add_argument("--prompt-tokens", type=int, default=64)
     ap.add_argument("--max-num-steps", type=int, default=1)
     ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument("--max-length", type=int, default=512, help="maxlike's max_length (the KV table's width)")
     ap.add_argument("--json", help="write the results here")
     ap.add_argument("--roofline", action="store_true",
                     help="also each batch's share of this machine's measured memory bandwidth (decode) and matmul "
@@ -52,7 +54,7 @@ def main() -> None:
     path = default_model_path()
     forms, models = {}, {}
     for form, encoding, fusion in itertools.product(args.layer_forms, args.encodings, args.fusion):
-        config = PipelineConfig(model_path=path, max_length=512, max_batch_size=max(args.batch_sizes),
+        config = PipelineConfig(model_path=path, max_length=args.max_length, max_batch_size=max(args.batch_sizes),
                                 max_num_steps=args.max_num_steps, scan_layers=form == "scan",
                                 quantization_encoding=None if encoding == "float" else encoding,
                                 fuse_projections=fusion == "fused")

@@ -11,7 +11,8 @@ model, then reads XLA's `memory_analysis()` of every executable from the cache r
 of a step is its arguments (weights, KV pool, inputs) + outputs - aliased (donated) + temporaries.
 An encoding that does not fit stops with XLA's RESOURCE_EXHAUSTED, which is printed. Each
 `--decode-attention` kernel and `--quantized-matmul` product is compiled in turn; `decode_temp_mib` is the
-largest temporary buffer space of the decode steps and loops (one token a row). Needs libtpu
+largest temporary buffer space of the decode steps and loops (one token a row), `largest_step_temp_mib`
+that of any step (prefill's, mostly). Needs libtpu
 (`make test` installs it in .venv/tpu-site). Results: README "Quantized weights on one TPU chip".
 """
 
@@ -103,6 +104,8 @@ def main() -> None:
         steps = [r["memory"]["argument_size_in_bytes"] for r in records if r["key"]["name"] == "step"]
         if steps:
             row["step_arguments_gib"] = round(min(steps) / 2**30, 2)
+        row["largest_step_temp_mib"] = round(max((r["memory"]["temp_size_in_bytes"] for r in records
+                                                  if r["key"]["name"] == "step"), default=0) / 2**20, 1)
         row["decode_temp_mib_by_rows"] = decode_temps(records)
         if row["decode_temp_mib_by_rows"]:
             row["decode_temp_mib"] = max(row["decode_temp_mib_by_rows"].values())

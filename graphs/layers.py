@@ -190,10 +190,12 @@ def paged_attention(
     Decode steps (T = 1; backends in WIDTH_ON_DEVICE) read as much of the table as the
     step needs, chosen on device by `lax.switch`: the first W pages, W the smallest
     power of two (or P) covering the furthest query. One decode executable serves every
-    context length, and a short context reads only its own pages. Prefill steps read
-    the whole table: there the branches cost more compile time than they save (a
-    Llama-3.1-8B-shaped 256-token step for TPU: 17.9 s and 12 MiB with them, 6.6 s and
-    5 MiB without).
+    context length, and a short context reads only its own pages. Prefill steps there
+    (T > 1, a table of more than KEY_BLOCK keys) read KEY_BLOCK keys at a time, as many
+    blocks as the furthest query reaches (`_attend_blocks`: a loop, not branches, which cost
+    more compile time than they saved: a Llama-3.1-8B-shaped 256-token step for TPU took
+    17.9 s and 12 MiB with them, 6.6 s and 5 MiB without). On GPU every step but decode
+    reads the whole table.
 
     kernel: "xla", "pallas", or an AttentionRun (the kernel and the mesh it runs under).
     "pallas": decode steps whose shapes the backend's kernel supports run it instead
@@ -210,6 +212,8 @@ def paged_attention(
         if out is not None:
             return out
     s, p = k_pages.shape[-3], page_table.shape[1]
+    if q.shape[1] > 1 and WIDTH_ON_DEVICE.get(backend, True) and p * s > KEY_BLOCK:
+        return _attend_blocks(q, k_pages, v_pages, page_table, q_pos, layer, window, scale, softcap, backend)
     widths = [w for w in (2**i for i in range(p.bit_length())) if w < p] + [p]
     if len(widths) == 1 or q.shape[1] > 1 or not WIDTH_ON_DEVICE.get(backend, True):
         return _attend(q, k_pages, v_pages, page_table, q_pos, layer, window, scale, softcap, backend)
@@ -217,6 +221,58 @@ def paged_attention(
     branch = jnp.sum(need > jnp.asarray(widths[:-1], need.dtype))
     branches = [partial(_attend_prefix, w, scale=scale, softcap=softcap, backend=backend) for w in widths]
     return jax.lax.switch(branch, branches, q, k_pages, v_pages, page_table, q_pos, layer, window)
+
+
+# Prefill steps (T > 1) on backends in WIDTH_ON_DEVICE attend KEY_BLOCK keys at a time, as many blocks as
+# the furthest query reaches (a loop count on device), with an online softmax: their work follows the
+# context, not max_length, and no [queries, max_length] score matrix is held. (One whole-table product
+# made SmolLM2's 512-token prefill on CPU 4.6x slower at max_length 8192, its default, than at 1024.)
+KEY_BLOCK = 512
+
+
+def _attend_blocks(q, k_pages, v_pages, page_table, q_pos, layer, window, scale, softcap, backend):
+    """`_attend`, block by block of keys: the same causal (and windowed) softmax, accumulated
+    online (running maximum, sum and weighted values per query, in float32)."""
+    b, t, h, d = q.shape
+    kv, s = k_pages.shape[-2], k_pages.shape[-3]
+    g, per = h // kv, max(1, KEY_BLOCK // s)  # pages a block
+    blocks = -(-page_table.shape[1] // per)
+    table = jnp.pad(page_table, ((0, 0), (0, blocks * per - page_table.shape[1])))  # the null page, masked
+    q = q.reshape(b, t, kv, g, d).transpose(0, 2, 1, 3, 4).reshape(b, kv, t * g, d)  # [B, KV, T*G, D]
+    pos = jnp.repeat(q_pos, g, axis=1)[:, None, :, None]  # [B, 1, T*G, 1]
+    windowed = window is not None and not (isinstance(window, int) and window <= 0)
+    reach = jnp.where(window > 0, window, jnp.iinfo(jnp.int32).max // 2) if windowed else None
+
+    def block(i, carry):
+        top, total, acc = carry  # [B, KV, T*G, 1] twice, [B, KV, T*G, D]
+        cols = jax.lax.dynamic_slice_in_dim(table, i * per, per, axis=1)
+        k, v = gather_pages(k_pages, cols, layer), gather_pages(v_pages, cols, layer)  # [B, per*S, KV, D]
+        if backend == "tpu" and b > 1:  # as in `_attend`, no copy of the pool to gather its pages head by head;
+            # here at 2+ rows only: in this loop the barrier made the copy at one row (8B, 4 v5e chips: 770 MiB)
+            k, v = (x.reshape(b, -1, kv, d) for x in jax.lax.optimization_barrier(
+                (k.reshape(b, -1, kv * d), v.reshape(b, -1, kv * d))))
+        scores = jnp.einsum("bkqd,blkd->bkql", q, k, preferred_element_type=jnp.float32)
+        scores = scores / math.sqrt(d) if scale is None else scores * scale
+        if softcap:
+            scores = jnp.tanh(scores / softcap) * softcap
+        keys = i * per * s + jnp.arange(per * s)
+        mask = keys <= pos  # [B, 1, T*G, per*S]
+        if windowed:
+            mask &= keys > pos - reach
+        new_top = jnp.maximum(top, jnp.max(jnp.where(mask, scores, -jnp.inf), axis=-1, keepdims=True))
+        probs = jnp.where(mask, jnp.exp(scores - new_top), 0.0)
+        fade = jnp.exp(top - new_top)  # 0 once a first key is seen (top starts at -inf: then 1, over zeros)
+        fade = jnp.where(jnp.isneginf(new_top), 1.0, fade)
+        acc = acc * fade + jnp.einsum("bkql,blkd->bkqd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
+        return new_top, total * fade + probs.sum(axis=-1, keepdims=True), acc
+
+    rows = (b, kv, t * g, 1)
+    start = (jnp.full(rows, -jnp.inf, jnp.float32), jnp.zeros(rows, jnp.float32),
+             jnp.zeros((b, kv, t * g, d), jnp.float32))
+    count = jnp.minimum(jnp.max(q_pos) // (per * s) + 1, blocks)
+    _, total, acc = jax.lax.fori_loop(0, count, block, start)
+    out = (acc / jnp.where(total > 0, total, 1.0)).astype(v_pages.dtype)  # a query that sees no key: zeros
+    return out.reshape(b, kv, t, g, d).transpose(0, 2, 1, 3, 4).reshape(b, t, h, d)
 
 
 def _attend_prefix(width: int, q, k_pages, v_pages, page_table, q_pos, layer, window, *, scale, softcap, backend):

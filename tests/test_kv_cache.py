@@ -149,6 +149,54 @@ def test_decode_attention_reads_as_many_pages_as_the_furthest_query_needs(furthe
                 np.testing.assert_allclose(out[row, i, h], expect, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("backend", ["cpu", "tpu"])
+@pytest.mark.parametrize("window,softcap", [(None, None), (6, None), (None, 2.0), (0, None)])
+@pytest.mark.parametrize("furthest", [3, 9, 26])  # key blocks reached: 1, 2, 4 of 4
+def test_prefill_attention_reads_key_blocks_up_to_the_furthest_query(furthest, window, softcap, backend,
+                                                                     monkeypatch):
+    """Prefill steps attend KEY_BLOCK keys at a time (set to 2 pages of 4 here), as many blocks as
+    the furthest query reaches, with an online softmax. Against a softmax written out in numpy
+    (scale, Gemma 2's soft-cap, HF's sliding window: a query sees itself and window - 1 keys back;
+    0 is full attention), over a 7-page table (the last block padded) and 2 replicas; the pages of
+    blocks past the furthest query hold NaN, so reading one fails the test."""
+    from functools import partial
+
+    from graphs import layers
+
+    monkeypatch.setattr(layers, "KEY_BLOCK", 8)
+    attend = jax.jit(partial(layers.paged_attention, backend=backend, window=window, softcap=softcap))
+    rng = np.random.default_rng(furthest)
+    r, s, n, kv, g, d, b, t, p = 2, 4, 16, 2, 3, 8, 4, 5, 7
+    k_pages = rng.normal(size=(r, 2, n, s, kv, d)).astype(np.float32)
+    v_pages = rng.normal(size=(r, 2, n, s, kv, d)).astype(np.float32)
+    # the two rows of a replica hold pages of their own (so poisoning one's pages leaves the other's)
+    table = np.concatenate([rng.permutation(np.arange(1, n))[:2 * p].reshape(2, p) for _ in range(r)]).astype(np.int32)
+    q = rng.normal(size=(b, t, kv * g, d)).astype(np.float32)
+    q_pos = np.sort(rng.integers(0, furthest + 1, size=(b, t)), axis=1).astype(np.int32)
+    q_pos[1, -1] = furthest
+    reached = furthest // 8 + 1  # blocks of 2 pages
+    for row in range(b):  # rows grouped by replica: row // 2
+        k_pages[row // 2, 1][table[row, 2 * reached:]] = np.nan
+        v_pages[row // 2, 1][table[row, 2 * reached:]] = np.nan
+    with jax.default_matmul_precision("highest"):
+        out = np.asarray(attend(q, k_pages, v_pages, table, q_pos, 1))
+    jaxpr = str(jax.make_jaxpr(attend)(q, k_pages, v_pages, table, q_pos, 1))
+    assert "while" in jaxpr and ("optimization_barrier" in jaxpr) == (backend == "tpu")  # (4 rows: a barrier)
+    for row in range(b):
+        keys = k_pages[row // 2, 1][table[row]].reshape(p * s, kv, d)
+        values = v_pages[row // 2, 1][table[row]].reshape(p * s, kv, d)
+        for i in range(t):
+            first = max(0, q_pos[row, i] - window + 1) if window else 0
+            seen = slice(first, q_pos[row, i] + 1)
+            for h in range(kv * g):
+                logits = keys[seen, h // g] @ q[row, i, h] / np.sqrt(d)
+                if softcap:
+                    logits = softcap * np.tanh(logits / softcap)
+                weights = np.exp(logits - logits.max())
+                expect = (weights / weights.sum()) @ values[seen, h // g]
+                np.testing.assert_allclose(out[row, i, h], expect, rtol=1e-5, atol=1e-5)
+
+
 def test_misuse_of_pages_is_an_error_that_names_the_request():
     kv = manager(6, caching=False)
     with pytest.raises(ValueError, match="request 'ghost' holds no KV pages"):

@@ -159,25 +159,28 @@ config = PipelineConfig(model_path=sys.argv[2], max_length=max_length, max_batch
                         compile_target="tpu:v5e:2x2", devices=str(chips), tensor_parallel_degree=chips,
                         warmup=False, executable_cache=True, cache_dir=sys.argv[3], max_num_steps=4)
 model = PIPELINE_REGISTRY.retrieve(config, progress=False)[1].model
+prefill = int(sys.argv[8])  # also the prefill steps of this many tokens (0: none)
 for bucket in model.step_buckets():
-    if bucket.tokens == 1 and bucket.rows <= 2:
-        model.compile_bucket(bucket.rows, bucket.tokens, bucket.width, 4, per_rows=False, mixed=bucket.mixed)
+    if bucket.tokens in (1, prefill) and bucket.rows <= 2 and not bucket.mixed:
+        model.compile_bucket(bucket.rows, bucket.tokens, bucket.width, 4, per_rows=False)
 out = {}
 for path in glob.glob(sys.argv[3] + "/executables/*.json"):
     with open(path) as f:
         record = json.load(f)
     if record["key"]["name"] not in ("step", "decode_loop"):
         continue
-    rows = re.search(r"'tokens', \\((\\d+), 1\\)", record["key"]["signature"]).group(1)
-    out[record["key"]["name"] + " " + rows] = record["memory"]
+    rows, tokens = re.search(r"'tokens', \\((\\d+), (\\d+)\\)", record["key"]["signature"]).groups()
+    name = record["key"]["name"] if tokens == "1" else "prefill"
+    out[name + " " + rows] = record["memory"]
 print(json.dumps(out))
 """
 
 
 def _decode_memory(tmp_path, layers: int, vocab: int, encoding: str, chips: int, max_length: int,
-                   max_batch: int = 2) -> dict:
-    """memory_analysis() of the 1- and 2-row decode steps and loops ("step 2", ...) of a Llama of
-    Llama-3.1-8B's width, compiled alone for `chips` v5e chips (tensor parallel)."""
+                   max_batch: int = 2, prefill: int = 0) -> dict:
+    """memory_analysis() of the 1- and 2-row decode steps and loops ("step 2", ...), and of the
+    prefill steps of `prefill` tokens ("prefill 2"), of a Llama of Llama-3.1-8B's width, compiled
+    alone for `chips` v5e chips (tensor parallel)."""
     import transformers as tf
 
     from conftest import byte_tokenizer
@@ -187,7 +190,8 @@ def _decode_memory(tmp_path, layers: int, vocab: int, encoding: str, chips: int,
     cfg.architectures = ["LlamaForCausalLM"]
     cfg.save_pretrained(tmp_path / "wide")  # compile-only reads no weights
     byte_tokenizer().save_pretrained(tmp_path / "wide")
-    args = [ROOT, str(tmp_path / "wide"), str(tmp_path / "c"), encoding, str(chips), str(max_length), str(max_batch)]
+    args = [ROOT, str(tmp_path / "wide"), str(tmp_path / "c"), encoding, str(chips), str(max_length), str(max_batch),
+            str(prefill)]
     r = subprocess.run([sys.executable, "-c", DECODE_SCRIPT, *args], capture_output=True, text=True, timeout=600,
                        env=_tpu_env())
     assert r.returncode == 0, r.stderr[-3000:]
@@ -206,15 +210,16 @@ def test_the_decode_loop_keeps_the_q_k_v_stacks_as_stored(tmp_path):
         assert memory[loop]["temp_size_in_bytes"] < 8 * 2**20, memory  # below one layer's k: no copy
 
 
-@pytest.mark.slow  # about 40 s (`make test-slow`); test_kv_cache checks the attention's barrier on "tpu"
+@pytest.mark.slow  # about 50 s (`make test-slow`); test_kv_cache checks the attention's barrier on "tpu"
 def test_a_decode_step_on_four_chips_gathers_pages_without_copying_the_pool(tmp_path):
     """The Llama-3.1-8B shape in bfloat16 on 4 v5e chips (2 KV heads a chip), decode steps and loops
-    of 1 and 2 rows of 2,048 tokens (the pool sized for 8): no copy of a layer's KV pool (257 MiB a
-    chip), which XLA:TPU made in every layer of every step of 2 rows to gather the pages head by
-    head, until graphs.layers kept the gathered pages [rows, keys, KV x D] behind an optimization
-    barrier (of 2 rows or more: for one row the barrier made the copy)."""
-    memory = _decode_memory(tmp_path, 32, 128256, "bfloat16", 4, 2048, max_batch=8)
-    assert sorted(memory) == ["decode_loop 1", "decode_loop 2", "step 1", "step 2"], sorted(memory)
+    of 1 and 2 rows of 2,048 tokens (the pool sized for 8), and prefill steps of 16 tokens: no copy
+    of a layer's KV pool (257 MiB a chip), which XLA:TPU made in every layer of every step of 2 rows
+    to gather the pages head by head, until graphs.layers kept the gathered pages [rows, keys,
+    KV x D] behind an optimization barrier (of 2 rows or more: for one row the barrier made the
+    copy, in decode's whole-table attention and in prefill's loop over key blocks alike)."""
+    memory = _decode_memory(tmp_path, 32, 128256, "bfloat16", 4, 2048, max_batch=8, prefill=16)
+    assert sorted(memory) == ["decode_loop 1", "decode_loop 2", "prefill 1", "prefill 2", "step 1", "step 2"], memory
     for name, got in memory.items():
         assert got["temp_size_in_bytes"] < 16 * 2**20, (name, memory)  # 257 MiB with the copy
 
