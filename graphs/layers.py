@@ -194,8 +194,8 @@ def paged_attention(
     (T > 1, a table of more than KEY_BLOCK keys) read KEY_BLOCK keys at a time, as many
     blocks as the furthest query reaches (`_attend_blocks`: a loop, not branches, which cost
     more compile time than they saved: a Llama-3.1-8B-shaped 256-token step for TPU took
-    17.9 s and 12 MiB with them, 6.6 s and 5 MiB without). On GPU every step but decode
-    reads the whole table.
+    17.9 s and 12 MiB with them, 6.6 s and 5 MiB without). On GPU prefill steps read the
+    whole table.
 
     kernel: "xla", "pallas", or an AttentionRun (the kernel and the mesh it runs under).
     "pallas": decode steps whose shapes the backend's kernel supports run it instead

@@ -113,7 +113,7 @@ def test_a_stacked_pool_is_written_and_read_at_a_traced_layer(replicas):
 @pytest.mark.parametrize("furthest", [2, 4, 7, 13, 30])  # pages reached: 1, 1, 2, 4, 8 of 8
 def test_decode_attention_reads_as_many_pages_as_the_furthest_query_needs(furthest, t, backend):
     """One page-table width for every context: decode attention picks the prefix of the table it
-    reads on device (prefill reads it all). Against a dense softmax written out in numpy, for
+    reads on device (prefill: the next test). Against a dense softmax written out in numpy, for
     queries reaching 1 to 8 pages (pages past the furthest query hold garbage that must not matter).
     The "tpu" graph (run here on CPU) keeps the gathered pages [B, L, KV x D] behind an optimization
     barrier (else XLA:TPU copies a layer's pool to gather it head by head); the values are the same."""
