@@ -195,7 +195,7 @@ def paged_attention(
     blocks as the furthest query reaches (`_attend_blocks`: a loop, not branches, which cost
     more compile time than they saved: a Llama-3.1-8B-shaped 256-token step for TPU took
     17.9 s and 12 MiB with them, 6.6 s and 5 MiB without). On GPU prefill steps read the
-    whole table.
+    whole table up to GPU_WHOLE_TABLE_KEYS keys, blocks past it (`prefill_reads_blocks`).
 
     kernel: "xla", "pallas", or an AttentionRun (the kernel and the mesh it runs under).
     "pallas": decode steps whose shapes the backend's kernel supports run it instead
@@ -212,7 +212,7 @@ def paged_attention(
         if out is not None:
             return out
     s, p = k_pages.shape[-3], page_table.shape[1]
-    if q.shape[1] > 1 and WIDTH_ON_DEVICE.get(backend, True) and p * s > KEY_BLOCK:
+    if q.shape[1] > 1 and prefill_reads_blocks(backend, p * s):
         return _attend_blocks(q, k_pages, v_pages, page_table, q_pos, layer, window, scale, softcap, backend)
     widths = [w for w in (2**i for i in range(p.bit_length())) if w < p] + [p]
     if len(widths) == 1 or q.shape[1] > 1 or not WIDTH_ON_DEVICE.get(backend, True):
@@ -223,11 +223,23 @@ def paged_attention(
     return jax.lax.switch(branch, branches, q, k_pages, v_pages, page_table, q_pos, layer, window)
 
 
-# Prefill steps (T > 1) on backends in WIDTH_ON_DEVICE attend KEY_BLOCK keys at a time, as many blocks as
-# the furthest query reaches (a loop count on device), with an online softmax: their work follows the
-# context, not max_length, and no [queries, max_length] score matrix is held. (One whole-table product
-# made SmolLM2's 512-token prefill on CPU 4.6x slower at max_length 8192, its default, than at 1024.)
+# Prefill steps (T > 1) attend KEY_BLOCK keys at a time, as many blocks as the furthest query reaches
+# (a loop count on device), with an online softmax: their work follows the context, not max_length, and
+# no [queries, max_length] score matrix is held. (One whole-table product made SmolLM2's 512-token
+# prefill on CPU 4.6x slower at max_length 8192, its default, than at 1024.) On GPU only over tables of
+# more than GPU_WHOLE_TABLE_KEYS keys: XLA:GPU reads a loop's count on the host each iteration (a stream
+# sync per block and layer), which a narrow table's single product does without; a wide one's scores
+# alone would not fit (Llama-3.1-8B, an 8192-token chunk at its default max_length of 131,072: 128 GiB).
 KEY_BLOCK = 512
+GPU_WHOLE_TABLE_KEYS = 8192
+
+
+def prefill_reads_blocks(backend: str, table_keys: int) -> bool:
+    """Whether a step of several tokens a row over a table of `table_keys` keys attends
+    KEY_BLOCK keys at a time (`_attend_blocks`) rather than all at once (`_attend`)."""
+    if table_keys <= KEY_BLOCK:
+        return False
+    return WIDTH_ON_DEVICE.get(backend, True) or table_keys > GPU_WHOLE_TABLE_KEYS
 
 
 def _attend_blocks(q, k_pages, v_pages, page_table, q_pos, layer, window, scale, softcap, backend):
@@ -235,30 +247,19 @@ def _attend_blocks(q, k_pages, v_pages, page_table, q_pos, layer, window, scale,
     online (running maximum, sum and weighted values per query, in float32)."""
     b, t, h, d = q.shape
     kv, s = k_pages.shape[-2], k_pages.shape[-3]
-    g, per = h // kv, max(1, KEY_BLOCK // s)  # pages a block
+    per = max(1, KEY_BLOCK // s)  # pages a block
     blocks = -(-page_table.shape[1] // per)
     table = jnp.pad(page_table, ((0, 0), (0, blocks * per - page_table.shape[1])))  # the null page, masked
-    q = q.reshape(b, t, kv, g, d).transpose(0, 2, 1, 3, 4).reshape(b, kv, t * g, d)  # [B, KV, T*G, D]
-    pos = jnp.repeat(q_pos, g, axis=1)[:, None, :, None]  # [B, 1, T*G, 1]
-    windowed = window is not None and not (isinstance(window, int) and window <= 0)
-    reach = jnp.where(window > 0, window, jnp.iinfo(jnp.int32).max // 2) if windowed else None
+    q, pos = _grouped(q, kv), _grouped_positions(q_pos, h // kv)
 
     def block(i, carry):
         top, total, acc = carry  # [B, KV, T*G, 1] twice, [B, KV, T*G, D]
         cols = jax.lax.dynamic_slice_in_dim(table, i * per, per, axis=1)
-        k, v = gather_pages(k_pages, cols, layer), gather_pages(v_pages, cols, layer)  # [B, per*S, KV, D]
-        if backend == "tpu" and b > 1:  # as in `_attend`, no copy of the pool to gather its pages head by head;
-            # here at 2+ rows only: in this loop the barrier made the copy at one row (8B, 4 v5e chips: 770 MiB)
-            k, v = (x.reshape(b, -1, kv, d) for x in jax.lax.optimization_barrier(
-                (k.reshape(b, -1, kv * d), v.reshape(b, -1, kv * d))))
-        scores = jnp.einsum("bkqd,blkd->bkql", q, k, preferred_element_type=jnp.float32)
-        scores = scores / math.sqrt(d) if scale is None else scores * scale
-        if softcap:
-            scores = jnp.tanh(scores / softcap) * softcap
-        keys = i * per * s + jnp.arange(per * s)
-        mask = keys <= pos  # [B, 1, T*G, per*S]
-        if windowed:
-            mask &= keys > pos - reach
+        # The barrier as in `_attend`, here at 2+ rows only: in this loop it made the copy at one row
+        # (Llama-3.1-8B on 4 v5e chips: 770 MiB).
+        k, v = _gathered(k_pages, v_pages, cols, layer, barrier=backend == "tpu" and b > 1)  # [B, per*S, KV, D]
+        scores = _scores(q, k, scale, softcap)
+        mask = _visible(i * per * s + jnp.arange(per * s), pos, window)
         new_top = jnp.maximum(top, jnp.max(jnp.where(mask, scores, -jnp.inf), axis=-1, keepdims=True))
         probs = jnp.where(mask, jnp.exp(scores - new_top), 0.0)
         fade = jnp.exp(top - new_top)  # 0 once a first key is seen (top starts at -inf: then 1, over zeros)
@@ -266,13 +267,13 @@ def _attend_blocks(q, k_pages, v_pages, page_table, q_pos, layer, window, scale,
         acc = acc * fade + jnp.einsum("bkql,blkd->bkqd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
         return new_top, total * fade + probs.sum(axis=-1, keepdims=True), acc
 
-    rows = (b, kv, t * g, 1)
+    rows = (b, kv, t * h // kv, 1)
     start = (jnp.full(rows, -jnp.inf, jnp.float32), jnp.zeros(rows, jnp.float32),
-             jnp.zeros((b, kv, t * g, d), jnp.float32))
+             jnp.zeros((*rows[:3], d), jnp.float32))
     count = jnp.minimum(jnp.max(q_pos) // (per * s) + 1, blocks)
     _, total, acc = jax.lax.fori_loop(0, count, block, start)
-    out = (acc / jnp.where(total > 0, total, 1.0)).astype(v_pages.dtype)  # a query that sees no key: zeros
-    return out.reshape(b, kv, t, g, d).transpose(0, 2, 1, 3, 4).reshape(b, t, h, d)
+    out = acc / jnp.where(total > 0, total, 1.0)  # a query that sees no key: zeros
+    return _ungrouped(out.astype(v_pages.dtype), t)
 
 
 def _attend_prefix(width: int, q, k_pages, v_pages, page_table, q_pos, layer, window, *, scale, softcap, backend):
@@ -281,33 +282,64 @@ def _attend_prefix(width: int, q, k_pages, v_pages, page_table, q_pos, layer, wi
 
 def _attend(q, k_pages, v_pages, page_table, q_pos, layer, window=None, scale=None, softcap=None, backend="cpu"):
     b, t, h, d = q.shape
-    kv, s = k_pages.shape[-2], k_pages.shape[-3]
-    g, p = h // kv, page_table.shape[1]
-    k = gather_pages(k_pages, page_table, layer)  # [B, P*S, KV, D]
-    v = gather_pages(v_pages, page_table, layer)
-    if backend == "tpu" and b * t > 1:  # kept [B, P*S, KV x D] behind a barrier, as `_product` keeps q: else,
-        # with 2 KV heads a device (tensor parallelism), XLA:TPU copies the layer's whole pool in each layer of
-        # each decode step of 2+ rows, and of prefill, to gather its pages head by head (Llama-3.1-8B on 4 v5e
-        # chips: 257 MiB). Not for one row's decode: there the barrier made the copy (tests/test_tpu_target.py).
+    kv = k_pages.shape[-2]
+    # The barrier (see `_gathered`) not for one row's decode: there it made the copy (tests/test_tpu_target.py).
+    k, v = _gathered(k_pages, v_pages, page_table, layer, barrier=backend == "tpu" and b * t > 1)  # [B, P*S, KV, D]
+    scores = _scores(_grouped(q, kv), k, scale, softcap)
+    mask = _visible(jnp.arange(k.shape[1]), _grouped_positions(q_pos, h // kv), window)
+    probs = jax.nn.softmax(jnp.where(mask, scores, jnp.finfo(jnp.float32).min), axis=-1).astype(v.dtype)
+    return _ungrouped(jnp.einsum("bkql,blkd->bkqd", probs, v), t)
+
+
+# The pieces both attentions share. Each KV head's T x G queries form one axis: one [T*G, D] x [D, L]
+# product per (row, head) instead of G x T separate ones (measured 3.5 vs 6.4 ms a layer at 32 rows on CPU).
+def _grouped(q: jax.Array, kv: int) -> jax.Array:
+    """q [B, T, H, D] -> [B, KV, T*G, D]."""
+    b, t, h, d = q.shape
+    return q.reshape(b, t, kv, h // kv, d).transpose(0, 2, 1, 3, 4).reshape(b, kv, t * h // kv, d)
+
+
+def _ungrouped(out: jax.Array, t: int) -> jax.Array:
+    """The inverse of `_grouped`: [B, KV, T*G, D] -> [B, T, H, D]."""
+    b, kv, _, d = out.shape
+    return out.reshape(b, kv, t, -1, d).transpose(0, 2, 1, 3, 4).reshape(b, t, -1, d)
+
+
+def _grouped_positions(q_pos: jax.Array, g: int) -> jax.Array:
+    """q_pos [B, T] -> the grouped queries' positions [B, 1, T*G, 1]."""
+    return jnp.repeat(q_pos, g, axis=1)[:, None, :, None]
+
+
+def _gathered(k_pages, v_pages, page_table, layer, *, barrier: bool):
+    """The table's keys and values [B, L, KV, D]. With `barrier` (TPU, steps of several tokens) they
+    are kept [B, L, KV x D] behind an optimization barrier, as `_product` keeps q: else, with 2 KV heads
+    a device (tensor parallelism), XLA:TPU copies the layer's whole pool in each layer of each decode
+    step of 2+ rows, and of prefill, to gather its pages head by head (Llama-3.1-8B on 4 v5e chips:
+    257 MiB)."""
+    k, v = gather_pages(k_pages, page_table, layer), gather_pages(v_pages, page_table, layer)
+    if barrier:
+        b, _, kv, d = k.shape
         flat = jax.lax.optimization_barrier((k.reshape(b, -1, kv * d), v.reshape(b, -1, kv * d)))
         k, v = (x.reshape(b, -1, kv, d) for x in flat)
-    # Each KV head's T x G queries as one axis: one [T*G, D] x [D, L] product per (row,
-    # head) instead of G x T separate ones (measured 3.5 vs 6.4 ms a layer at 32 rows on CPU).
-    q = q.reshape(b, t, kv, g, d).transpose(0, 2, 1, 3, 4).reshape(b, kv, t * g, d)  # [B, KV, T*G, D]
+    return k, v
+
+
+def _scores(q: jax.Array, k: jax.Array, scale, softcap) -> jax.Array:
+    """Scaled (default head_dim^-1/2), soft-capped float32 scores [B, KV, T*G, L] of grouped queries."""
     scores = jnp.einsum("bkqd,blkd->bkql", q, k, preferred_element_type=jnp.float32)
-    scores = scores / math.sqrt(d) if scale is None else scores * scale
-    if softcap:
-        scores = jnp.tanh(scores / softcap) * softcap
-    keys = jnp.arange(p * s)[None, None, :]
-    mask = keys <= q_pos[:, :, None]  # [B, T, P*S]
+    scores = scores / math.sqrt(q.shape[-1]) if scale is None else scores * scale
+    return jnp.tanh(scores / softcap) * softcap if softcap else scores
+
+
+def _visible(keys: jax.Array, pos: jax.Array, window) -> jax.Array:
+    """Which keys (positions [L]) each query (positions [B, 1, T*G, 1]) sees: its own and earlier
+    ones, and with a window (a static int or a traced scalar; 0 or None: full) only the last
+    `window` of those."""
+    mask = keys <= pos
     if window is not None and not (isinstance(window, int) and window <= 0):
         reach = jnp.where(window > 0, window, jnp.iinfo(jnp.int32).max // 2)  # a traced 0: full
-        mask &= keys > q_pos[:, :, None] - reach
-    mask = jnp.repeat(mask, g, axis=1)[:, None]  # [B, 1, T*G, P*S]
-    scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkql,blkd->bkqd", probs, v)  # [B, KV, T*G, D]
-    return out.reshape(b, kv, t, g, d).transpose(0, 2, 1, 3, 4).reshape(b, t, h, d)
+        mask &= keys > pos - reach
+    return mask
 
 
 def adapter_mask(w: dict, adapters) -> jax.Array | None:

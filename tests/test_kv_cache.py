@@ -159,6 +159,21 @@ def test_prefill_attention_reads_key_blocks_up_to_the_furthest_query(furthest, w
     (scale, Gemma 2's soft-cap, HF's sliding window: a query sees itself and window - 1 keys back;
     0 is full attention), over a 7-page table (the last block padded) and 2 replicas; the pages of
     blocks past the furthest query hold NaN, so reading one fails the test."""
+    _check_prefill_attention(furthest, window, softcap, backend, monkeypatch, blocks=True)
+
+
+@pytest.mark.parametrize("whole_table_keys,furthest", [(16, 9), (16, 26), (28, 26)])
+def test_gpu_prefill_attention_reads_key_blocks_past_its_whole_table_width(whole_table_keys, furthest, monkeypatch):
+    """On GPU a prefill step reads the whole table up to GPU_WHOLE_TABLE_KEYS keys (one product, no
+    loop whose count XLA:GPU would read on the host), and key blocks over a wider one (the 28-key
+    table here against 16: a [queries, max_length] score matrix would not fit at long max_length)."""
+    from graphs import layers
+
+    monkeypatch.setattr(layers, "GPU_WHOLE_TABLE_KEYS", whole_table_keys)
+    _check_prefill_attention(furthest, 6, None, "gpu", monkeypatch, blocks=whole_table_keys < 28)
+
+
+def _check_prefill_attention(furthest, window, softcap, backend, monkeypatch, *, blocks: bool):
     from functools import partial
 
     from graphs import layers
@@ -175,13 +190,13 @@ def test_prefill_attention_reads_key_blocks_up_to_the_furthest_query(furthest, w
     q_pos = np.sort(rng.integers(0, furthest + 1, size=(b, t)), axis=1).astype(np.int32)
     q_pos[1, -1] = furthest
     reached = furthest // 8 + 1  # blocks of 2 pages
-    for row in range(b):  # rows grouped by replica: row // 2
+    for row in range(b if blocks else 0):  # rows grouped by replica: row // 2
         k_pages[row // 2, 1][table[row, 2 * reached:]] = np.nan
         v_pages[row // 2, 1][table[row, 2 * reached:]] = np.nan
     with jax.default_matmul_precision("highest"):
         out = np.asarray(attend(q, k_pages, v_pages, table, q_pos, 1))
     jaxpr = str(jax.make_jaxpr(attend)(q, k_pages, v_pages, table, q_pos, 1))
-    assert "while" in jaxpr and ("optimization_barrier" in jaxpr) == (backend == "tpu")  # (4 rows: a barrier)
+    assert ("while" in jaxpr) == blocks and ("optimization_barrier" in jaxpr) == (backend == "tpu")  # (4 rows)
     for row in range(b):
         keys = k_pages[row // 2, 1][table[row]].reshape(p * s, kv, d)
         values = v_pages[row // 2, 1][table[row]].reshape(p * s, kv, d)
