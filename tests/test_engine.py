@@ -83,6 +83,30 @@ def test_size_estimates_are_real(tiny_llama):
     assert 0 < small < big
 
 
+def test_the_activation_estimate_bounds_what_xla_holds_at_a_long_max_length(tmp_path):
+    """Before anything compiles, the KV pool of an accelerator is planned around a shape-based
+    estimate of a step's temporaries. Against XLA's own figures for every executable of the set:
+    at max_length 4096 prefill attention holds a block of keys' scores, not the whole table's (an
+    estimate of a [4096, 4096] score matrix per head was 40x what the steps held)."""
+    import transformers as tf
+
+    from conftest import save_tiny
+    from maxlike.engine.session import memory_analysis
+    from maxlike.pipelines import PIPELINE_REGISTRY, PipelineConfig
+
+    cfg = tf.LlamaConfig(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=4096)
+    path = save_tiny(tf.LlamaForCausalLM(cfg), tmp_path / "model")
+    config = PipelineConfig(model_path=path, max_length=4096, max_batch_size=2, prefill_chunk_size=512,
+                            compile_only=True, cache_dir=str(tmp_path / "cache"))
+    _, pipeline = PIPELINE_REGISTRY.retrieve(config, progress=False)
+    model = pipeline.model
+    estimate = type(model).estimate_activation_memory(config, model.huggingface_config)
+    pipeline.compile_all(progress=False)
+    held = max(memory_analysis(e)["temp_size_in_bytes"] for e in model.session.executables())
+    assert held <= estimate <= 2 * held, (held, estimate)
+
+
 def test_kv_budget_too_small_says_what_fits(tiny_llama):
     import pytest
 
@@ -99,7 +123,10 @@ def test_the_kv_pool_size_is_stable_on_accelerators(tiny_llama, monkeypatch):
     """On an accelerator the pool's page count (part of every executable's key) depends on the
     config and the device's memory size only: not on memory in use nor on whether a warm-up has
     recorded XLA's activation sizes, so warm-cache then a start with the same flags agree."""
+    import pytest
+
     import maxlike.pipelines.sizing as sizing
+    from maxlike.config import ConfigError
     from maxlike.engine.session import InferenceSession
 
     memory = {"bytes_limit": 64 * 2**30, "bytes_in_use": 0}
@@ -127,3 +154,9 @@ def test_the_kv_pool_size_is_stable_on_accelerators(tiny_llama, monkeypatch):
     # Not enough left (300 pages' worth): the pool shrinks to what is free.
     memory["bytes_in_use"] = memory["bytes_limit"] - weights - activations - 300 * first.kv_params.page_bytes
     assert plan()[1] == 300
+    # Room for 10 pages, not a sequence's 16: the error says what else holds the device's memory.
+    memory.update(bytes_in_use=0, bytes_limit=int((weights + activations + 10.5 * first.kv_params.page_bytes) / 0.9))
+    with pytest.raises(ConfigError, match=r"KV cache budget \(of [\d.]+ GiB a device x device_memory_utilization=0\.9, "
+                                          r"less [\d.]+ GiB of weights and [\d.]+ GiB of step temporaries at this "
+                                          r"max_length\) holds 10 pages"):
+        plan()

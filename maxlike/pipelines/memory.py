@@ -31,17 +31,18 @@ def bucket(n: int, minimum: int, maximum: int) -> int:
 
 
 def activation_bytes(
-    *, batch: int, tokens: int, context: int, hidden: int, q_heads: int, intermediate: int, vocab: int,
-    logits_rows: int, itemsize: int,
+    *, batch: int, tokens: int, context: int, hidden: int, q_heads: int, kv_width: int, intermediate: int,
+    vocab: int, logits_rows: int, itemsize: int, score_buffers: int = 2,
 ) -> int:
     """Peak temporaries of one step of the reference (plain-XLA) decoder.
 
-    Attention scores and probabilities [B, H, T, L] in fp32, the gathered
-    keys and values, the MLP's gate/up products, the residual stream, and the
-    logits [B, N, V] in fp32.
+    `score_buffers` buffers of attention scores [B, H, T, L] in fp32 (L = `context`, the
+    keys attended at once: the scores and the probabilities), the gathered keys and values
+    [B, L, KV x D] (`kv_width` = KV x D), the MLP's gate/up products, the residual stream,
+    and the logits [B, N, V] in fp32.
     """
-    scores = 2 * batch * q_heads * tokens * context * 4
-    kv_gather = 2 * batch * context * hidden * itemsize
+    scores = score_buffers * batch * q_heads * tokens * context * 4
+    kv_gather = 2 * batch * context * kv_width * itemsize
     mlp = 3 * batch * tokens * intermediate * itemsize
     residual = 4 * batch * tokens * hidden * itemsize
     logits = batch * logits_rows * vocab * 4

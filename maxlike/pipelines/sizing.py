@@ -24,7 +24,7 @@ from maxlike.pipelines.registry import PIPELINE_REGISTRY
 from maxlike.pipelines.serving import Bucket
 from maxlike.sharding import device_bytes
 
-from graphs.layers import WIDTH_ON_DEVICE
+from graphs.layers import KEY_BLOCK, WIDTH_ON_DEVICE, prefill_reads_blocks
 
 log = logging.getLogger("maxlike")
 
@@ -94,15 +94,24 @@ class DecoderSizing:
 
     @classmethod
     def _activation_estimate(cls, pipeline_config, huggingface_config) -> int:
-        """From shapes: the largest prefill bucket (one row of max_length) or a full decode batch."""
+        """From shapes: the largest prefill bucket (one row of as many tokens as a prefill step
+        takes) or a full decode batch. Prefill attention holds the scores of one block of keys
+        where it reads the table by blocks (graphs.layers.prefill_reads_blocks), else of them all."""
         arch, cfg = cls._graph_and_config(huggingface_config)
         max_len = cls.calculate_max_seq_len(pipeline_config, huggingface_config)
-        itemsize = memory.resolve_dtype(pipeline_config.model.dtype, _platform(pipeline_config)).itemsize
+        platform = _platform(pipeline_config)
+        itemsize = memory.resolve_dtype(pipeline_config.model.dtype, platform).itemsize
         batch = pipeline_config.max_batch_size or DEFAULT_MAX_BATCH
-        common = dict(hidden=cfg.hidden_size, q_heads=cfg.q_heads, intermediate=cfg.intermediate_size,
-                      vocab=cfg.vocab_size, itemsize=itemsize)
-        prefill = memory.activation_bytes(batch=1, tokens=memory.next_pow2(max_len), context=max_len,
-                                          logits_rows=1, **common)
+        _, kv_heads, head_dim = arch.kv_shape(cfg)
+        common = dict(hidden=cfg.hidden_size, q_heads=cfg.q_heads, kv_width=kv_heads * head_dim,
+                      intermediate=cfg.intermediate_size, vocab=cfg.vocab_size, itemsize=itemsize)
+        tokens = max_prefill_tokens(max_len, pipeline_config.prefill_chunk_size)
+        if prefill_reads_blocks(platform, max_len):  # a block's scores, their masked maximum and probabilities:
+            # three buffers on XLA:CPU (a 512-token step: 25.8 MB for 8.4 MB of scores; XLA:TPU held one)
+            prefill = memory.activation_bytes(batch=1, tokens=tokens, context=KEY_BLOCK, logits_rows=1,
+                                              score_buffers=3, **common)
+        else:
+            prefill = memory.activation_bytes(batch=1, tokens=tokens, context=max_len, logits_rows=1, **common)
         decode = memory.activation_bytes(batch=batch, tokens=1, context=max_len, logits_rows=1, **common)
         return max(prefill, decode)
 
@@ -156,6 +165,7 @@ class DecoderSizing:
         dtype = self.dtype if cfg.cache_dtype == "auto" else memory.resolve_dtype(cfg.cache_dtype, self.session.platform)
         params = KVCacheParams(layers, kv_heads, head_dim, cfg.kv_cache_page_size, str(dtype))
         pages_per_seq = params.pages_for(self.max_length)
+        spent = ""  # what else the budget holds, on an accelerator
         if self.session.platform == "cpu":
             budget_pages = int(cfg.host_kv_cache_memory_gib * 2**30 / self.replicas // params.page_bytes)
         else:
@@ -166,15 +176,18 @@ class DecoderSizing:
                          self.devices[0].device_kind, batch, self.max_length)
                 self._check_target_fits(batch, batch * pages_per_seq + 1, params, specs)
                 return params, batch, batch * pages_per_seq + 1
+            weights = self._device_weights_bytes(specs)
+            activations = self._activation_estimate(self.pipeline_config, self.huggingface_config)
             budget_pages = device_page_budget(
-                stats, utilization=cfg.device_memory_utilization,
-                weights_bytes=self._device_weights_bytes(specs),
-                activation_bytes=self._activation_estimate(self.pipeline_config, self.huggingface_config),
-                page_bytes=params.page_bytes / self.tensor_parallel_degree)
+                stats, utilization=cfg.device_memory_utilization, weights_bytes=weights,
+                activation_bytes=activations, page_bytes=params.page_bytes / self.tensor_parallel_degree)
+            spent = (f" (of {stats['bytes_limit'] / 2**30:.1f} GiB a device x device_memory_utilization="
+                     f"{cfg.device_memory_utilization}, less {weights / 2**30:.1f} GiB of weights and "
+                     f"{activations / 2**30:.1f} GiB of step temporaries at this max_length)")
         if budget_pages < pages_per_seq + 1:  # + the reserved null page
             fit = max(0, budget_pages - 1) * params.page_size
             raise ConfigError(
-                f"the KV cache budget holds {budget_pages} pages of {params.page_size} tokens, not enough "
+                f"the KV cache budget{spent} holds {budget_pages} pages of {params.page_size} tokens, not enough "
                 f"for one sequence of max_length={self.max_length}. What fits: max_length <= {fit} with "
                 f"max_batch_size 1, or max_length <= {fit // 8} with max_batch_size 8; or raise the budget "
                 "(host_kv_cache_memory_gib on CPU, device_memory_utilization on accelerators)."
@@ -216,7 +229,7 @@ class DecoderSizing:
 
     @property
     def _max_prefill_tokens(self) -> int:
-        return memory.next_pow2(max(MIN_PREFILL_BUCKET, min(self.max_length, self.pipeline_config.prefill_chunk_size)))
+        return max_prefill_tokens(self.max_length, self.pipeline_config.prefill_chunk_size)
 
     @property
     def _max_width(self) -> int:
@@ -282,6 +295,11 @@ def device_page_budget(stats: dict, *, utilization: float, weights_bytes: float,
                     stats.get("bytes_in_use", 0) // 2**20, stable, max(free_pages, 0))
         return max(free_pages, 0)
     return stable
+
+
+def max_prefill_tokens(max_length: int, prefill_chunk_size: int) -> int:
+    """The most tokens a prefill step holds (its largest bucket, rows x tokens)."""
+    return memory.next_pow2(max(MIN_PREFILL_BUCKET, min(max_length, prefill_chunk_size)))
 
 
 def _platform(pipeline_config) -> str:
