@@ -119,7 +119,7 @@ def test_kv_budget_too_small_says_what_fits(tiny_llama):
     assert len(jax.live_arrays()) == before, "planned before anything was allocated"
 
 
-def test_the_kv_pool_size_is_stable_on_accelerators(tiny_llama, monkeypatch):
+def test_the_kv_pool_size_is_stable_on_accelerators(tiny_llama, monkeypatch, caplog):
     """On an accelerator the pool's page count (part of every executable's key) depends on the
     config and the device's memory size only: not on memory in use nor on whether a warm-up has
     recorded XLA's activation sizes, so warm-cache then a start with the same flags agree."""
@@ -160,3 +160,8 @@ def test_the_kv_pool_size_is_stable_on_accelerators(tiny_llama, monkeypatch):
                                           r"less [\d.]+ GiB of weights and [\d.]+ GiB of step temporaries at this "
                                           r"max_length\) holds 10 pages"):
         plan()
+    memory["bytes_limit"] = int(weights / 0.9)  # no room at all: an error, and no talk of memory in use
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="maxlike"), pytest.raises(ConfigError, match="holds 0 pages"):
+        plan()
+    assert "already in use" not in caplog.text

@@ -289,7 +289,7 @@ def device_page_budget(stats: dict, *, utilization: float, weights_bytes: float,
     # Our own weights are not placed yet when the pool is planned: anything in use is someone else's.
     free_pages = int((stats["bytes_limit"] - stats.get("bytes_in_use", 0) - weights_bytes - activation_bytes)
                      // page_bytes)
-    if free_pages < stable:
+    if max(free_pages, 0) < stable:  # (a budget that holds nothing even when the device is empty is no warning)
         log.warning("%d MiB of device memory is already in use: the KV pool shrinks from %d to %d pages, so "
                     "executables cached for the full pool do not match this start.",
                     stats.get("bytes_in_use", 0) // 2**20, stable, max(free_pages, 0))
