@@ -23,6 +23,8 @@
 # moe:     one MoE layer per expert kernel (grouped = ragged_dot, dense, gather, loop) in bf16 at Mixtral's width
 #          (8 experts, hidden 4096, 14336 wide) for 1..256 tokens, then a random 8-layer MoE's decode per
 #          kernel against HF eager: decides MOE_KERNEL_DEFAULT["gpu"], issue 17.
+# prefill: prefill attention of the 8B's shape over page tables of 2k to 128k keys, one whole-table product
+#          against key blocks (probe_prefill_blocks.py): ms and temporaries, decides GPU_WHOLE_TABLE_KEYS, issue 16.
 # profile: a jax.profiler trace of the 1B shape's decode steps (bf16 at batch 1 and 8, q4_k at 1), 10 steps a call:
 #          kernels per step, the time in them and above the bytes' floor, the top kernels, issue 16.
 #
@@ -30,7 +32,7 @@
 # kernels 30 s; quant 400 s for HF and 3.5 of its 7 setups (per setup at batch 1, 8 and 64: about 10-25 s to load,
 # 15-20 s, 20 s and 40-47 s to compile and time); profile about 60 s per setup. So one lease holds about:
 #     OUT=$OUT PARTS="qmatmul" bash benchmarks/gpu_checks.sh                  (the open question of issue 16)
-# then, warm, a second call with what is left (e.g. PARTS=profile, or quant with QUANT_LIMIT set). The 8B shape
+# then, warm, a second call with what is left (e.g. PARTS="prefill profile", or quant with QUANT_LIMIT set). The 8B shape
 # shape is PARTS=big, best alone in a second call (its build and save are not timed yet).
 set -u
 cd "$(dirname "$0")/.."
@@ -84,6 +86,9 @@ if [[ " $PARTS " == *" moe "* ]]; then
       --tokens 1 2 4 8 32 128 256 2>&1 | tee "$OUT/moe_kernels.log"
   timeout 420 $PY benchmarks/bench_moe.py --kernels default grouped dense gather loop --batch-sizes 1 8 32 \
       --json "$OUT/moe_decode.json" 2>&1 | grep -v "it/s]" | tee "$OUT/moe_decode.log"
+fi
+if [[ " $PARTS " == *" prefill "* ]]; then
+  timeout 150 $PY benchmarks/probe_prefill_blocks.py --json "$OUT/prefill.json" 2>&1 | tee "$OUT/prefill.log"
 fi
 if [[ " $PARTS " == *" profile "* ]]; then
   for run in "bf16 1 8" "q4_k 1"; do

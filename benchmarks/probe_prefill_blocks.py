@@ -1,0 +1,93 @@
+"""Prefill attention over a wide page table: one whole-table product (graphs.layers._attend) against
+key blocks (_attend_blocks), per table width: ms per call and XLA's temporaries. On GPU this decides
+graphs.layers.GPU_WHOLE_TABLE_KEYS (the width up to which prefill keeps one product: the block loop's
+count is read on the host each iteration there), issue 16. Llama-3.1-8B's attention shape by default
+(32 query / 8 KV heads of 128, bfloat16; float32 on CPU), one layer, one row.
+
+    python benchmarks/probe_prefill_blocks.py [--tokens 512 2048] [--keys 2048 8192 32768 131072] [--json F]
+
+Each prompt is a step's `tokens` queries at positions [at, at + tokens): `at` 0 (a prompt's first
+chunk: one block or a few reached) and `keys - tokens` (a last chunk: every block). Where a whole
+table's float32 scores would pass --max-score-gib the whole-table case is skipped, saying so.
+Part of benchmarks/gpu_checks.sh (PARTS=prefill).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from functools import partial
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from graphs import layers  # noqa: E402
+from maxlike.engine.session import memory_analysis  # noqa: E402
+from maxlike.entrypoints.roofline import best_seconds  # noqa: E402
+
+
+def run(backend: str, blocks: bool, q, k, v, table, pos, repeats: int) -> dict:
+    """ms per call and temporaries (MiB) of one prefill attention, whole-table or by key blocks."""
+    layers.GPU_WHOLE_TABLE_KEYS = 0 if blocks else 1 << 40
+    layers.WIDTH_ON_DEVICE[backend] = blocks  # CPU and TPU take blocks from here
+    fn = jax.jit(partial(layers.paged_attention, backend=backend))
+    compiled = fn.lower(q, k, v, table, pos).compile()
+    assert (" while" in compiled.as_text()) == blocks, "the probe did not get the attention it asked for"
+    memory = memory_analysis(compiled) or {}
+    seconds = best_seconds(compiled, q, k, v, table, pos, repeats=repeats)
+    return {"ms": round(seconds * 1e3, 3), "temp_mib": round(memory.get("temp_size_in_bytes", 0) / 2**20, 1)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tokens", type=int, nargs="+", default=[512, 2048])
+    ap.add_argument("--keys", type=int, nargs="+", default=[2048, 8192, 32768, 131072], help="table widths")
+    ap.add_argument("--heads", type=int, default=32)
+    ap.add_argument("--kv-heads", type=int, default=8)
+    ap.add_argument("--head-dim", type=int, default=128)
+    ap.add_argument("--page-size", type=int, default=128)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--max-score-gib", type=float, default=24.0)
+    ap.add_argument("--json", help="write the results here")
+    args = ap.parse_args()
+    backend = jax.default_backend()
+    dtype = jnp.float32 if backend == "cpu" else jnp.bfloat16
+    rng = np.random.default_rng(0)
+    rows = []
+    print(f"{jax.devices()[0].device_kind}: key block {layers.KEY_BLOCK}, {args.heads}/{args.kv_heads} heads "
+          f"of {args.head_dim}, {jnp.dtype(dtype).name}")
+    for keys in args.keys:
+        s = args.page_size
+        pages = -(-keys // s)
+        shape = (1, 1, pages + 1, s, args.kv_heads, args.head_dim)
+        k = jnp.asarray(rng.standard_normal(shape), dtype)
+        v = jnp.asarray(rng.standard_normal(shape), dtype)
+        table = jnp.arange(1, pages + 1, dtype=jnp.int32)[None]
+        for t in args.tokens:
+            if t > keys:
+                continue
+            q = jnp.asarray(rng.standard_normal((1, t, args.heads, args.head_dim)), dtype)
+            for at in sorted({0, keys - t}):
+                pos = jnp.arange(at, at + t, dtype=jnp.int32)[None]
+                row = {"keys": keys, "tokens": t, "first_position": at}
+                row["blocks"] = run(backend, True, q, k, v, table, pos, args.repeats)
+                score_gib = args.heads * t * pages * s * 4 / 2**30
+                if score_gib > args.max_score_gib:
+                    row["whole"] = f"skipped: its scores alone would hold {score_gib:.1f} GiB"
+                else:
+                    row["whole"] = run(backend, False, q, k, v, table, pos, args.repeats)
+                print(json.dumps(row), flush=True)
+                rows.append(row)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"device": jax.devices()[0].device_kind, "jax": jax.__version__, "key_block": layers.KEY_BLOCK,
+                       "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
