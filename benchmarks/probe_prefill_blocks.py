@@ -4,7 +4,8 @@ graphs.layers.GPU_WHOLE_TABLE_KEYS (the width up to which prefill keeps one prod
 count is read on the host each iteration there), issue 16. Llama-3.1-8B's attention shape by default
 (32 query / 8 KV heads of 128, bfloat16; float32 on CPU), one layer, one row.
 
-    python benchmarks/probe_prefill_blocks.py [--tokens 512 2048] [--keys 2048 8192 32768 131072] [--json F]
+    python benchmarks/probe_prefill_blocks.py [--tokens 512 2048] [--keys 2048 8192 32768 131072] [--window W]
+        [--json F]
 
 Each prompt is a step's `tokens` queries at positions [at, at + tokens): `at` 0 (a prompt's first
 chunk: one block or a few reached) and `keys - tokens` (a last chunk: every block). Where a whole
@@ -31,11 +32,11 @@ from maxlike.engine.session import memory_analysis  # noqa: E402
 from maxlike.entrypoints.roofline import best_seconds  # noqa: E402
 
 
-def run(backend: str, blocks: bool, q, k, v, table, pos, repeats: int) -> dict:
+def run(backend: str, blocks: bool, q, k, v, table, pos, repeats: int, window: int | None = None) -> dict:
     """ms per call and temporaries (MiB) of one prefill attention, whole-table or by key blocks."""
     layers.GPU_WHOLE_TABLE_KEYS = 0 if blocks else 1 << 40
     layers.WIDTH_ON_DEVICE[backend] = blocks  # CPU and TPU take blocks from here
-    fn = jax.jit(partial(layers.paged_attention, backend=backend))
+    fn = jax.jit(partial(layers.paged_attention, backend=backend, window=window))
     compiled = fn.lower(q, k, v, table, pos).compile()
     assert (" while" in compiled.as_text()) == blocks, "the probe did not get the attention it asked for"
     memory = memory_analysis(compiled) or {}
@@ -52,6 +53,7 @@ def main() -> None:
     ap.add_argument("--head-dim", type=int, default=128)
     ap.add_argument("--page-size", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--window", type=int, help="sliding-window attention of this many keys (Gemma's, Mistral's)")
     ap.add_argument("--max-score-gib", type=float, default=24.0)
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args()
@@ -74,13 +76,13 @@ def main() -> None:
             q = jnp.asarray(rng.standard_normal((1, t, args.heads, args.head_dim)), dtype)
             for at in sorted({0, keys - t}):
                 pos = jnp.arange(at, at + t, dtype=jnp.int32)[None]
-                row = {"keys": keys, "tokens": t, "first_position": at}
-                row["blocks"] = run(backend, True, q, k, v, table, pos, args.repeats)
+                row = {"keys": keys, "tokens": t, "first_position": at, "window": args.window}
+                row["blocks"] = run(backend, True, q, k, v, table, pos, args.repeats, args.window)
                 score_gib = args.heads * t * pages * s * 4 / 2**30
                 if score_gib > args.max_score_gib:
                     row["whole"] = f"skipped: its scores alone would hold {score_gib:.1f} GiB"
                 else:
-                    row["whole"] = run(backend, False, q, k, v, table, pos, args.repeats)
+                    row["whole"] = run(backend, False, q, k, v, table, pos, args.repeats, args.window)
                 print(json.dumps(row), flush=True)
                 rows.append(row)
     if args.json:

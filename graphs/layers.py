@@ -178,24 +178,26 @@ def paged_attention(
     """Causal grouped-query attention over layer `layer` of a paged KV pool.
 
     q [B, T, H, D]; k_pages/v_pages [R, L, N, S, KV, D]; page_table [B, P];
-    q_pos [B, T] absolute positions. Key l of a row sits at position l, so the
-    causal mask `l <= q_pos` also hides everything not written yet. With a
-    GroupedPageTable, q [R, N, H, D] and q_pos [R, N] hold its groups, each
-    attended as its own batch. `window` (sliding-window attention; a static int or
-    a traced scalar, 0 or None: full attention) also hides keys `window` or more
-    positions back: a query sees itself and the window - 1 keys before it (HF's
-    sliding-window mask). `scale` multiplies the scores (default head_dim^-1/2);
-    `softcap` c bounds them to c * tanh(scores / c) before the mask (Gemma 2).
+    q_pos [B, T] absolute positions, ascending along a row from its first (padding after
+    its queries may be 0). Key l of a row sits at position l, so the causal mask
+    `l <= q_pos` also hides everything not written yet. With a GroupedPageTable,
+    q [R, N, H, D] and q_pos [R, N] hold its groups, each attended as its own batch.
+    `window` (sliding-window attention; a static int or a traced scalar, 0 or None:
+    full attention) also hides keys `window` or more positions back: a query sees
+    itself and the window - 1 keys before it (HF's sliding-window mask). `scale`
+    multiplies the scores (default head_dim^-1/2); `softcap` c bounds them to
+    c * tanh(scores / c) before the mask (Gemma 2).
 
     Decode steps (T = 1; backends in WIDTH_ON_DEVICE) read as much of the table as the
     step needs, chosen on device by `lax.switch`: the first W pages, W the smallest
     power of two (or P) covering the furthest query. One decode executable serves every
     context length, and a short context reads only its own pages. Prefill steps there
     (T > 1, a table of more than KEY_BLOCK keys) read KEY_BLOCK keys at a time, as many
-    blocks as the furthest query reaches (`_attend_blocks`: a loop, not branches, which cost
-    more compile time than they saved: a Llama-3.1-8B-shaped 256-token step for TPU took
-    17.9 s and 12 MiB with them, 6.6 s and 5 MiB without). On GPU prefill steps read the
-    whole table up to GPU_WHOLE_TABLE_KEYS keys, blocks past it (`prefill_reads_blocks`).
+    blocks as the furthest query reaches, from the first block a window lets any query see
+    (`_attend_blocks`: a loop, not branches, which cost more compile time than they saved:
+    a Llama-3.1-8B-shaped 256-token step for TPU took 17.9 s and 12 MiB with them, 6.6 s
+    and 5 MiB without). On GPU prefill steps read the whole table up to
+    GPU_WHOLE_TABLE_KEYS keys, blocks past it (`prefill_reads_blocks`).
 
     kernel: "xla", "pallas", or an AttentionRun (the kernel and the mesh it runs under).
     "pallas": decode steps whose shapes the backend's kernel supports run it instead
@@ -271,7 +273,11 @@ def _attend_blocks(q, k_pages, v_pages, page_table, q_pos, layer, window, scale,
     start = (jnp.full(rows, -jnp.inf, jnp.float32), jnp.zeros(rows, jnp.float32),
              jnp.zeros((*rows[:3], d), jnp.float32))
     count = jnp.minimum(jnp.max(q_pos) // (per * s) + 1, blocks)
-    _, total, acc = jax.lax.fori_loop(0, count, block, start)
+    first = 0
+    if _windowed(window):  # blocks wholly before every query's window are skipped: the earliest key a query
+        # sees is its row's first position less the window (a row's queries ascend; padding after them is 0)
+        first = jnp.maximum(jnp.min(q_pos[:, 0]) - _reach(window) + 1, 0) // (per * s)
+    _, total, acc = jax.lax.fori_loop(first, count, block, start)
     out = acc / jnp.where(total > 0, total, 1.0)  # a query that sees no key: zeros
     return _ungrouped(out.astype(v_pages.dtype), t)
 
@@ -336,10 +342,18 @@ def _visible(keys: jax.Array, pos: jax.Array, window) -> jax.Array:
     ones, and with a window (a static int or a traced scalar; 0 or None: full) only the last
     `window` of those."""
     mask = keys <= pos
-    if window is not None and not (isinstance(window, int) and window <= 0):
-        reach = jnp.where(window > 0, window, jnp.iinfo(jnp.int32).max // 2)  # a traced 0: full
-        mask &= keys > pos - reach
+    if _windowed(window):
+        mask &= keys > pos - _reach(window)
     return mask
+
+
+def _windowed(window) -> bool:
+    return window is not None and not (isinstance(window, int) and window <= 0)
+
+
+def _reach(window) -> jax.Array:
+    """How many positions back a query sees (itself included): the window, or (a traced 0) all."""
+    return jnp.where(window > 0, window, jnp.iinfo(jnp.int32).max // 2)
 
 
 def adapter_mask(w: dict, adapters) -> jax.Array | None:

@@ -92,6 +92,23 @@ def assert_generation_matches(hf, llm, label: str, other) -> None:
             np.testing.assert_allclose(lps, want_lps, atol=1e-5, err_msg=name)
 
 
+@pytest.mark.parametrize("name,scan", [("mistral_window", False), ("gemma3", True)])
+def test_later_chunks_skip_the_key_blocks_before_their_windows(arch_models, name, scan, monkeypatch):
+    """Key blocks of 8 keys, 16-token prefill chunks: a later chunk's sliding-window layers start
+    their loop past the blocks no query's window reaches (graphs.layers._attend_blocks; with the
+    layers as one loop, Gemma 3's window is an array). The greedy tokens stay HF's."""
+    import graphs.layers
+
+    monkeypatch.setattr(graphs.layers, "KEY_BLOCK", 8)
+    path, hf = arch_models[name]
+    llm = _llm(path, prefill_chunk_size=16, kv_cache_page_size=4, scan_layers=scan, executable_cache=False)
+    for prompt, (tokens, _) in zip(PROMPTS, _greedy(llm, PROMPTS)):
+        with torch.no_grad():
+            ref = hf.generate(torch.tensor([prompt]), max_new_tokens=NEW, do_sample=False, min_new_tokens=NEW,
+                              pad_token_id=0)[0, len(prompt):].tolist()
+        assert tokens == ref
+
+
 @pytest.mark.parametrize("name", _kinds(()))  # all in `make test-slow` (tests/test_multidevice.py: Llama, Qwen2)
 def test_tensor_parallel_equals_one_device(arch_models, name):
     """Tensor parallel 2 on fake devices (with the layers as one loop and q/k/v, gate/up fused)."""

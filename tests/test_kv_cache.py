@@ -173,7 +173,22 @@ def test_gpu_prefill_attention_reads_key_blocks_past_its_whole_table_width(whole
     _check_prefill_attention(furthest, 6, None, "gpu", monkeypatch, blocks=whole_table_keys < 28)
 
 
-def _check_prefill_attention(furthest, window, softcap, backend, monkeypatch, *, blocks: bool):
+@pytest.mark.parametrize("first", [20, 21])
+@pytest.mark.parametrize("traced", [False, True])
+@pytest.mark.parametrize("backend", ["cpu", "tpu"])
+def test_windowed_prefill_attention_skips_the_blocks_before_every_window(first, backend, traced, monkeypatch):
+    """With a window the loop starts at the first block any query's window reaches: rows whose
+    queries start at positions `first` to `first` + 2 with a window of 6 (a static int, or an
+    array as a scanned Gemma layer passes it) see keys from 15 on (block 1 of 8 keys: block 0's
+    pages hold NaN), or from 16 on (block 2: blocks 0 and 1 hold NaN)."""
+    import jax.numpy as jnp
+
+    window = jnp.int32(6) if traced else 6
+    starts = first + np.array([0, 2, 1, 0])
+    _check_prefill_attention(first + 6, window, None, backend, monkeypatch, blocks=True, starts=starts)
+
+
+def _check_prefill_attention(furthest, window, softcap, backend, monkeypatch, *, blocks: bool, starts=None):
     from functools import partial
 
     from graphs import layers
@@ -189,10 +204,16 @@ def _check_prefill_attention(furthest, window, softcap, backend, monkeypatch, *,
     q = rng.normal(size=(b, t, kv * g, d)).astype(np.float32)
     q_pos = np.sort(rng.integers(0, furthest + 1, size=(b, t)), axis=1).astype(np.int32)
     q_pos[1, -1] = furthest
+    skipped = 0  # blocks before every query's window
+    if starts is not None:  # each row's queries from its start on
+        q_pos = (starts[:, None] + np.arange(t)).astype(np.int32)
+        skipped = (starts.min() - int(window) + 1) // 8
+        assert skipped >= 1 and q_pos.max() == furthest
     reached = furthest // 8 + 1  # blocks of 2 pages
     for row in range(b if blocks else 0):  # rows grouped by replica: row // 2
-        k_pages[row // 2, 1][table[row, 2 * reached:]] = np.nan
-        v_pages[row // 2, 1][table[row, 2 * reached:]] = np.nan
+        for pages in (k_pages, v_pages):
+            pages[row // 2, 1][table[row, 2 * reached:]] = np.nan
+            pages[row // 2, 1][table[row, :2 * skipped]] = np.nan
     with jax.default_matmul_precision("highest"):
         out = np.asarray(attend(q, k_pages, v_pages, table, q_pos, 1))
     jaxpr = str(jax.make_jaxpr(attend)(q, k_pages, v_pages, table, q_pos, 1))
@@ -201,7 +222,7 @@ def _check_prefill_attention(furthest, window, softcap, backend, monkeypatch, *,
         keys = k_pages[row // 2, 1][table[row]].reshape(p * s, kv, d)
         values = v_pages[row // 2, 1][table[row]].reshape(p * s, kv, d)
         for i in range(t):
-            first = max(0, q_pos[row, i] - window + 1) if window else 0
+            first = max(0, q_pos[row, i] - int(window) + 1) if window else 0
             seen = slice(first, q_pos[row, i] + 1)
             for h in range(kv * g):
                 logits = keys[seen, h // g] @ q[row, i, h] / np.sqrt(d)
