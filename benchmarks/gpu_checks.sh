@@ -24,7 +24,8 @@
 #          (8 experts, hidden 4096, 14336 wide) for 1..256 tokens, then a random 8-layer MoE's decode per
 #          kernel against HF eager: decides MOE_KERNEL_DEFAULT["gpu"], issue 17.
 # prefill: prefill attention of the 8B's shape over page tables of 2k to 128k keys, one whole-table product
-#          against key blocks (probe_prefill_blocks.py): ms and temporaries, decides GPU_WHOLE_TABLE_KEYS, issue 16.
+#          against key blocks (probe_prefill_blocks.py): ms and temporaries, for GPU_WHOLE_TABLE_SCORE_BYTES,
+#          issue 16.
 # profile: a jax.profiler trace of the 1B shape's decode steps (bf16 at batch 1 and 8, q4_k at 1), 10 steps a call:
 #          kernels per step, the time in them and above the bytes' floor, the top kernels, issue 16.
 #

@@ -1,7 +1,7 @@
 """Prefill attention over a wide page table: one whole-table product (graphs.layers._attend) against
 key blocks (_attend_blocks), per table width: ms per call and XLA's temporaries. On GPU this decides
-graphs.layers.GPU_WHOLE_TABLE_KEYS (the width up to which prefill keeps one product: the block loop's
-count is read on the host each iteration there), issue 16. Llama-3.1-8B's attention shape by default
+graphs.layers.GPU_WHOLE_TABLE_SCORE_BYTES (the whole table's scores up to which prefill keeps one
+product: the block loop's count is read on the host each iteration there), issue 16. Llama-3.1-8B's attention shape by default
 (32 query / 8 KV heads of 128, bfloat16; float32 on CPU), one layer, one row.
 
     python benchmarks/probe_prefill_blocks.py [--tokens 512 2048] [--keys 2048 8192 32768 131072] [--window W]
@@ -34,7 +34,7 @@ from maxlike.entrypoints.roofline import best_seconds  # noqa: E402
 
 def run(backend: str, blocks: bool, q, k, v, table, pos, repeats: int, window: int | None = None) -> dict:
     """ms per call and temporaries (MiB) of one prefill attention, whole-table or by key blocks."""
-    layers.GPU_WHOLE_TABLE_KEYS = 0 if blocks else 1 << 40
+    layers.GPU_WHOLE_TABLE_SCORE_BYTES = 0 if blocks else 1 << 60
     layers.WIDTH_ON_DEVICE[backend] = blocks  # CPU and TPU take blocks from here
     fn = jax.jit(partial(layers.paged_attention, backend=backend, window=window))
     compiled = fn.lower(q, k, v, table, pos).compile()

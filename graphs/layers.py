@@ -196,8 +196,8 @@ def paged_attention(
     blocks as the furthest query reaches, from the first block a window lets any query see
     (`_attend_blocks`: a loop, not branches, which cost more compile time than they saved:
     a Llama-3.1-8B-shaped 256-token step for TPU took 17.9 s and 12 MiB with them, 6.6 s
-    and 5 MiB without). On GPU prefill steps read the whole table up to
-    GPU_WHOLE_TABLE_KEYS keys, blocks past it (`prefill_reads_blocks`).
+    and 5 MiB without). On GPU prefill steps read the whole table unless its scores would
+    pass GPU_WHOLE_TABLE_SCORE_BYTES (`prefill_reads_blocks`).
 
     kernel: "xla", "pallas", or an AttentionRun (the kernel and the mesh it runs under).
     "pallas": decode steps whose shapes the backend's kernel supports run it instead
@@ -214,7 +214,7 @@ def paged_attention(
         if out is not None:
             return out
     s, p = k_pages.shape[-3], page_table.shape[1]
-    if q.shape[1] > 1 and prefill_reads_blocks(backend, p * s):
+    if q.shape[1] > 1 and prefill_reads_blocks(backend, p * s, math.prod(q.shape[:3])):
         return _attend_blocks(q, k_pages, v_pages, page_table, q_pos, layer, window, scale, softcap, backend)
     widths = [w for w in (2**i for i in range(p.bit_length())) if w < p] + [p]
     if len(widths) == 1 or q.shape[1] > 1 or not WIDTH_ON_DEVICE.get(backend, True):
@@ -228,20 +228,22 @@ def paged_attention(
 # Prefill steps (T > 1) attend KEY_BLOCK keys at a time, as many blocks as the furthest query reaches
 # (a loop count on device), with an online softmax: their work follows the context, not max_length, and
 # no [queries, max_length] score matrix is held. (One whole-table product made SmolLM2's 512-token
-# prefill on CPU 4.6x slower at max_length 8192, its default, than at 1024.) On GPU only over tables of
-# more than GPU_WHOLE_TABLE_KEYS keys: XLA:GPU reads a loop's count on the host each iteration (a stream
-# sync per block and layer), which a narrow table's single product does without; a wide one's scores
-# alone would not fit (Llama-3.1-8B, an 8192-token chunk at its default max_length of 131,072: 128 GiB).
+# prefill on CPU 4.6x slower at max_length 8192, its default, than at 1024.) On GPU only where the whole
+# table's float32 scores would pass GPU_WHOLE_TABLE_SCORE_BYTES: XLA:GPU reads a loop's count on the host
+# each iteration (a stream sync per block and layer), which costs a small step more than its whole-table
+# product; a large step's scores would not fit (Llama-3.1-8B, an 8192-token chunk at its default
+# max_length of 131,072: 128 GiB a layer; at max_length 8192, 8 GiB).
 KEY_BLOCK = 512
-GPU_WHOLE_TABLE_KEYS = 8192
+GPU_WHOLE_TABLE_SCORE_BYTES = 1 << 30
 
 
-def prefill_reads_blocks(backend: str, table_keys: int) -> bool:
-    """Whether a step of several tokens a row over a table of `table_keys` keys attends
-    KEY_BLOCK keys at a time (`_attend_blocks`) rather than all at once (`_attend`)."""
+def prefill_reads_blocks(backend: str, table_keys: int, queries: int) -> bool:
+    """Whether a step of several tokens a row, `queries` = rows x tokens x query heads, over a
+    table of `table_keys` keys attends KEY_BLOCK keys at a time (`_attend_blocks`) rather than
+    all at once (`_attend`)."""
     if table_keys <= KEY_BLOCK:
         return False
-    return WIDTH_ON_DEVICE.get(backend, True) or table_keys > GPU_WHOLE_TABLE_KEYS
+    return WIDTH_ON_DEVICE.get(backend, True) or queries * table_keys * 4 > GPU_WHOLE_TABLE_SCORE_BYTES
 
 
 def _attend_blocks(q, k_pages, v_pages, page_table, q_pos, layer, window, scale, softcap, backend):

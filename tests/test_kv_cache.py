@@ -162,15 +162,17 @@ def test_prefill_attention_reads_key_blocks_up_to_the_furthest_query(furthest, w
     _check_prefill_attention(furthest, window, softcap, backend, monkeypatch, blocks=True)
 
 
-@pytest.mark.parametrize("whole_table_keys,furthest", [(16, 9), (16, 26), (28, 26)])
-def test_gpu_prefill_attention_reads_key_blocks_past_its_whole_table_width(whole_table_keys, furthest, monkeypatch):
-    """On GPU a prefill step reads the whole table up to GPU_WHOLE_TABLE_KEYS keys (one product, no
-    loop whose count XLA:GPU would read on the host), and key blocks over a wider one (the 28-key
-    table here against 16: a [queries, max_length] score matrix would not fit at long max_length)."""
+@pytest.mark.parametrize("whole_table_bytes,furthest", [(13439, 9), (13439, 26), (13440, 26)])
+def test_gpu_prefill_attention_reads_key_blocks_past_its_whole_table_scores(whole_table_bytes, furthest,
+                                                                           monkeypatch):
+    """On GPU a prefill step reads the whole table while its float32 scores stay within
+    GPU_WHOLE_TABLE_SCORE_BYTES (one product, no loop whose count XLA:GPU would read on the host),
+    and key blocks past it (a [queries, max_length] score matrix would not fit at long max_length).
+    Here 4 rows x 5 tokens x 6 heads over 28 keys: 13,440 bytes."""
     from graphs import layers
 
-    monkeypatch.setattr(layers, "GPU_WHOLE_TABLE_KEYS", whole_table_keys)
-    _check_prefill_attention(furthest, 6, None, "gpu", monkeypatch, blocks=whole_table_keys < 28)
+    monkeypatch.setattr(layers, "GPU_WHOLE_TABLE_SCORE_BYTES", whole_table_bytes)
+    _check_prefill_attention(furthest, 6, None, "gpu", monkeypatch, blocks=whole_table_bytes < 13440)
 
 
 @pytest.mark.parametrize("first", [20, 21])
