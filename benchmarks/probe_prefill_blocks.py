@@ -8,7 +8,9 @@ product: the block loop's count is read on the host each iteration there), issue
         [--json F]
 
 Each prompt is a step's `tokens` queries at positions [at, at + tokens): `at` 0 (a prompt's first
-chunk: one block or a few reached) and `keys - tokens` (a last chunk: every block). Where a whole
+chunk: one block or a few reached) and `keys - tokens` (a last chunk: every block). With --window and
+--decode-rows, decode steps at each table's last position: a static window (each row reads the pages
+its window touches) against the same window as an array (as under scan: the table's prefix). Where a whole
 table's float32 scores would pass --max-score-gib the whole-table case is skipped, saying so.
 Part of benchmarks/gpu_checks.sh (PARTS=prefill).
 """
@@ -32,13 +34,17 @@ from maxlike.engine.session import memory_analysis  # noqa: E402
 from maxlike.entrypoints.roofline import best_seconds  # noqa: E402
 
 
-def run(backend: str, blocks: bool, q, k, v, table, pos, repeats: int, window: int | None = None) -> dict:
-    """ms per call and temporaries (MiB) of one prefill attention, whole-table or by key blocks."""
+ON_DEVICE = dict(layers.WIDTH_ON_DEVICE)
+
+
+def run(backend: str, blocks: bool, q, k, v, table, pos, repeats: int, window=None) -> dict:
+    """ms per call and temporaries (MiB) of one prefill attention, whole-table or by key blocks (a
+    decode step: as the backend runs it)."""
     layers.GPU_WHOLE_TABLE_SCORE_BYTES = 0 if blocks else 1 << 60
-    layers.WIDTH_ON_DEVICE[backend] = blocks  # CPU and TPU take blocks from here
+    layers.WIDTH_ON_DEVICE[backend] = blocks if q.shape[1] > 1 else ON_DEVICE[backend]  # CPU and TPU: blocks
     fn = jax.jit(partial(layers.paged_attention, backend=backend, window=window))
     compiled = fn.lower(q, k, v, table, pos).compile()
-    assert (" while" in compiled.as_text()) == blocks, "the probe did not get the attention it asked for"
+    assert q.shape[1] == 1 or (" while" in compiled.as_text()) == blocks, "not the attention it asked for"
     memory = memory_analysis(compiled) or {}
     seconds = best_seconds(compiled, q, k, v, table, pos, repeats=repeats)
     return {"ms": round(seconds * 1e3, 3), "temp_mib": round(memory.get("temp_size_in_bytes", 0) / 2**20, 1)}
@@ -54,6 +60,9 @@ def main() -> None:
     ap.add_argument("--page-size", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--window", type=int, help="sliding-window attention of this many keys (Gemma's, Mistral's)")
+    ap.add_argument("--decode-rows", type=int, default=0,
+                    help="also time decode steps of this many rows at each table's last position, with --window "
+                         "a static int (each row reads its window's pages) and an array (the table's prefix)")
     ap.add_argument("--max-score-gib", type=float, default=24.0)
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args()
@@ -85,6 +94,19 @@ def main() -> None:
                     row["whole"] = run(backend, False, q, k, v, table, pos, args.repeats, args.window)
                 print(json.dumps(row), flush=True)
                 rows.append(row)
+        if args.decode_rows and args.window:
+            b = args.decode_rows
+            shape = (1, 1, b * pages + 1, s, args.kv_heads, args.head_dim)
+            k = jnp.asarray(rng.standard_normal(shape), dtype)
+            v = jnp.asarray(rng.standard_normal(shape), dtype)
+            table = jnp.arange(1, b * pages + 1, dtype=jnp.int32).reshape(b, pages)
+            q = jnp.asarray(rng.standard_normal((b, 1, args.heads, args.head_dim)), dtype)
+            pos = jnp.full((b, 1), keys - 1, jnp.int32)
+            row = {"keys": keys, "decode_rows": b, "window": args.window,
+                   "window_pages": run(backend, True, q, k, v, table, pos, args.repeats, args.window),
+                   "prefix": run(backend, True, q, k, v, table, pos, args.repeats, jnp.int32(args.window))}
+            print(json.dumps(row), flush=True)
+            rows.append(row)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"device": jax.devices()[0].device_kind, "jax": jax.__version__, "key_block": layers.KEY_BLOCK,

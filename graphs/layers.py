@@ -216,13 +216,20 @@ def paged_attention(
     s, p = k_pages.shape[-3], page_table.shape[1]
     if q.shape[1] > 1 and prefill_reads_blocks(backend, p * s, math.prod(q.shape[:3])):
         return _attend_blocks(q, k_pages, v_pages, page_table, q_pos, layer, window, scale, softcap, backend)
-    widths = [w for w in (2**i for i in range(p.bit_length())) if w < p] + [p]
-    if len(widths) == 1 or q.shape[1] > 1 or not WIDTH_ON_DEVICE.get(backend, True):
+    if q.shape[1] > 1:
         return _attend(q, k_pages, v_pages, page_table, q_pos, layer, window, scale, softcap, backend)
+    widths = [w for w in (2**i for i in range(p.bit_length())) if w < p] + [p]
+    attends = [partial(_attend_prefix, w, scale=scale, softcap=softcap, backend=backend) for w in widths]
+    span = (window - 1) // s + 2 if isinstance(window, int) and window > 0 else None  # pages a window touches
+    if span is not None and span < p:  # past `span` pages, each row reads its window's pages, wherever they lie
+        attends = attends[:sum(w < span for w in widths)] + [
+            partial(_attend_window, span, scale=scale, softcap=softcap, backend=backend)]
+        widths = [w for w in widths if w < span] + [p]
+    if len(attends) == 1 or not WIDTH_ON_DEVICE.get(backend, True):
+        return attends[-1](q, k_pages, v_pages, page_table, q_pos, layer, window)
     need = jnp.max(q_pos) // s + 1  # pages the furthest query reaches
     branch = jnp.sum(need > jnp.asarray(widths[:-1], need.dtype))
-    branches = [partial(_attend_prefix, w, scale=scale, softcap=softcap, backend=backend) for w in widths]
-    return jax.lax.switch(branch, branches, q, k_pages, v_pages, page_table, q_pos, layer, window)
+    return jax.lax.switch(branch, attends, q, k_pages, v_pages, page_table, q_pos, layer, window)
 
 
 # Prefill steps (T > 1) attend KEY_BLOCK keys at a time, as many blocks as the furthest query reaches
@@ -288,13 +295,26 @@ def _attend_prefix(width: int, q, k_pages, v_pages, page_table, q_pos, layer, wi
     return _attend(q, k_pages, v_pages, page_table[:, :width], q_pos, layer, window, scale, softcap, backend)
 
 
-def _attend(q, k_pages, v_pages, page_table, q_pos, layer, window=None, scale=None, softcap=None, backend="cpu"):
+def _attend_window(span: int, q, k_pages, v_pages, page_table, q_pos, layer, window, *, scale, softcap, backend):
+    """Decode in a sliding window (a static int): each row reads the `span` pages from the first
+    its window reaches, not the table's prefix up to its query."""
+    s = k_pages.shape[-3]
+    cols = jnp.maximum(q_pos[:, :1] - window + 1, 0) // s + jnp.arange(span)  # [B, span] pages of the table
+    table = jnp.take_along_axis(page_table, jnp.minimum(cols, page_table.shape[1] - 1), axis=1)  # (past it: masked)
+    keys = (cols[:, :, None] * s + jnp.arange(s)).reshape(cols.shape[0], 1, 1, span * s)  # their keys' positions
+    return _attend(q, k_pages, v_pages, table, q_pos, layer, window, scale, softcap, backend, keys=keys)
+
+
+def _attend(q, k_pages, v_pages, page_table, q_pos, layer, window=None, scale=None, softcap=None, backend="cpu",
+            keys=None):
+    """Attention over the table's pages at once. `keys`: the positions of their keys ([B, 1, 1, L]);
+    None: key l at position l."""
     b, t, h, d = q.shape
     kv = k_pages.shape[-2]
     # The barrier (see `_gathered`) not for one row's decode: there it made the copy (tests/test_tpu_target.py).
     k, v = _gathered(k_pages, v_pages, page_table, layer, barrier=backend == "tpu" and b * t > 1)  # [B, P*S, KV, D]
     scores = _scores(_grouped(q, kv), k, scale, softcap)
-    mask = _visible(jnp.arange(k.shape[1]), _grouped_positions(q_pos, h // kv), window)
+    mask = _visible(jnp.arange(k.shape[1]) if keys is None else keys, _grouped_positions(q_pos, h // kv), window)
     probs = jax.nn.softmax(jnp.where(mask, scores, jnp.finfo(jnp.float32).min), axis=-1).astype(v.dtype)
     return _ungrouped(jnp.einsum("bkql,blkd->bkqd", probs, v), t)
 
@@ -340,7 +360,7 @@ def _scores(q: jax.Array, k: jax.Array, scale, softcap) -> jax.Array:
 
 
 def _visible(keys: jax.Array, pos: jax.Array, window) -> jax.Array:
-    """Which keys (positions [L]) each query (positions [B, 1, T*G, 1]) sees: its own and earlier
+    """Which keys (positions [L], or [B, 1, 1, L]) each query (positions [B, 1, T*G, 1]) sees: its own and earlier
     ones, and with a window (a static int or a traced scalar; 0 or None: full) only the last
     `window` of those."""
     mask = keys <= pos

@@ -108,32 +108,38 @@ def test_a_stacked_pool_is_written_and_read_at_a_traced_layer(replicas):
     np.testing.assert_array_equal(gathered, ref)
 
 
-@pytest.mark.parametrize("backend", ["cpu", "tpu"])
+@pytest.mark.parametrize("window", [None, 6])
+@pytest.mark.parametrize("backend", ["cpu", "tpu", "gpu"])
 @pytest.mark.parametrize("t", [1, 2])  # decode, prefill
 @pytest.mark.parametrize("furthest", [2, 4, 7, 13, 30])  # pages reached: 1, 1, 2, 4, 8 of 8
-def test_decode_attention_reads_as_many_pages_as_the_furthest_query_needs(furthest, t, backend):
+def test_decode_attention_reads_as_many_pages_as_the_furthest_query_needs(furthest, t, backend, window):
     """One page-table width for every context: decode attention picks the prefix of the table it
     reads on device (prefill: the next test). Against a dense softmax written out in numpy, for
     queries reaching 1 to 8 pages (pages past the furthest query hold garbage that must not matter).
     The "tpu" graph (run here on CPU) keeps the gathered pages [B, L, KV x D] behind an optimization
-    barrier (else XLA:TPU copies a layer's pool to gather it head by head); the values are the same."""
+    barrier (else XLA:TPU copies a layer's pool to gather it head by head); the values are the same.
+    On GPU (one width, an executable per width there) the whole table. With a window of 6 keys
+    (3 pages of 4 at most) decode reads each row's window wherever it lies: pages before it hold NaN."""
     from functools import partial
 
     from graphs.layers import paged_attention
 
-    paged_attention = partial(paged_attention, backend=backend)
+    paged_attention = partial(paged_attention, backend=backend, window=window)
 
     rng = np.random.default_rng(furthest)
-    s, n, kv, g, d, b = 4, 20, 2, 3, 8, 3
+    s, n, kv, g, d, b = 4, 25, 2, 3, 8, 3
     k_pages = rng.normal(size=(1, 1, n, s, kv, d)).astype(np.float32)
     v_pages = rng.normal(size=(1, 1, n, s, kv, d)).astype(np.float32)
-    table = np.stack([rng.permutation(np.arange(1, n))[:8] for _ in range(b)]).astype(np.int32)
+    table = rng.permutation(np.arange(1, n)).reshape(b, 8).astype(np.int32)  # rows hold pages of their own
     q = rng.normal(size=(b, t, kv * g, d)).astype(np.float32)
     q_pos = np.stack([rng.integers(0, furthest + 1, size=t) for _ in range(b)]).astype(np.int32)
     q_pos[0, -1] = furthest
+    for row in range(b if window and t == 1 else 0):
+        before = max(0, q_pos[row, 0] - window + 1) // s  # pages wholly before the row's window
+        k_pages[0, 0][table[row, :before]] = v_pages[0, 0][table[row, :before]] = np.nan
     with jax.default_matmul_precision("highest"):  # float32 products on every backend (GPUs default to TF32)
         out = np.asarray(jax.jit(paged_attention)(q, k_pages, v_pages, table, q_pos))
-    if t == 1:  # the decode form holds one branch per width
+    if t == 1 and backend != "gpu":  # the decode form holds one branch per width
         assert jax.jit(paged_attention).lower(q, k_pages, v_pages, table, q_pos).as_text().count("case") >= 1
     barrier = "optimization_barrier" in str(jax.make_jaxpr(paged_attention)(q, k_pages, v_pages, table, q_pos))
     assert barrier == (backend == "tpu")  # (b = 3 rows: one row has no barrier)
@@ -142,10 +148,10 @@ def test_decode_attention_reads_as_many_pages_as_the_furthest_query_needs(furthe
         values = v_pages[0, 0][table[row]].reshape(8 * s, kv, d)
         for i in range(t):
             for h in range(kv * g):
-                seen = q_pos[row, i] + 1
-                logits = keys[:seen, h // g] @ q[row, i, h] / np.sqrt(d)
+                seen = slice(max(0, q_pos[row, i] - window + 1) if window else 0, q_pos[row, i] + 1)
+                logits = keys[seen, h // g] @ q[row, i, h] / np.sqrt(d)
                 weights = np.exp(logits - logits.max())
-                expect = (weights / weights.sum()) @ values[:seen, h // g]
+                expect = (weights / weights.sum()) @ values[seen, h // g]
                 np.testing.assert_allclose(out[row, i, h], expect, rtol=1e-5, atol=1e-5)
 
 
