@@ -1,6 +1,6 @@
-"""GPU/TPU check of the backend's Pallas decode-attention kernel (graphs.layers.decode_kernel:
+"""GPU/TPU check of the backend's Pallas decode-attention kernel (graphs.attention.decode_kernel:
 graphs.pallas_attention on GPU, graphs.pallas_tpu_attention on TPU) against the plain-XLA attention
-it replaces (graphs.layers._attend): agreement and time per call, on decode shapes of a
+it replaces (graphs.attention._attend): agreement and time per call, on decode shapes of a
 Llama-3.2-1B (32 query / 8 KV heads of 64) and a Llama-3.1-8B (32 / 8 of 128) layer.
 
     python benchmarks/probe_gpu_kernels.py [--json out.json]
@@ -23,7 +23,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from graphs.layers import _attend, decode_kernel  # noqa: E402
+from graphs.attention import _attend, decode_kernel  # noqa: E402
 from maxlike.entrypoints.roofline import best_seconds  # noqa: E402
 
 

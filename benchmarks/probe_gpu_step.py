@@ -25,7 +25,7 @@ import jax.numpy as jnp  # noqa: E402
 
 import graphs.base  # noqa: E402
 import graphs.llama  # noqa: E402
-from graphs.layers import write_kv  # noqa: E402
+from graphs.attention import write_kv  # noqa: E402
 from bench_gpu_decode import build_model  # noqa: E402
 from maxlike.entrypoints.bench import maxlike_generate, measure  # noqa: E402
 from maxlike.pipelines import PipelineConfig  # noqa: E402

@@ -1,6 +1,6 @@
-"""Prefill attention over a wide page table: one whole-table product (graphs.layers._attend) against
+"""Prefill attention over a wide page table: one whole-table product (graphs.attention._attend) against
 key blocks (_attend_blocks), per table width: ms per call and XLA's temporaries. On GPU this decides
-graphs.layers.GPU_WHOLE_TABLE_SCORE_BYTES (the whole table's scores up to which prefill keeps one
+graphs.attention.GPU_WHOLE_TABLE_SCORE_BYTES (the whole table's scores up to which prefill keeps one
 product: the block loop's count is read on the host each iteration there), issue 16. Llama-3.1-8B's attention shape by default
 (32 query / 8 KV heads of 128, bfloat16; float32 on CPU), one layer, one row.
 
@@ -29,20 +29,20 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from graphs import layers  # noqa: E402
+from graphs import attention  # noqa: E402
 from maxlike.engine.session import memory_analysis  # noqa: E402
 from maxlike.entrypoints.roofline import best_seconds  # noqa: E402
 
 
-ON_DEVICE = dict(layers.WIDTH_ON_DEVICE)
+ON_DEVICE = dict(attention.WIDTH_ON_DEVICE)
 
 
 def run(backend: str, blocks: bool, q, k, v, table, pos, repeats: int, window=None) -> dict:
     """ms per call and temporaries (MiB) of one prefill attention, whole-table or by key blocks (a
     decode step: as the backend runs it)."""
-    layers.GPU_WHOLE_TABLE_SCORE_BYTES = 0 if blocks else 1 << 60
-    layers.WIDTH_ON_DEVICE[backend] = blocks if q.shape[1] > 1 else ON_DEVICE[backend]  # CPU and TPU: blocks
-    fn = jax.jit(partial(layers.paged_attention, backend=backend, window=window))
+    attention.GPU_WHOLE_TABLE_SCORE_BYTES = 0 if blocks else 1 << 60
+    attention.WIDTH_ON_DEVICE[backend] = blocks if q.shape[1] > 1 else ON_DEVICE[backend]  # CPU and TPU: blocks
+    fn = jax.jit(partial(attention.paged_attention, backend=backend, window=window))
     compiled = fn.lower(q, k, v, table, pos).compile()
     assert q.shape[1] == 1 or (" while" in compiled.as_text()) == blocks, "not the attention it asked for"
     memory = memory_analysis(compiled) or {}
@@ -70,7 +70,7 @@ def main() -> None:
     dtype = jnp.float32 if backend == "cpu" else jnp.bfloat16
     rng = np.random.default_rng(0)
     rows = []
-    print(f"{jax.devices()[0].device_kind}: key block {layers.KEY_BLOCK}, {args.heads}/{args.kv_heads} heads "
+    print(f"{jax.devices()[0].device_kind}: key block {attention.KEY_BLOCK}, {args.heads}/{args.kv_heads} heads "
           f"of {args.head_dim}, {jnp.dtype(dtype).name}")
     for keys in args.keys:
         s = args.page_size
@@ -109,7 +109,7 @@ def main() -> None:
             rows.append(row)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"device": jax.devices()[0].device_kind, "jax": jax.__version__, "key_block": layers.KEY_BLOCK,
+            json.dump({"device": jax.devices()[0].device_kind, "jax": jax.__version__, "key_block": attention.KEY_BLOCK,
                        "rows": rows}, f, indent=1)
 
 

@@ -78,7 +78,7 @@ class Architecture:
     forward(cfg, weights, kv, tokens, positions, slots, page_table, *, backend, scan)
         -> (hidden [B, T, D] after the final norm, kv updated); with scan=True the layer
         weights come stacked (`stacked_specs`) and the layers run through `run_layers`;
-        page_table may be a `graphs.layers.GroupedPageTable` (a mixed step: tokens lie flat
+        page_table may be a `graphs.attention.GroupedPageTable` (a mixed step: tokens lie flat
         as [replicas, N], every op but attention sees them so, and attention takes the table)
     lm_head(cfg, weights, hidden [..., D]) -> logits [..., V]; with `quantized_head`, also
         lm_head(..., matmul=, backend=) when the weights hold the head as a quantized "head"
@@ -214,3 +214,8 @@ def run_layers(layer: Callable, x, weights: dict, kv: list, num_layers: int, *, 
     (x, k, v), _ = jax.lax.scan(body, (x, kv[0][0], kv[0][1]), (stacked, jnp.arange(num_layers, dtype=jnp.int32)),
                                 unroll=SCAN_UNROLL)
     return x, [(k, v)]
+
+
+def several_devices(mesh):
+    """`mesh` when it has more than one device (the kernel then runs per shard), else None."""
+    return mesh if mesh is not None and mesh.size > 1 else None

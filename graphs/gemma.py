@@ -21,8 +21,8 @@ import jax.numpy as jnp
 
 from graphs.base import Architecture, Source, UnsupportedConfigError, WeightSpec, require, run_layers
 from graphs.fused import gate_up, qkv
-from graphs.layers import (adapter_mask, embed_rows, head_logits, kernel_weights, paged_attention, projection,
-                           write_kv)
+from graphs.attention import paged_attention, write_kv
+from graphs.layers import adapter_mask, embed_rows, head_logits, kernel_weights, projection
 from graphs.llama import COMMON_FEATURES, LORA_TARGETS, kv_shape, layer_windows
 from graphs.rope import RopeSpec, apply_rope, hf_rope_parameters, rope_from_hf
 

@@ -15,8 +15,8 @@ import jax
 
 from graphs.base import Architecture, UnsupportedConfigError, WeightSpec, require, run_layers
 from graphs.fused import gate_up, qkv
-from graphs.layers import (adapter_mask, embed_rows, head_logits, kernel_weights, paged_attention, projection,
-                           rms_norm, write_kv)
+from graphs.attention import paged_attention, write_kv
+from graphs.layers import adapter_mask, embed_rows, head_logits, kernel_weights, projection, rms_norm
 from graphs.llama_checkpoint import checkpoint_names
 from graphs.moe import ExpertRun, MoESpec, expert_specs, moe_from_hf, moe_mlp
 from graphs.rope import RopeSpec, apply_rope, hf_rope_parameters, rope_from_hf
@@ -144,8 +144,8 @@ def forward(cfg: LlamaConfig, w: dict, kv: list, tokens, positions, slots, page_
     `scan` runs the layers as one loop over stacked weights (see graphs.base.run_layers).
     adapters [B, T]: each token's LoRA slot (0: none), with the slots' weights in `w` as
     "{projection}_lora_a" / "_lora_b" per layer (maxlike.pipelines.lora). `attention`: the decode
-    attention kernel ("xla", "pallas", or a graphs.layers.AttentionRun with the mesh; see
-    graphs.layers.paged_attention). `experts`: how MoE layers compute their experts
+    attention kernel ("xla", "pallas", or a graphs.attention.AttentionRun with the mesh; see
+    graphs.attention.paged_attention). `experts`: how MoE layers compute their experts
     (graphs.moe.ExpertRun: kernel and mesh). `matmul`: how grouped weights' products run
     ("xla", "pallas", or a graphs.layers.MatmulRun with the mesh; see graphs.layers.projection)."""
     proj = projection(adapter_mask(w, adapters), matmul, backend)

@@ -1,7 +1,7 @@
 """Decode attention over the paged KV pool as a Pallas kernel: the GPU (Triton) path.
 
-Same contract as `graphs.layers.paged_attention` for a decode step (one query token per
-row), and `graphs.layers._attend` is its plain-XLA reference (the tests compare the two in
+Same contract as `graphs.attention.paged_attention` for a decode step (one query token per
+row), and `graphs.attention._attend` is its plain-XLA reference (the tests compare the two in
 Pallas interpret mode on CPU):
 
     q           [B, 1, H, D]   one token per row; H query heads in KV groups of G = H / KV
@@ -25,7 +25,7 @@ takes a contiguous run of the table's chunks and a small XLA combine pass merges
 (output, max, sum) triples.
 
 `supported(q, k_pages)` says whether the kernel handles the shapes; callers fall back to
-`graphs.layers.paged_attention` otherwise.
+`graphs.attention.paged_attention` otherwise.
 """
 
 from __future__ import annotations
@@ -213,7 +213,7 @@ def _paged_decode_attention(q, k_pages, v_pages, page_table, q_pos, layer, windo
 def paged_decode_attention(q, k_pages, v_pages, page_table, q_pos, layer=0, *, window=None, scale=None,
                            softcap=None, interpret=False) -> jax.Array:
     """Causal (optionally windowed, soft-capped) grouped-query decode attention over layer
-    `layer` of the paged pool, as `graphs.layers.paged_attention` with T = 1 (see the module
+    `layer` of the paged pool, as `graphs.attention.paged_attention` with T = 1 (see the module
     docstring for the layout). `window`: None/0 or a static or traced int (0: full);
     `interpret`: run the kernel in Pallas interpret mode (CPU tests)."""
     if not supported(q, k_pages):

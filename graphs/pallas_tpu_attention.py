@@ -1,7 +1,7 @@
 """Decode attention over the paged KV pool as a Pallas TPU (Mosaic) kernel: the TPU path.
 
 Same contract and layout as `graphs.pallas_attention` (the GPU kernel; see its docstring),
-with `graphs.layers._attend` as the reference the tests compare it with (Pallas's TPU
+with `graphs.attention._attend` as the reference the tests compare it with (Pallas's TPU
 interpret mode on CPU), and compiled for TPU v5e by the tests that compile for a TPU slice.
 
 The pool stays as it is, [R, L, N, S, KV, D]: no per-layer slice, no gather of pages into a
@@ -160,7 +160,7 @@ def _paged_decode_attention(q, k_pages, v_pages, page_table, q_pos, layer, windo
 def paged_decode_attention(q, k_pages, v_pages, page_table, q_pos, layer=0, *, window=None, scale=None,
                            softcap=None, interpret=False) -> jax.Array:
     """Causal (optionally windowed, soft-capped) grouped-query decode attention over layer
-    `layer` of the paged pool, as `graphs.layers.paged_attention` with T = 1 (layout: the
+    `layer` of the paged pool, as `graphs.attention.paged_attention` with T = 1 (layout: the
     module docstring of `graphs.pallas_attention`). `window`: None/0 or a static or traced int
     (0: full); `interpret`: run the kernel in Pallas interpret mode (CPU tests)."""
     if not supported(q, k_pages):

@@ -200,7 +200,7 @@ class PipelineConfig:
     # q/k/v and gate/up as one matmul each (graphs.fused; not with LoRA, whose adapters target them
     # apart). None: per backend (on for CPU, where it measured faster; off for GPU and TPU for now).
     fuse_projections: bool | None = None
-    # Decode attention: "xla" (graphs.layers, every backend) or "pallas", the backend's kernel: Mosaic on TPU
+    # Decode attention: "xla" (graphs.attention, every backend) or "pallas", the backend's kernel: Mosaic on TPU
     # (graphs.pallas_tpu_attention), Triton on GPU (graphs.pallas_attention; in interpret mode on CPU). Not yet
     # timed on a GPU or a TPU, so the default nowhere.
     decode_attention: str = "xla"

@@ -95,11 +95,11 @@ def assert_generation_matches(hf, llm, label: str, other) -> None:
 @pytest.mark.parametrize("name,scan", [("mistral_window", False), ("gemma3", True)])
 def test_later_chunks_skip_the_key_blocks_before_their_windows(arch_models, name, scan, monkeypatch):
     """Key blocks of 8 keys, 16-token prefill chunks: a later chunk's sliding-window layers start
-    their loop past the blocks no query's window reaches (graphs.layers._attend_blocks; with the
+    their loop past the blocks no query's window reaches (graphs.attention._attend_blocks; with the
     layers as one loop, Gemma 3's window is an array). The greedy tokens stay HF's."""
-    import graphs.layers
+    import graphs.attention
 
-    monkeypatch.setattr(graphs.layers, "KEY_BLOCK", 8)
+    monkeypatch.setattr(graphs.attention, "KEY_BLOCK", 8)
     path, hf = arch_models[name]
     llm = _llm(path, prefill_chunk_size=16, kv_cache_page_size=4, scan_layers=scan, executable_cache=False)
     for prompt, (tokens, _) in zip(PROMPTS, _greedy(llm, PROMPTS)):

@@ -93,7 +93,7 @@ def test_width_buckets_and_width_on_device_decode_alike(tiny_llama, monkeypatch)
     """The two decode layouts (GPU: one executable per power-of-two page-table width; elsewhere a
     full-width table whose read prefix attention picks on device) give the same tokens for rows
     whose contexts cross several pages and widths, with the bucket counts the formula says."""
-    import graphs.layers
+    import graphs.attention
 
     def run():
         llm = LLM(PipelineConfig(model_path=tiny_llama[0], max_length=64, max_batch_size=2, kv_cache_page_size=4,
@@ -106,7 +106,7 @@ def test_width_buckets_and_width_on_device_decode_alike(tiny_llama, monkeypatch)
         return [o.token_ids for o in outs], decode, model.executable_counts(4)["decode_loop"]
 
     on_device = run()
-    monkeypatch.setitem(graphs.layers.WIDTH_ON_DEVICE, "cpu", False)  # the GPU layout, here
+    monkeypatch.setitem(graphs.attention.WIDTH_ON_DEVICE, "cpu", False)  # the GPU layout, here
     buckets = run()
     assert on_device[0] == buckets[0] and all(len(t) == 24 for t in on_device[0])
     assert on_device[1] == [16] and buckets[1] == [1, 2, 4, 8, 16]  # 64 tokens in pages of 4

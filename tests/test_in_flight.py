@@ -1,7 +1,7 @@
 """In-flight batching: one-token rows and a prompt chunk run as one step (a mixed step).
 
 The mixed step lays its tokens flat, replica by replica, and attends per group
-(graphs.layers.GroupedPageTable); every row's logits must equal HF's for the same
+(graphs.attention.GroupedPageTable); every row's logits must equal HF's for the same
 tokens, on one device and on two data-parallel replicas (fake CPU devices).
 """
 

@@ -63,7 +63,7 @@ def test_a_diverging_prefix_matches_only_its_common_pages():
 @pytest.mark.parametrize("tokens", [1, 5])
 def test_kv_write_variants_agree(tokens):
     """The accelerator KV write (one scatter) equals the CPU one (plus a null-slot write)."""
-    from graphs.layers import write_kv
+    from graphs.attention import write_kv
 
     rng = np.random.default_rng(tokens)
     pages = rng.normal(size=(6, 4, 2, 8)).astype(np.float32)
@@ -81,7 +81,7 @@ def test_kv_write_variants_agree(tokens):
 def test_a_stacked_pool_is_written_and_read_at_a_traced_layer(replicas):
     """Layers as one loop index one [R, L, N, S, KV, D] pool: only layer `layer`'s slots change,
     and a gather reads that layer's pages (numpy written out as the reference)."""
-    from graphs.layers import gather_pages, write_kv
+    from graphs.attention import gather_pages, write_kv
 
     rng = np.random.default_rng(replicas)
     pages = rng.normal(size=(replicas, 3, 6, 4, 2, 8)).astype(np.float32)
@@ -122,7 +122,7 @@ def test_decode_attention_reads_as_many_pages_as_the_furthest_query_needs(furthe
     (3 pages of 4 at most) decode reads each row's window wherever it lies: pages before it hold NaN."""
     from functools import partial
 
-    from graphs.layers import paged_attention
+    from graphs.attention import paged_attention
 
     paged_attention = partial(paged_attention, backend=backend, window=window)
 
@@ -175,9 +175,9 @@ def test_gpu_prefill_attention_reads_key_blocks_past_its_whole_table_scores(whol
     GPU_WHOLE_TABLE_SCORE_BYTES (one product, no loop whose count XLA:GPU would read on the host),
     and key blocks past it (a [queries, max_length] score matrix would not fit at long max_length).
     Here 4 rows x 5 tokens x 6 heads over 28 keys: 13,440 bytes."""
-    from graphs import layers
+    from graphs import attention
 
-    monkeypatch.setattr(layers, "GPU_WHOLE_TABLE_SCORE_BYTES", whole_table_bytes)
+    monkeypatch.setattr(attention, "GPU_WHOLE_TABLE_SCORE_BYTES", whole_table_bytes)
     _check_prefill_attention(furthest, 6, None, "gpu", monkeypatch, blocks=whole_table_bytes < 13440)
 
 
@@ -199,10 +199,10 @@ def test_windowed_prefill_attention_skips_the_blocks_before_every_window(first, 
 def _check_prefill_attention(furthest, window, softcap, backend, monkeypatch, *, blocks: bool, starts=None):
     from functools import partial
 
-    from graphs import layers
+    from graphs import attention
 
-    monkeypatch.setattr(layers, "KEY_BLOCK", 8)
-    attend = jax.jit(partial(layers.paged_attention, backend=backend, window=window, softcap=softcap))
+    monkeypatch.setattr(attention, "KEY_BLOCK", 8)
+    attend = jax.jit(partial(attention.paged_attention, backend=backend, window=window, softcap=softcap))
     rng = np.random.default_rng(furthest)
     r, s, n, kv, g, d, b, t, p = 2, 4, 16, 2, 3, 8, 4, 5, 7
     k_pages = rng.normal(size=(r, 2, n, s, kv, d)).astype(np.float32)

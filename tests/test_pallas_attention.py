@@ -1,5 +1,5 @@
 """The Pallas decode-attention kernel (graphs.pallas_attention) against the plain-XLA reference
-graphs.layers._attend, in Pallas interpret mode on CPU, plus its Triton lowering (for a CUDA
+graphs.attention._attend, in Pallas interpret mode on CPU, plus its Triton lowering (for a CUDA
 target, lowered here without a GPU)."""
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from graphs.layers import _attend as _attend_eager
-from graphs.layers import write_kv
+from graphs.attention import _attend as _attend_eager
+from graphs.attention import write_kv
 from graphs.pallas_attention import _heuristics, _paged_decode_attention, paged_decode_attention, supported
 
 # The reference and the pool writes jitted (window and layer traced): one compile each instead

@@ -1,5 +1,5 @@
 """The TPU decode-attention kernel (graphs.pallas_tpu_attention) against the plain-XLA reference
-graphs.layers._attend in Pallas's TPU interpret mode on CPU (DMAs and VMEM simulated); the kernel
+graphs.attention._attend in Pallas's TPU interpret mode on CPU (DMAs and VMEM simulated); the kernel
 and a whole model compiled for a TPU v5e slice (Mosaic, compile-only, libtpu from
 MAXLIKE_TPU_SITE); and the Pallas path under a mesh (`shard_map`) on fake CPU devices."""
 
@@ -132,7 +132,7 @@ def test_a_model_decodes_the_same_with_the_kernel(llama_128, monkeypatch):
     """decode_attention="pallas" with the TPU kernel (interpret mode on CPU) through a whole model:
     a batch's greedy tokens and log-probs equal the plain-XLA attention's, with decode rows beside
     a prompt chunk in one step (in-flight batching)."""
-    from graphs import layers, pallas_tpu_attention
+    from graphs import attention, pallas_tpu_attention
     from maxlike.entrypoints import LLM
     from maxlike.interfaces import SamplingParams
     from maxlike.pipelines import PipelineConfig
@@ -144,7 +144,7 @@ def test_a_model_decodes_the_same_with_the_kernel(llama_128, monkeypatch):
         calls.append(backend)
         return pallas_tpu_attention, True  # (plain interpret mode: the TPU one triples this test)
 
-    monkeypatch.setattr(layers, "decode_kernel", tpu_kernel)
+    monkeypatch.setattr(attention, "decode_kernel", tpu_kernel)
     runs = {}
     for kernel in ("xla", "pallas"):
         llm = LLM(PipelineConfig(model_path=llama_128, max_length=96, max_batch_size=4, executable_cache=False,
@@ -164,7 +164,7 @@ MESH_SCRIPT = textwrap.dedent("""
     sys.path.insert(0, sys.argv[1])
     import jax, jax.numpy as jnp, numpy as np
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-    from graphs.layers import AttentionRun, paged_attention
+    from graphs.attention import AttentionRun, paged_attention
     from test_pallas_attention import make_case, _attend
 
     mesh = Mesh(np.array(jax.devices()).reshape(2, 1, 2), ("data", "expert", "tensor"))
@@ -200,7 +200,7 @@ TPU_SCRIPT = textwrap.dedent("""
     sys.path.insert(0, sys.argv[1])
     import jax, jax.numpy as jnp, numpy as np
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-    from graphs.layers import AttentionRun, paged_attention
+    from graphs.attention import AttentionRun, paged_attention
     from maxlike.engine.mesh import target_devices
 
     devices = target_devices("tpu:v5e:2x2")

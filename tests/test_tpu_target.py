@@ -215,7 +215,7 @@ def test_a_decode_step_on_four_chips_gathers_pages_without_copying_the_pool(tmp_
     """The Llama-3.1-8B shape in bfloat16 on 4 v5e chips (2 KV heads a chip), decode steps and loops
     of 1 and 2 rows of 2,048 tokens (the pool sized for 8), and prefill steps of 16 tokens: no copy
     of a layer's KV pool (257 MiB a chip), which XLA:TPU made in every layer of every step of 2 rows
-    to gather the pages head by head, until graphs.layers kept the gathered pages [rows, keys,
+    to gather the pages head by head, until graphs.attention kept the gathered pages [rows, keys,
     KV x D] behind an optimization barrier (of 2 rows or more: for one row the barrier made the
     copy, in decode's whole-table attention and in prefill's loop over key blocks alike)."""
     memory = _decode_memory(tmp_path, 32, 128256, "bfloat16", 4, 2048, max_batch=8, prefill=16)

@@ -6,7 +6,7 @@ with in-flight batching also decode rows beside a prompt chunk, see `_mixed_rows
 with the KV pool donated and returned updated. With LoRA, the adapter slots
 (maxlike.pipelines.lora) are read beside the weights. Elsewhere the page table is always
 as wide as the longest sequence needs and decode attention chooses on device how
-much of it to read (graphs.layers.paged_attention).
+much of it to read (graphs.attention.paged_attention).
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ from graphs.base import stack_layers, stacked_specs
 from graphs.fused import GROUPS as FUSED_GROUPS
 from graphs.fused import fuse_specs, fuse_weights
 from graphs.rope import at_length
-from graphs.layers import AttentionRun, GroupedPageTable
+from graphs.attention import AttentionRun, GroupedPageTable
 
 STOP_SLOTS = 8  # stop ids per row the on-device decode loop checks; any further ones stop on the host
 
@@ -303,7 +303,7 @@ class DecoderPipelineModel(DecoderSizing, LogProbsMixin, ServingModel):
         ids = [c.request_id if c is not None else None for c in batch]
         table = kv.page_table(ids, width) if kv_cache_inputs is None else np.asarray(kv_cache_inputs.page_table)
         # Where row i's tokens start: (row, column) of the [B, T] arrays, or in a mixed step
-        # (replica, offset) of its flat [R, mixed - 1 + T] ones (see graphs.layers.GroupedPageTable).
+        # (replica, offset) of its flat [R, mixed - 1 + T] ones (see graphs.attention.GroupedPageTable).
         place = (lambda i: (i, 0)) if mixed is None else (lambda i: divmod(i, mixed))
         shape = (rows, t) if mixed is None else (self.replicas, mixed - 1 + t)
         tokens = np.zeros(shape, np.int32)

@@ -12,7 +12,9 @@ import jax
 import numpy as np
 
 from graphs.base import LAYERS, LayerOf, uniform_layers
-from graphs.layers import MatmulRun, decode_kernel, grouped_kernel_takes, pallas_decode_takes, several_devices
+from graphs.attention import decode_kernel, pallas_decode_takes
+from graphs.base import several_devices
+from graphs.layers import MatmulRun, grouped_kernel_takes
 from graphs.moe import ExpertRun
 from maxlike.config import ConfigError
 from maxlike.sharding import LOGICAL_TO_MESH, indivisible

@@ -24,7 +24,7 @@ from maxlike.pipelines.registry import PIPELINE_REGISTRY
 from maxlike.pipelines.serving import Bucket
 from maxlike.sharding import device_bytes
 
-from graphs.layers import KEY_BLOCK, WIDTH_ON_DEVICE, prefill_reads_blocks
+from graphs.attention import KEY_BLOCK, WIDTH_ON_DEVICE, prefill_reads_blocks
 
 log = logging.getLogger("maxlike")
 
@@ -96,7 +96,7 @@ class DecoderSizing:
     def _activation_estimate(cls, pipeline_config, huggingface_config) -> int:
         """From shapes: the largest prefill bucket (one row of as many tokens as a prefill step
         takes) or a full decode batch. Prefill attention holds the scores of one block of keys
-        where it reads the table by blocks (graphs.layers.prefill_reads_blocks), else of them all."""
+        where it reads the table by blocks (graphs.attention.prefill_reads_blocks), else of them all."""
         arch, cfg = cls._graph_and_config(huggingface_config)
         max_len = cls.calculate_max_seq_len(pipeline_config, huggingface_config)
         platform = _platform(pipeline_config)
@@ -242,7 +242,7 @@ class DecoderSizing:
     @property
     def _decode_widths(self) -> list[int]:
         """Page-table widths of decode buckets: the full width alone where attention picks the
-        pages it reads on device (graphs.layers.WIDTH_ON_DEVICE), else every power of two."""
+        pages it reads on device (graphs.attention.WIDTH_ON_DEVICE), else every power of two."""
         if WIDTH_ON_DEVICE.get(self.session.platform, True):
             return [self._max_width]
         return [2**i for i in range(self._max_width.bit_length())]
