@@ -10,7 +10,8 @@ product: the block loop's count is read on the host each iteration there), issue
 Each prompt is a step's `tokens` queries at positions [at, at + tokens): `at` 0 (a prompt's first
 chunk: one block or a few reached) and `keys - tokens` (a last chunk: every block). With --window and
 --decode-rows, decode steps at each table's last position: a static window (each row reads the pages
-its window touches) against the same window as an array (as under scan: the table's prefix). Where a whole
+its window touches), the same as an array with `max_window` (as under scan: a branch chosen on device),
+and as an array alone (the table's prefix). Where a whole
 table's float32 scores would pass --max-score-gib the whole-table case is skipped, saying so.
 Part of benchmarks/gpu_checks.sh (PARTS=prefill).
 """
@@ -37,12 +38,12 @@ from maxlike.entrypoints.roofline import best_seconds  # noqa: E402
 ON_DEVICE = dict(attention.WIDTH_ON_DEVICE)
 
 
-def run(backend: str, blocks: bool, q, k, v, table, pos, repeats: int, window=None) -> dict:
+def run(backend: str, blocks: bool, q, k, v, table, pos, repeats: int, window=None, **kw) -> dict:
     """ms per call and temporaries (MiB) of one prefill attention, whole-table or by key blocks (a
     decode step: as the backend runs it)."""
     attention.GPU_WHOLE_TABLE_SCORE_BYTES = 0 if blocks else 1 << 60
     attention.WIDTH_ON_DEVICE[backend] = blocks if q.shape[1] > 1 else ON_DEVICE[backend]  # CPU and TPU: blocks
-    fn = jax.jit(partial(attention.paged_attention, backend=backend, window=window))
+    fn = jax.jit(partial(attention.paged_attention, backend=backend, window=window, **kw))
     compiled = fn.lower(q, k, v, table, pos).compile()
     assert q.shape[1] == 1 or (" while" in compiled.as_text()) == blocks, "not the attention it asked for"
     memory = memory_analysis(compiled) or {}
@@ -61,8 +62,9 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--window", type=int, help="sliding-window attention of this many keys (Gemma's, Mistral's)")
     ap.add_argument("--decode-rows", type=int, default=0,
-                    help="also time decode steps of this many rows at each table's last position, with --window "
-                         "a static int (each row reads its window's pages) and an array (the table's prefix)")
+                    help="also time decode steps of this many rows at each table's last position in --window: "
+                         "static, an array with max_window (each row reads its window's pages), an array alone "
+                         "(the table's prefix)")
     ap.add_argument("--max-score-gib", type=float, default=24.0)
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args()
@@ -104,6 +106,8 @@ def main() -> None:
             pos = jnp.full((b, 1), keys - 1, jnp.int32)
             row = {"keys": keys, "decode_rows": b, "window": args.window,
                    "window_pages": run(backend, True, q, k, v, table, pos, args.repeats, args.window),
+                   "array_window_pages": run(backend, True, q, k, v, table, pos, args.repeats,
+                                             jnp.int32(args.window), max_window=args.window),
                    "prefix": run(backend, True, q, k, v, table, pos, args.repeats, jnp.int32(args.window))}
             print(json.dumps(row), flush=True)
             rows.append(row)

@@ -163,7 +163,7 @@ def _pallas_decode(mesh, backend, q, k_pages, v_pages, page_table, q_pos, layer,
 def paged_attention(
     q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, page_table, q_pos: jax.Array, layer=0,
     *, backend: str = "cpu", window=None, scale: float | None = None, softcap: float | None = None,
-    kernel="xla",
+    kernel="xla", max_window: int | None = None,
 ) -> jax.Array:
     """Causal grouped-query attention over layer `layer` of a paged KV pool.
 
@@ -176,12 +176,15 @@ def paged_attention(
     full attention) also hides keys `window` or more positions back: a query sees
     itself and the window - 1 keys before it (HF's sliding-window mask). `scale`
     multiplies the scores (default head_dim^-1/2); `softcap` c bounds them to
-    c * tanh(scores / c) before the mask (Gemma 2).
+    c * tanh(scores / c) before the mask (Gemma 2). `max_window`: the widest window of any
+    layer (static), for a traced `window` (layers as one loop).
 
     Decode steps (T = 1; backends in WIDTH_ON_DEVICE) read as much of the table as the
     step needs, chosen on device by `lax.switch`: the first W pages, W the smallest
     power of two (or P) covering the furthest query. One decode executable serves every
-    context length, and a short context reads only its own pages. Prefill steps there
+    context length, and a short context reads only its own pages; in a sliding window (a
+    static int, or traced with `max_window`) past the pages a window touches, each row reads
+    its window's pages instead (on GPU: a static window only). Prefill steps there
     (T > 1, a table of more than KEY_BLOCK keys) read KEY_BLOCK keys at a time, as many
     blocks as the furthest query reaches, from the first block a window lets any query see
     (`_attend_blocks`: a loop, not branches, which cost more compile time than they saved:
@@ -195,7 +198,7 @@ def paged_attention(
     """
     if isinstance(page_table, GroupedPageTable):
         parts = [paged_attention(qg, k_pages, v_pages, table, pos, layer, backend=backend, window=window,
-                                 scale=scale, softcap=softcap, kernel=kernel)
+                                 scale=scale, softcap=softcap, kernel=kernel, max_window=max_window)
                  for qg, table, pos in zip(page_table.split(q), page_table.tables, page_table.split(q_pos))]
         return GroupedPageTable.join(parts, q.shape[0])
     run = kernel if isinstance(kernel, AttentionRun) else AttentionRun(kernel)
@@ -208,17 +211,22 @@ def paged_attention(
         return _attend_blocks(q, k_pages, v_pages, page_table, q_pos, layer, window, scale, softcap, backend)
     if q.shape[1] > 1:
         return _attend(q, k_pages, v_pages, page_table, q_pos, layer, window, scale, softcap, backend)
+    on_device = WIDTH_ON_DEVICE.get(backend, True)
     widths = [w for w in (2**i for i in range(p.bit_length())) if w < p] + [p]
     attends = [partial(_attend_prefix, w, scale=scale, softcap=softcap, backend=backend) for w in widths]
-    span = (window - 1) // s + 2 if isinstance(window, int) and window > 0 else None  # pages a window touches
-    if span is not None and span < p:  # past `span` pages, each row reads its window's pages, wherever they lie
-        attends = attends[:sum(w < span for w in widths)] + [
-            partial(_attend_window, span, scale=scale, softcap=softcap, backend=backend)]
-        widths = [w for w in widths if w < span] + [p]
-    if len(attends) == 1 or not WIDTH_ON_DEVICE.get(backend, True):
-        return attends[-1](q, k_pages, v_pages, page_table, q_pos, layer, window)
     need = jnp.max(q_pos) // s + 1  # pages the furthest query reaches
-    branch = jnp.sum(need > jnp.asarray(widths[:-1], need.dtype))
+    branch = jnp.sum(need > jnp.asarray(widths[:-1], need.dtype))  # the first prefix that covers it
+    widest = window if window is None or isinstance(window, int) else max_window  # traced: any layer's widest
+    span = (widest - 1) // s + 2 if widest is not None and widest > 0 else None  # pages a window touches
+    if span is not None and span < p and (isinstance(window, int) or on_device):
+        short = sum(w < span for w in widths)  # prefixes narrower than a window's pages; past them, its pages
+        if isinstance(window, int):
+            attends, branch = attends[:short], jnp.minimum(branch, short)
+        else:  # sliding layers (window > 0) read their window past them, full ones keep every prefix
+            branch = jnp.where((window > 0) & (branch >= short), len(attends), branch)
+        attends.append(partial(_attend_window, span, scale=scale, softcap=softcap, backend=backend))
+    if len(attends) == 1 or not on_device:
+        return attends[-1](q, k_pages, v_pages, page_table, q_pos, layer, window)
     return jax.lax.switch(branch, attends, q, k_pages, v_pages, page_table, q_pos, layer, window)
 
 
@@ -286,8 +294,8 @@ def _attend_prefix(width: int, q, k_pages, v_pages, page_table, q_pos, layer, wi
 
 
 def _attend_window(span: int, q, k_pages, v_pages, page_table, q_pos, layer, window, *, scale, softcap, backend):
-    """Decode in a sliding window (a static int): each row reads the `span` pages from the first
-    its window reaches, not the table's prefix up to its query."""
+    """Decode in a sliding window (at most `span` pages): each row reads the `span` pages from the
+    first its window reaches, not the table's prefix up to its query."""
     s = k_pages.shape[-3]
     cols = jnp.maximum(q_pos[:, :1] - window + 1, 0) // s + jnp.arange(span)  # [B, span] pages of the table
     table = jnp.take_along_axis(page_table, jnp.minimum(cols, page_table.shape[1] - 1), axis=1)  # (past it: masked)

@@ -198,7 +198,8 @@ def forward(cfg: GemmaConfig, w: dict, kv: list, tokens, positions, slots, page_
             k_pages = write_kv(k_pages, k, slots, index, backend=backend)
             v_pages = write_kv(v_pages, v, slots, index, backend=backend)
             a = paged_attention(q, k_pages, v_pages, page_table, positions, index, backend=backend, window=window,
-                                scale=cfg.query_scale, softcap=cfg.attn_softcap, kernel=attention)
+                                scale=cfg.query_scale, softcap=cfg.attn_softcap, kernel=attention,
+                                max_window=cfg.sliding_window)
             x = x + rms_norm(proj("bthk,hkd->btd", a, lw, "o", 2), lw["post_attn_norm"], eps)
         with jax.named_scope("mlp"):
             h = rms_norm(x, lw["mlp_norm"], eps)

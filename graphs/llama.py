@@ -163,7 +163,7 @@ def forward(cfg: LlamaConfig, w: dict, kv: list, tokens, positions, slots, page_
             k_pages = write_kv(k_pages, k, slots, index, backend=backend)
             v_pages = write_kv(v_pages, v, slots, index, backend=backend)
             a = paged_attention(q, k_pages, v_pages, page_table, positions, index, backend=backend,
-                                window=lw.get("window"), kernel=attention)
+                                window=lw.get("window"), kernel=attention, max_window=cfg.sliding_window)
             a = proj("bthk,hkd->btd", a, lw, "o", 2)
             if cfg.o_bias:
                 a = a + lw["o_bias"]

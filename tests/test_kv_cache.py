@@ -120,11 +120,28 @@ def test_decode_attention_reads_as_many_pages_as_the_furthest_query_needs(furthe
     barrier (else XLA:TPU copies a layer's pool to gather it head by head); the values are the same.
     On GPU (one width, an executable per width there) the whole table. With a window of 6 keys
     (3 pages of 4 at most) decode reads each row's window wherever it lies: pages before it hold NaN."""
+    _check_decode_attention(furthest, t, backend, window, window)
+
+
+@pytest.mark.parametrize("window", [6, 0])
+@pytest.mark.parametrize("furthest", [4, 13, 30])
+def test_decode_attention_in_a_traced_window_reads_the_window_or_the_prefix(furthest, window):
+    """With the layers as one loop a layer's window is an array (0: full attention) and the widest
+    window of any layer (6) is static: a sliding layer reads its window's pages past them (pages
+    before each row's window hold NaN), a full layer the table's prefix."""
+    import jax.numpy as jnp
+
+    _check_decode_attention(furthest, 1, "cpu", jnp.int32(window), window, max_window=6)
+
+
+def _check_decode_attention(furthest, t, backend, window, plain_window, **kw):
+    """`window` as paged_attention takes it; `plain_window` the same as an int (or None)."""
     from functools import partial
 
     from graphs.attention import paged_attention
 
-    paged_attention = partial(paged_attention, backend=backend, window=window)
+    paged_attention = partial(paged_attention, backend=backend, window=window, **kw)
+    window = plain_window
 
     rng = np.random.default_rng(furthest)
     s, n, kv, g, d, b = 4, 25, 2, 3, 8, 3
