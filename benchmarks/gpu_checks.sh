@@ -33,8 +33,8 @@
 # kernels 30 s; quant 400 s for HF and 3.5 of its 7 setups (per setup at batch 1, 8 and 64: about 10-25 s to load,
 # 15-20 s, 20 s and 40-47 s to compile and time); profile about 60 s per setup. So one lease holds about:
 #     OUT=$OUT PARTS="qmatmul" bash benchmarks/gpu_checks.sh                  (the open question of issue 16)
-# then, warm, a second call with what is left (e.g. PARTS="prefill profile", or quant with QUANT_LIMIT set). The 8B shape
-# shape is PARTS=big, best alone in a second call (its build and save are not timed yet).
+# then, warm, a second call with what is left (e.g. PARTS="prefill profile", or quant with QUANT_LIMIT set).
+# The 8B shape is PARTS=big, best alone in a second call (its build and save are not timed yet).
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpu_checks}

@@ -1,8 +1,8 @@
 """Prefill attention over a wide page table: one whole-table product (graphs.attention._attend) against
 key blocks (_attend_blocks), per table width: ms per call and XLA's temporaries. On GPU this decides
 graphs.attention.GPU_WHOLE_TABLE_SCORE_BYTES (the whole table's scores up to which prefill keeps one
-product: the block loop's count is read on the host each iteration there), issue 16. Llama-3.1-8B's attention shape by default
-(32 query / 8 KV heads of 128, bfloat16; float32 on CPU), one layer, one row.
+product: the block loop's count is read on the host each iteration there), issue 16. Llama-3.1-8B's
+attention shape by default (32 query / 8 KV heads of 128, bfloat16; float32 on CPU), one layer, one row.
 
     python benchmarks/probe_prefill_blocks.py [--tokens 512 2048] [--keys 2048 8192 32768 131072] [--window W]
         [--json F]

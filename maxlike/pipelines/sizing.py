@@ -106,8 +106,9 @@ class DecoderSizing:
         common = dict(hidden=cfg.hidden_size, q_heads=cfg.q_heads, kv_width=kv_heads * head_dim,
                       intermediate=cfg.intermediate_size, vocab=cfg.vocab_size, itemsize=itemsize)
         tokens = max_prefill_tokens(max_len, pipeline_config.prefill_chunk_size)
-        if prefill_reads_blocks(platform, max_len, tokens * cfg.q_heads):  # a block's scores, their masked maximum and probabilities:
-            # three buffers on XLA:CPU (a 512-token step: 25.8 MB for 8.4 MB of scores; XLA:TPU held one)
+        if prefill_reads_blocks(platform, max_len, tokens * cfg.q_heads):  # a block's scores, their masked
+            # maximum and probabilities: three buffers on XLA:CPU (a 512-token step: 25.8 MB for 8.4 MB of
+            # scores; XLA:TPU held one)
             prefill = memory.activation_bytes(batch=1, tokens=tokens, context=KEY_BLOCK, logits_rows=1,
                                               score_buffers=3, **common)
         else:
