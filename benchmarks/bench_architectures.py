@@ -9,6 +9,8 @@ has them, so the mask is computed but cuts nothing here) saved as an HF checkpoi
 in fp32 with the bucket set compiled at load (warmup=True, max_batch_size 8, max_length 256): the
 compile time and executable count are that warm-up's. Then `maxlike.entrypoints.bench.measure`
 (best of 3) for batch 1 and 8, 16-token prompts, 64 new tokens, greedy, EOS ignored, on both.
+--max-length, --prompt-tokens and --window change those (long contexts in a window: --max-length 4096
+--prompt-tokens 3000).
 """
 
 from __future__ import annotations
@@ -37,10 +39,14 @@ def main() -> None:
     ap.add_argument("--layers", type=int, nargs="+", default=[8])
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument("--max-length", type=int, default=256)
+    ap.add_argument("--prompt-tokens", type=int, default=16)
+    ap.add_argument("--window", type=int, default=128, help="the sliding window of the architectures that have one")
     ap.add_argument("--json")
     args = ap.parse_args()
     shape = dict(hidden_size=512, intermediate_size=1536, num_attention_heads=8, num_key_value_heads=4, head_dim=64,
-                 vocab_size=32000, max_position_embeddings=512, sliding_window=128, initializer_range=0.02)
+                 vocab_size=32000, max_position_embeddings=max(512, args.max_length), sliding_window=args.window,
+                 initializer_range=0.02)
     folder = tempfile.mkdtemp(prefix="maxlike-bench-arch-")
     results = []
     try:
@@ -56,18 +62,19 @@ def main() -> None:
                                                 "long_factor": [1.0 + i / 8 for i in range(32)]}
                 hf = conftest.tiny_arch_model(kind, num_hidden_layers=layers, **shape, **extra)
                 path = conftest.save_tiny(hf, os.path.join(folder, f"{kind}-{layers}"))
-                config = PipelineConfig(model_path=path, max_length=256, max_batch_size=max(args.batch_sizes),
-                                        dtype="float32", warmup=True)
+                config = PipelineConfig(model_path=path, max_length=args.max_length, dtype="float32", warmup=True,
+                                        max_batch_size=max(args.batch_sizes))
                 llm, ours = maxlike_generate(config)
                 stats = llm.pipeline.model.session.stats
                 row = {"kind": kind, "layers": layers, "compile_s": stats.compile_seconds,
                        "executables": stats.compiled + stats.loaded}
                 theirs = None if args.skip_hf else hf_generate(hf)
                 for b in args.batch_sizes:
-                    m = measure(ours, b, 16, 64, shape["vocab_size"])
+                    m = measure(ours, b, args.prompt_tokens, 64, shape["vocab_size"])
                     row[f"maxlike_b{b}"] = m["decode_tok_s"]
                     if theirs:
-                        row[f"hf_b{b}"] = measure(theirs, b, 16, 64, shape["vocab_size"])["decode_tok_s"]
+                        hf_m = measure(theirs, b, args.prompt_tokens, 64, shape["vocab_size"])
+                        row[f"hf_b{b}"] = hf_m["decode_tok_s"]
                 results.append(row)
                 if args.json:  # after every row: a later failure keeps the rows measured so far
                     with open(args.json, "w") as f:
