@@ -358,9 +358,9 @@ def _scores(q: jax.Array, k: jax.Array, scale, softcap) -> jax.Array:
 
 
 def _visible(keys: jax.Array, pos: jax.Array, window) -> jax.Array:
-    """Which keys (positions [L], or [B, 1, 1, L]) each query (positions [B, 1, T*G, 1]) sees: its own and earlier
-    ones, and with a window (a static int or a traced scalar; 0 or None: full) only the last
-    `window` of those."""
+    """Which keys (positions [L], or [B, 1, 1, L]) each query (positions [B, 1, T*G, 1]) sees:
+    its own and earlier ones, and with a window (a static int or a traced scalar; 0 or None:
+    full) only the last `window` of those."""
     mask = keys <= pos
     if _windowed(window):
         mask &= keys > pos - _reach(window)

@@ -106,13 +106,12 @@ class DecoderSizing:
         common = dict(hidden=cfg.hidden_size, q_heads=cfg.q_heads, kv_width=kv_heads * head_dim,
                       intermediate=cfg.intermediate_size, vocab=cfg.vocab_size, itemsize=itemsize)
         tokens = max_prefill_tokens(max_len, pipeline_config.prefill_chunk_size)
-        if prefill_reads_blocks(platform, max_len, tokens * cfg.q_heads):  # a block's scores, their masked
-            # maximum and probabilities: three buffers on XLA:CPU (a 512-token step: 25.8 MB for 8.4 MB of
-            # scores; XLA:TPU held one)
-            prefill = memory.activation_bytes(batch=1, tokens=tokens, context=KEY_BLOCK, logits_rows=1,
-                                              score_buffers=3, **common)
-        else:
-            prefill = memory.activation_bytes(batch=1, tokens=tokens, context=max_len, logits_rows=1, **common)
+        # By blocks, a block's scores, their masked maximum and probabilities: three buffers on XLA:CPU (a
+        # 512-token step: 25.8 MB for 8.4 MB of scores; XLA:TPU held one).
+        blocks = prefill_reads_blocks(platform, max_len, tokens * cfg.q_heads)
+        keys, buffers = (KEY_BLOCK, 3) if blocks else (max_len, 2)
+        prefill = memory.activation_bytes(batch=1, tokens=tokens, context=keys, logits_rows=1, score_buffers=buffers,
+                                          **common)
         decode = memory.activation_bytes(batch=batch, tokens=1, context=max_len, logits_rows=1, **common)
         return max(prefill, decode)
 
