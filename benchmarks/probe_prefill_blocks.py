@@ -2,10 +2,11 @@
 key blocks (_attend_blocks), per table width: ms per call and XLA's temporaries. On GPU this decides
 graphs.attention.GPU_WHOLE_TABLE_SCORE_BYTES (the whole table's scores up to which prefill keeps one
 product: the block loop's count is read on the host each iteration there), issue 16. Llama-3.1-8B's
-attention shape by default (32 query / 8 KV heads of 128, bfloat16; float32 on CPU), one layer, one row.
+attention shape by default (32 query / 8 KV heads of 128, bfloat16; float32 on CPU), one layer, one row
+(and --padding-rows).
 
     python benchmarks/probe_prefill_blocks.py [--tokens 512 2048] [--keys 2048 8192 32768 131072] [--window W]
-        [--json F]
+        [--padding-rows N] [--decode-rows N] [--json F]
 
 Each prompt is a step's `tokens` queries at positions [at, at + tokens): `at` 0 (a prompt's first
 chunk: one block or a few reached) and `keys - tokens` (a last chunk: every block). With --window and
@@ -65,6 +66,9 @@ def main() -> None:
                     help="also time decode steps of this many rows at each table's last position in --window: "
                          "static, an array with max_window (each row reads its window's pages), an array alone "
                          "(the table's prefix)")
+    ap.add_argument("--padding-rows", type=int, default=0,
+                    help="prefill steps with this many padding rows (every position 0, the null page) after the "
+                         "prompt's, as a batch's prefill bucket pads them")
     ap.add_argument("--max-score-gib", type=float, default=24.0)
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args()
@@ -80,16 +84,18 @@ def main() -> None:
         shape = (1, 1, pages + 1, s, args.kv_heads, args.head_dim)
         k = jnp.asarray(rng.standard_normal(shape), dtype)
         v = jnp.asarray(rng.standard_normal(shape), dtype)
-        table = jnp.arange(1, pages + 1, dtype=jnp.int32)[None]
+        b = 1 + args.padding_rows
+        table = jnp.zeros((b, pages), jnp.int32).at[0].set(jnp.arange(1, pages + 1, dtype=jnp.int32))
         for t in args.tokens:
             if t > keys:
                 continue
-            q = jnp.asarray(rng.standard_normal((1, t, args.heads, args.head_dim)), dtype)
+            q = jnp.asarray(rng.standard_normal((b, t, args.heads, args.head_dim)), dtype)
             for at in sorted({0, keys - t}):
-                pos = jnp.arange(at, at + t, dtype=jnp.int32)[None]
-                row = {"keys": keys, "tokens": t, "first_position": at, "window": args.window}
+                pos = jnp.zeros((b, t), jnp.int32).at[0].set(jnp.arange(at, at + t, dtype=jnp.int32))
+                row = {"keys": keys, "tokens": t, "first_position": at, "window": args.window,
+                       "padding_rows": args.padding_rows}
                 row["blocks"] = run(backend, True, q, k, v, table, pos, args.repeats, args.window)
-                score_gib = args.heads * t * pages * s * 4 / 2**30
+                score_gib = b * args.heads * t * pages * s * 4 / 2**30
                 if score_gib > args.max_score_gib:
                     row["whole"] = f"skipped: its scores alone would hold {score_gib:.1f} GiB"
                 else:

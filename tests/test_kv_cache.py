@@ -181,7 +181,7 @@ def test_prefill_attention_reads_key_blocks_up_to_the_furthest_query(furthest, w
     the furthest query reaches, with an online softmax. Against a softmax written out in numpy
     (scale, Gemma 2's soft-cap, HF's sliding window: a query sees itself and window - 1 keys back;
     0 is full attention), over a 7-page table (the last block padded) and 2 replicas; the pages of
-    blocks past the furthest query hold NaN, so reading one fails the test."""
+    a row's blocks past its furthest query hold NaN, so reading one fails the test."""
     _check_prefill_attention(furthest, window, softcap, backend, monkeypatch, blocks=True)
 
 
@@ -198,19 +198,21 @@ def test_gpu_prefill_attention_reads_key_blocks_past_its_whole_table_scores(whol
     _check_prefill_attention(furthest, 6, None, "gpu", monkeypatch, blocks=whole_table_bytes < 13440)
 
 
-@pytest.mark.parametrize("first", [20, 21])
+@pytest.mark.parametrize("starts", [[20, 22, 21, 20], [21, 23, 22, 21], [21, -1, 9, 19]],
+                         ids=["block1", "block2", "padding"])
 @pytest.mark.parametrize("traced", [False, True])
 @pytest.mark.parametrize("backend", ["cpu", "tpu"])
-def test_windowed_prefill_attention_skips_the_blocks_before_every_window(first, backend, traced, monkeypatch):
-    """With a window the loop starts at the first block any query's window reaches: rows whose
-    queries start at positions `first` to `first` + 2 with a window of 6 (a static int, or an
-    array as a scanned Gemma layer passes it) see keys from 15 on (block 1 of 8 keys: block 0's
-    pages hold NaN), or from 16 on (block 2: blocks 0 and 1 hold NaN)."""
+def test_windowed_prefill_attention_skips_the_blocks_before_every_window(starts, backend, traced, monkeypatch):
+    """With a window each row's loop starts at the first block its own window reaches: rows whose
+    queries start at `starts` (-1: a padding row, every position 0) with a window of 6 (a static
+    int, or an array as a scanned Gemma layer passes it). A row starting at 20 sees keys from 15
+    on (block 1 of 8 keys: block 0's pages hold NaN), at 21 from 16 on (block 2: blocks 0 and 1
+    hold NaN). A padding row, or a short one, does not make the others read from block 0."""
     import jax.numpy as jnp
 
     window = jnp.int32(6) if traced else 6
-    starts = first + np.array([0, 2, 1, 0])
-    _check_prefill_attention(first + 6, window, None, backend, monkeypatch, blocks=True, starts=starts)
+    starts = np.array(starts)
+    _check_prefill_attention(starts.max() + 4, window, None, backend, monkeypatch, blocks=True, starts=starts)
 
 
 def _check_prefill_attention(furthest, window, softcap, backend, monkeypatch, *, blocks: bool, starts=None):
@@ -229,16 +231,16 @@ def _check_prefill_attention(furthest, window, softcap, backend, monkeypatch, *,
     q = rng.normal(size=(b, t, kv * g, d)).astype(np.float32)
     q_pos = np.sort(rng.integers(0, furthest + 1, size=(b, t)), axis=1).astype(np.int32)
     q_pos[1, -1] = furthest
-    skipped = 0  # blocks before every query's window
-    if starts is not None:  # each row's queries from its start on
-        q_pos = (starts[:, None] + np.arange(t)).astype(np.int32)
-        skipped = (starts.min() - int(window) + 1) // 8
-        assert skipped >= 1 and q_pos.max() == furthest
-    reached = furthest // 8 + 1  # blocks of 2 pages
+    skipped = np.zeros(b, int)  # each row's blocks before its first query's window
+    if starts is not None:  # each row's queries from its start on (-1: a padding row, all at position 0)
+        q_pos = np.where(starts[:, None] < 0, 0, starts[:, None] + np.arange(t)).astype(np.int32)
+        skipped = np.maximum(starts - int(window) + 1, 0) // 8
+        assert skipped.max() >= 2 and q_pos.max() == furthest
     for row in range(b if blocks else 0):  # rows grouped by replica: row // 2
+        reached = q_pos[row].max() // 8 + 1  # the row's blocks of 2 pages
         for pages in (k_pages, v_pages):
             pages[row // 2, 1][table[row, 2 * reached:]] = np.nan
-            pages[row // 2, 1][table[row, :2 * skipped]] = np.nan
+            pages[row // 2, 1][table[row, :2 * skipped[row]]] = np.nan
     with jax.default_matmul_precision("highest"):
         out = np.asarray(attend(q, k_pages, v_pages, table, q_pos, 1))
     jaxpr = str(jax.make_jaxpr(attend)(q, k_pages, v_pages, table, q_pos, 1))
