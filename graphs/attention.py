@@ -268,7 +268,7 @@ def _attend_blocks(q, k_pages, v_pages, page_table, q_pos, layer, window, scale,
     last = jnp.max(q_pos, axis=1) // keys_a_block  # [B]
     first = jnp.zeros_like(last)
     if _windowed(window):
-        first = jnp.minimum(jnp.maximum(q_pos[:, 0] - _reach(window) + 1, 0) // keys_a_block, last)
+        first = jnp.maximum(q_pos[:, 0] - _reach(window) + 1, 0) // keys_a_block  # <= last[r]
 
     def block(i, carry):
         top, total, acc = carry  # [B, KV, T*G, 1] twice, [B, KV, T*G, D]
